@@ -1,0 +1,18 @@
+.PHONY: demo test lint bench venv
+
+venv:
+	scripts/setup-venv.sh
+
+demo:
+	scripts/demo.sh
+
+test:
+	scripts/test.sh
+
+lint: venv
+	.venv/bin/python -m ruff check prng_daemon tests bench
+	.venv/bin/python -m ruff format --check prng_daemon tests bench
+	.venv/bin/python -m mypy
+
+bench: venv
+	for b in bench/*.py; do .venv/bin/python "$$b" || exit 1; done

@@ -1,0 +1,210 @@
+"""The one configuration object: the proposal's llm_server_config.json plus daemon sections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "AgentConfig",
+    "Config",
+    "DaemonSettings",
+    "HealthConfig",
+    "PolicyConfig",
+    "RoutingConfig",
+    "ServerConfig",
+    "format_validation_error",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/prng-llm-daemon/config.json")
+
+DEFAULT_MATH_KEYWORDS = (
+    "residue", "modulo", "modular", "seed", "probability", "calculate",
+    "compute", "lcg", "xorshift", "prng", "statistical", "confidence",
+    "threshold", "entropy", "bitwise", "survivor", "match_rate", "skip",
+)  # fmt: skip
+
+Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+AgentName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+
+
+class _Section(BaseModel):
+    # Unknown keys are refused: a typo such as "max_restart_attemps" must not silently default.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _relative_to_config(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Relative paths in the file are taken relative to the file's own directory."""
+    base = (info.context or {}).get("base")
+    if value is None or value.is_absolute() or base is None:
+        return value
+    return Path(base) / value
+
+
+class ServerConfig(_Section):
+    """One llama-server child (proposal §3.3 `orchestrator` / `math`, plus launch settings)."""
+
+    model: Annotated[str, Field(min_length=1)]
+    port: Port
+    gpu_id: Annotated[int, Field(ge=0)] | None = None
+    context_length: Annotated[int, Field(ge=64)] = 4096
+    batch_size: Annotated[int, Field(ge=1)] = 512
+    threads: Annotated[int, Field(ge=1, le=1024)] = 4
+    description: str = ""
+    vram_estimate_gb: Annotated[float, Field(ge=0)] | None = None
+    expected_speed_tps: Annotated[float, Field(ge=0)] | None = None
+    host: str = "127.0.0.1"
+    n_gpu_layers: Annotated[int, Field(ge=0)] = 99
+    parallel: Annotated[int, Field(ge=1, le=64)] = 2
+    api_key_file: Path | None = None
+    extra_args: tuple[str, ...] = ()
+    startup_timeout_seconds: Seconds = 600.0
+
+    _paths = field_validator("api_key_file")(_relative_to_config)
+
+
+class RoutingConfig(_Section):
+    math_keywords: tuple[Annotated[str, Field(min_length=1)], ...] = DEFAULT_MATH_KEYWORDS
+    default_temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    default_max_tokens: Annotated[int, Field(ge=1, le=32768)] = 2048
+    request_timeout_seconds: Seconds = 120.0
+
+
+class HealthConfig(_Section):
+    check_interval_seconds: Seconds = 60.0
+    restart_on_failure: bool = True
+    max_restart_attempts: Annotated[int, Field(ge=0, le=1000)] = 3
+    restart_window_seconds: Seconds = 600.0
+    backoff_initial_seconds: Seconds = 1.0
+    backoff_max_seconds: Seconds = 60.0
+    stable_after_seconds: Seconds = 600.0
+    failures_before_hung: Annotated[int, Field(ge=1, le=100)] = 3
+    probe_timeout_seconds: Seconds = 10.0
+    generation_probe_interval_seconds: Seconds = 300.0
+    ready_poll_interval_seconds: Seconds = 0.5
+    stop_timeout_seconds: Seconds = 10.0
+
+
+class DaemonSettings(_Section):
+    results_dir: Path = Path("/var/lib/prng-llm-daemon/results")
+    state_dir: Path = Path("/var/lib/prng-llm-daemon")
+    logs_dir: Path = Path("/var/log/prng-llm-daemon")
+    models_dir: Path = Path("/var/lib/prng-llm-daemon/models")
+    llama_server: str = "llama-server"
+    max_result_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 16 << 20
+    rescan_interval_seconds: Seconds = 30.0
+    child_log_max_bytes: Annotated[int, Field(ge=4096)] = 10 << 20
+    child_log_backups: Annotated[int, Field(ge=0, le=100)] = 3
+
+    _paths = field_validator("results_dir", "state_dir", "logs_dir", "models_dir")(
+        _relative_to_config
+    )
+
+    @property
+    def decisions_dir(self) -> Path:
+        return self.results_dir / "decisions"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+
+class AgentConfig(_Section):
+    """A follow-up agent: the argv run for it (no shell), its cwd, extra environment, timeout."""
+
+    argv: Annotated[tuple[str, ...], Field(min_length=1)]
+    cwd: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_seconds: Seconds = 24 * 3600.0
+
+    _paths = field_validator("cwd")(_relative_to_config)
+
+
+class PolicyConfig(_Section):
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 2
+    confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    when_no_llm: Literal["rules", "wait"] = "rules"
+    answer_attempts: Annotated[int, Field(ge=1, le=10)] = 2
+    escalate_on_human_override: bool = True
+    escalate_on_disagreement: bool = True
+    decision_max_tokens: Annotated[int, Field(ge=16, le=4096)] = 160
+
+
+class Config(_Section):
+    orchestrator: ServerConfig
+    math: ServerConfig
+    routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
+    daemon: DaemonSettings = DaemonSettings()
+    agents: dict[AgentName, AgentConfig] = Field(default_factory=dict)
+    policy: PolicyConfig = PolicyConfig()
+
+    def server(self, name: str) -> ServerConfig:
+        """The `orchestrator` or `math` section by name."""
+        return self.orchestrator if name == "orchestrator" else self.math
+
+
+SERVER_NAMES = ("orchestrator", "math")
+
+
+def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
+    """One line per problem: `prefix: dotted.path: expected ..., got ...`."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "missing":
+            lines.append(f"{prefix}: {where}: required field is missing")
+            continue
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{prefix}: {where}: unknown field")
+            continue
+        msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
+        got = json.dumps(err["input"], default=str)
+        if len(got) > 80:
+            got = got[:77] + "..."
+        lines.append(f"{prefix}: {where}: {msg}, got {got}")
+    return lines
+
+
+def parse_config(text: str, base: Path | None = None) -> Config:
+    """Parse and check a config document; raise ConfigError listing every bad field."""
+    try:
+        raw: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            [f"config: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["config: the top level must be a JSON object"])
+    try:
+        return Config.model_validate_json(text, strict=True, context={"base": base})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "config")) from None
+
+
+def load_config(path: Path) -> Config:
+    """Read the config file at `path`; relative paths in it are relative to its directory."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"config: {path}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"config: {path}: cannot read: {exc}"]) from None
+    return parse_config(text, base=path.resolve().parent)

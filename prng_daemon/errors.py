@@ -1,0 +1,62 @@
+"""The daemon's exceptions: one shallow tree, converted to exit codes in the CLI."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentFailed",
+    "ConfigError",
+    "DaemonError",
+    "LLMBadAnswer",
+    "LLMError",
+    "LLMUnavailable",
+    "ResultRejected",
+    "SupervisorGaveUp",
+]
+
+
+class DaemonError(Exception):
+    """Base of every error the daemon raises on purpose."""
+
+
+class ConfigError(DaemonError):
+    """The configuration cannot be used; `problems` holds one line per bad field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class ResultRejected(DaemonError):
+    """A result file failed validation.
+
+    `reason` and `pointer` (a JSON pointer, "" for the whole file) name the first problem;
+    `problems` lists every one found as (pointer, message).
+    """
+
+    def __init__(
+        self, reason: str, pointer: str = "", problems: list[tuple[str, str]] | None = None
+    ) -> None:
+        self.reason = reason
+        self.pointer = pointer
+        self.problems = problems or [(pointer, reason)]
+        super().__init__(f"{pointer}: {reason}" if pointer else reason)
+
+
+class LLMError(DaemonError):
+    """Something went wrong talking to a llama-server."""
+
+
+class LLMUnavailable(LLMError):
+    """No server could answer: unreachable, still loading, timed out or failed."""
+
+
+class LLMBadAnswer(LLMError):
+    """A server answered, but not with what was asked for (HTTP error, malformed body)."""
+
+
+class AgentFailed(DaemonError):
+    """A follow-up agent could not be started or exited badly."""
+
+
+class SupervisorGaveUp(DaemonError):
+    """A llama-server child spent its restart budget and is FAILED."""

@@ -1,0 +1,1 @@
+"""What happens to a result file: validate, decide, act, record."""

@@ -1,0 +1,205 @@
+"""First stage for a result file: read it safely, parse it strictly, check it against schema v1.0.4.
+
+Everything here treats the file as hostile: symlinks, FIFOs, huge files, bad UTF-8, NaN, duplicate
+keys and absurd nesting each end in a ResultRejected that names the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import stat
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from pydantic import ValidationError
+
+from ..errors import ResultRejected
+from ..metadata import ResultFile
+
+__all__ = ["Loaded", "load_result", "parse_result_bytes", "result_schema", "schema_problems"]
+
+MAX_DEPTH = 64
+SCHEMA_FILE = "result-v1.0.4.schema.json"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A result file that passed every check, with the hash of the exact bytes that were read."""
+
+    path: Path
+    sha256: str
+    size: int
+    document: ResultFile
+
+
+@cache
+def result_schema() -> dict[str, Any]:
+    """The shipped JSON Schema of a result file."""
+    text = resources.files("prng_daemon.schema").joinpath(SCHEMA_FILE).read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def _ecma_pattern(
+    validator: Any, pattern: str, instance: Any, schema: dict[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    # ECMA-262's `$` (the schema's dialect) matches only at the very end; Python's also matches
+    # before a final newline, which would let "step1_...\n" through.
+    if isinstance(instance, str) and not re.search(
+        re.sub(r"(?<!\\)\$$", r"\\Z", pattern), instance
+    ):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
+    return cls(result_schema())  # type: ignore[no-any-return]
+
+
+def _pointer(parts: Collection[object]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def schema_problems(document: object) -> list[tuple[str, str]]:
+    """Every schema violation as (JSON pointer, message), in document order."""
+    errors = sorted(_validator().iter_errors(document), key=lambda e: list(map(str, e.path)))
+    return [(_pointer(e.absolute_path), e.message) for e in errors]
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _depth(value: object) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(node, dict):
+            stack.extend((child, level + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, level + 1) for child in node)
+    return deepest
+
+
+def _check_document(raw: Any) -> ResultFile:
+    if not isinstance(raw, dict):
+        raise ResultRejected(f"top level is a JSON {type(raw).__name__}, expected an object")
+    if _depth(raw) > MAX_DEPTH:
+        raise ResultRejected(f"nested deeper than {MAX_DEPTH} levels")
+    problems = schema_problems(raw)
+    if problems:
+        pointer, message = problems[0]
+        raise ResultRejected(message, pointer, problems)
+    try:
+        return ResultFile.model_validate(raw)
+    except ValidationError as exc:  # the schema and the models disagree: still a rejection
+        first = exc.errors()[0]
+        pointer = _pointer(first["loc"])
+        raise ResultRejected(first["msg"], pointer) from None
+
+
+def parse_result_bytes(data: bytes) -> ResultFile:
+    """Decode, parse and check the bytes of a result file."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ResultRejected(f"not UTF-8: invalid byte at offset {exc.start}") from None
+    try:
+        raw = json.loads(
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise ResultRejected(f"not valid JSON at {where}: {exc.msg}") from None
+    except ValueError as exc:
+        raise ResultRejected(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ResultRejected(f"nested deeper than {MAX_DEPTH} levels") from None
+    return _check_document(raw)
+
+
+def _read_regular_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        # O_NOFOLLOW: a symlink is refused, not followed; O_NONBLOCK: a FIFO cannot hang us.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ResultRejected("no such file") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ResultRejected("is a symbolic link; only regular files are read") from None
+        raise ResultRejected(f"cannot open: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ResultRejected("is a directory, expected a regular file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ResultRejected("is not a regular file")
+        if info.st_size > max_bytes:
+            raise ResultRejected(f"is {info.st_size} bytes, over the {max_bytes}-byte limit")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ResultRejected(f"grew past the {max_bytes}-byte limit while being read")
+    return data
+
+
+def load_result(
+    path: Path,
+    *,
+    max_bytes: int = 16 << 20,
+    root: Path | None = None,
+    allowed_agents: Collection[str] | None = None,
+) -> Loaded:
+    """Read and check one result file; raise ResultRejected with the reason.
+
+    `root`: the file must resolve inside this directory. `allowed_agents`: the configured agent
+    allowlist the follow-up agent must be in (a final step needs none).
+    """
+    if root is not None:
+        parent = path.parent.resolve()
+        if not parent.is_relative_to(root.resolve()):
+            raise ResultRejected(f"lies outside the results directory {root}")
+    data = _read_regular_file(path, max_bytes)
+    document = parse_result_bytes(data)
+    meta = document.agent_metadata
+    if allowed_agents is not None and meta.follow_up_agent != "none":
+        if meta.follow_up_agent not in allowed_agents:
+            raise ResultRejected(
+                f"follow_up_agent {meta.follow_up_agent!r} is not a configured agent",
+                "/agent_metadata/follow_up_agent",
+            )
+    digest = hashlib.sha256(data).hexdigest()
+    return Loaded(path=path, sha256=digest, size=len(data), document=document)

@@ -1,0 +1,1 @@
+"""Everything that talks to the two llama-servers: client, router, decision engine."""

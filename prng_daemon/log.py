@@ -1,0 +1,78 @@
+"""structlog, configured once: JSON lines, a console view on a terminal, journald priorities."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Literal, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = ["SYSLOG_PRIORITY", "configure_logging", "get_logger", "is_journal", "pick_format"]
+
+LogFormat = Literal["json", "console", "journal"]
+
+# sd-daemon(3): a "<N>" prefix on a line written to the journal sets its priority.
+SYSLOG_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+
+
+def is_journal(stream: TextIO, journal_stream: str | None) -> bool:
+    """True when `stream` is the journal socket systemd named in $JOURNAL_STREAM (dev:inode)."""
+    if not journal_stream:
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return journal_stream == f"{info.st_dev}:{info.st_ino}"
+
+
+def pick_format(stream: TextIO, journal_stream: str | None) -> LogFormat:
+    if is_journal(stream, journal_stream):
+        return "journal"
+    return "console" if stream.isatty() else "json"
+
+
+class _PriorityPrefix:
+    """Render as JSON, prefixed with the syslog priority journald reads."""
+
+    def __init__(self) -> None:
+        self._json = structlog.processors.JSONRenderer(sort_keys=False)
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
+        priority = SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6)
+        return f"<{priority}>{self._json(logger, name, event_dict)}"
+
+
+def configure_logging(
+    fmt: LogFormat = "json", level: str = "info", stream: TextIO | None = None
+) -> None:
+    """Set up structlog for the whole process; call once, early, from the CLI."""
+    renderer: Processor
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    elif fmt == "journal":
+        renderer = _PriorityPrefix()
+    else:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**context: Any) -> Any:
+    """A logger with `context` bound on every line it writes."""
+    return structlog.get_logger().bind(**context)
