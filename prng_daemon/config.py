@@ -75,6 +75,8 @@ class ServerConfig(_Section):
     api_key_file: Path | None = None
     extra_args: tuple[str, ...] = ()
     startup_timeout_seconds: Seconds = 600.0
+    managed: bool = True
+    """False: someone else runs this server; the daemon only talks to it."""
 
     _paths = field_validator("api_key_file")(_relative_to_config)
 
