@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, status
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .daemon import Daemon
 from .errors import ConfigError, ResultRejected
-from .handlers.validate import load_result
+from .handlers.validate import Loaded, load_result
+from .ledger import Ledger, State
+from .llm import AsyncRouter, Decision, DecisionEngine
 from .log import configure_logging, pick_format
+from .systemd import Notifier
 
 __all__ = ["main"]
 
@@ -74,6 +79,76 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r["ok"] for r in reports) else EXIT_INVALID
 
 
+def cmd_decide(args: argparse.Namespace) -> int:
+    config = read_config(args)
+    try:
+        loaded = load_result(Path(args.file), max_bytes=config.daemon.max_result_bytes)
+    except ResultRejected as exc:
+        for pointer, message in exc.problems:
+            print(f"{args.file}: INVALID: {pointer or '(file)'}: {message}", file=sys.stderr)
+        return EXIT_INVALID
+    # Acting on nothing, the CLI always shows a decision: the rules stand in even under "wait".
+    policy = config.policy.model_copy(update={"when_no_llm": "rules"})
+    decision = asyncio.run(_decide(config.model_copy(update={"policy": policy}), loaded))
+    if args.json:
+        print(json.dumps({"file": args.file, **decision.model_dump(mode="json")}, indent=2))
+        return EXIT_OK
+    calibrated = decision.calibrated_confidence
+    print(
+        f"{args.file}: {decision.action} (confidence {decision.confidence:.2f}"
+        + (f", calibrated {calibrated:.2f}" if calibrated is not None else "")
+        + f"; decided by: {decision.path})"
+    )
+    if decision.path == "rules":
+        print("  no llama-server answered: the rules policy decided", end="")
+        print(" (the daemon would wait)" if config.policy.when_no_llm == "wait" else "")
+    print(f"  reasoning: {decision.reasoning}")
+    print(f"  suggested_params: {json.dumps(decision.suggested_params)}")
+    print(f"  llm_metadata: {json.dumps(decision.llm_metadata)}")
+    return EXIT_OK
+
+
+async def _decide(config: Config, loaded: Loaded) -> Decision:
+    router = AsyncRouter(config)
+    try:
+        return await DecisionEngine(config, router).decide(loaded.document.agent_metadata)
+    finally:
+        await router.aclose()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    config = load_config(path)
+    notifier = Notifier()
+    return asyncio.run(Daemon(config, notifier, reload_config=lambda: load_config(path)).run())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = status.collect(read_config(args))
+    print(json.dumps(report, indent=2) if args.json else status.render(report))
+    return EXIT_OK if report["running"] else EXIT_INVALID
+
+
+def _command(verb: str) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        config = read_config(args)
+        ledger = Ledger(config.daemon.ledger_path)
+        try:
+            entry = ledger.by_run_id(args.run_id)
+            if entry is None or entry.state is not State.ESCALATED:
+                state = entry.state.value if entry else "unknown"
+                print(f"{args.run_id}: no pending escalation (state: {state})", file=sys.stderr)
+                return EXIT_INVALID
+            name = "approve-retry" if verb == "approve" and args.retry else verb
+            ledger.add_command(args.run_id, name)
+        finally:
+            ledger.close()
+        print(f"{args.run_id}: {name} queued; the running daemon applies it within a second")
+        return EXIT_OK
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prng-llm-daemon",
@@ -103,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
             "check-config", cmd_check_config, "print the effective config, or what is wrong with it"
         )
     )
+    with_config(verb("run", cmd_run, "run the daemon (what the systemd unit starts)"))
+    st = with_config(verb("status", cmd_status, "what the running daemon is doing"))
+    st.add_argument("--json", action="store_true", help="print a JSON report")
+    ap = with_config(verb("approve", _command("approve"), "let an escalated run go on"))
+    ap.add_argument("run_id", metavar="RUN_ID")
+    ap.add_argument("--retry", action="store_true", help="run the step again instead")
+    rj = with_config(verb("reject", _command("reject"), "stop an escalated run here"))
+    rj.add_argument("run_id", metavar="RUN_ID")
+    d = with_config(verb("decide", cmd_decide, "ask the LLMs about one result; act on nothing"))
+    d.add_argument("file", metavar="FILE")
+    d.add_argument("--json", action="store_true", help="print the decision as JSON")
     v = verb("validate", cmd_validate, "check result files against agent_metadata schema v1.0.4")
     v.add_argument("files", nargs="+", metavar="FILE")
     v.add_argument("--json", action="store_true", help="print a JSON report")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -127,8 +128,18 @@ class DaemonSettings(_Section):
         return self.state_dir / "ledger.sqlite3"
 
 
+AGENT_PLACEHOLDERS = frozenset(
+    {"parent_run_id", "step", "retry_count", "params_file", "result_file", "results_dir",
+     "decision", "decision_file"}
+)  # fmt: skip
+
+
 class AgentConfig(_Section):
-    """A follow-up agent: the argv run for it (no shell), its cwd, extra environment, timeout."""
+    """A follow-up agent: the argv run for it (no shell), its cwd, extra environment, timeout.
+
+    argv items may hold `{placeholder}`s from AGENT_PLACEHOLDERS; the daemon fills them from
+    validated fields and paths it made itself, never from free text in a result file.
+    """
 
     argv: Annotated[tuple[str, ...], Field(min_length=1)]
     cwd: Path | None = None
@@ -136,6 +147,22 @@ class AgentConfig(_Section):
     timeout_seconds: Seconds = 24 * 3600.0
 
     _paths = field_validator("cwd")(_relative_to_config)
+
+    @field_validator("argv")
+    @classmethod
+    def _known_placeholders(cls, argv: tuple[str, ...]) -> tuple[str, ...]:
+        for item in argv:
+            try:
+                names = {name for _, name, _, _ in string.Formatter().parse(item) if name}
+            except ValueError as exc:
+                raise ValueError(f"bad placeholder in {item!r}: {exc}") from None
+            unknown = names - AGENT_PLACEHOLDERS
+            if unknown:
+                raise ValueError(
+                    f"unknown placeholder {sorted(unknown)[0]!r} in {item!r};"
+                    f" known: {', '.join(sorted(AGENT_PLACEHOLDERS))}"
+                )
+        return argv
 
 
 class PolicyConfig(_Section):

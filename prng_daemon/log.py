@@ -74,5 +74,5 @@ def configure_logging(
 
 
 def get_logger(**context: Any) -> Any:
-    """A logger with `context` bound on every line it writes."""
-    return structlog.get_logger().bind(**context)
+    """A logger with `context` on every line it writes (lazy: safe to call at import time)."""
+    return structlog.get_logger(**context)

@@ -1,1 +1,23 @@
 """Everything that talks to the two llama-servers: client, router, decision engine."""
+
+from .client import Completion, Health, LlamaClient, TokenProbability, TopLogprob
+from .decision import Decision, DecisionEngine, calibrated_confidence, rules_decision
+from .router import ENDPOINTS, AsyncRouter, LLMMetrics, LLMRouter, Routed, get_router
+
+__all__ = [
+    "ENDPOINTS",
+    "AsyncRouter",
+    "Completion",
+    "Decision",
+    "DecisionEngine",
+    "Health",
+    "LLMMetrics",
+    "LLMRouter",
+    "LlamaClient",
+    "Routed",
+    "TokenProbability",
+    "TopLogprob",
+    "calibrated_confidence",
+    "get_router",
+    "rules_decision",
+]

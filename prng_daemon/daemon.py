@@ -1,0 +1,278 @@
+"""Wires the parts into the running service: supervisor, watcher, ledger, engine, systemd.
+
+One asyncio loop owns everything. Signals only set flags here; the main loop acts on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .engine import Engine
+from .errors import ConfigError
+from .handlers.act import Launcher
+from .handlers.record import write_json_atomic
+from .ledger import Ledger, State
+from .llm.decision import Decision, DecisionEngine
+from .llm.router import AsyncRouter
+from .log import get_logger
+from .metadata import AgentMetadata
+from .supervisor import ChildStatus, Supervisor
+from .systemd import Notifier
+from .watcher import Watcher
+
+__all__ = ["Daemon", "status_path"]
+
+HEARTBEAT_SECONDS = 2.0
+COMMAND_POLL_SECONDS = 1.0
+STOP_GRACE_SECONDS = 30.0
+BUSY_RETRY_SECONDS = 0.2
+
+log = get_logger()
+
+
+def status_path(config: Config) -> Path:
+    """Where the running daemon publishes its state for `prng-llm-daemon status`."""
+    return config.daemon.state_dir / "status.json"
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        notifier: Notifier,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
+        self.config = config
+        self._notifier = notifier
+        self._reload_config = reload_config
+        self._queue: asyncio.Queue[tuple[Path, str]] = asyncio.Queue()
+        self._queued: set[Path] = set()
+        self._stop = asyncio.Event()
+        self._rescan_now = asyncio.Event()
+        self._reload_requested = False
+        self._status_dirty = True
+        self._started = time.time()
+        slots = sum(config.server(n).parallel for n in ("orchestrator", "math"))
+        self._llm_slots = asyncio.Semaphore(slots)
+        self._workers = max(4, 2 * slots)
+        self._in_flight = 0
+        self._draining = False
+
+    # -- plumbing between the parts ------------------------------------------------------
+
+    def enqueue(self, path: Path, source: str) -> None:
+        """Called on the loop (the watcher hands over with call_soon_threadsafe)."""
+        if path not in self._queued:
+            self._queued.add(path)
+            self._queue.put_nowait((path, source))
+
+    def _changed(self, *_: Any) -> None:
+        self._status_dirty = True
+
+    async def _decide(self, meta: AgentMetadata) -> Decision:
+        async with self._llm_slots:
+            return await self._decisions.decide(meta)
+
+    # -- the main loop ---------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        settings = self.config.daemon
+        for directory in (settings.results_dir, settings.state_dir, settings.decisions_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+
+        self.ledger = Ledger(settings.ledger_path)
+        self.supervisor = Supervisor(self.config, on_change=self._server_changed)
+        self.router = AsyncRouter(self.config, is_ready=self.supervisor.is_ready)
+        self._decisions = DecisionEngine(self.config, self.router)
+        self.engine = Engine(
+            self.config,
+            self.ledger,
+            self._decide,
+            lambda on_exit: Launcher(
+                settings.state_dir / "launches", settings.logs_dir / "agents", on_exit
+            ),
+            on_change=self._changed,
+        )
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            with Watcher(settings.results_dir, loop, self.enqueue, self._rescan_now.set) as watcher:
+                for entry in self.engine.reconcile():
+                    await self.engine.relaunch(entry)
+                self._catch_up(watcher)
+                log.info("daemon.started", results_dir=str(settings.results_dir), pid=os.getpid())
+                # READY as soon as the daemon serves: models may take minutes to load, and
+                # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
+                self._notifier.ready(self.status_line())
+                await self.supervisor.start()
+                tasks = [loop.create_task(self._worker()) for _ in range(self._workers)]
+                tasks += [
+                    loop.create_task(self._rescan_loop(watcher)),
+                    loop.create_task(self._command_loop()),
+                    loop.create_task(self._status_loop()),
+                    loop.create_task(self._notifier.watchdog_loop()),
+                ]
+                await self._stop.wait()
+                log.info("daemon.stopping")
+                self._notifier.stopping()
+                await self._drain(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if hasattr(self, "supervisor"):
+                await self.supervisor.stop()
+                await self.engine.launcher.stop()
+                await self.router.aclose()
+                self._write_status(stopped=True)
+                self.ledger.close()
+            log.info("daemon.stopped")
+        return 0
+
+    async def _drain(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Let in-flight files finish (bounded); queued ones stay unclaimed for the next start."""
+        while not self._queue.empty():
+            path, _ = self._queue.get_nowait()
+            self._queued.discard(path)
+        self._draining = True
+        if self._in_flight:
+            log.info("daemon.draining", in_flight=self._in_flight)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        interrupted = self.ledger.in_state(State.SEEN, State.DECIDED)
+        for entry in interrupted:
+            log.warning("result.interrupted", file=entry.path, state=entry.state.value)
+
+    async def _worker(self) -> None:
+        while not self._draining:
+            path, source = await self._queue.get()
+            self._queued.discard(path)
+            self._in_flight += 1
+            try:
+                if not await self.engine.process(path, source):
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(BUSY_RETRY_SECONDS, self.enqueue, path, source)
+            except Exception:
+                log.exception("result.crashed", file=path.name)
+            finally:
+                self._in_flight -= 1
+
+    def _catch_up(self, watcher: Watcher) -> None:
+        known = self.ledger.known()
+        found = [p for p in watcher.scan() if p.name not in known]
+        for path in found:
+            self.enqueue(path, "scan")
+        for entry in self.ledger.in_state(State.WAITING, State.SEEN, State.DECIDED):
+            # SEEN/DECIDED: a crash came between steps; WAITING: no LLM answered last time.
+            self.enqueue(self.config.daemon.results_dir / entry.path, "retry")
+        if found:
+            log.info("daemon.catch_up", files=len(found))
+
+    async def _rescan_loop(self, watcher: Watcher) -> None:
+        interval = self.config.daemon.rescan_interval_seconds
+        while True:
+            try:
+                await asyncio.wait_for(self._rescan_now.wait(), interval)
+                log.warning("watcher.overflow", action="rescanning")
+            except TimeoutError:
+                pass
+            self._rescan_now.clear()
+            self._catch_up(watcher)
+
+    async def _command_loop(self) -> None:
+        while True:
+            for command_id, run_id, verb in self.ledger.pending_commands():
+                await self.engine.resolve(run_id, verb)
+                self.ledger.finish_command(command_id)
+            if self._reload_requested:
+                self._reload()
+            await asyncio.sleep(COMMAND_POLL_SECONDS)
+
+    # -- reload, status ----------------------------------------------------------------------
+
+    def _request_reload(self) -> None:
+        self._reload_requested = True
+
+    def _reload(self) -> None:
+        self._reload_requested = False
+        if self._reload_config is None:
+            return
+        self._notifier.reloading()
+        try:
+            new = self._reload_config()
+        except ConfigError as exc:
+            log.error("config.reload_failed", problems=exc.problems, kept="the running config")
+        else:
+            servers_changed = any(
+                new.server(n) != self.config.server(n) for n in ("orchestrator", "math")
+            )
+            self.config = new
+            self.engine.config = new
+            self._decisions = DecisionEngine(new, self.router)
+            log.info("config.reloaded", servers_need_restart=servers_changed)
+        self._notifier.ready(self.status_line())
+
+    def _server_changed(self, status: ChildStatus) -> None:
+        self._status_dirty = True
+
+    def status_line(self) -> str:
+        servers = (
+            ", ".join(f"{name} {s.state.value}" for name, s in self._server_states().items())
+            or "servers starting"
+        )
+        counts = self.ledger.counts()
+        decided = sum(
+            counts.get(s, 0) for s in (State.ACTED, State.DONE, State.ESCALATED, State.FAILED)
+        )
+        current = self.engine.current if hasattr(self, "engine") else "starting"
+        return (
+            f"{servers} · {current} · {decided} decided, "
+            f"{counts.get(State.ESCALATED, 0)} escalated, {self._queue.qsize()} queued"
+        )
+
+    def _server_states(self) -> dict[str, ChildStatus]:
+        return self.supervisor.status() if hasattr(self, "supervisor") else {}
+
+    async def _status_loop(self) -> None:
+        while True:
+            if self._status_dirty:
+                self._status_dirty = False
+                self._notifier.status(self.status_line())
+            self._write_status()
+            await asyncio.sleep(min(HEARTBEAT_SECONDS, 0.25 if self._status_dirty else 1.0))
+
+    def _write_status(self, stopped: bool = False) -> None:
+        write_json_atomic(
+            status_path(self.config),
+            {
+                "pid": os.getpid(),
+                "started": self._started,
+                "heartbeat": time.time(),
+                "stopped": stopped,
+                "status": self.status_line(),
+                "servers": {
+                    name: {
+                        "state": s.state.value,
+                        "pid": s.pid,
+                        "restarts": s.restarts,
+                        "last_exit": s.last_exit,
+                        "since": s.since,
+                        "message": s.message,
+                    }
+                    for name, s in self._server_states().items()
+                },
+                "queued": self._queue.qsize(),
+                "agents_running": self.engine.launcher.running,
+            },
+        )

@@ -1,0 +1,348 @@
+"""One result file through the pipeline: validate → decide → act → record, exactly once.
+
+The ledger is consulted before any work and written at every step, so a crash at any point
+is reconciled at the next start: never a second launch, never a lost one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import AgentFailed, LLMUnavailable, ResultRejected
+from .handlers.act import Launch, Launcher
+from .handlers.record import record_name, write_json_atomic
+from .handlers.validate import Loaded, load_result
+from .ledger import Entry, Ledger, State
+from .llm.decision import Decision
+from .log import get_logger
+from .metadata import AgentMetadata
+from .pipeline import step
+
+__all__ = ["Engine", "Source"]
+
+Decider = Callable[[AgentMetadata], Awaitable[Decision]]
+Source = str
+"""Why a path is looked at: "closed", "moved", "scan" or "retry"."""
+
+RESUMABLE = (State.SEEN, State.DECIDED, State.WAITING)
+"""States a file is left in when the daemon stopped (or no LLM answered) mid-way."""
+
+SETTLE_SECONDS = 60.0
+"""A file found by a scan that does not parse yet, and changed this recently, may still be
+being written (NFS, a slow copy): it is left for later instead of quarantined."""
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        decide: Decider,
+        launcher_factory: Callable[[Callable[[int, int | None, float], None]], Launcher],
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self._decide = decide
+        self.launcher = launcher_factory(self._agent_exited)
+        self._on_change = on_change
+        self._run_locks: dict[str, asyncio.Lock] = {}
+        self._busy: set[str] = set()
+        self.current: str = "idle"
+        """What the engine is doing now, for STATUS= and `status`."""
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    async def process(self, path: Path, source: Source) -> bool:
+        """Take one result file as far as it can go; every outcome is in the ledger.
+
+        False when the same path is being processed already: the caller tries again later.
+        """
+        if path.name in self._busy:
+            return False
+        self._busy.add(path.name)
+        try:
+            await self._process(path, source)
+        finally:
+            self._busy.discard(path.name)
+        return True
+
+    async def _process(self, path: Path, source: Source) -> None:
+        settings = self.config.daemon
+        rel = path.name
+        log = get_logger(file=rel)
+        try:
+            loaded = load_result(
+                path,
+                max_bytes=settings.max_result_bytes,
+                root=settings.results_dir,
+                allowed_agents=self.config.agents.keys(),
+            )
+        except ResultRejected as exc:
+            self._reject(path, exc, source, log)
+            return
+        entry, new = self.ledger.claim(rel, loaded.sha256)
+        if not new and entry.state not in RESUMABLE:
+            return
+        if entry.state is State.CHANGED:
+            log.warning("result.changed", reason=entry.reason, sha256=loaded.sha256)
+            self._on_change()
+            return
+        meta = loaded.document.agent_metadata
+        run_id = meta.run_id or derived_run_id(path, meta.pipeline_step, loaded.sha256)
+        root = self.ledger.root_of(meta.parent_run_id) or run_id
+        log = log.bind(run_id=run_id, step=meta.pipeline_step)
+        entry = self.ledger.update(
+            entry.id,
+            entry.state if entry.state is State.DECIDED else State.SEEN,
+            run_id=run_id,
+            parent_run_id=meta.parent_run_id,
+            root_run_id=root,
+            step=meta.pipeline_step,
+        )
+        log.info("result.validated", source=source, sha256=loaded.sha256, pipeline_run=root)
+        lock = self._run_locks.setdefault(root, asyncio.Lock())
+        async with lock:
+            if entry.decision is not None:  # decided before a crash: act on it, never re-decide
+                decision = Decision.model_validate(entry.decision)
+                await self.act(entry, loaded.path, loaded.sha256, meta, decision, log)
+            else:
+                await self._decide_and_act(entry, loaded, meta, log)
+        if not lock.locked():
+            self._run_locks.pop(root, None)
+
+    def _reject(self, path: Path, exc: ResultRejected, source: Source, log: Any) -> None:
+        if source == "scan" and _recently_changed(path):
+            log.debug("result.incomplete", reason=str(exc))
+            return
+        entry, new = self.ledger.claim(path.name, _rejected_key(path))
+        if not new:
+            return
+        self.ledger.update(entry.id, State.QUARANTINED, reason=str(exc))
+        log.error("result.rejected", reason=exc.reason, pointer=exc.pointer or "/", source=source)
+        self._on_change()
+
+    async def _decide_and_act(
+        self, entry: Entry, loaded: Loaded, meta: AgentMetadata, log: Any
+    ) -> None:
+        row = step(meta.pipeline_step)
+        self.current = f"step {row.number}/6 {row.name}: deciding"
+        self._on_change()
+        try:
+            decision = await self._decide(meta)
+        except LLMUnavailable as exc:
+            self.ledger.update(entry.id, State.WAITING, reason=str(exc))
+            log.warning("decision.waiting", reason=str(exc))
+            self.current = "idle"
+            self._on_change()
+            return
+        log.info(
+            "decision.made",
+            decision=decision.action,
+            path=decision.path,
+            confidence=decision.confidence,
+            calibrated_confidence=decision.calibrated_confidence,
+        )
+        entry = self.ledger.update(
+            entry.id, State.DECIDED, decision=decision.model_dump(mode="json"),
+            action=decision.action,
+        )  # fmt: skip
+        await self.act(entry, loaded.path, loaded.sha256, meta, decision, log)
+        self.current = "idle"
+        self._on_change()
+
+    async def act(
+        self,
+        entry: Entry,
+        path: Path,
+        sha256: str,
+        meta: AgentMetadata,
+        decision: Decision,
+        log: Any,
+        approved_by: str | None = None,
+    ) -> None:
+        """Carry out a decision: launch, escalate or finish the pipeline run; then record it."""
+        row = step(meta.pipeline_step)
+        pid: int | None = None
+        agent: str | None = None
+        if decision.action == "escalate":
+            self.ledger.update(entry.id, State.ESCALATED, reason=decision.reasoning[:500])
+            log.warning("decision.escalated", reason=decision.reasoning[:200])
+        elif decision.action == "proceed" and row.is_last:
+            self.ledger.update(entry.id, State.DONE, reason="pipeline run complete")
+            log.info("pipeline.completed", pipeline_run=entry.root_run_id)
+        else:
+            retry = decision.action == "retry"
+            agent = row.agent if retry else row.follow_up_agent
+            launch = self._launch_for(entry, path, sha256, meta, decision, agent, retry)
+            pid = self._launch(entry, launch, log)
+        self._write_record(entry, path, sha256, meta, decision, agent, pid, approved_by)
+
+    def _launch_for(
+        self,
+        entry: Entry,
+        path: Path,
+        sha256: str,
+        meta: AgentMetadata,
+        decision: Decision,
+        agent: str,
+        retry: bool,
+    ) -> Launch:
+        decisions = self.config.daemon.decisions_dir
+        params_file = decisions / record_name(path, sha256, "params")
+        write_json_atomic(params_file, decision.suggested_params)
+        run_id = entry.run_id or ""
+        values = {
+            "parent_run_id": (meta.parent_run_id or "") if retry else run_id,
+            "step": str(meta.pipeline_step if retry else meta.pipeline_step + 1),
+            "retry_count": str(meta.retries + 1 if retry else 0),
+            "params_file": str(params_file),
+            "result_file": str(path),
+            "results_dir": str(self.config.daemon.results_dir),
+            "decision": decision.action,
+            "decision_file": str(decisions / record_name(path, sha256, "decision")),
+        }
+        return Launch(entry.id, agent, self.config.agents[agent], values)
+
+    def _launch(self, entry: Entry, launch: Launch, log: Any) -> int | None:
+        # The intent goes to the ledger first; the launcher's marker makes the spawn itself
+        # idempotent, so the crash window between the two cannot cause a second launch.
+        self.ledger.update(entry.id, State.LAUNCHING, agent=launch.agent)
+        try:
+            pid = self.launcher.start(launch)
+        except AgentFailed as exc:
+            if self.launcher.was_launched(entry.id):
+                self.ledger.update(entry.id, State.ACTED, reason=str(exc))
+                return None
+            self.ledger.update(entry.id, State.FAILED, reason=str(exc))
+            log.error("agent.failed", agent=launch.agent, reason=str(exc))
+            return None
+        self.ledger.update(entry.id, State.ACTED, pid=pid)
+        log.info("agent.started", agent=launch.agent, pid=pid, decision=launch.values["decision"])
+        return pid
+
+    def _agent_exited(self, launch_id: int, code: int | None, duration: float) -> None:
+        entry = self.ledger.get(launch_id)
+        log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+        if code is None:
+            log.info("agent.detached", agent=entry.agent, pid=entry.pid)
+            return
+        self.ledger.update(entry.id, entry.state, exit_code=code)
+        event = log.info if code == 0 else log.error
+        event("agent.exited", agent=entry.agent, pid=entry.pid, exit_code=code,
+              duration_s=round(duration, 3))  # fmt: skip
+        self._on_change()
+
+    def _write_record(
+        self,
+        entry: Entry,
+        path: Path,
+        sha256: str,
+        meta: AgentMetadata,
+        decision: Decision,
+        agent: str | None,
+        pid: int | None,
+        approved_by: str | None,
+    ) -> None:
+        record = {
+            "record": "prng-llm-daemon/decision-v1",
+            "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "result_file": str(path),
+            "sha256": sha256,
+            "run_id": entry.run_id,
+            "parent_run_id": meta.parent_run_id,
+            "pipeline_run": entry.root_run_id,
+            "pipeline_step": meta.pipeline_step,
+            "pipeline_step_name": meta.pipeline_step_name,
+            "decision": decision.action,
+            "policy_path": decision.path,
+            "confidence": decision.confidence,
+            "calibrated_confidence": decision.calibrated_confidence,
+            "reasoning": decision.reasoning,
+            "suggested_params": decision.suggested_params,
+            "llm_metadata": decision.llm_metadata,
+            "agent": agent,
+            "pid": pid,
+            "approved_by": approved_by,
+        }
+        name = record_name(path, sha256, "decision")
+        write_json_atomic(self.config.daemon.decisions_dir / name, record)
+
+    # -- start-up and operator commands ---------------------------------------------------
+
+    def reconcile(self) -> list[Entry]:
+        """After a crash: settle launch intents by their markers; return entries to redo."""
+        redo = []
+        for entry in self.ledger.in_state(State.LAUNCHING):
+            log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+            if self.launcher.was_launched(entry.id):
+                self.ledger.update(entry.id, State.ACTED, reason="launched before a restart")
+                log.info("agent.reconciled", agent=entry.agent, launched=True)
+            else:
+                log.info("agent.reconciled", agent=entry.agent, launched=False)
+                redo.append(entry)
+        return redo
+
+    async def relaunch(self, entry: Entry) -> None:
+        """Finish an entry whose launch intent was recorded but which never launched."""
+        assert entry.decision is not None
+        await self._resume(entry, Decision.model_validate(entry.decision), None)
+
+    async def resolve(self, run_id: str, verb: str) -> bool:
+        """Apply `approve`, `approve-retry` or `reject` to the escalation of `run_id`."""
+        entry = self.ledger.by_run_id(run_id)
+        log = get_logger(run_id=run_id, command=verb)
+        if entry is None or entry.state is not State.ESCALATED or entry.decision is None:
+            log.warning("escalation.unknown", state=entry.state if entry else None)
+            return False
+        if verb == "reject":
+            self.ledger.update(entry.id, State.DONE, reason="rejected by operator")
+            log.info("escalation.rejected", file=entry.path)
+            self._on_change()
+            return True
+        action = "retry" if verb == "approve-retry" else "proceed"
+        decision = Decision.model_validate(entry.decision).model_copy(update={"action": action})
+        log.info("escalation.approved", file=entry.path, decision=action)
+        await self._resume(entry, decision, "operator")
+        self._on_change()
+        return True
+
+    async def _resume(self, entry: Entry, decision: Decision, approved_by: str | None) -> None:
+        path = self.config.daemon.results_dir / entry.path
+        loaded = load_result(path, max_bytes=self.config.daemon.max_result_bytes)
+        log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+        if loaded.sha256 != entry.sha256:
+            self.ledger.update(entry.id, State.FAILED, reason="file changed before it was acted on")
+            log.error("agent.failed", reason="file changed before it was acted on")
+            return
+        meta = loaded.document.agent_metadata
+        await self.act(entry, path, loaded.sha256, meta, decision, log, approved_by)
+
+
+def derived_run_id(path: Path, step_number: int, sha256: str) -> str:
+    """A stable run id for a result that carries none: its step, mtime and content hash."""
+    stamp = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y%m%d_%H%M%S")
+    return f"step{step_number}_{stamp}_{sha256[:6]}"
+
+
+def _recently_changed(path: Path) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime < SETTLE_SECONDS
+    except OSError:
+        return False
+
+
+def _rejected_key(path: Path) -> str:
+    """A rejected file is keyed by size and mtime: the same bad file is quarantined once, and a
+    rewritten one is looked at again."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return "rejected:missing"
+    return f"rejected:{info.st_size}:{info.st_mtime_ns}"

@@ -1,0 +1,162 @@
+"""Start follow-up agents: configured argv only, no shell, one launch per result file.
+
+Each launch is guarded by a marker file that the *child* creates with O_EXCL during
+posix_spawn, before it execs the agent. After a crash, a marker on disk proves the launch
+happened, and a second spawn of the same launch fails in the kernel instead of running twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import AgentConfig
+from ..errors import AgentFailed
+from ..log import get_logger
+
+__all__ = ["Launch", "Launcher"]
+
+KILL_GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What to start: the agent's config, filled-in placeholders and daemon-made environment."""
+
+    launch_id: int
+    agent: str
+    config: AgentConfig
+    values: Mapping[str, str]
+    """Placeholder values; also exported as PRNG_<NAME> in the agent's environment."""
+
+
+class Launcher:
+    def __init__(
+        self,
+        markers_dir: Path,
+        logs_dir: Path,
+        on_exit: Callable[[int, int | None, float], None],
+    ) -> None:
+        self._markers = markers_dir
+        self._logs = logs_dir
+        self._on_exit = on_exit
+        self._running: dict[int, asyncio.Task[None]] = {}
+        markers_dir.mkdir(parents=True, exist_ok=True)
+        logs_dir.mkdir(parents=True, exist_ok=True)
+
+    def marker(self, launch_id: int) -> Path:
+        return self._markers / f"{launch_id}.launched"
+
+    def was_launched(self, launch_id: int) -> bool:
+        return self.marker(launch_id).exists()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def start(self, launch: Launch) -> int:
+        """Spawn the agent; return its pid. Raise AgentFailed if it cannot start."""
+        argv = [item.format_map(launch.values) for item in launch.config.argv]
+        program = shutil.which(argv[0])
+        if program is None:
+            raise AgentFailed(f"agent {launch.agent}: program not found: {argv[0]}")
+        if launch.config.cwd is not None:
+            # posix_spawn has no chdir action in Python: env(1) changes directory, then execs.
+            argv = ["env", f"--chdir={launch.config.cwd}", "--", *argv]
+            program = shutil.which("env") or "/usr/bin/env"
+        env = dict(os.environ)
+        env.update(launch.config.env)
+        env.update({f"PRNG_{k.upper()}": v for k, v in launch.values.items()})
+        env["PRNG_LAUNCH_ID"] = str(launch.launch_id)
+        log_path = self._logs / f"{launch.values.get('parent_run_id', 'run')}.{launch.agent}.log"
+        flags = os.O_WRONLY | os.O_CREAT
+        try:
+            pid = os.posix_spawn(
+                program,
+                argv,
+                env,
+                file_actions=[
+                    (
+                        os.POSIX_SPAWN_OPEN,
+                        3,
+                        str(self.marker(launch.launch_id)),
+                        flags | os.O_EXCL,
+                        0o644,
+                    ),
+                    (os.POSIX_SPAWN_CLOSE, 3),
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, str(log_path), flags | os.O_APPEND, 0o640),
+                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                ],
+                setsid=True,
+            )
+        except FileExistsError:
+            raise AgentFailed(
+                f"launch {launch.launch_id} already happened; not starting twice"
+            ) from None
+        except OSError as exc:
+            raise AgentFailed(
+                f"agent {launch.agent}: cannot start {argv[0]}: {exc.strerror}"
+            ) from None
+        task = asyncio.get_running_loop().create_task(
+            self._watch(launch, pid, launch.config.timeout_seconds)
+        )
+        self._running[launch.launch_id] = task
+        task.add_done_callback(lambda _: self._running.pop(launch.launch_id, None))
+        return pid
+
+    async def _watch(self, launch: Launch, pid: int, timeout: float) -> None:
+        log = get_logger(agent=launch.agent, pid=pid, launch_id=launch.launch_id)
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+        pidfd = os.pidfd_open(pid)
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), timeout)
+            except TimeoutError:
+                log.error("agent.timeout", timeout_seconds=timeout)
+                await self._terminate(pid, exited)
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            code = _reap(pid)
+            duration = time.monotonic() - started
+            self._on_exit(launch.launch_id, code, duration)
+
+    async def _terminate(self, pid: int, exited: asyncio.Future[None]) -> None:
+        _killpg(pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), KILL_GRACE_SECONDS)
+        except TimeoutError:
+            _killpg(pid, signal.SIGKILL)
+            await exited
+
+    async def stop(self) -> None:
+        """Stop watching (agents keep running: they may be days of GPU work)."""
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+
+def _killpg(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> int | None:
+    """The exit code (negative: killed by that signal), or None if it is still running."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status) if done else None

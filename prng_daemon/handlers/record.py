@@ -1,0 +1,33 @@
+"""Atomic writes of what the daemon decided: decision records and the params files agents read."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["record_name", "write_json_atomic"]
+
+
+def write_json_atomic(path: Path, document: Any) -> Path:
+    """Write `document` to `path` so readers see the old file or the whole new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def record_name(result_path: Path, sha256: str, kind: str) -> str:
+    """`step2_x.json` + hash -> `step2_x.1a2b3c4d.<kind>.json`: one per file version."""
+    return f"{result_path.stem}.{sha256[:8]}.{kind}.json"

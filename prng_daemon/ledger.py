@@ -1,0 +1,240 @@
+"""The SQLite ledger: every result file by path and content hash, its state and its decision.
+
+It is what makes the daemon exactly-once across restarts and crashes: a (path, sha256) pair is
+decided once, and a launch is recorded as an intent before it happens.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Entry", "Ledger", "State"]
+
+
+class State(StrEnum):
+    SEEN = "seen"
+    DECIDED = "decided"
+    LAUNCHING = "launching"
+    """The launch intent is recorded; the agent may or may not have started."""
+    ACTED = "acted"
+    ESCALATED = "escalated"
+    DONE = "done"
+    """Nothing more to do: the pipeline run completed, an escalation was rejected."""
+    WAITING = "waiting"
+    """No LLM could answer and policy says wait; tried again later."""
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+    CHANGED = "changed"
+    """The file's content changed after an earlier version was decided: flagged, not re-run."""
+
+
+FINISHED = (State.ACTED, State.DONE, State.QUARANTINED, State.FAILED, State.CHANGED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    state TEXT NOT NULL,
+    run_id TEXT,
+    parent_run_id TEXT,
+    root_run_id TEXT,
+    step INTEGER,
+    reason TEXT,
+    decision TEXT,
+    action TEXT,
+    agent TEXT,
+    pid INTEGER,
+    exit_code INTEGER,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    UNIQUE (path, sha256)
+);
+CREATE INDEX IF NOT EXISTS files_state ON files (state);
+CREATE INDEX IF NOT EXISTS files_run ON files (run_id);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    verb TEXT NOT NULL,
+    created REAL NOT NULL,
+    done REAL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: int
+    path: str
+    sha256: str
+    state: State
+    run_id: str | None
+    parent_run_id: str | None
+    root_run_id: str | None
+    step: int | None
+    reason: str | None
+    decision: dict[str, Any] | None
+    action: str | None
+    agent: str | None
+    pid: int | None
+    exit_code: int | None
+    created: float
+    updated: float
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    values = dict(row)
+    values["state"] = State(values["state"])
+    values["decision"] = json.loads(values["decision"]) if values["decision"] else None
+    return Entry(**values)
+
+
+class Ledger:
+    """One connection, used from the event loop's thread only (the CLI opens its own)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            path, isolation_level=None, timeout=30.0, check_same_thread=False
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; only power loss can lose the last.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def get(self, entry_id: int) -> Entry:
+        row = self._db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
+        return _entry(row)
+
+    def find(self, path: str, sha256: str) -> Entry | None:
+        row = self._db.execute(
+            "SELECT * FROM files WHERE path = ? AND sha256 = ?", (path, sha256)
+        ).fetchone()
+        return _entry(row) if row else None
+
+    def claim(self, path: str, sha256: str) -> tuple[Entry, bool]:
+        """The entry for this exact content; True when it is new (never seen before).
+
+        When an earlier version of the same path was already decided, the new content is
+        recorded as CHANGED and is not processed.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM files WHERE path = ? AND sha256 = ?", (path, sha256)
+            ).fetchone()
+            if row:
+                return _entry(row), False
+            earlier = db.execute(
+                "SELECT run_id FROM files WHERE path = ? AND state NOT IN (?, ?) LIMIT 1",
+                (path, State.SEEN, State.QUARANTINED),
+            ).fetchone()
+            state = State.CHANGED if earlier else State.SEEN
+            reason = "content changed after it was decided; not re-run" if earlier else None
+            cur = db.execute(
+                "INSERT INTO files (path, sha256, state, reason, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (path, sha256, state, reason, now, now),
+            )
+            entry_id = cur.lastrowid
+            assert entry_id is not None
+        return self.get(entry_id), True
+
+    def update(self, entry_id: int, state: State, **fields: Any) -> Entry:
+        if "decision" in fields and fields["decision"] is not None:
+            fields["decision"] = json.dumps(fields["decision"])
+        columns = "".join(f", {name} = ?" for name in fields)
+        sql = f"UPDATE files SET state = ?, updated = ?{columns} WHERE id = ?"
+        self._db.execute(sql, (state, time.time(), *fields.values(), entry_id))
+        return self.get(entry_id)
+
+    def known(self) -> dict[str, set[str]]:
+        """path -> the content hashes recorded for it: what a catch-up scan compares against."""
+        known: dict[str, set[str]] = {}
+        for path, sha in self._db.execute("SELECT path, sha256 FROM files"):
+            known.setdefault(path, set()).add(sha)
+        return known
+
+    def in_state(self, *states: State) -> list[Entry]:
+        marks = ", ".join("?" for _ in states)
+        rows = self._db.execute(
+            f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id", states
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def by_run_id(self, run_id: str) -> Entry | None:
+        row = self._db.execute(
+            "SELECT * FROM files WHERE run_id = ? ORDER BY id DESC LIMIT 1", (run_id,)
+        ).fetchone()
+        return _entry(row) if row else None
+
+    def root_of(self, parent_run_id: str | None) -> str | None:
+        """The first run of the pipeline run that `parent_run_id` belongs to."""
+        if parent_run_id is None:
+            return None
+        row = self._db.execute(
+            "SELECT root_run_id FROM files WHERE run_id = ? AND root_run_id IS NOT NULL LIMIT 1",
+            (parent_run_id,),
+        ).fetchone()
+        return str(row[0]) if row else parent_run_id
+
+    def recent(self, limit: int = 20) -> list[Entry]:
+        rows = self._db.execute(
+            "SELECT * FROM files ORDER BY updated DESC, id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def pipeline_runs(self, limit: int = 20) -> list[Entry]:
+        """The latest entry of each pipeline run: where that run stands."""
+        rows = self._db.execute(
+            "SELECT * FROM files WHERE id IN"
+            " (SELECT max(id) FROM files WHERE root_run_id IS NOT NULL GROUP BY root_run_id)"
+            " ORDER BY updated DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            state: n
+            for state, n in self._db.execute("SELECT state, count(*) FROM files GROUP BY state")
+        }
+
+    # Operator commands (approve / reject), written by the CLI, consumed by the running daemon.
+
+    def add_command(self, run_id: str, verb: str) -> None:
+        self._db.execute(
+            "INSERT INTO commands (run_id, verb, created) VALUES (?, ?, ?)",
+            (run_id, verb, time.time()),
+        )
+
+    def pending_commands(self) -> list[tuple[int, str, str]]:
+        rows = self._db.execute(
+            "SELECT id, run_id, verb FROM commands WHERE done IS NULL ORDER BY id"
+        ).fetchall()
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    def finish_command(self, command_id: int) -> None:
+        self._db.execute("UPDATE commands SET done = ? WHERE id = ?", (time.time(), command_id))

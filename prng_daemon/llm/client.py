@@ -1,0 +1,162 @@
+"""Async client for llama-server's native API (`/health`, `/completion`); raises only our errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import LLMBadAnswer, LLMUnavailable
+
+__all__ = ["Completion", "Health", "LlamaClient", "TokenProbability", "TopLogprob"]
+
+# llama-server answers 503 with this message until the model is loaded (503 also means "busy").
+LOADING_MESSAGE = "Loading model"
+
+
+class Health(StrEnum):
+    READY = "ready"
+    LOADING = "loading"
+    DOWN = "down"
+
+
+class TopLogprob(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    token: str
+    bytes: list[int] | None = None
+    logprob: float
+
+
+class TokenProbability(BaseModel):
+    """One generated token with the `n_probs` most likely tokens the model saw at that point."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token: str
+    bytes: list[int] | None = None
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Completion(BaseModel):
+    """What one `/completion` call produced.
+
+    `tokens_cached` is the number of prompt tokens taken from the prompt cache (`timings.cache_n`):
+    llama-server's own `tokens_cached` field counts the whole slot, generated tokens included, so
+    it is above zero even for a cold prompt. `tokens_evaluated` is the prompt's length in tokens.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    content: str
+    tokens_predicted: int
+    tokens_evaluated: int
+    tokens_cached: int
+    timings: dict[str, float]
+    probabilities: list[TokenProbability]
+
+
+class _Body(BaseModel):
+    """The fields of llama-server's /completion answer that we use; the rest is ignored."""
+
+    content: str
+    tokens_predicted: int = Field(ge=0)
+    tokens_evaluated: int = Field(ge=0)
+    timings: dict[str, float] = Field(default_factory=dict)
+    completion_probabilities: list[TokenProbability] = Field(default_factory=list)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+    return str(message)
+
+
+class LlamaClient:
+    """One llama-server. Holds one connection pool; close it with `aclose()`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        api_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, headers=headers, transport=transport
+        )
+
+    async def health(self) -> Health:
+        try:
+            response = await self._http.get("/health")
+        except httpx.HTTPError:
+            return Health.DOWN
+        if response.status_code == 200:
+            return Health.READY
+        if response.status_code == 503 and LOADING_MESSAGE in _error_message(response):
+            return Health.LOADING
+        return Health.DOWN
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        n_predict: int,
+        temperature: float,
+        stop: Sequence[str] = (),
+        json_schema: dict[str, Any] | None = None,
+        n_probs: int = 0,
+        cache_prompt: bool = True,
+    ) -> Completion:
+        """Generate from `prompt`; raise LLMUnavailable or LLMBadAnswer, never an httpx error."""
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "n_predict": n_predict,
+            "temperature": temperature,
+            "stop": list(stop),
+            "cache_prompt": cache_prompt,
+        }
+        if json_schema is not None:
+            body["json_schema"] = json_schema
+        if n_probs:
+            body["n_probs"] = n_probs
+        where = f"{self.base_url}/completion"
+        try:
+            response = await self._http.post("/completion", json=body)
+        except httpx.TimeoutException:
+            raise LLMUnavailable(f"{where}: no answer within {self.timeout:g}s") from None
+        except httpx.TransportError as exc:
+            raise LLMUnavailable(f"{where}: unreachable: {exc!r}") from None
+        except httpx.HTTPError as exc:
+            raise LLMBadAnswer(f"{where}: {exc!r}") from None
+        if response.status_code == 503:
+            message = _error_message(response)
+            state = "still loading the model" if LOADING_MESSAGE in message else message
+            raise LLMUnavailable(f"{where}: HTTP 503: {state}")
+        if response.status_code != 200:
+            raise LLMBadAnswer(f"{where}: HTTP {response.status_code}: {_error_message(response)}")
+        try:
+            parsed = _Body.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise LLMBadAnswer(f"{where}: malformed body: {exc.errors()[0]['msg']}") from None
+        return Completion(
+            content=parsed.content,
+            tokens_predicted=parsed.tokens_predicted,
+            tokens_evaluated=parsed.tokens_evaluated,
+            tokens_cached=int(parsed.timings.get("cache_n", 0)),
+            timings=parsed.timings,
+            probabilities=parsed.completion_probabilities,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

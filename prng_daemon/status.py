@@ -1,0 +1,104 @@
+"""`prng-llm-daemon status`: what the running daemon is doing, from its status file and ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from typing import Any
+
+from .config import Config
+from .daemon import HEARTBEAT_SECONDS, status_path
+from .ledger import Ledger, State
+
+__all__ = ["collect", "render"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect(config: Config) -> dict[str, Any]:
+    """The daemon's published state plus the ledger's view; `running` says if it is up."""
+    report: dict[str, Any] = {"running": False, "servers": {}, "status": None}
+    try:
+        published = json.loads(status_path(config).read_text())
+    except (OSError, ValueError):
+        published = None
+    if published:
+        fresh = time.time() - published["heartbeat"] < 5 * HEARTBEAT_SECONDS
+        report["running"] = not published["stopped"] and fresh and _alive(published["pid"])
+        report.update(
+            pid=published["pid"], servers=published["servers"], status=published["status"]
+        )
+    ledger_path = config.daemon.ledger_path
+    if not ledger_path.exists():
+        return report | {"escalations": [], "recent": [], "pipeline_runs": [], "counts": {}}
+    ledger = Ledger(ledger_path)
+    try:
+        report["escalations"] = [_row(e) for e in ledger.in_state(State.ESCALATED)]
+        report["recent"] = [_row(e) for e in ledger.recent(10)]
+        report["pipeline_runs"] = [_row(e) for e in ledger.pipeline_runs()]
+        report["counts"] = ledger.counts()
+    finally:
+        ledger.close()
+    return report
+
+
+def _row(entry: Any) -> dict[str, Any]:
+    return {
+        "file": entry.path,
+        "run_id": entry.run_id,
+        "pipeline_run": entry.root_run_id,
+        "step": entry.step,
+        "state": entry.state.value,
+        "decision": entry.action,
+        "agent": entry.agent,
+        "exit_code": entry.exit_code,
+        "reason": entry.reason,
+        "updated": entry.updated,
+    }
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = []
+    if report["running"]:
+        lines.append(f"daemon: running (pid {report['pid']}) · {report['status']}")
+    else:
+        lines.append("daemon: not running")
+    for name, s in report["servers"].items():
+        exit_note = f", last exit {s['last_exit']}" if s["last_exit"] is not None else ""
+        lines.append(
+            f"  {name}: {s['state']} (pid {s['pid']}, restarts {s['restarts']}{exit_note})"
+            + (f" — {s['message']}" if s["message"] else "")
+        )
+    lines.append(f"pending escalations: {len(report['escalations'])}")
+    for e in report["escalations"]:
+        lines.append(f"  {e['run_id']}  step {e['step']}  {e['file']}: {e['reason']}")
+    if report["escalations"]:
+        lines.append("  resolve with: prng-llm-daemon approve RUN_ID [--retry] | reject RUN_ID")
+    lines.append("pipeline runs:")
+    for e in report["pipeline_runs"]:
+        lines.append(
+            f"  {e['pipeline_run']}: step {e['step']}/6 {e['state']}"
+            + (f" ({e['decision']} -> {e['agent']})" if e["agent"] else "")
+        )
+    lines.append("last decisions:")
+    for e in report["recent"]:
+        lines.append(
+            f"  {_when(e['updated'])}  {e['file']}  {e['state']}"
+            + (f"  {e['decision']}" if e["decision"] else "")
+            + (f"  ({e['reason']})" if e["reason"] and e["state"] != "acted" else "")
+        )
+    return "\n".join(lines)

@@ -1,0 +1,328 @@
+"""Keeps the llama-server children up: launch, readiness, liveness, restart budget, no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from .backoff import RestartBudget
+from .childlog import ChildLog
+from .config import SERVER_NAMES, Config
+from .errors import LLMError
+from .llm.client import Health, LlamaClient
+from .log import get_logger
+from .preflight import Launch, PreflightFailed, plan_launch
+from .spawn import signal_group, spawn
+
+__all__ = ["ChildState", "ChildStatus", "Supervisor"]
+
+T = TypeVar("T")
+
+_PROBE_PROMPT = "ok"
+
+
+class ChildState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ChildStatus:
+    name: str
+    state: ChildState
+    pid: int | None
+    restarts: int
+    last_exit: int | None
+    """The last returncode; negative is the signal that ended it."""
+    since: float
+    """Wall-clock time.time() of the last state change."""
+    message: str
+
+
+@dataclass
+class _Child:
+    name: str
+    log: Any
+    budget: RestartBudget
+    status: ChildStatus
+    output: ChildLog | None = None
+    proc: asyncio.subprocess.Process | None = None
+    pump: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None
+    clean_since: float | None = None
+
+
+class Supervisor:
+    """Runs every managed llama-server as a child and keeps it ready, or says why it cannot."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_change: Callable[[ChildStatus], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._on_change = on_change
+        self._clock = clock
+        self._changed = asyncio.Event()
+        h = config.health
+        self._children = {
+            name: _Child(
+                name=name,
+                log=get_logger(server=name),
+                budget=RestartBudget(
+                    h.max_restart_attempts,
+                    h.restart_window_seconds,
+                    h.backoff_initial_seconds,
+                    h.backoff_max_seconds,
+                    h.stable_after_seconds,
+                ),
+                status=ChildStatus(name, ChildState.STOPPED, None, 0, None, time.time(), ""),
+            )
+            for name in SERVER_NAMES
+            if config.server(name).managed
+        }
+
+    async def start(self) -> None:
+        """Launch every managed server; returns at once, supervision runs as tasks."""
+        for child in self._children.values():
+            child.task = asyncio.create_task(self._supervise(child), name=f"supervise-{child.name}")
+
+    async def stop(self) -> None:
+        """SIGTERM each child's process group, SIGKILL after stop_timeout_seconds; reap all."""
+        tasks = [c.task for c in self._children.values() if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(self._terminate(c) for c in self._children.values()))
+
+    def is_ready(self, name: str) -> bool:
+        """Whether the router may send to `name`; an unmanaged server is the router's to check."""
+        if name not in SERVER_NAMES:
+            raise KeyError(name)
+        child = self._children.get(name)
+        return child is None or child.status.state is ChildState.READY
+
+    def status(self) -> dict[str, ChildStatus]:
+        """The state of every managed child."""
+        return {name: child.status for name, child in self._children.items()}
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """True once every managed child is READY; False at `timeout` or when one has FAILED."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            states = [c.status.state for c in self._children.values()]
+            if all(s is ChildState.READY for s in states):
+                return True
+            remaining = deadline - asyncio.get_running_loop().time()
+            if ChildState.FAILED in states or remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _set(self, child: _Child, state: ChildState, message: str, **changes: Any) -> None:
+        child.status = replace(
+            child.status, state=state, message=message, since=time.time(), **changes
+        )
+        # Wake every waiter, then give later ones a fresh event to wait on.
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self._on_change is not None:
+            try:
+                self._on_change(child.status)
+            except Exception:
+                child.log.exception("supervisor.on_change_failed")
+
+    async def _supervise(self, child: _Child) -> None:
+        d = self._config.daemon
+        try:
+            child.output = ChildLog(
+                d.logs_dir / f"{child.name}.log", d.child_log_max_bytes, d.child_log_backups,
+                child.log,
+            )  # fmt: skip
+        except OSError as exc:
+            self._fail(child, f"cannot open log file in {d.logs_dir}: {exc.strerror}")
+            return
+        try:
+            await self._restart_loop(child)
+        except Exception as exc:
+            # A bug of ours must not leave a child unwatched: end it and say so.
+            child.log.exception("supervisor.crashed")
+            if child.proc is not None:
+                signal_group(child.proc, signal.SIGKILL)
+            self._fail(child, f"supervisor error: {exc!r}")
+
+    async def _restart_loop(self, child: _Child) -> None:
+        while True:
+            try:
+                launch = plan_launch(self._config, child.name)
+            except PreflightFailed as exc:
+                if not exc.transient:
+                    self._fail(child, exc.message)
+                    return
+                reason = exc.message
+            else:
+                reason = await self._run_once(child, launch)
+            delay = None
+            if self._config.health.restart_on_failure:
+                delay = child.budget.next_delay(self._clock(), child.clean_since)
+            child.clean_since = None
+            if delay is None:
+                self._fail(child, reason)
+                return
+            self._set(child, ChildState.BACKOFF, f"{reason}; restarting in {delay:.2f}s")
+            child.log.warning(
+                "server.restarting", reason=reason, delay_s=round(delay, 3),
+                restarts=child.status.restarts + 1,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+            child.status = replace(child.status, restarts=child.status.restarts + 1)
+
+    async def _run_once(self, child: _Child, launch: Launch) -> str:
+        """One run of the child, from launch to exit; returns why it ended."""
+        assert child.output is not None
+        server = self._config.server(child.name)
+        child.output.note(f"launching {' '.join(launch.argv)}")
+        proc = await spawn(launch.argv, launch.env)
+        assert proc.stdout is not None
+        child.proc = proc
+        child.pump = asyncio.create_task(child.output.pump(proc.stdout))
+        self._set(child, ChildState.STARTING, "loading model", pid=proc.pid)
+        child.log.info(
+            "server.starting", pid=proc.pid, port=server.port, gpu_id=server.gpu_id,
+            argv=list(launch.argv), log_file=str(child.output.path),
+        )  # fmt: skip
+        h = self._config.health
+        client = LlamaClient(
+            launch.base_url, timeout=h.probe_timeout_seconds, api_key=launch.api_key
+        )
+        exited = asyncio.create_task(proc.wait())
+        try:
+            reason = "exited"
+            if await self._race(exited, self._until_ready(client, server.startup_timeout_seconds)):
+                child.clean_since = self._clock()
+                self._set(child, ChildState.READY, "")
+                child.log.info("server.ready", pid=proc.pid, port=server.port)
+                reason = await self._race(exited, self._watch(child, client)) or "exited"
+            elif not exited.done():
+                reason = f"not ready within {server.startup_timeout_seconds:g}s"
+            if not exited.done():
+                signal_group(proc, signal.SIGKILL)
+            returncode = await exited
+            await child.pump
+        finally:
+            exited.cancel()
+            await client.aclose()
+        child.proc = None
+        child.log.warning("server.exited", pid=proc.pid, returncode=returncode, reason=reason)
+        self._set(child, child.status.state, reason, pid=None, last_exit=returncode)
+        return f"{reason} (exit status {returncode})"
+
+    @staticmethod
+    async def _race(exited: asyncio.Task[int], work: Awaitable[T]) -> T | None:
+        """`work`'s result, or None as soon as the process exits first."""
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({exited, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return None if exited.done() else task.result()
+
+    async def _until_ready(self, client: LlamaClient, timeout: float) -> bool:
+        # 503 "Loading model" and refused connections are both progress while a model loads.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if await self._probe(client, generate=False) is None:
+                return True
+            await asyncio.sleep(self._config.health.ready_poll_interval_seconds)
+        return False
+
+    async def _watch(self, child: _Child, client: LlamaClient) -> str:
+        """Probe until the child counts as hung; returns why."""
+        h = self._config.health
+        loop = asyncio.get_running_loop()
+        next_generation = loop.time() + h.generation_probe_interval_seconds
+        failures = 0
+        while True:
+            await asyncio.sleep(h.check_interval_seconds)
+            # /health can answer while generation is wedged, so once anything failed every
+            # probe generates, or a good /health would hide the wedge.
+            generate = failures > 0 or loop.time() >= next_generation
+            problem = await self._probe(client, generate)
+            if generate:
+                next_generation = loop.time() + h.generation_probe_interval_seconds
+            if problem is None:
+                if failures:
+                    failures = 0
+                    child.clean_since = self._clock()
+                    self._set(child, ChildState.READY, "recovered")
+                    child.log.info("server.ready", pid=child.status.pid, recovered=True)
+                continue
+            failures += 1
+            child.clean_since = None
+            self._set(child, ChildState.UNHEALTHY, problem)
+            child.log.warning("server.unhealthy", problem=problem, failures=failures)
+            if failures >= h.failures_before_hung:
+                return f"hung: {problem} ({failures} failed probes in a row)"
+
+    async def _probe(self, client: LlamaClient, generate: bool) -> str | None:
+        """None if the server answers /health (and a 1-token generation), else what went wrong."""
+        deadline = self._config.health.probe_timeout_seconds
+        what = "/health"
+        try:
+            async with asyncio.timeout(deadline):
+                health = await client.health()
+            if health is not Health.READY:
+                return f"/health: {health}"
+            if generate:
+                what = "/completion"
+                async with asyncio.timeout(deadline):
+                    await client.complete(_PROBE_PROMPT, n_predict=1, temperature=0.0)
+        except TimeoutError:
+            return f"{what}: no answer within {deadline:g}s"
+        except LLMError as exc:
+            return f"{what}: {exc}"
+        return None
+
+    def _fail(self, child: _Child, reason: str) -> None:
+        self._set(child, ChildState.FAILED, reason, pid=None)
+        child.log.error(
+            "server.failed", reason=reason, last_exit=child.status.last_exit,
+            restarts=child.status.restarts,
+            log_tail=child.output.tail() if child.output else [],
+        )  # fmt: skip
+
+    async def _terminate(self, child: _Child) -> None:
+        proc = child.proc
+        if proc is not None:
+            signal_group(proc, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self._config.health.stop_timeout_seconds)
+            except TimeoutError:
+                child.log.warning("server.kill", pid=proc.pid, reason="SIGTERM ignored")
+                signal_group(proc, signal.SIGKILL)
+                await proc.wait()
+            child.proc = None
+        if child.pump is not None:
+            await child.pump
+        if child.output is not None:
+            child.output.close()
+        if child.status.state is not ChildState.FAILED:
+            last_exit = proc.returncode if proc else child.status.last_exit
+            self._set(child, ChildState.STOPPED, "daemon stopping", pid=None, last_exit=last_exit)
+        child.log.info("server.stopped", last_exit=child.status.last_exit)

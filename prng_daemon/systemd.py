@@ -1,0 +1,114 @@
+"""sd_notify(3): READY / STATUS / RELOADING / STOPPING / WATCHDOG to systemd; a no-op outside it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Mapping
+
+from .log import get_logger
+
+__all__ = ["Notifier"]
+
+
+def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
+    """Half of WATCHDOG_USEC in seconds, the ping period sd_watchdog_enabled(3) recommends."""
+    pid = environ.get("WATCHDOG_PID")
+    # systemd sets WATCHDOG_PID so that a child that inherited the environment does not ping.
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 2 / 1e6 if usec > 0 else None
+
+
+def _one_line(text: str) -> str:
+    # A newline ends the assignment: a result file named "x\nMAINPID=1" must not become one.
+    return " ".join(text.splitlines())
+
+
+class Notifier:
+    """Talks to the service manager over $NOTIFY_SOCKET; every call is silent without one.
+
+    The `sdnotify` package is not used: it reads the address from os.environ only, connects
+    once (a failed connect is never retried) and hides send errors unless it also leaks its
+    socket. This is the same dozen lines libsystemd's sd_notify() runs: one datagram per call.
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self._address = env.get("NOTIFY_SOCKET", "")
+        self.enabled = bool(self._address)
+        self.watchdog_interval = _watchdog_interval(env) if self.enabled else None
+        self._last_status: str | None = None
+        self._failing = False
+
+    def ready(self, status: str | None = None) -> None:
+        lines = ["READY=1"]
+        if status is not None:
+            self._last_status = _one_line(status)
+            lines.append(f"STATUS={self._last_status}")
+        self._send(lines)
+
+    def status(self, text: str) -> None:
+        """Say `text` in `systemctl status`; repeats of the last text are not sent."""
+        text = _one_line(text)
+        if text == self._last_status:
+            return
+        self._last_status = text
+        self._send([f"STATUS={text}"])
+
+    def reloading(self) -> None:
+        # systemd >= 253 (Type=notify-reload) wants the monotonic time with RELOADING=1 to tell
+        # this reload from an older one; 252 ignores the extra field.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(["RELOADING=1", f"MONOTONIC_USEC={usec}"])
+
+    def stopping(self) -> None:
+        self._send(["STOPPING=1"])
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for `seconds` more before the start/stop timeout, counted from now."""
+        self._send([f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}"])
+
+    def watchdog(self) -> None:
+        self._send(["WATCHDOG=1"])
+
+    async def watchdog_loop(self) -> None:
+        """Ping WATCHDOG=1 every `watchdog_interval` until cancelled; return at once without one.
+
+        The pings come from the event loop, not a thread, on purpose: a loop that is wedged
+        stops pinging and systemd restarts the daemon.
+        """
+        interval = self.watchdog_interval
+        if interval is None:
+            return
+        while True:
+            self.watchdog()
+            await asyncio.sleep(interval)
+
+    def _send(self, lines: list[str]) -> None:
+        if not self.enabled:
+            return
+        address = self._address
+        # "@name" is an abstract-namespace socket: its kernel name starts with a NUL byte.
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                # Non-blocking: a full notify queue must cost a lost ping, never a stalled loop.
+                sock.setblocking(False)
+                sock.connect(address)
+                sock.sendall("\n".join(lines).encode())
+        except OSError as exc:
+            # Once per failing streak: a daemon that cannot notify must keep working, and must
+            # not fill the journal with one warning per watchdog ping.
+            if not self._failing:
+                get_logger().warning("notify.failed", socket=self._address, error=str(exc))
+            self._failing = True
+            return
+        self._failing = False

@@ -1,0 +1,209 @@
+"""A fake llama-server on loopback: faults a real one will not produce on demand, and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prng_daemon.config import Config, parse_config
+
+MODES = ("ok", "garbage", "out_of_range", "http500", "hang", "loading", "bad_body")
+ACTIONS = ("proceed", "retry", "escalate")
+CHOSEN_PROB = 0.8
+"""In "ok" mode the first letter of the decision gets this probability, the other two actions'
+first letters 0.1 and 0.05: the calibrated confidence is 0.8 / 0.95."""
+LOADING_BODY = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+
+
+def _chunks(text: str) -> list[str]:
+    # About four characters a token, like a real BPE vocabulary on English text.
+    return [text[i : i + 4] for i in range(0, len(text), 4)] or [""]
+
+
+def _probabilities(content: str, decision: str, n_probs: int) -> list[dict[str, Any]]:
+    """Byte-level tokens for `content`, the decision value's first letter uncertain."""
+    first = content.find(f'"{decision}"') + 1
+    out = []
+    for i, char in enumerate(content):
+        if i == first:
+            others = [a[0] for a in ACTIONS if a != decision]
+            alternatives = [(char, CHOSEN_PROB), (others[0], 0.1), (others[1], 0.05)]
+        else:
+            alternatives = [(char, 0.99)]
+        top = [
+            {"id": ord(t), "token": t, "bytes": list(t.encode()), "logprob": math.log(p)}
+            for t, p in alternatives[:n_probs]
+        ]
+        out.append({**top[0], "top_logprobs": top})
+    return out
+
+
+class FakeLlama:
+    """`with FakeLlama() as fake:` serves /health and /completion on `fake.url` until exit.
+
+    Set `.mode` (one of MODES), `.latency` (seconds per /completion), `.slots` (completions served
+    at once, the rest wait, like --parallel), `.decision` and `.confidence` (what "ok" answers).
+    """
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.latency = 0.0
+        self.slots: int | None = None
+        self.decision = "proceed"
+        self.confidence = 90
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._slot_free = threading.Condition(self._lock)
+        self._busy = 0
+        self._last_prompt = ""
+        self._stopping = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        # Request threads are joined on close; everything that waits also watches `_stopping`.
+        self._server.daemon_threads = False
+        self._server.block_on_close = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-llama"
+        )
+        self.port: int = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> FakeLlama:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._slot_free.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path != "/health":
+                    self._send(404, {"error": {"code": 404, "message": "File Not Found"}})
+                elif fake.mode == "loading":
+                    self._send(503, LOADING_BODY)
+                else:
+                    self._send(200, {"status": "ok"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake._lock:
+                    fake.requests.append(body)
+                if fake.mode == "loading":
+                    self._send(503, LOADING_BODY)
+                    return
+                if not fake._take_slot():
+                    return
+                try:
+                    fake._stopping.wait(fake.latency)
+                    if fake.mode == "hang":
+                        fake._stopping.wait()
+                    elif fake.mode == "http500":
+                        self._send(500, {"error": {"code": 500, "message": "fake failure"}})
+                    elif fake.mode == "bad_body":
+                        self._send_raw(200, b"<html>not json")
+                    else:
+                        self._send(200, fake._completion(body))
+                finally:
+                    fake._release_slot()
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                self._send_raw(status, json.dumps(payload).encode())
+
+            def _send_raw(self, status: int, data: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up (a timeout test): nothing to answer
+
+        return Handler
+
+    def _take_slot(self) -> bool:
+        with self._lock:
+            while self.slots is not None and self._busy >= self.slots:
+                if self._stopping.is_set():
+                    return False
+                self._slot_free.wait()
+            self._busy += 1
+            return True
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._slot_free.notify()
+
+    def _content(self) -> str:
+        if self.mode == "garbage":
+            return '{"decision": "proceed", "confid'
+        confidence: object = 2e62 if self.mode == "out_of_range" else self.confidence
+        answer = {"decision": self.decision, "confidence": confidence, "reasoning": "fake"}
+        return json.dumps(answer)
+
+    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt = str(body.get("prompt", ""))
+        content = self._content()
+        with self._lock:
+            shared = 0
+            for old, new in zip(_chunks(self._last_prompt), _chunks(prompt), strict=False):
+                if old != new:
+                    break
+                shared += 1
+            self._last_prompt = prompt
+        evaluated = len(_chunks(prompt))
+        # Like llama-server: the last prompt token is always evaluated again.
+        cached = min(shared, evaluated - 1)
+        predicted = len(content)
+        answer: dict[str, Any] = {
+            "index": 0,
+            "content": content,
+            "tokens": [],
+            "id_slot": 0,
+            "stop": True,
+            "model": "fake.gguf",
+            "tokens_predicted": predicted,
+            "tokens_evaluated": evaluated,
+            "generation_settings": {"n_predict": body.get("n_predict", -1)},
+            "prompt": prompt,
+            "has_new_line": False,
+            "truncated": False,
+            "stop_type": "eos",
+            "stopping_word": "",
+            "tokens_cached": evaluated + predicted,
+            "timings": {
+                "cache_n": cached,
+                "prompt_n": evaluated - cached,
+                "prompt_ms": 0.03 * (evaluated - cached),
+                "predicted_n": predicted,
+                "predicted_ms": 0.1 * predicted,
+            },
+        }
+        n_probs = int(body.get("n_probs", 0))
+        if n_probs > 0:
+            answer["completion_probabilities"] = _probabilities(content, self.decision, n_probs)
+        return answer
+
+
+def llm_config(orchestrator_port: int, math_port: int, **sections: dict[str, Any]) -> Config:
+    """A Config whose two servers are on these loopback ports; `sections` overrides, e.g. policy."""
+    doc: dict[str, Any] = {
+        "orchestrator": {"model": "orchestrator-model.gguf", "port": orchestrator_port},
+        "math": {"model": "math-model.gguf", "port": math_port},
+        **sections,
+    }
+    return parse_config(json.dumps(doc))

@@ -1,0 +1,126 @@
+"""LlamaClient against a fake llama-server: typed results, and our own errors for every fault."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from prng_daemon.errors import ConfigError, LLMBadAnswer, LLMUnavailable
+from prng_daemon.llm import AsyncRouter, Completion, Health, LlamaClient
+
+from .fake_llama import FakeLlama, llm_config
+from .helpers import free_port
+
+
+async def _health(url: str) -> Health:
+    client = LlamaClient(url, timeout=2)
+    try:
+        return await client.health()
+    finally:
+        await client.aclose()
+
+
+async def _complete(url: str, timeout: float = 5, **kw: Any) -> Completion:
+    client = LlamaClient(url, timeout=timeout)
+    try:
+        return await client.complete("Answer:", n_predict=32, temperature=0.5, **kw)
+    finally:
+        await client.aclose()
+
+
+def test_health_tells_loading_from_ready_from_down() -> None:
+    with FakeLlama() as fake:
+        assert asyncio.run(_health(fake.url)) is Health.READY
+        fake.mode = "loading"
+        assert asyncio.run(_health(fake.url)) is Health.LOADING
+    assert asyncio.run(_health(f"http://127.0.0.1:{free_port()}")) is Health.DOWN
+
+
+def test_completion_is_typed_and_sends_every_option() -> None:
+    schema = {"type": "object"}
+    with FakeLlama() as fake:
+        done = asyncio.run(_complete(fake.url, stop=["<|im_end|>"], json_schema=schema, n_probs=3))
+        [body] = fake.requests
+    assert body == {
+        "prompt": "Answer:",
+        "n_predict": 32,
+        "temperature": 0.5,
+        "stop": ["<|im_end|>"],
+        "cache_prompt": True,
+        "json_schema": schema,
+        "n_probs": 3,
+    }
+    assert done.content.startswith('{"decision": "proceed"')
+    assert done.tokens_predicted == len(done.probabilities) > 0
+    assert done.tokens_evaluated == 2 and done.tokens_cached == 0
+    assert "prompt_ms" in done.timings
+    assert len(done.probabilities[0].top_logprobs) >= 1
+
+
+def test_tokens_cached_counts_prompt_tokens_reused_not_the_whole_slot() -> None:
+    with FakeLlama() as fake:
+        asyncio.run(_complete(fake.url))
+        again = asyncio.run(_complete(fake.url))
+    assert again.tokens_cached == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "says"),
+    [
+        ("loading", LLMUnavailable, "still loading the model"),
+        ("http500", LLMBadAnswer, "HTTP 500: fake failure"),
+        ("bad_body", LLMBadAnswer, "malformed body"),
+    ],
+)
+def test_faults_become_our_typed_errors(mode: str, error: type[Exception], says: str) -> None:
+    with FakeLlama() as fake:
+        fake.mode = mode
+        with pytest.raises(error, match=says):
+            asyncio.run(_complete(fake.url))
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    with pytest.raises(LLMUnavailable, match="unreachable"):
+        asyncio.run(_complete(f"http://127.0.0.1:{free_port()}"))
+
+
+def test_hang_past_the_timeout_is_unavailable_in_time() -> None:
+    with FakeLlama() as fake:
+        fake.mode = "hang"
+        started = time.monotonic()
+        with pytest.raises(LLMUnavailable, match="no answer within 0.3s"):
+            asyncio.run(_complete(fake.url, timeout=0.3))
+        assert time.monotonic() - started < 2
+
+
+def test_api_key_from_the_key_file_is_sent_as_bearer(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("s3cret\n")
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Authorization"))
+        return httpx.Response(200, json={"status": "ok"})
+
+    server = {"model": "m.gguf", "port": 8080, "api_key_file": str(tmp_path / "key")}
+    config = llm_config(8080, 8081, orchestrator=server)
+
+    async def check() -> dict[str, bool]:
+        router = AsyncRouter(config, transport=httpx.MockTransport(answer))
+        try:
+            return await router.health_check()
+        finally:
+            await router.aclose()
+
+    assert asyncio.run(check()) == {"orchestrator": True, "math": True}
+    assert sorted(seen, key=str) == ["Bearer s3cret", None]
+
+
+def test_unreadable_key_file_is_a_config_error(tmp_path: Path) -> None:
+    server = {"model": "m.gguf", "port": 8080, "api_key_file": str(tmp_path / "missing")}
+    with pytest.raises(ConfigError, match="orchestrator.api_key_file: cannot read"):
+        AsyncRouter(llm_config(8080, 8081, orchestrator=server))

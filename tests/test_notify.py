@@ -1,0 +1,184 @@
+"""The sd_notify protocol against a real datagram socket standing in for systemd's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from prng_daemon.systemd import Notifier
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    """A bound AF_UNIX datagram socket, as systemd listens on for a Type=notify service."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify"))
+        sock.setblocking(False)
+        yield sock
+
+
+def received(sock: socket.socket) -> list[str]:
+    """Every datagram waiting on `sock` (a local send is queued before it returns)."""
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return messages
+
+
+def notifier(sock: socket.socket, **env: str) -> Notifier:
+    return Notifier({"NOTIFY_SOCKET": sock.getsockname(), **env})
+
+
+def test_ready_arrives_with_its_status(notify_socket: socket.socket) -> None:
+    notifier(notify_socket).ready(status="watching /srv/prng/results")
+
+    assert received(notify_socket) == ["READY=1\nSTATUS=watching /srv/prng/results"]
+
+
+def test_status_is_sent_only_when_it_changes(notify_socket: socket.socket) -> None:
+    n = notifier(notify_socket)
+    n.ready(status="loading models")
+    n.status("loading models")
+    n.status("step 2: deciding")
+    n.status("step 2: deciding")
+    n.status("loading models")
+
+    assert received(notify_socket) == [
+        "READY=1\nSTATUS=loading models",
+        "STATUS=step 2: deciding",
+        "STATUS=loading models",
+    ]
+
+
+def test_status_newline_cannot_smuggle_another_assignment(notify_socket: socket.socket) -> None:
+    """Status text may carry a result file's name; a newline in it must not add MAINPID= etc."""
+    notifier(notify_socket).status("deciding evil\nMAINPID=1.json")
+
+    assert received(notify_socket) == ["STATUS=deciding evil MAINPID=1.json"]
+
+
+def test_stopping_reloading_extend_timeout_and_watchdog(notify_socket: socket.socket) -> None:
+    n = notifier(notify_socket)
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    n.reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    n.extend_timeout(90)
+    n.watchdog()
+    n.stopping()
+
+    reloading, extend, ping, stopping = received(notify_socket)
+    assert reloading.splitlines()[0] == "RELOADING=1"
+    key, _, usec = reloading.splitlines()[1].partition("=")
+    assert key == "MONOTONIC_USEC" and before <= int(usec) <= after
+    assert extend == "EXTEND_TIMEOUT_USEC=90000000"
+    assert ping == "WATCHDOG=1"
+    assert stopping == "STOPPING=1"
+
+
+def test_abstract_namespace_socket(tmp_path: Path) -> None:
+    name = f"prng-llm-daemon-test-{os.getpid()}-{tmp_path.name}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.setblocking(False)
+        Notifier({"NOTIFY_SOCKET": "@" + name}).ready()
+
+        assert received(sock) == ["READY=1"]
+
+
+def test_outside_systemd_every_call_is_a_silent_no_op(notify_socket: socket.socket) -> None:
+    n = Notifier({"WATCHDOG_USEC": "200000"})
+    with capture_logs() as logs:
+        n.ready(status="x")
+        n.status("y")
+        n.reloading()
+        n.extend_timeout(1)
+        n.watchdog()
+        n.stopping()
+        asyncio.run(asyncio.wait_for(n.watchdog_loop(), timeout=5))
+
+    assert (n.enabled, n.watchdog_interval) == (False, None)
+    assert logs == []
+    assert received(notify_socket) == []
+
+
+def test_unreachable_socket_warns_once_and_never_raises(tmp_path: Path) -> None:
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone"), "WATCHDOG_USEC": "200000"})
+    with capture_logs() as logs:
+        n.ready()
+        n.watchdog()
+        n.status("still here")
+
+    assert [(e["event"], e["log_level"]) for e in logs] == [("notify.failed", "warning")]
+    assert logs[0]["socket"] == str(tmp_path / "gone")
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec(notify_socket: socket.socket) -> None:
+    assert notifier(notify_socket, WATCHDOG_USEC="30000000").watchdog_interval == 15.0
+    assert notifier(notify_socket).watchdog_interval is None
+    assert notifier(notify_socket, WATCHDOG_USEC="junk").watchdog_interval is None
+    mine = str(os.getpid())
+    assert notifier(notify_socket, WATCHDOG_USEC="200000", WATCHDOG_PID=mine).watchdog_interval
+    # The environment was meant for another process (we inherited it): that one pings, not us.
+    other = notifier(notify_socket, WATCHDOG_USEC="200000", WATCHDOG_PID=str(os.getpid() + 1))
+    assert other.watchdog_interval is None
+
+
+async def _ping_times(sock: socket.socket, count: int, deadline: float) -> list[float]:
+    """Arrival times of the next `count` datagrams on `sock`, read by this event loop."""
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def collect() -> None:
+        while len(times) < count:
+            assert await loop.sock_recv(sock, 4096) == b"WATCHDOG=1"
+            times.append(time.monotonic())
+
+    await asyncio.wait_for(collect(), timeout=deadline)
+    return times
+
+
+def test_watchdog_pings_at_half_the_watchdog_interval(notify_socket: socket.socket) -> None:
+    n = notifier(notify_socket, WATCHDOG_USEC="200000")
+
+    async def main() -> list[float]:
+        pinger = asyncio.create_task(n.watchdog_loop())
+        try:
+            return await _ping_times(notify_socket, count=11, deadline=10)
+        finally:
+            pinger.cancel()
+
+    times = asyncio.run(main())
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    # 10 gaps of 0.1 s: late pings (a busy 2-core machine) are tolerated, early ones are not.
+    assert 0.9 <= times[-1] - times[0] <= 1.6, gaps
+    assert min(gaps) >= 0.08, gaps
+
+
+def test_blocked_event_loop_stops_the_pings(notify_socket: socket.socket) -> None:
+    """The point of pinging from the loop: a wedged loop lets systemd's watchdog fire."""
+    n = notifier(notify_socket, WATCHDOG_USEC="100000")
+
+    async def main() -> tuple[list[str], list[float]]:
+        pinger = asyncio.create_task(n.watchdog_loop())
+        try:
+            await _ping_times(notify_socket, count=1, deadline=5)
+            received(notify_socket)
+            time.sleep(0.5)  # the wedge under test, not synchronisation: 10 intervals long
+            during = received(notify_socket)
+            after = await _ping_times(notify_socket, count=2, deadline=5)
+            return during, after
+        finally:
+            pinger.cancel()
+
+    during, after = asyncio.run(main())
+    assert during == []
+    assert len(after) == 2

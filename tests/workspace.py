@@ -1,0 +1,156 @@
+"""A daemon workspace for tests: config, results dir, counting agents, the daemon as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prng_daemon.ledger import Ledger, State
+from prng_daemon.pipeline import PIPELINE
+
+from .helpers import wait_until
+
+AGENT = """\
+import os, pathlib, sys
+marker_dir = pathlib.Path(os.environ["MARKERS"])
+launch = os.environ["PRNG_LAUNCH_ID"]
+(marker_dir / f"{launch}-{os.getpid()}").write_text(" ".join(sys.argv[1:]))
+"""
+
+
+@dataclass
+class Workspace:
+    root: Path
+    config_path: Path
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def markers(self) -> Path:
+        return self.root / "markers"
+
+    def launches(self) -> list[str]:
+        return sorted(p.name for p in self.markers.iterdir())
+
+    def launch_ids(self) -> list[str]:
+        return [name.split("-")[0] for name in self.launches()]
+
+    def ledger_states(self) -> dict[str, int]:
+        ledger = Ledger(self.root / "state" / "ledger.sqlite3")
+        try:
+            return ledger.counts()
+        finally:
+            ledger.close()
+
+    def finished(self, n: int) -> bool:
+        """`n` files settled with their agents' launches counted."""
+        try:
+            counts = self.ledger_states()
+        except Exception:
+            return False
+        settled = sum(counts.get(s, 0) for s in (State.ACTED, State.DONE, State.QUARANTINED,
+                                                 State.ESCALATED, State.FAILED))  # fmt: skip
+        return settled >= n
+
+    def start(self, *extra: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "prng_daemon", *extra, "run", "--config",
+                 str(self.config_path)],
+                stdout=log, stderr=log,
+            )  # fmt: skip
+        finally:
+            log.close()
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = (self.root / "daemon.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def make_workspace(root: Path, llm_url_port: int, **overrides: Any) -> Workspace:
+    """Both servers unmanaged at `llm_url_port` (a FakeLlama or a real llama-server)."""
+    (root / "markers").mkdir(parents=True)
+    (root / "results").mkdir()
+    agent = root / "agent.py"
+    agent.write_text(AGENT)
+    agents = {
+        name: {
+            "argv": [sys.executable, str(agent), "{parent_run_id}", "{step}", "{params_file}"],
+            "env": {"MARKERS": str(root / "markers")},
+            "timeout_seconds": 30,
+        }
+        for name in {s.agent for s in PIPELINE}
+    }
+    server = {"model": "fake.gguf", "port": llm_url_port, "managed": False}
+    config: dict[str, Any] = {
+        "orchestrator": dict(server),
+        "math": dict(server),
+        "daemon": {
+            "results_dir": "results",
+            "state_dir": "state",
+            "logs_dir": "logs",
+            "models_dir": "models",
+            "rescan_interval_seconds": 1,
+        },
+        "agents": agents,
+        "policy": {"confidence_threshold": 0.1},
+    }
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    path = root / "config.json"
+    path.write_text(json.dumps(config, indent=2))
+    return Workspace(root, path)
+
+
+def result_document(step_number: int, run_id: str, **meta: Any) -> dict[str, Any]:
+    row = PIPELINE[step_number - 1]
+    return {
+        "payload": {"survivors": 742846},
+        "agent_metadata": {
+            "run_id": run_id,
+            "pipeline_step": row.number,
+            "pipeline_step_name": row.name,
+            "follow_up_agent": row.follow_up_agent,
+            "confidence": 0.9,
+            "success_criteria_met": True,
+            **meta,
+        },
+    }
+
+
+def run_id(step_number: int, n: int) -> str:
+    return f"step{step_number}_20260101_000000_{n:06x}"
+
+
+def drop(results: Path, name: str, document: dict[str, Any]) -> Path:
+    """Write a result the way agents should: a temp file, then an atomic rename."""
+    tmp = results / f".{name}.tmp"
+    tmp.write_text(json.dumps(document))
+    os.replace(tmp, results / name)
+    return results / name
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout)
+
+
+def ready(ws: Workspace) -> bool:
+    return (
+        any(e.get("event") == "daemon.started" for e in ws.events())
+        if (ws.root / "daemon.log").exists()
+        else False
+    )
+
+
+def wait_ready(ws: Workspace, timeout: float = 20.0) -> None:
+    wait_until(lambda: ready(ws), timeout, what="the daemon to start")
