@@ -149,6 +149,12 @@ def _command(verb: str) -> Command:
     return run
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prng-llm-daemon",
@@ -178,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
             "check-config", cmd_check_config, "print the effective config, or what is wrong with it"
         )
     )
+    dm = verb("demo", cmd_demo, "run the whole pipeline on tiny models in a temporary workspace")
+    dm.add_argument("--workdir", metavar="DIR", help="workspace (default: a new temporary dir)")
     with_config(verb("run", cmd_run, "run the daemon (what the systemd unit starts)"))
     st = with_config(verb("status", cmd_status, "what the running daemon is doing"))
     st.add_argument("--json", action="store_true", help="print a JSON report")

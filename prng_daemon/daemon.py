@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import SERVER_NAMES as SERVERS
 from .config import Config
 from .engine import Engine
 from .errors import ConfigError
@@ -23,7 +24,7 @@ from .llm.decision import Decision, DecisionEngine
 from .llm.router import AsyncRouter
 from .log import get_logger
 from .metadata import AgentMetadata
-from .supervisor import ChildStatus, Supervisor
+from .supervisor import ChildState, ChildStatus, Supervisor
 from .systemd import Notifier
 from .watcher import Watcher
 
@@ -59,13 +60,17 @@ class Daemon:
         self._reload_requested = False
         self._status_dirty = True
         self._started = time.time()
-        slots = sum(config.server(n).parallel for n in ("orchestrator", "math"))
+        slots = sum(config.server(n).parallel for n in SERVERS)
         self._llm_slots = asyncio.Semaphore(slots)
         self._workers = max(4, 2 * slots)
         self._in_flight = 0
         self._draining = False
 
     # -- plumbing between the parts ------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop as on SIGTERM (the demo and tests use this)."""
+        self._stop.set()
 
     def enqueue(self, path: Path, source: str) -> None:
         """Called on the loop (the watcher hands over with call_soon_threadsafe)."""
@@ -77,6 +82,11 @@ class Daemon:
         self._status_dirty = True
 
     async def _decide(self, meta: AgentMetadata) -> Decision:
+        if any(s.state is ChildState.STARTING for s in self.supervisor.status().values()):
+            # A model still loading is not a model that is down: wait for it rather than let
+            # the rules policy decide every file that was waiting at start-up.
+            longest = max(self.config.server(n).startup_timeout_seconds for n in SERVERS)
+            await self.supervisor.wait_ready(longest)
         async with self._llm_slots:
             return await self._decisions.decide(meta)
 
@@ -214,9 +224,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems, kept="the running config")
         else:
-            servers_changed = any(
-                new.server(n) != self.config.server(n) for n in ("orchestrator", "math")
-            )
+            servers_changed = any(new.server(n) != self.config.server(n) for n in SERVERS)
             self.config = new
             self.engine.config = new
             self._decisions = DecisionEngine(new, self.router)

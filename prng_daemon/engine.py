@@ -307,7 +307,12 @@ class Engine:
             self._on_change()
             return True
         action = "retry" if verb == "approve-retry" else "proceed"
-        decision = Decision.model_validate(entry.decision).model_copy(update={"action": action})
+        decision = Decision.model_validate(entry.decision).model_copy(
+            update={"action": action, "path": "operator"}
+        )
+        entry = self.ledger.update(
+            entry.id, entry.state, decision=decision.model_dump(mode="json"), action=action
+        )
         log.info("escalation.approved", file=entry.path, decision=action)
         await self._resume(entry, decision, "operator")
         self._on_change()

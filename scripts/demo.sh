@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's first command: set up .venv and run the demo pipeline.
+# The README's first command: set up .venv and run the demo pipeline (steps 1 -> 6 on tiny
+# models with real llama-server children; no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh
-.venv/bin/prng-llm-daemon check-config --config config.example.json
-.venv/bin/prng-llm-daemon validate examples/step2_scorer_meta_optimizer.json
+exec .venv/bin/prng-llm-daemon demo "$@"

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,18 @@ class Workspace:
                                                  State.ESCALATED, State.FAILED))  # fmt: skip
         return settled >= n
 
-    def start(self, *extra: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, *extra: str, env: Mapping[str, str] | None = None, stderr: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`prng-llm-daemon run`; `env` is added to this process's environment, and `stderr`
+        (a file descriptor; default: daemon.log, with stdout) is where its log lines go."""
         log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "prng_daemon", *extra, "run", "--config",
                  str(self.config_path)],
-                stdout=log, stderr=log,
+                stdout=log, stderr=log if stderr is None else stderr,
+                env={**os.environ, **(env or {})},
             )  # fmt: skip
         finally:
             log.close()

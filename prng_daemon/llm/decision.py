@@ -60,7 +60,7 @@ class Decision(BaseModel):
     """The probability the model's tokens gave to the chosen action, among the allowed ones."""
     reasoning: str
     suggested_params: dict[str, Any]
-    path: Literal["llm", "llm_degraded", "guardrail", "rules"]
+    path: Literal["llm", "llm_degraded", "guardrail", "rules", "operator"]
     llm_metadata: dict[str, Any]
 
 
@@ -257,7 +257,7 @@ class DecisionEngine:
         confidence: float,
         calibrated: float | None,
         reasoning: str,
-        path: Literal["llm", "llm_degraded", "guardrail", "rules"],
+        path: Literal["llm", "llm_degraded", "guardrail", "rules", "operator"],
         metrics: LLMMetrics,
     ) -> Decision:
         llm_metadata = metrics.llm_metadata(self.config)

@@ -1,0 +1,23 @@
+"""The demo (the README's first command) takes a pipeline run from step 1 to step 6."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from prng_daemon.demo import run_demo
+
+
+def test_demo_completes_steps_1_to_6(tmp_path: Path) -> None:
+    out = io.StringIO()
+    assert run_demo(tmp_path, out) == 0, out.getvalue()
+    text = out.getvalue()
+    chain = text.split("The chain of runs:")[1].strip().splitlines()
+    steps = [line.split()[2] for line in chain if line.strip().startswith("step")]
+    assert steps == ["1", "2", "3", "4", "5", "6"], text
+    records = list((tmp_path / "results" / "decisions").glob("*.decision.json"))
+    assert len(records) >= 6
+    last = max((json.loads(r.read_text()) for r in records), key=lambda r: r["pipeline_step"])
+    assert last["pipeline_step"] == 6 and last["decision"] == "proceed"
+    assert "ready" in text and "pipeline complete" in text
