@@ -118,7 +118,7 @@ class Engine:
             self._run_locks.pop(root, None)
 
     def _reject(self, path: Path, exc: ResultRejected, source: Source, log: Any) -> None:
-        if source == "scan" and _recently_changed(path):
+        if exc.maybe_partial and source == "scan" and _recently_changed(path):
             log.debug("result.incomplete", reason=str(exc))
             return
         entry, new = self.ledger.claim(path.name, _rejected_key(path))

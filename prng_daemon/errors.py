@@ -34,9 +34,16 @@ class ResultRejected(DaemonError):
     """
 
     def __init__(
-        self, reason: str, pointer: str = "", problems: list[tuple[str, str]] | None = None
+        self,
+        reason: str,
+        pointer: str = "",
+        problems: list[tuple[str, str]] | None = None,
+        *,
+        maybe_partial: bool = False,
     ) -> None:
         self.reason = reason
+        self.maybe_partial = maybe_partial
+        """The bytes end early the way a file still being written does (bad JSON or UTF-8)."""
         self.pointer = pointer
         self.problems = problems or [(pointer, reason)]
         super().__init__(f"{pointer}: {reason}" if pointer else reason)

@@ -131,7 +131,9 @@ def parse_result_bytes(data: bytes) -> ResultFile:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ResultRejected(f"not UTF-8: invalid byte at offset {exc.start}") from None
+        raise ResultRejected(
+            f"not UTF-8: invalid byte at offset {exc.start}", maybe_partial=True
+        ) from None
     try:
         raw = json.loads(
             text,
@@ -141,7 +143,7 @@ def parse_result_bytes(data: bytes) -> ResultFile:
         )
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
-        raise ResultRejected(f"not valid JSON at {where}: {exc.msg}") from None
+        raise ResultRejected(f"not valid JSON at {where}: {exc.msg}", maybe_partial=True) from None
     except ValueError as exc:
         raise ResultRejected(f"not valid JSON: {exc}") from None
     except RecursionError:

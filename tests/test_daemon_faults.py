@@ -1,0 +1,149 @@
+"""Bad input, hung agents, lost events, no LLM: the daemon names the problem and keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prng_daemon.ledger import Ledger
+
+from .fake_llama import FakeLlama
+from .helpers import wait_until
+from .workspace import drop, make_workspace, result_document, run_id, stop, wait_ready
+
+GOOD = json.dumps(result_document(2, run_id(2, 1))).encode()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLlama]:
+    with FakeLlama() as server:
+        yield server
+
+
+def _entries(ws_root: Path) -> dict[str, tuple[str, str | None]]:
+    ledger = Ledger(ws_root / "state" / "ledger.sqlite3")
+    try:
+        return {e.path: (e.state.value, e.reason) for e in ledger.recent(1000)}
+    finally:
+        ledger.close()
+
+
+def _bad_files(results: Path, outside: Path) -> dict[str, str]:
+    """Write the corpus; return file name -> a phrase its quarantine reason must contain."""
+    doc = json.loads(GOOD)
+
+    def variant(**meta: object) -> bytes:
+        d = json.loads(GOOD)
+        d["agent_metadata"].update(meta)
+        return json.dumps(d).encode()
+
+    files = {
+        "truncated.json": (GOOD[:50], "not valid JSON"),
+        "wrong_type.json": (variant(confidence="high"), "is not of type 'number'"),
+        "unknown_agent.json": (variant(follow_up_agent="evil_agent"), "is not one of"),
+        "mismatch.json": (variant(follow_up_agent="prediction_agent"), "was expected"),
+        "non_utf8.json": (b'{"agent_metadata": "\xff\xfe"}', "not UTF-8"),
+        "nested.json": (b"[" * 3000 + b"]" * 3000, "nested deeper"),
+        "huge.json": (b" " * (2 << 20), "over the"),
+    }
+    for name, (data, _) in files.items():
+        tmp = results / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, results / name)
+    (outside / "secret.json").write_bytes(json.dumps(doc).encode())
+    (results / "escape.json").symlink_to(outside / "secret.json")
+    reasons = {name: phrase for name, (_, phrase) in files.items()}
+    reasons["escape.json"] = "symbolic link"
+    return reasons
+
+
+def test_bad_files_are_quarantined_and_good_ones_still_flow(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    ws = make_workspace(tmp_path / "ws", fake.port, daemon={"max_result_bytes": 1 << 20})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    proc = ws.start()
+    try:
+        wait_ready(ws)
+        reasons = _bad_files(ws.results, outside)
+        drop(ws.results, "good.json", result_document(2, run_id(2, 7)))
+        wait_until(lambda: len(_entries(ws.root)) >= len(reasons) + 1, 30, what="all files")
+        wait_until(lambda: ws.launches(), 10, what="the good file's agent")
+        assert proc.poll() is None, "the daemon is still running"
+    finally:
+        stop(proc)
+    entries = _entries(ws.root)
+    for name, phrase in reasons.items():
+        state, reason = entries[name]
+        assert state == "quarantined", name
+        assert reason and phrase in reason, f"{name}: {reason}"
+    assert entries["good.json"][0] == "acted"
+    assert len(ws.launches()) == 1, "no agent for any bad file"
+    rejected = [e for e in ws.events() if e["event"] == "result.rejected"]
+    assert {e["file"] for e in rejected} == set(reasons)
+    assert all(e["level"] == "error" for e in rejected)
+    assert (outside / "secret.json").read_bytes() and (ws.results / "truncated.json").exists()
+
+
+def test_agent_that_hangs_is_killed_at_its_timeout(tmp_path: Path, fake: FakeLlama) -> None:
+    ws = make_workspace(tmp_path, fake.port)
+    config = json.loads(ws.config_path.read_text())
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\ntime.sleep(600)\n")
+    config["agents"]["full_scoring_agent"] = {"argv": ["python3", str(hang)], "timeout_seconds": 1}
+    ws.config_path.write_text(json.dumps(config))
+    proc = ws.start()
+    try:
+        wait_ready(ws)
+        drop(ws.results, "r.json", result_document(2, run_id(2, 3)))
+        wait_until(
+            lambda: any(e["event"] == "agent.exited" for e in ws.events()), 30, what="the kill"
+        )
+    finally:
+        stop(proc)
+    [timeout] = [e for e in ws.events() if e["event"] == "agent.timeout"]
+    [exited] = [e for e in ws.events() if e["event"] == "agent.exited"]
+    assert timeout["timeout_seconds"] == 1
+    assert exited["exit_code"] == -15 and exited["level"] == "error"
+
+
+def test_no_llm_with_wait_policy_leaves_the_file_waiting_then_decides_it(tmp_path: Path) -> None:
+    with FakeLlama() as fake:
+        fake.mode = "hang"
+        ws = make_workspace(
+            tmp_path, fake.port, policy={"when_no_llm": "wait"},
+            routing={"request_timeout_seconds": 0.3},
+        )  # fmt: skip
+        proc = ws.start()
+        try:
+            wait_ready(ws)
+            drop(ws.results, "r.json", result_document(1, run_id(1, 4)))
+            wait_until(lambda: _entries(ws.root).get("r.json", ("",))[0] == "waiting", 30)
+            assert not ws.launches()
+            fake.mode = "ok"
+            wait_until(lambda: ws.launches(), 30, what="the decision once the LLM answers")
+        finally:
+            stop(proc)
+    assert _entries(ws.root)["r.json"][0] == "acted"
+
+
+def test_changed_content_after_decision_is_flagged_not_rerun(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    ws = make_workspace(tmp_path, fake.port)
+    proc = ws.start()
+    try:
+        wait_ready(ws)
+        drop(ws.results, "r.json", result_document(2, run_id(2, 5)))
+        wait_until(lambda: ws.launches(), 20)
+        drop(ws.results, "r.json", result_document(2, run_id(2, 5), confidence=0.5))
+        wait_until(lambda: any(e["event"] == "result.changed" for e in ws.events()), 20)
+    finally:
+        stop(proc)
+    assert len(ws.launches()) == 1
+    assert ws.ledger_states() == {"acted": 1, "changed": 1}

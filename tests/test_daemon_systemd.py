@@ -1,0 +1,269 @@
+"""The daemon process under a (stand-in) service manager: sd_notify, SIGHUP, SIGTERM, journald."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .fake_llama import FakeLlama
+from .helpers import child_pids, free_port, pids_running, wait_until
+from .workspace import Workspace, drop, make_workspace, ready, result_document, run_id, stop
+
+
+class NotifySocket:
+    """systemd's end of $NOTIFY_SOCKET: a bound datagram socket, each message with its arrival."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.setblocking(False)
+        self.received: list[tuple[float, str]] = []
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def messages(self) -> list[str]:
+        while True:
+            try:
+                data = self._sock.recv(4096)
+            except BlockingIOError:
+                return [text for _, text in self.received]
+            self.received.append((time.monotonic(), data.decode()))
+
+    def index(self, assignment: str, start: int = 0) -> int | None:
+        """The first message from `start` on that holds the line `assignment` (e.g. READY=1)."""
+        for i, text in enumerate(self.messages()[start:], start):
+            if assignment in text.splitlines():
+                return i
+        return None
+
+    def wait_for(self, assignment: str, start: int = 0, timeout: float = 20.0) -> int:
+        found = wait_until(
+            lambda: self.index(assignment, start) is not None, timeout, what=assignment
+        )
+        assert found
+        index = self.index(assignment, start)
+        assert index is not None
+        return index
+
+    def statuses(self) -> list[str]:
+        return [
+            line.removeprefix("STATUS=")
+            for text in self.messages()
+            for line in text.splitlines()
+            if line.startswith("STATUS=")
+        ]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLlama]:
+    with FakeLlama() as server:
+        yield server
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify")
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def events(ws: Workspace, name: str) -> list[dict[str, Any]]:
+    return [e for e in ws.events() if e["event"] == name]
+
+
+def start(ws: Workspace, notify: NotifySocket, **env: str) -> Any:
+    return ws.start(env={"NOTIFY_SOCKET": str(notify.path), **env})
+
+
+def test_ready_is_sent_after_the_watcher_is_up_and_a_file_just_after_it_is_seen(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    """A rescan an hour away: only the inotify observer can see the file dropped after READY."""
+    ws = make_workspace(tmp_path, fake.port, daemon={"rescan_interval_seconds": 3600})
+    proc = start(ws, notify)
+    try:
+        notify.wait_for("READY=1")
+        assert ready(ws), "READY=1 came before the daemon.started log line"
+        drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+        wait_until(ws.launches, 15, what="the follow-up agent")
+    finally:
+        assert stop(proc) == 0
+    [validated] = events(ws, "result.validated")
+    assert validated["source"] == "moved", "the watcher, not a scan, saw the file"
+    first = notify.messages()[0].splitlines()
+    assert first[0] == "READY=1" and first[1].startswith("STATUS="), "READY=1 is the first word"
+    assert not any("WATCHDOG=1" in m for m in notify.messages()), "no WATCHDOG_USEC, no pings"
+
+
+def test_watchdog_pings_at_half_of_watchdog_usec(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    ws = make_workspace(tmp_path, fake.port)
+    proc = start(ws, notify, WATCHDOG_USEC="400000")
+    try:
+        wait_until(
+            lambda: sum("WATCHDOG=1" in m for m in notify.messages()) >= 8, 15, what="8 pings"
+        )
+    finally:
+        stop(proc)
+    pings = [t for t, text in notify.received if "WATCHDOG=1" in text.splitlines()]
+    mean = (pings[7] - pings[0]) / 7
+    print(f"\nWATCHDOG_USEC=400000: mean ping interval {mean:.3f}s (expected 0.2 s)")
+    assert 0.15 < mean < 0.3
+
+
+def test_sigterm_says_stopping_exits_0_and_leaves_no_llama_server(
+    tmp_path: Path, notify: NotifySocket, llama_server_bin: Path, tiny_model: Path
+) -> None:
+    """Both servers managed: real llama-server children that the daemon must take down."""
+    server = {
+        "model": tiny_model.name, "managed": True, "context_length": 256, "batch_size": 64,
+        "threads": 1, "parallel": 1, "n_gpu_layers": 0, "startup_timeout_seconds": 30.0,
+    }  # fmt: skip
+    ws = make_workspace(
+        tmp_path, free_port(),
+        orchestrator={**server, "port": free_port()}, math={**server, "port": free_port()},
+        daemon={"llama_server": str(llama_server_bin), "models_dir": str(tiny_model.parent)},
+        health={"ready_poll_interval_seconds": 0.05, "stop_timeout_seconds": 5.0},
+    )  # fmt: skip
+    proc = start(ws, notify)
+
+    def servers() -> set[int]:
+        return child_pids(proc.pid) & pids_running("llama-server")
+
+    try:
+        wait_until(lambda: len(servers()) == 2, 20, what="two llama-server children")
+        children = servers()
+        wait_until(lambda: any("orchestrator ready, math ready" in s for s in notify.statuses()),
+                   20, what="STATUS= to say both servers are ready")  # fmt: skip
+        stopping_at = len(notify.messages())
+    finally:
+        code = stop(proc)
+    assert code == 0
+    assert notify.index("STOPPING=1", stopping_at) is not None
+    assert not children & pids_running("llama-server"), "a llama-server outlived the daemon"
+    assert [e["event"] for e in ws.events()][-1] == "daemon.stopped"
+
+
+DECIDING = "step 2/6 scorer_meta_optimizer: deciding"
+
+
+def test_status_follows_a_file_through_the_pipeline(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    fake.latency = 1.0  # long enough for the status loop to say "deciding"
+    ws = make_workspace(tmp_path, fake.port)
+    proc = start(ws, notify)
+    try:
+        notify.wait_for("READY=1")
+        assert any("0 decided" in s for s in notify.statuses())
+        drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+        wait_until(lambda: any("1 decided" in s for s in notify.statuses()), 20,
+                   what="STATUS= to count the decision")  # fmt: skip
+    finally:
+        stop(proc)
+    statuses = notify.statuses()
+    deciding = [i for i, s in enumerate(statuses) if DECIDING in s]
+    decided = [i for i, s in enumerate(statuses) if "1 decided" in s]
+    assert deciding and decided and deciding[0] < decided[0], statuses
+
+
+def test_sighup_reloads_a_good_config_between_reloading_and_ready(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    """The new threshold is over the fake's 90 % confidence: the next file is escalated."""
+    ws = make_workspace(tmp_path, fake.port)
+    proc = start(ws, notify)
+    try:
+        ready_at = notify.wait_for("READY=1")
+        config = json.loads(ws.config_path.read_text())
+        config["policy"]["confidence_threshold"] = 0.95
+        ws.config_path.write_text(json.dumps(config))
+        proc.send_signal(signal.SIGHUP)
+        reloading = notify.wait_for("RELOADING=1", ready_at + 1)
+        notify.wait_for("READY=1", reloading + 1)
+        wait_until(lambda: events(ws, "config.reloaded"), 5, what="config.reloaded")
+        drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+        wait_until(lambda: ws.ledger_states() == {"escalated": 1}, 15, what="an escalation")
+    finally:
+        assert stop(proc) == 0
+    assert any(line.startswith("MONOTONIC_USEC=") for line in notify.messages()[reloading].split())
+    assert events(ws, "config.reloaded")[0]["servers_need_restart"] is False
+    assert not ws.launches()
+
+
+def test_sighup_with_a_bad_config_keeps_the_old_one_and_keeps_working(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    ws = make_workspace(tmp_path, fake.port)
+    proc = start(ws, notify)
+    try:
+        ready_at = notify.wait_for("READY=1")
+        config = json.loads(ws.config_path.read_text())
+        config["policy"]["confidence_threshold"] = 5
+        ws.config_path.write_text(json.dumps(config))
+        proc.send_signal(signal.SIGHUP)
+        [failed] = wait_until(lambda: events(ws, "config.reload_failed"), 10)
+        notify.wait_for("READY=1", notify.wait_for("RELOADING=1", ready_at + 1) + 1)
+        drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+        wait_until(ws.launches, 15, what="a launch under the old config")
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
+    assert failed["level"] == "error"
+    assert any("policy.confidence_threshold" in problem for problem in failed["problems"])
+    assert not events(ws, "config.reloaded")
+
+
+def test_under_journald_every_line_carries_its_syslog_priority(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """stderr is a stream socket named by $JOURNAL_STREAM, as systemd sets it up for journald."""
+    fake.decision = "escalate"
+    ws = make_workspace(tmp_path, fake.port)
+    journal, theirs = socket.socketpair()
+    info = os.fstat(theirs.fileno())
+    received = bytearray()
+
+    def lines() -> list[str]:
+        try:
+            received.extend(journal.recv(1 << 16))
+        except BlockingIOError:
+            pass
+        return received.decode().splitlines()
+
+    with journal, theirs:
+        proc = ws.start(env={"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"},
+                        stderr=theirs.fileno())  # fmt: skip
+        theirs.close()
+        journal.setblocking(False)
+        try:
+            wait_until(lambda: any('"daemon.started"' in line for line in lines()), 20)
+            drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+            (ws.results / "bad.json").write_text("{not json")
+            wait_until(lambda: any('"result.rejected"' in line for line in lines())
+                       and any('"decision.escalated"' in line for line in lines()), 20)  # fmt: skip
+        finally:
+            assert stop(proc) == 0
+        journal.setblocking(True)
+        while chunk := journal.recv(1 << 16):  # to the end: the daemon has exited
+            received.extend(chunk)
+    written = received.decode().splitlines()
+    by_event = {json.loads(line[3:])["event"]: line[:3] for line in written}
+    assert by_event["daemon.started"] == "<6>"
+    assert by_event["decision.escalated"] == "<4>"
+    assert by_event["result.rejected"] == "<3>"
+    assert by_event["daemon.stopped"] == "<6>"
+    assert all(line[:3] in ("<3>", "<4>", "<6>") for line in written), written

@@ -1,0 +1,94 @@
+"""The watcher: completed files only, temp files ignored, a queue overflow becomes a rescan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from prng_daemon.watcher import Watcher, is_candidate
+
+MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+def test_candidate_names() -> None:
+    assert is_candidate("step2_20251201_143022_abc123.json")
+    for name in (".hidden.json", "x.json.tmp", "x.tmp.json", "x.part.json", "#x.json", "x.txt"):
+        assert not is_candidate(name), name
+
+
+async def _collect(directory: Path, action: object, settle: float = 0.5) -> tuple[list, list]:
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[str, str]] = []
+    overflows: list[bool] = []
+    with Watcher(directory, loop, lambda p, s: seen.append((p.name, s)),
+                 lambda: overflows.append(True)):  # fmt: skip
+        await loop.run_in_executor(None, action)  # type: ignore[arg-type]
+        deadline = loop.time() + settle
+        while loop.time() < deadline:
+            await asyncio.sleep(0.02)
+    return seen, overflows
+
+
+def test_close_and_rename_are_reported_partial_writes_are_not(tmp_path: Path) -> None:
+    (tmp_path / "decisions").mkdir()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.json"
+
+    def act() -> None:
+        with open(tmp_path / "piece.json", "w") as f:
+            f.write('{"a":')
+            f.flush()
+            f.write("1}")
+        (tmp_path / ".tmp.json").write_text("{}")
+        os.replace(tmp_path / ".tmp.json", tmp_path / "renamed.json")
+        outside.write_text("{}")
+        os.replace(outside, tmp_path / "moved_in.json")
+        (tmp_path / "decisions" / "d.json").write_text("{}")
+        (tmp_path / "notes.txt").write_text("x")
+
+    seen, overflows = asyncio.run(_collect(tmp_path, act))
+    assert sorted(seen) == [("moved_in.json", "moved"), ("piece.json", "closed"),
+                            ("renamed.json", "moved")]  # fmt: skip
+    assert not overflows
+
+
+@contextmanager
+def _small_inotify_queue(size: int) -> Iterator[None]:
+    old = MAX_QUEUED.read_text()
+    MAX_QUEUED.write_text(str(size))
+    try:
+        yield
+    finally:
+        MAX_QUEUED.write_text(old)
+
+
+@pytest.mark.skipif(not os.access(MAX_QUEUED, os.W_OK), reason="needs root to shrink the queue")
+def test_inotify_queue_overflow_triggers_a_rescan(tmp_path: Path) -> None:
+    """watchdog only logs IN_Q_OVERFLOW; the watcher turns it into a rescan request."""
+
+    def burst() -> None:
+        for n in range(400):
+            (tmp_path / f"f{n}.json").write_text("{}")
+
+    async def main() -> tuple[list, list]:
+        # The kernel reads the limit when the inotify instance is created (in Watcher()).
+        loop = asyncio.get_running_loop()
+        seen: list[str] = []
+        overflows: list[bool] = []
+        with _small_inotify_queue(4):
+            watcher = Watcher(tmp_path, loop, lambda p, s: seen.append(p.name),
+                              lambda: overflows.append(True))  # fmt: skip
+        with watcher:
+            await loop.run_in_executor(None, burst)
+            deadline = loop.time() + 5
+            while not overflows and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            return seen, overflows
+
+    seen, overflows = asyncio.run(main())
+    assert overflows, "the overflow was not reported"
+    assert len(seen) < 400, "events were lost, which is why the rescan matters"
