@@ -132,6 +132,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _command(verb: str) -> Command:
     def run(args: argparse.Namespace) -> int:
         config = read_config(args)
+        if not config.daemon.ledger_path.exists():
+            # Opening one would create it, owned by whoever runs this, not the service user.
+            print(f"{args.run_id}: no ledger at {config.daemon.ledger_path}", file=sys.stderr)
+            return EXIT_INVALID
         ledger = Ledger(config.daemon.ledger_path)
         try:
             entry = ledger.by_run_id(args.run_id)

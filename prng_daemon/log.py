@@ -43,7 +43,9 @@ class _PriorityPrefix:
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
         priority = SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6)
-        return f"<{priority}>{self._json(logger, name, event_dict)}"
+        rendered = self._json(logger, name, event_dict)
+        text = rendered.decode() if isinstance(rendered, bytes) else rendered
+        return f"<{priority}>{text}"
 
 
 def configure_logging(

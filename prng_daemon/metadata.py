@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from .pipeline import PIPELINE, step
+from .pipeline import step
 
 __all__ = [
     "QUERY_TYPES",
@@ -103,8 +103,22 @@ class ClusterResources(_Document):
     total_gpus: Count | None = None
 
 
-StepName = Literal[tuple(s.name for s in PIPELINE)]  # type: ignore[valid-type]
-FollowUp = Literal[tuple(s.follow_up_agent for s in PIPELINE)]  # type: ignore[valid-type]
+StepName = Literal[
+    "window_optimizer",
+    "scorer_meta_optimizer",
+    "full_scoring",
+    "ml_meta_optimizer",
+    "anti_overfit_training",
+    "prediction",
+]
+FollowUp = Literal[
+    "scorer_meta_agent",
+    "full_scoring_agent",
+    "ml_meta_agent",
+    "reinforcement_agent",
+    "prediction_agent",
+    "none",
+]
 
 
 class AgentMetadata(_Document):

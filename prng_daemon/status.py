@@ -11,6 +11,7 @@ from typing import Any
 from .config import Config
 from .daemon import HEARTBEAT_SECONDS, status_path
 from .ledger import Ledger, State
+from .llm.router import base_url
 
 __all__ = ["collect", "render"]
 
@@ -38,6 +39,10 @@ def collect(config: Config) -> dict[str, Any]:
         report.update(
             pid=published["pid"], servers=published["servers"], status=published["status"]
         )
+    for name in ("orchestrator", "math"):
+        server = config.server(name)
+        if not server.managed:  # someone else runs it: the daemon only knows where it is
+            report["servers"][name] = {"state": "unmanaged", "url": base_url(server)}
     ledger_path = config.daemon.ledger_path
     if not ledger_path.exists():
         return report | {"escalations": [], "recent": [], "pipeline_runs": [], "counts": {}}
@@ -78,6 +83,9 @@ def render(report: dict[str, Any]) -> str:
     else:
         lines.append("daemon: not running")
     for name, s in report["servers"].items():
+        if s["state"] == "unmanaged":
+            lines.append(f"  {name}: not managed by the daemon, at {s['url']}")
+            continue
         exit_note = f", last exit {s['last_exit']}" if s["last_exit"] is not None else ""
         lines.append(
             f"  {name}: {s['state']} (pid {s['pid']}, restarts {s['restarts']}{exit_note})"

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh
 .venv/bin/python -m ruff check prng_daemon tests bench
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"

@@ -185,3 +185,13 @@ def test_schema_encodes_the_pipeline_table() -> None:
 def test_schema_problem_names_the_field() -> None:
     problems = schema_problems(make(setm("confidence", 1.5)))
     assert problems == [("/agent_metadata/confidence", "1.5 is greater than the maximum of 1")]
+
+
+def test_models_list_the_pipeline_table_names() -> None:
+    """metadata.py spells the step names and follow-up agents out for the type checker."""
+    from typing import get_args
+
+    from prng_daemon.metadata import FollowUp, StepName
+
+    assert get_args(StepName) == tuple(s.name for s in PIPELINE)
+    assert get_args(FollowUp) == tuple(s.follow_up_agent for s in PIPELINE)

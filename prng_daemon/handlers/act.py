@@ -117,7 +117,11 @@ class Launcher:
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
         pidfd = os.pidfd_open(pid)
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
         try:
             try:
                 await asyncio.wait_for(asyncio.shield(exited), timeout)

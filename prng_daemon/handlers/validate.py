@@ -64,7 +64,7 @@ def _ecma_pattern(
 @cache
 def _validator() -> jsonschema.protocols.Validator:
     cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
-    return cls(result_schema())  # type: ignore[no-any-return]
+    return cls(result_schema())
 
 
 def _pointer(parts: Collection[object]) -> str:
