@@ -110,10 +110,9 @@ class Engine:
         lock = self._run_locks.setdefault(root, asyncio.Lock())
         async with lock:
             if entry.decision is not None:  # decided before a crash: act on it, never re-decide
-                decision = Decision.model_validate(entry.decision)
-                await self.act(entry, loaded.path, loaded.sha256, meta, decision, log)
+                await self.act(entry, loaded, Decision.model_validate(entry.decision), log)
             else:
-                await self._decide_and_act(entry, loaded, meta, log)
+                await self._decide_and_act(entry, loaded, log)
         if not lock.locked():
             self._run_locks.pop(root, None)
 
@@ -128,9 +127,8 @@ class Engine:
         log.error("result.rejected", reason=exc.reason, pointer=exc.pointer or "/", source=source)
         self._on_change()
 
-    async def _decide_and_act(
-        self, entry: Entry, loaded: Loaded, meta: AgentMetadata, log: Any
-    ) -> None:
+    async def _decide_and_act(self, entry: Entry, loaded: Loaded, log: Any) -> None:
+        meta = loaded.document.agent_metadata
         row = step(meta.pipeline_step)
         self.current = f"step {row.number}/6 {row.name}: deciding"
         self._on_change()
@@ -153,22 +151,15 @@ class Engine:
             entry.id, State.DECIDED, decision=decision.model_dump(mode="json"),
             action=decision.action,
         )  # fmt: skip
-        await self.act(entry, loaded.path, loaded.sha256, meta, decision, log)
+        await self.act(entry, loaded, decision, log)
         self.current = "idle"
         self._on_change()
 
     async def act(
-        self,
-        entry: Entry,
-        path: Path,
-        sha256: str,
-        meta: AgentMetadata,
-        decision: Decision,
-        log: Any,
-        approved_by: str | None = None,
+        self, entry: Entry, loaded: Loaded, decision: Decision, log: Any, approved_by: str = ""
     ) -> None:
         """Carry out a decision: launch, escalate or finish the pipeline run; then record it."""
-        row = step(meta.pipeline_step)
+        row = step(loaded.document.agent_metadata.pipeline_step)
         pid: int | None = None
         agent: str | None = None
         if decision.action == "escalate":
@@ -180,20 +171,14 @@ class Engine:
         else:
             retry = decision.action == "retry"
             agent = row.agent if retry else row.follow_up_agent
-            launch = self._launch_for(entry, path, sha256, meta, decision, agent, retry)
+            launch = self._launch_for(entry, loaded, decision, agent, retry)
             pid = self._launch(entry, launch, log)
-        self._write_record(entry, path, sha256, meta, decision, agent, pid, approved_by)
+        self._write_record(entry, loaded, decision, agent, pid, approved_by)
 
     def _launch_for(
-        self,
-        entry: Entry,
-        path: Path,
-        sha256: str,
-        meta: AgentMetadata,
-        decision: Decision,
-        agent: str,
-        retry: bool,
+        self, entry: Entry, loaded: Loaded, decision: Decision, agent: str, retry: bool
     ) -> Launch:
+        path, sha256, meta = loaded.path, loaded.sha256, loaded.document.agent_metadata
         decisions = self.config.daemon.decisions_dir
         params_file = decisions / record_name(path, sha256, "params")
         write_json_atomic(params_file, decision.suggested_params)
@@ -242,14 +227,13 @@ class Engine:
     def _write_record(
         self,
         entry: Entry,
-        path: Path,
-        sha256: str,
-        meta: AgentMetadata,
+        loaded: Loaded,
         decision: Decision,
         agent: str | None,
         pid: int | None,
-        approved_by: str | None,
+        approved_by: str,
     ) -> None:
+        path, sha256, meta = loaded.path, loaded.sha256, loaded.document.agent_metadata
         record = {
             "record": "prng-llm-daemon/decision-v1",
             "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -269,7 +253,7 @@ class Engine:
             "llm_metadata": decision.llm_metadata,
             "agent": agent,
             "pid": pid,
-            "approved_by": approved_by,
+            "approved_by": approved_by or None,
         }
         name = record_name(path, sha256, "decision")
         write_json_atomic(self.config.daemon.decisions_dir / name, record)
@@ -292,7 +276,7 @@ class Engine:
     async def relaunch(self, entry: Entry) -> None:
         """Finish an entry whose launch intent was recorded but which never launched."""
         assert entry.decision is not None
-        await self._resume(entry, Decision.model_validate(entry.decision), None)
+        await self._resume(entry, Decision.model_validate(entry.decision), "")
 
     async def resolve(self, run_id: str, verb: str) -> bool:
         """Apply `approve`, `approve-retry` or `reject` to the escalation of `run_id`."""
@@ -318,7 +302,7 @@ class Engine:
         self._on_change()
         return True
 
-    async def _resume(self, entry: Entry, decision: Decision, approved_by: str | None) -> None:
+    async def _resume(self, entry: Entry, decision: Decision, approved_by: str) -> None:
         path = self.config.daemon.results_dir / entry.path
         loaded = load_result(path, max_bytes=self.config.daemon.max_result_bytes)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
@@ -326,8 +310,7 @@ class Engine:
             self.ledger.update(entry.id, State.FAILED, reason="file changed before it was acted on")
             log.error("agent.failed", reason="file changed before it was acted on")
             return
-        meta = loaded.document.agent_metadata
-        await self.act(entry, path, loaded.sha256, meta, decision, log, approved_by)
+        await self.act(entry, loaded, decision, log, approved_by)
 
 
 def derived_run_id(path: Path, step_number: int, sha256: str) -> str:

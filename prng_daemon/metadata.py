@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -26,14 +26,15 @@ HASH_PATTERN = r"^sha256:[0-9a-f]{6,64}$"
 TIMESTAMP_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
 )
-QUERY_TYPES = (
+QueryType = Literal[
     "residue_analysis",
     "prng_state",
     "statistical",
     "config_generation",
     "orchestration",
     "general",
-)
+]
+QUERY_TYPES: tuple[str, ...] = get_args(QueryType)
 
 
 def _integral_float(value: object) -> object:
@@ -74,14 +75,7 @@ class InputFile(_Document):
 class TraceEntry(_Document):
     timestamp: Annotated[str, Field(pattern=TIMESTAMP_PATTERN)]
     model: Literal["orchestrator", "math"]
-    query_type: Literal[
-        "residue_analysis",
-        "prng_state",
-        "statistical",
-        "config_generation",
-        "orchestration",
-        "general",
-    ]
+    query_type: QueryType
     tokens: Count
     latency_ms: Count | None = None
     degraded: bool | None = None

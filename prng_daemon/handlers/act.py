@@ -117,6 +117,7 @@ class Launcher:
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
         pidfd = os.pidfd_open(pid)
+
         def on_exit() -> None:
             if not exited.done():
                 exited.set_result(None)

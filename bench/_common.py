@@ -1,0 +1,206 @@
+"""Shared benchmark plumbing: the repo's test helpers importable, a timing agent, tables, JSON.
+
+Importing this module puts the repository root on sys.path so `tests.workspace` and
+`tests.fake_llama` can be reused by the bench scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RESULTS_DIR = REPO / "bench" / "results"
+
+# The agent every benchmark launches. It reads CLOCK_MONOTONIC first thing, then writes one
+# marker `<key>-<pid>` holding "<monotonic ns> <result file>", where key is $PRNG_LAUNCH_ID when
+# the daemon launched it, else the result file's name. Written in C so that what is measured is
+# the launcher, not an interpreter's start-up; Python is the fallback where no C compiler exists.
+AGENT_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    if (argc < 3) return 2;
+    const char *base = strrchr(argv[2], '/');
+    const char *key = getenv("PRNG_LAUNCH_ID");
+    char tmp[4096], path[4096];
+    if (!key) key = base ? base + 1 : argv[2];
+    snprintf(path, sizeof path, "%s/%s-%d", argv[1], key, (int)getpid());
+    snprintf(tmp, sizeof tmp, "%s/.%d.tmp", argv[1], (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f) return 1;
+    fprintf(f, "%lld %s\n", (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec, argv[2]);
+    if (fclose(f)) return 1;
+    return rename(tmp, path) ? 1 : 0;
+}
+"""
+
+AGENT_PY = """\
+import time
+now = time.monotonic_ns()
+import os, sys
+base = os.path.basename(sys.argv[2])
+key = os.environ.get("PRNG_LAUNCH_ID", base)
+tmp = os.path.join(sys.argv[1], "." + str(os.getpid()) + ".tmp")
+with open(tmp, "w") as f:
+    f.write(str(now) + " " + sys.argv[2] + "\\n")
+os.rename(tmp, os.path.join(sys.argv[1], key + "-" + str(os.getpid())))
+"""
+
+
+def build_agent(workdir: Path) -> tuple[list[str], str]:
+    """argv prefix of the timing agent (append MARKERS_DIR RESULT_FILE) and what it is."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is not None:
+        source = workdir / "agent.c"
+        binary = workdir / "agent"
+        source.write_text(AGENT_C)
+        subprocess.run([cc, "-O2", "-o", str(binary), str(source)], check=True)
+        return [str(binary)], "C (clock_gettime at main)"
+    script = workdir / "agent.py"
+    script.write_text(AGENT_PY)
+    return [sys.executable, "-I", "-S", str(script)], "python -I -S (no C compiler found)"
+
+
+def agents_section(agent: Sequence[str], markers: Path) -> dict[str, Any]:
+    """The config `agents` section: every pipeline agent is the timing agent."""
+    from prng_daemon.pipeline import PIPELINE
+
+    names = {s.agent for s in PIPELINE} | {s.follow_up_agent for s in PIPELINE}
+    return {
+        name: {"argv": [*agent, str(markers), "{result_file}"], "timeout_seconds": 60}
+        for name in names
+        if name != "none"
+    }
+
+
+def read_markers(markers: Path) -> dict[str, tuple[int, str]]:
+    """marker name -> (agent start in CLOCK_MONOTONIC ns, the result file it was given)."""
+    found = {}
+    for entry in os.scandir(markers):
+        if entry.name.startswith("."):
+            continue
+        with open(entry.path) as f:
+            stamp, result = f.read().split(" ", 1)
+        found[entry.name] = (int(stamp), result.strip())
+    return found
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.002) -> Any:
+    """Poll until `predicate()` is truthy; None at the deadline (benchmarks record, not fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of `values`."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in seconds]
+    return {
+        "n": len(ms),
+        "median_ms": round(percentile(ms, 50), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "max_ms": round(max(ms), 3),
+        "min_ms": round(min(ms), 3),
+    }
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table, columns padded so it also reads well on a terminal."""
+    text = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in text) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+             for r in text]  # fmt: skip
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def machine() -> dict[str, Any]:
+    """Where and when the numbers were taken (the load matters on a shared 2-core machine)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()  # fmt: skip
+    except OSError:
+        commit = ""
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "kernel": platform.release(),
+    }
+
+
+def save(name: str, command: str, tables: dict[str, str], data: dict[str, Any]) -> Path:
+    """Print the tables, write bench/results/<name>.json, return its path."""
+    for title, text in tables.items():
+        print(f"\n### {title}\n\n{text}")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    document = {"bench": name, "command": command, "machine": machine(), "tables": tables, **data}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nwritten: {path.relative_to(REPO)}")
+    return path
+
+
+def proc_usage(pid: int) -> tuple[int, float]:
+    """(VmRSS in KiB, utime+stime in seconds) of a live process, from /proc."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return rss, ticks / os.sysconf("SC_CLK_TCK")
+
+
+def end(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def command_line() -> str:
+    return " ".join([".venv/bin/python", *(os.path.relpath(a, REPO) if i == 0 else a
+                                            for i, a in enumerate(sys.argv))])  # fmt: skip

@@ -1,0 +1,238 @@
+"""Event -> agent start latency: the daemon against `watchmedo shell-command` and a bare
+`inotifywait -m` loop (the floor), on the same events, with the same agent, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    agents_section,
+    build_agent,
+    command_line,
+    end,
+    read_markers,
+    save,
+    summary_ms,
+    table,
+    wait_for,
+)
+
+from tests.fake_llama import FakeLlama
+from tests.workspace import make_workspace, result_document, run_id, wait_ready
+
+WARMUP = 3
+GAP_SECONDS = 0.05
+"""Pause after each launch before the next file: every tool settles (the daemon writes its
+decision record, the agent exits) so each event meets an idle tool."""
+LAUNCH_TIMEOUT = 10.0
+
+
+class StampedLlama(FakeLlama):
+    """A zero-latency FakeLlama that notes when each /completion is answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered: list[int] = []
+
+    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.answered.append(time.monotonic_ns())
+        return super()._completion(body)
+
+
+@dataclass
+class Tool:
+    name: str
+    results: Path
+    markers: Path
+    proc: subprocess.Popen[bytes] | None = None
+    latencies: list[float] = field(default_factory=list)
+    to_llm: list[float] = field(default_factory=list)
+    missed: int = 0
+
+
+def inotifywait_loop(agent: list[str], results: Path, markers: Path) -> str:
+    # The floor: the kernel event, one bash fork+exec of the agent in the background.
+    quoted = " ".join(f"'{a}'" for a in agent)
+    return (
+        f"inotifywait -m -q -e close_write,moved_to --format '%f' '{results}' |"
+        f' while IFS= read -r f; do case "$f" in .*) ;;'
+        f" *.json) {quoted} '{markers}' \"$f\" & ;; esac; done"
+    )
+
+
+def document(n: int) -> str:
+    # Step 2's primary LLM is the math server alone: one /completion per decision.
+    return json.dumps(result_document(2, run_id(2, n)))
+
+
+def drop_and_time(tool: Tool, n: int, text: str) -> int | None:
+    """Write one result (temp file, rename), wait for its agent; record the latency.
+
+    Returns when the file was complete (CLOCK_MONOTONIC ns), None if no agent started."""
+    before = len(read_markers(tool.markers))
+    tmp = tool.results / f".r{n:05d}.json.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, tool.results / f"r{n:05d}.json")
+    written = time.monotonic_ns()
+    if not wait_for(lambda: len(read_markers(tool.markers)) > before, LAUNCH_TIMEOUT):
+        tool.missed += 1
+        return None
+    started = max(stamp for stamp, _ in read_markers(tool.markers).values())
+    tool.latencies.append((started - written) / 1e9)
+    return written
+
+
+def start_daemon(ws_config: Path, profile_to: Path | None, log: Path) -> subprocess.Popen[bytes]:
+    prefix = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, *prefix, "-m", "prng_daemon", "run", "--config", str(ws_config)],
+            stdout=out, stderr=out,
+        )  # fmt: skip
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    agent, agent_kind = build_agent(tmp)
+    with StampedLlama() as fake:
+        ws = make_workspace(
+            tmp / "daemon", fake.port, daemon={"rescan_interval_seconds": 30.0},
+            agents=agents_section(agent, tmp / "daemon" / "markers"),
+        )  # fmt: skip
+        profile = tmp / "daemon.prof" if args.profile else None
+        daemon = Tool("prng-llm-daemon", ws.results, ws.markers)
+        daemon.proc = start_daemon(ws.config_path, profile, ws.root / "daemon.log")
+        tools = [daemon]
+        if not args.profile:
+            for name in ("watchmedo", "inotifywait"):
+                (tmp / name / "results").mkdir(parents=True)
+                (tmp / name / "markers").mkdir()
+                tools.append(Tool(name, tmp / name / "results", tmp / name / "markers"))
+        skipped = {}
+        try:
+            wait_ready(ws, 60)
+            for tool in tools[1:]:
+                tool.proc = start_baseline(tool, agent, skipped)
+            tools = [t for t in tools if t.name not in skipped]
+            for tool in tools:
+                # Also the readiness check of the baselines: their first events come back.
+                for n in range(WARMUP):
+                    drop_and_time(tool, n, document(n))
+                    time.sleep(GAP_SECONDS)
+                if tool.missed:
+                    raise SystemExit(f"{tool.name}: no agent launched for the warm-up files")
+                tool.latencies.clear()
+            # Interleaved, so that load from elsewhere on the machine hits every tool alike.
+            for i in range(WARMUP, WARMUP + args.files):
+                text = document(i)
+                for tool in tools:
+                    asked = len(fake.answered)
+                    written = drop_and_time(tool, i, text)
+                    if tool is daemon and written and len(fake.answered) > asked:
+                        daemon.to_llm.append((fake.answered[asked] - written) / 1e9)
+                    time.sleep(GAP_SECONDS)
+        finally:
+            for tool in tools:
+                if tool.proc is not None:
+                    end_tool(tool.proc)
+        requests = len(fake.requests)
+    result = {"agent": agent_kind, "tools": tools, "skipped": skipped, "requests": requests}
+    if profile is not None:
+        result["profile"] = profile_report(profile)
+    return result
+
+
+def start_baseline(tool: Tool, agent: list[str], skipped: dict[str, str]) -> Any:
+    if tool.name == "watchmedo":
+        watchmedo = Path(sys.executable).parent / "watchmedo"
+        if not watchmedo.exists():
+            skipped[tool.name] = f"{watchmedo} not found"
+            return None
+        quoted = " ".join(f"'{a}'" for a in agent)
+        command = f"{quoted} '{tool.markers}' \"${{watch_dest_path}}\""
+        argv = [str(watchmedo), "shell-command", "--patterns=**/*.json", f"--command={command}",
+                str(tool.results)]  # fmt: skip
+        return subprocess.Popen(argv, start_new_session=True)
+    if shutil.which("inotifywait") is None:
+        skipped[tool.name] = "inotifywait not installed (apt-get install inotify-tools)"
+        return None
+    loop = inotifywait_loop(agent, tool.results, tool.markers)
+    return subprocess.Popen(["bash", "-c", loop], start_new_session=True)
+
+
+def end_tool(proc: subprocess.Popen[bytes]) -> None:
+    # The baselines run as process groups (bash pipeline, watchmedo's shells): end them all.
+    if proc.args[0] == sys.executable:  # type: ignore[index]
+        end(proc, 60)
+        return
+    try:
+        os.killpg(proc.pid, 15)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def profile_report(path: Path, top: int = 25) -> str:
+    out = StringIO()
+    stats = pstats.Stats(str(path), stream=out)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=200, help="events per tool (default 200)")
+    parser.add_argument(
+        "--profile", action="store_true", help="the daemon alone, under cProfile: where time goes"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
+        result = measure(args, Path(tmp))
+    tools: list[Tool] = result["tools"]
+    stats = {t.name: summary_ms(t.latencies) for t in tools if t.latencies}
+    floor = stats.get("inotifywait")
+    watchmedo = stats.get("watchmedo")
+    rows = []
+    for t in tools:
+        s = stats[t.name]
+        rows.append([
+            t.name, s["n"], t.missed, s["median_ms"], s["p99_ms"], s["max_ms"],
+            f"{s['median_ms'] / floor['median_ms']:.2f}x" if floor else "-",
+            f"{s['median_ms'] / watchmedo['median_ms']:.2f}x" if watchmedo else "-",
+        ])  # fmt: skip
+    headers = ["tool", "files", "missed", "median ms", "p99 ms", "max ms",
+               "median / inotifywait", "median / watchmedo"]  # fmt: skip
+    title = f"Event -> agent start latency ({args.files} sequential files per tool)"
+    tables = {title: table(headers, rows)}
+    notes = [
+        f"agent: {result['agent']}; zero-latency fake LLM ({result['requests']} requests);",
+        f"files interleaved across tools, {GAP_SECONDS * 1000:.0f} ms pause after each launch",
+    ]
+    notes += [f"{name} skipped: {why}" for name, why in result["skipped"].items()]
+    print("\n".join(notes))
+    if "profile" in result:
+        print(result["profile"])
+    save(
+        "latency_profile" if args.profile else "latency",
+        command_line(),
+        tables,
+        {"notes": notes, "stats": stats, "profile": result.get("profile", ""),
+         "latencies_ms": {t.name: [round(x * 1000, 3) for x in t.latencies] for t in tools}},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

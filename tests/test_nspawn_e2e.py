@@ -1,0 +1,212 @@
+"""The real unit under a real systemd: a Debian root booted with systemd-nspawn (root only).
+
+Build the root once with scripts/nspawn-root.sh; without it, or without root, the test skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import wait_until
+from .workspace import result_document, run_id
+
+REPO = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("NSPAWN_ROOT", REPO / ".cache" / "nspawn-root"))
+UNIT = "prng-llm-daemon"
+RESULTS = "/srv/prng/results"
+# The venv's packages, run by the container's own /usr/bin/python3 (the same 3.11): the venv's
+# interpreter is a pyenv build under /root, which the container cannot see.
+SITE = REPO / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+DROP_IN = f"""\
+[Service]
+ExecStart=
+ExecStart=/usr/bin/python3 -m prng_daemon run --config /etc/prng-llm-daemon/config.json
+Environment=PYTHONPATH={REPO}:{SITE / "site-packages"}
+Environment=PYTHONDONTWRITEBYTECODE=1
+WatchdogSec=2s
+RestartSec=1s
+"""
+# A FakeLlama inside the container: with --private-network only its own loopback exists.
+FAKE_LLAMA = """\
+import pathlib, signal, threading
+from tests.fake_llama import FakeLlama
+with FakeLlama() as fake:
+    pathlib.Path("/run/fake-llama.port").write_text(str(fake.port))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+"""
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "systemd-nspawn needs root"
+    for tool in ("systemd-nspawn", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (apt-get install systemd-container util-linux)"
+    if not (ROOT / ".nspawn-root-complete").exists():
+        return f"no container root at {ROOT}: build it with scripts/nspawn-root.sh (~2 min)"
+    if not (SITE / "site-packages").is_dir():
+        return f"no venv packages at {SITE}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+
+
+class Container:
+    """A booted container; commands run in all of its namespaces through nsenter."""
+
+    def __init__(self, pid1: int) -> None:
+        self.pid1 = pid1
+
+    def run(self, *argv: str, stdin: str | None = None, check: bool = True) -> str:
+        done = subprocess.run(
+            ["nsenter", "-t", str(self.pid1), "-a", *argv],
+            input=stdin, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if check and done.returncode != 0:
+            raise AssertionError(f"{argv} exited {done.returncode}: {done.stderr}{done.stdout}")
+        return done.stdout
+
+    def write(self, path: str, text: str, mode: str = "0644", group: str = "root") -> None:
+        """Write `path` whole: a hidden temp file beside it, then a rename."""
+        script = ('mkdir -p "${1%/*}" && t=$(mktemp -p "${1%/*}" .write.XXXXXX) && cat > "$t"'
+                  ' && chmod "$2" "$t" && chgrp "$3" "$t" && mv "$t" "$1"')  # fmt: skip
+        self.run("sh", "-c", script, "sh", path, mode, group, stdin=text)
+
+    def show(self, prop: str) -> str:
+        return self.run("systemctl", "show", UNIT, "-p", prop, "--value").strip()
+
+    def journal(self, *args: str) -> list[str]:
+        return self.run("journalctl", "-u", UNIT, "-o", "cat", "--no-pager", *args).splitlines()
+
+    def events(self, *args: str) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.journal(*args) if line.startswith("{")]
+
+
+def _pid1(nspawn: subprocess.Popen[bytes]) -> int | None:
+    try:
+        children = Path(f"/proc/{nspawn.pid}/task/{nspawn.pid}/children").read_text().split()
+        pid = int(children[0])
+        return pid if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd" else None
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Iterator[Container]:
+    log = open(tmp_path / "nspawn.log", "wb")  # noqa: SIM115 - closed below
+    # --volatile=overlay: every boot starts from the cached root; writes go to a tmpfs.
+    nspawn = subprocess.Popen(
+        ["systemd-nspawn", "-D", str(ROOT), "-b", "--volatile=overlay", "--register=no",
+         "--keep-unit", "--private-network", f"--bind={REPO}"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        box = Container(wait_until(lambda: _pid1(nspawn), 20, what="the container's systemd"))
+        wait_until(
+            lambda: box.run("systemctl", "is-system-running", check=False).strip()
+            in ("running", "degraded"),
+            30, interval=0.1, what="the container to boot",
+        )  # fmt: skip
+        yield box
+    finally:
+        nspawn.send_signal(signal.SIGTERM)  # powers the container off cleanly
+        try:
+            nspawn.wait(30)
+        except subprocess.TimeoutExpired:
+            nspawn.kill()
+            nspawn.wait()
+        log.close()
+
+
+def install(box: Container) -> None:
+    """systemd/README.md steps 3, 4 and 7, with the drop-in that runs the checkout."""
+    box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.sysusers",
+            f"/usr/lib/sysusers.d/{UNIT}.conf")  # fmt: skip
+    box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.tmpfiles",
+            f"/usr/lib/tmpfiles.d/{UNIT}.conf")  # fmt: skip
+    box.run("systemd-sysusers")
+    box.run("systemd-tmpfiles", "--create", f"{UNIT}.conf")
+    box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.service", "/etc/systemd/system/")
+    box.write(f"/etc/systemd/system/{UNIT}.service.d/checkout.conf", DROP_IN)
+    box.run("systemd-run", "--unit=fake-llama", "--collect", f"--setenv=PYTHONPATH={REPO}:"
+            f"{SITE / 'site-packages'}", "/usr/bin/python3", "-c", FAKE_LLAMA)  # fmt: skip
+    port = wait_until(lambda: box.run("cat", "/run/fake-llama.port", check=False), 15)
+    server = {"model": "fake.gguf", "port": int(port), "managed": False}
+    # Every agent sleeps: what is still running shows what systemd's cgroup does with agents.
+    agents = {name: {"argv": ["/bin/sleep", "600"]} for name in AGENTS}
+    config = {"orchestrator": server, "math": server, "agents": agents,
+              "daemon": {"results_dir": RESULTS, "state_dir": "/var/lib/prng-llm-daemon",
+                         "logs_dir": "/var/log/prng-llm-daemon",
+                         "models_dir": "/var/lib/prng-llm-daemon/models"},
+              "policy": {"confidence_threshold": 0.1}}  # fmt: skip
+    box.write("/etc/prng-llm-daemon/config.json", json.dumps(config), "0640", "prng-llm")
+    box.run("systemctl", "daemon-reload")
+
+
+AGENTS = ("window_optimizer_agent", "scorer_meta_agent", "full_scoring_agent", "ml_meta_agent",
+          "reinforcement_agent", "prediction_agent")  # fmt: skip
+
+
+def drop(box: Container, name: str, document: dict[str, object]) -> None:
+    box.write(f"{RESULTS}/{name}", json.dumps(document))
+
+
+def test_the_unit_under_systemd_notifies_logs_restarts_on_watchdog_and_stops_its_cgroup(
+    container: Container,
+) -> None:
+    box = container
+    install(box)
+
+    box.run("systemctl", "start", UNIT)  # Type=notify: returns once READY=1 came
+    assert box.show("ActiveState") == "active"
+    story = box.journal()
+    started = next(i for i, line in enumerate(story) if line.startswith("Started "))
+    assert any('"daemon.started"' in line for line in story[:started]), "active before READY"
+    assert " decided, " in box.show("StatusText")
+
+    rid = run_id(2, 1)
+    drop(box, "r.json", result_document(2, rid))
+    wait_until(lambda: any(e["event"] == "agent.started" for e in box.events()), 15,
+               interval=0.2, what="agent.started in the journal")  # fmt: skip
+    mine = [e for e in box.events() if e.get("run_id") == rid]
+    assert [e["event"] for e in mine] == ["result.validated", "decision.made", "agent.started"]
+    wait_until(lambda: "1 decided" in box.show("StatusText"), 5, interval=0.2)
+    status = box.run("systemctl", "status", UNIT, "--no-pager", "-l", "-n", "5", check=False)
+    assert 'Status: "' in status and "1 decided" in status
+    assert "/bin/sleep 600" in status, "the agent runs in the unit's cgroup"
+
+    box.write(f"{RESULTS}/bad.json", "{not json")
+    wait_until(lambda: box.journal("-p", "err"), 10, interval=0.2, what="an error line")
+    errors = [json.loads(line)["event"] for line in box.journal("-p", "err")]
+    assert errors == ["result.rejected"], "-p err keeps error lines only"
+
+    # A stopped process stops pinging: the watchdog kills it (SIGABRT) and systemd restarts it.
+    main_pid = int(box.show("MainPID"))
+    box.run("kill", "-STOP", str(main_pid))
+    wait_until(lambda: box.show("NRestarts") == "1", 15, interval=0.2, what="a watchdog restart")
+    wait_until(lambda: box.show("ActiveState") == "active", 15, interval=0.2)
+    assert int(box.show("MainPID")) != main_pid
+    assert any("Watchdog timeout" in line for line in box.journal())
+    box.run("systemctl", "reload", UNIT)
+    wait_until(lambda: any(e["event"] == "config.reloaded" for e in box.events()), 10,
+               interval=0.2)  # fmt: skip
+    launched = [e for e in box.events() if e["event"] == "agent.started"]
+    assert len(launched) == 1, "the restart did not launch the agent again"
+
+    box.run("systemctl", "stop", UNIT)
+    assert box.show("Result") == "success"
+    assert box.run("pgrep", "-u", "prng-llm", check=False) == "", "left in the cgroup"
+    print("\n" + status)
+    print("\n".join(line for line in box.journal() if rid in line))
