@@ -204,3 +204,124 @@ def end(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
 def command_line() -> str:
     return " ".join([".venv/bin/python", *(os.path.relpath(a, REPO) if i == 0 else a
                                             for i, a in enumerate(sys.argv))])  # fmt: skip
+
+
+# -- the daemon with phase timers: where its time goes, without editing it -------------------
+
+PHASES = {
+    # label: (module, attribute path) of what is wrapped; coroutines are timed to completion.
+    "engine.process (whole file)": ("prng_daemon.engine", "Engine.process"),
+    "load_result (read, hash, JSON, schema, pydantic)": ("prng_daemon.engine", "load_result"),
+    "ledger.claim": ("prng_daemon.ledger", "Ledger.claim"),
+    "ledger.update": ("prng_daemon.ledger", "Ledger.update"),
+    "ledger.root_of": ("prng_daemon.ledger", "Ledger.root_of"),
+    "LLM slot wait + decide": ("prng_daemon.daemon", "Daemon._decide"),
+    "decide (prompt + HTTP + checks)": ("prng_daemon.llm.decision", "DecisionEngine.decide"),
+    "HTTP /completion (client)": ("prng_daemon.llm.client", "LlamaClient.complete"),
+    "write_json_atomic (params, record)": ("prng_daemon.engine", "write_json_atomic"),
+    "launcher.start (posix_spawn until exec)": ("prng_daemon.handlers.act", "Launcher.start"),
+    "structlog (render + write a line)": ("structlog._base", "BoundLoggerBase._proxy_to_logger"),
+}
+
+
+LAG_PROBE_SECONDS = 0.01
+
+
+def run_timed_daemon(config: str, out: str, fsync: bool = True) -> int:
+    """`prng-llm-daemon run` with PHASES wrapped in perf_counter timers; they go to `out`.
+
+    Also samples event-loop lag (how late a 10 ms sleep wakes up: time the loop was blocked).
+    fsync=False makes os.fsync a no-op: a what-if for the lead, never a measurement of record.
+    """
+    import asyncio
+    import functools
+    import importlib
+
+    from prng_daemon.daemon import Daemon
+
+    timings: dict[str, list[float]] = {label: [] for label in PHASES}
+    entered: list[int] = []
+    lag: list[float] = []
+    if not fsync:
+        os.fsync = lambda fd: None
+
+    async def probe_lag() -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(LAG_PROBE_SECONDS)
+            lag.append(time.perf_counter() - start - LAG_PROBE_SECONDS)
+
+    original_run = Daemon.run
+
+    async def run_with_probe(self: Daemon) -> int:
+        task = asyncio.get_running_loop().create_task(probe_lag())
+        try:
+            return await original_run(self)
+        finally:
+            task.cancel()
+
+    Daemon.run = run_with_probe  # type: ignore[method-assign]
+
+    def wrap(label: str, original: Any) -> Any:
+        spent = timings[label]
+        if asyncio.iscoroutinefunction(original):
+
+            @functools.wraps(original)
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                if label.startswith("engine.process"):
+                    entered.append(time.monotonic_ns())
+                start = time.perf_counter()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    spent.append(time.perf_counter() - start)
+
+            return timed_async
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - start)
+
+        return timed
+
+    for label, (module_name, attribute) in PHASES.items():
+        owner: Any = importlib.import_module(module_name)
+        *parents, name = attribute.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        setattr(owner, name, wrap(label, getattr(owner, name)))
+
+    from prng_daemon.cli import main
+
+    code = main(["run", "--config", config])
+    Path(out).write_text(json.dumps({"timings": timings, "entered_ns": entered, "lag": lag}))
+    return code
+
+
+def start_timed_daemon(
+    config: Path, out: Path, log: Path, fsync: bool = True
+) -> subprocess.Popen[bytes]:
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import _common; "
+        f"sys.exit(_common.run_timed_daemon({str(config)!r}, {str(out)!r}, {fsync!r}))"
+    )
+    with open(log, "ab") as stream:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=stream, stderr=stream)
+
+
+def phase_table(timings: dict[str, list[float]], files: int) -> tuple[str, dict[str, Any]]:
+    """Per-file cost of each phase: calls per file, median per call, total per file."""
+    rows, data = [], {}
+    for label, spent in timings.items():
+        if not spent:
+            continue
+        per_file = sum(spent) / files * 1000
+        median = percentile(spent, 50) * 1000
+        data[label] = {"calls": len(spent), "median_ms": median, "per_file_ms": per_file}
+        rows.append([label, f"{len(spent) / files:.1f}", f"{median:.3f}", f"{per_file:.3f}"])
+    headers = ["phase (wrapped function)", "calls per file", "median ms per call", "ms per file"]
+    return table(headers, rows), data

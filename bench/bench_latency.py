@@ -6,14 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pstats
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,10 @@ from _common import (
     build_agent,
     command_line,
     end,
+    phase_table,
     read_markers,
     save,
+    start_timed_daemon,
     summary_ms,
     table,
     wait_for,
@@ -59,6 +59,7 @@ class Tool:
     proc: subprocess.Popen[bytes] | None = None
     latencies: list[float] = field(default_factory=list)
     to_llm: list[float] = field(default_factory=list)
+    written: list[int] = field(default_factory=list)
     missed: int = 0
 
 
@@ -92,16 +93,8 @@ def drop_and_time(tool: Tool, n: int, text: str) -> int | None:
         return None
     started = max(stamp for stamp, _ in read_markers(tool.markers).values())
     tool.latencies.append((started - written) / 1e9)
+    tool.written.append(written)
     return written
-
-
-def start_daemon(ws_config: Path, profile_to: Path | None, log: Path) -> subprocess.Popen[bytes]:
-    prefix = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, *prefix, "-m", "prng_daemon", "run", "--config", str(ws_config)],
-            stdout=out, stderr=out,
-        )  # fmt: skip
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -111,9 +104,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             tmp / "daemon", fake.port, daemon={"rescan_interval_seconds": 30.0},
             agents=agents_section(agent, tmp / "daemon" / "markers"),
         )  # fmt: skip
-        profile = tmp / "daemon.prof" if args.profile else None
+        timers = tmp / "timers.json"
         daemon = Tool("prng-llm-daemon", ws.results, ws.markers)
-        daemon.proc = start_daemon(ws.config_path, profile, ws.root / "daemon.log")
+        if args.profile:
+            daemon.proc = start_timed_daemon(ws.config_path, timers, ws.root / "daemon.log")
+        else:
+            daemon.proc = ws.start()
         tools = [daemon]
         if not args.profile:
             for name in ("watchmedo", "inotifywait"):
@@ -134,6 +130,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 if tool.missed:
                     raise SystemExit(f"{tool.name}: no agent launched for the warm-up files")
                 tool.latencies.clear()
+                tool.written.clear()
             # Interleaved, so that load from elsewhere on the machine hits every tool alike.
             for i in range(WARMUP, WARMUP + args.files):
                 text = document(i)
@@ -148,10 +145,36 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 if tool.proc is not None:
                     end_tool(tool.proc)
         requests = len(fake.requests)
-    result = {"agent": agent_kind, "tools": tools, "skipped": skipped, "requests": requests}
-    if profile is not None:
-        result["profile"] = profile_report(profile)
+        round_trip = http_round_trip(fake, tmp)
+    result = {"agent": agent_kind, "tools": tools, "skipped": skipped, "requests": requests,
+              "round_trip": round_trip}  # fmt: skip
+    if args.profile:
+        result["timers"] = json.loads(timers.read_text())
     return result
+
+
+ROUND_TRIP = """\
+import json, sys, time, httpx
+body = json.loads(open(sys.argv[2]).read())
+spent = []
+with httpx.Client(base_url=sys.argv[1]) as client:
+    for _ in range(int(sys.argv[3])):
+        start = time.perf_counter()
+        client.post("/completion", json=body).raise_for_status()
+        spent.append(time.perf_counter() - start)
+print(json.dumps(spent))
+"""
+
+
+def http_round_trip(fake: FakeLlama, tmp: Path, n: int = 100) -> list[float]:
+    """The daemon's last /completion body sent again from a bare httpx client: the share of
+    the daemon's latency that is the loopback HTTP exchange with the fake."""
+    body = tmp / "body.json"
+    body.write_text(json.dumps(fake.requests[-1]))
+    out = subprocess.run([sys.executable, "-c", ROUND_TRIP, fake.url, str(body), str(n)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    spent: list[float] = json.loads(out)
+    return spent
 
 
 def start_baseline(tool: Tool, agent: list[str], skipped: dict[str, str]) -> Any:
@@ -184,14 +207,6 @@ def end_tool(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
-def profile_report(path: Path, top: int = 25) -> str:
-    out = StringIO()
-    stats = pstats.Stats(str(path), stream=out)
-    stats.sort_stats("cumulative").print_stats(top)
-    stats.sort_stats("tottime").print_stats(top)
-    return out.getvalue()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=200, help="events per tool (default 200)")
@@ -217,19 +232,50 @@ def main() -> None:
                "median / inotifywait", "median / watchmedo"]  # fmt: skip
     title = f"Event -> agent start latency ({args.files} sequential files per tool)"
     tables = {title: table(headers, rows)}
+    daemon = tools[0]
+    if daemon.to_llm and len(daemon.to_llm) == len(daemon.latencies):
+        to_llm = summary_ms(daemon.to_llm)
+        after = summary_ms([t - u for t, u in zip(daemon.latencies, daemon.to_llm, strict=True)])
+        stats["daemon_event_to_llm"], stats["daemon_llm_to_agent"] = to_llm, after
+        tables["Where the daemon's latency goes"] = table(
+            ["phase", "median ms", "p99 ms", "max ms"],
+            [
+                ["file complete -> fake LLM answers (watch, validate, ledger, prompt, HTTP)",
+                 to_llm["median_ms"], to_llm["p99_ms"], to_llm["max_ms"]],
+                ["fake LLM answers -> agent running (parse, ledger, params file, spawn, exec)",
+                 after["median_ms"], after["p99_ms"], after["max_ms"]],
+            ],
+        )  # fmt: skip
     notes = [
         f"agent: {result['agent']}; zero-latency fake LLM ({result['requests']} requests);",
         f"files interleaved across tools, {GAP_SECONDS * 1000:.0f} ms pause after each launch",
     ]
     notes += [f"{name} skipped: {why}" for name, why in result["skipped"].items()]
+    profile: dict[str, Any] = {}
+    if "timers" in result:
+        # Drop the warm-up files' share of calls: they carry first-use costs (lazy imports).
+        total = args.files + WARMUP
+        timings = {
+            k: v[round(len(v) * WARMUP / total) :] for k, v in result["timers"]["timings"].items()
+        }
+        text, profile = phase_table(timings, args.files)
+        tables["Daemon phases, perf_counter around its functions"] = text
+        entered = result["timers"]["entered_ns"][WARMUP:]
+        if len(entered) == len(daemon.written):
+            hop = summary_ms([(e - w) / 1e9 for e, w in zip(entered, daemon.written, strict=True)])
+            profile["file complete -> Engine.process entered"] = hop
+            notes.append(f"file complete -> Engine.process entered: median {hop['median_ms']} ms,"
+                         f" p99 {hop['p99_ms']} ms (watchdog thread + asyncio queue)")  # fmt: skip
+    trip = summary_ms(result["round_trip"])
+    stats["bare_httpx_round_trip_to_fake"] = trip
+    notes.append(f"the same /completion from a bare httpx client: median {trip['median_ms']} ms,"
+                 f" p99 {trip['p99_ms']} ms (the fake's share of the daemon's time)")  # fmt: skip
     print("\n".join(notes))
-    if "profile" in result:
-        print(result["profile"])
     save(
         "latency_profile" if args.profile else "latency",
         command_line(),
         tables,
-        {"notes": notes, "stats": stats, "profile": result.get("profile", ""),
+        {"notes": notes, "stats": stats, "profile": profile,
          "latencies_ms": {t.name: [round(x * 1000, 3) for x in t.latencies] for t in tools}},
     )  # fmt: skip
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import os
 import sys
@@ -117,6 +118,8 @@ async def _decide(config: Config, loaded: Loaded) -> Decision:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # If systemd's watchdog aborts a wedged loop, the journal gets the Python stack of the hang.
+    faulthandler.enable()
     path = config_path(args.config)
     config = load_config(path)
     notifier = Notifier()

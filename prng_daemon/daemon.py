@@ -235,10 +235,13 @@ class Daemon:
         self._status_dirty = True
 
     def status_line(self) -> str:
-        servers = (
-            ", ".join(f"{name} {s.state.value}" for name, s in self._server_states().items())
-            or "servers starting"
-        )
+        states = self._server_states()
+        # A server someone else runs has no child state here; saying "starting" would never end.
+        servers = ", ".join(
+            f"{name} {states[name].state.value}" if name in states
+            else f"{name} {'starting' if self.config.server(name).managed else 'unmanaged'}"
+            for name in ("orchestrator", "math")
+        )  # fmt: skip
         counts = self.ledger.counts()
         decided = sum(
             counts.get(s, 0) for s in (State.ACTED, State.DONE, State.ESCALATED, State.FAILED)

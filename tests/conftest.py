@@ -12,6 +12,7 @@ import structlog
 
 from prng_daemon.log import configure_logging
 
+from .fake_llama import FakeLlama
 from .helpers import child_pids, wait_until
 
 
@@ -31,6 +32,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from prng_daemon.tinymodel import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLlama]:
+    """A fake llama-server on loopback, for faults and for measuring only the daemon."""
+    with FakeLlama() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

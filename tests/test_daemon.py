@@ -6,20 +6,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
 from .workspace import drop, make_workspace, result_document, run_id, stop, wait_ready
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeLlama]:
-    with FakeLlama() as server:
-        yield server
 
 
 def test_atomic_rename_is_decided_once_and_launches_the_follow_up(

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from prng_daemon.ledger import Ledger
 
@@ -16,12 +13,6 @@ from .helpers import wait_until
 from .workspace import drop, make_workspace, result_document, run_id, stop, wait_ready
 
 GOOD = json.dumps(result_document(2, run_id(2, 1))).encode()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeLlama]:
-    with FakeLlama() as server:
-        yield server
 
 
 def _entries(ws_root: Path) -> dict[str, tuple[str, str | None]]:

@@ -65,12 +65,6 @@ class NotifySocket:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeLlama]:
-    with FakeLlama() as server:
-        yield server
-
-
-@pytest.fixture
 def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock = NotifySocket(tmp_path / "notify")
     try:

@@ -29,12 +29,6 @@ from .workspace import (
 )
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeLlama]:
-    with FakeLlama() as server:
-        yield server
-
-
 def cli(capsys: pytest.CaptureFixture[str], ws: Workspace, verb: str, *args: str) -> Any:
     """Run one CLI verb in this process; (exit code, stdout, stderr)."""
     code = main([verb, "--config", str(ws.config_path), *args])
@@ -93,7 +87,9 @@ def test_status_of_a_running_daemon_shows_servers_pipeline_runs_and_decisions(
         print("\n" + text)
     assert code == 0
     lines = text.splitlines()
-    assert lines[0].startswith(f"daemon: running (pid {proc.pid}) · orchestrator ready ·")
+    assert lines[0].startswith(
+        f"daemon: running (pid {proc.pid}) · orchestrator ready, math unmanaged · idle ·"
+    )
     assert "2 decided, 0 escalated" in lines[0]
     assert lines[1].startswith("  orchestrator: ready (pid ")
     assert lines[2] == f"  math: not managed by the daemon, at {fake.url}"

@@ -23,6 +23,7 @@ from ..log import get_logger
 __all__ = ["Launch", "Launcher"]
 
 KILL_GRACE_SECONDS = 10.0
+SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID"})
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class Launcher:
             # posix_spawn has no chdir action in Python: env(1) changes directory, then execs.
             argv = ["env", f"--chdir={launch.config.cwd}", "--", *argv]
             program = shutil.which("env") or "/usr/bin/env"
-        env = dict(os.environ)
+        # The daemon's own systemd handles are not the agent's to use.
+        env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
         env.update(launch.config.env)
         env.update({f"PRNG_{k.upper()}": v for k, v in launch.values.items()})
         env["PRNG_LAUNCH_ID"] = str(launch.launch_id)

@@ -45,7 +45,11 @@ class Loaded:
 @cache
 def result_schema() -> dict[str, Any]:
     """The shipped JSON Schema of a result file."""
-    text = resources.files("prng_daemon.schema").joinpath(SCHEMA_FILE).read_text("utf-8")
+    try:
+        text = resources.files("prng_daemon.schema").joinpath(SCHEMA_FILE).read_text("utf-8")
+    except ModuleNotFoundError:
+        # Run from a bare checkout (PYTHONPATH=repo): the package maps schema/ only when installed.
+        text = (Path(__file__).resolve().parents[2] / "schema" / SCHEMA_FILE).read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
 
