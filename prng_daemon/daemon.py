@@ -65,6 +65,22 @@ class Daemon:
         self._workers = max(4, 2 * slots)
         self._in_flight = 0
         self._draining = False
+        settings = config.daemon
+        for directory in (settings.results_dir, settings.state_dir, settings.decisions_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(settings.ledger_path)
+        self.supervisor = Supervisor(config, on_change=self._server_changed)
+        self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
+        self._decisions = DecisionEngine(config, self.router)
+        self.engine = Engine(
+            config,
+            self.ledger,
+            self._decide,
+            lambda on_exit: Launcher(
+                settings.state_dir / "launches", settings.logs_dir / "agents", on_exit
+            ),
+            on_change=self._changed,
+        )
 
     # -- plumbing between the parts ------------------------------------------------------
 
@@ -95,25 +111,9 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         settings = self.config.daemon
-        for directory in (settings.results_dir, settings.state_dir, settings.decisions_dir):
-            directory.mkdir(parents=True, exist_ok=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
-
-        self.ledger = Ledger(settings.ledger_path)
-        self.supervisor = Supervisor(self.config, on_change=self._server_changed)
-        self.router = AsyncRouter(self.config, is_ready=self.supervisor.is_ready)
-        self._decisions = DecisionEngine(self.config, self.router)
-        self.engine = Engine(
-            self.config,
-            self.ledger,
-            self._decide,
-            lambda on_exit: Launcher(
-                settings.state_dir / "launches", settings.logs_dir / "agents", on_exit
-            ),
-            on_change=self._changed,
-        )
         tasks: list[asyncio.Task[Any]] = []
         try:
             with Watcher(settings.results_dir, loop, self.enqueue, self._rescan_now.set) as watcher:
@@ -140,12 +140,11 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if hasattr(self, "supervisor"):
-                await self.supervisor.stop()
-                await self.engine.launcher.stop()
-                await self.router.aclose()
-                self._write_status(stopped=True)
-                self.ledger.close()
+            await self.supervisor.stop()
+            await self.engine.launcher.stop()
+            await self.router.aclose()
+            self._write_status(stopped=True)
+            self.ledger.close()
             log.info("daemon.stopped")
         return 0
 
@@ -235,7 +234,7 @@ class Daemon:
         self._status_dirty = True
 
     def status_line(self) -> str:
-        states = self._server_states()
+        states = self.supervisor.status()
         # A server someone else runs has no child state here; saying "starting" would never end.
         servers = ", ".join(
             f"{name} {states[name].state.value}" if name in states
@@ -246,14 +245,11 @@ class Daemon:
         decided = sum(
             counts.get(s, 0) for s in (State.ACTED, State.DONE, State.ESCALATED, State.FAILED)
         )
-        current = self.engine.current if hasattr(self, "engine") else "starting"
+        current = self.engine.current
         return (
             f"{servers} · {current} · {decided} decided, "
             f"{counts.get(State.ESCALATED, 0)} escalated, {self._queue.qsize()} queued"
         )
-
-    def _server_states(self) -> dict[str, ChildStatus]:
-        return self.supervisor.status() if hasattr(self, "supervisor") else {}
 
     async def _status_loop(self) -> None:
         while True:
@@ -281,7 +277,7 @@ class Daemon:
                         "since": s.since,
                         "message": s.message,
                     }
-                    for name, s in self._server_states().items()
+                    for name, s in self.supervisor.status().items()
                 },
                 "queued": self._queue.qsize(),
                 "agents_running": self.engine.launcher.running,

@@ -122,8 +122,6 @@ def _chain(daemon: Daemon, root_run: str) -> list[Entry]:
 async def _drive(daemon: Daemon, out: TextIO) -> list[Entry]:
     progress = _Progress(daemon, out)
     deadline = time.monotonic() + DEMO_TIMEOUT_SECONDS
-    while not hasattr(daemon, "ledger"):
-        await asyncio.sleep(0.05)
     while progress.done is None and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         progress.poll()
@@ -136,8 +134,6 @@ async def _main(config: Config, out: TextIO) -> list[Entry]:
     daemon = Daemon(config, Notifier({}))
     runner = asyncio.create_task(daemon.run())
     driver = asyncio.create_task(_drive(daemon, out))
-    while not hasattr(daemon, "supervisor"):
-        await asyncio.sleep(0.05)
     await daemon.supervisor.wait_ready(120)
     first = RunContext(
         step=1, results_dir=config.daemon.results_dir, params={"window": 512}, run_id=new_run_id(1)
