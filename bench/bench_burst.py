@@ -50,6 +50,7 @@ def burst(
         ws = make_workspace(
             tmp / "ws", fake.port,
             orchestrator={"parallel": total - total // 2}, math={"parallel": total // 2},
+            daemon={"rescan_interval_seconds": 30.0},  # the default; the workspace's is 1 s
             agents=agents_section(agent, tmp / "ws" / "markers"),
         )  # fmt: skip
         timers = tmp / "timers.json"

@@ -31,6 +31,7 @@ from .watcher import Watcher
 __all__ = ["Daemon", "status_path"]
 
 HEARTBEAT_SECONDS = 2.0
+STATUS_POLL_SECONDS = 0.25
 COMMAND_POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30.0
 BUSY_RETRY_SECONDS = 0.2
@@ -252,17 +253,22 @@ class Daemon:
         )
 
     async def _status_loop(self) -> None:
+        """STATUS= and the status file when something changed; the file at least as a heartbeat."""
+        last_write = 0.0
         while True:
-            if self._status_dirty:
+            now = time.monotonic()
+            if self._status_dirty or now - last_write >= HEARTBEAT_SECONDS:
                 self._status_dirty = False
                 self._notifier.status(self.status_line())
-            self._write_status()
-            await asyncio.sleep(min(HEARTBEAT_SECONDS, 0.25 if self._status_dirty else 1.0))
+                self._write_status()
+                last_write = now
+            await asyncio.sleep(STATUS_POLL_SECONDS)
 
     def _write_status(self, stopped: bool = False) -> None:
         write_json_atomic(
             status_path(self.config),
-            {
+            durable=False,
+            document={
                 "pid": os.getpid(),
                 "started": self._started,
                 "heartbeat": time.time(),

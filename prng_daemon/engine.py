@@ -181,7 +181,7 @@ class Engine:
         path, sha256, meta = loaded.path, loaded.sha256, loaded.document.agent_metadata
         decisions = self.config.daemon.decisions_dir
         params_file = decisions / record_name(path, sha256, "params")
-        write_json_atomic(params_file, decision.suggested_params)
+        write_json_atomic(params_file, decision.suggested_params, durable=False)
         run_id = entry.run_id or ""
         values = {
             "parent_run_id": (meta.parent_run_id or "") if retry else run_id,

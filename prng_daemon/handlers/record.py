@@ -11,16 +11,21 @@ from typing import Any
 __all__ = ["record_name", "write_json_atomic"]
 
 
-def write_json_atomic(path: Path, document: Any) -> Path:
-    """Write `document` to `path` so readers see the old file or the whole new one, never half."""
+def write_json_atomic(path: Path, document: Any, *, durable: bool = True) -> Path:
+    """Write `document` to `path` so readers see the old file or the whole new one, never half.
+
+    `durable=False` skips the fsync (milliseconds on the launch path) for files that only
+    matter while the process that reads them is alive, like an agent's params file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(document, f, indent=2, sort_keys=False)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
