@@ -120,7 +120,7 @@ class Daemon:
             with Watcher(settings.results_dir, loop, self.enqueue, self._rescan_now.set) as watcher:
                 for entry in self.engine.reconcile():
                     await self.engine.relaunch(entry)
-                self._catch_up(watcher)
+                await self._catch_up(watcher)
                 log.info("daemon.started", results_dir=str(settings.results_dir), pid=os.getpid())
                 # READY as soon as the daemon serves: models may take minutes to load, and
                 # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
@@ -178,9 +178,9 @@ class Daemon:
             finally:
                 self._in_flight -= 1
 
-    def _catch_up(self, watcher: Watcher) -> None:
-        known = self.ledger.known()
-        found = [p for p in watcher.scan() if p.name not in known]
+    async def _catch_up(self, watcher: Watcher) -> None:
+        # The listing runs off the loop; the set is only read there (membership tests).
+        found = await asyncio.to_thread(watcher.scan, self.ledger.known_paths())
         for path in found:
             self.enqueue(path, "scan")
         for entry in self.ledger.in_state(State.WAITING, State.SEEN, State.DECIDED):
@@ -198,7 +198,7 @@ class Daemon:
             except TimeoutError:
                 pass
             self._rescan_now.clear()
-            self._catch_up(watcher)
+            await self._catch_up(watcher)
 
     async def _command_loop(self) -> None:
         while True:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import Config
 from .errors import AgentFailed, LLMUnavailable, ResultRejected
-from .handlers.act import Launch, Launcher
+from .handlers.act import Launch, Launcher, OnExit
 from .handlers.record import record_name, write_json_atomic
 from .handlers.validate import Loaded, load_result
 from .ledger import Entry, Ledger, State
@@ -44,7 +44,7 @@ class Engine:
         config: Config,
         ledger: Ledger,
         decide: Decider,
-        launcher_factory: Callable[[Callable[[int, int | None, float], None]], Launcher],
+        launcher_factory: Callable[[OnExit], Launcher],
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
@@ -158,22 +158,42 @@ class Engine:
     async def act(
         self, entry: Entry, loaded: Loaded, decision: Decision, log: Any, approved_by: str = ""
     ) -> None:
-        """Carry out a decision: launch, escalate or finish the pipeline run; then record it."""
+        """Carry out a decision: launch, escalate or finish the pipeline run; record it.
+
+        The decision record is written before the final ledger state, so a crash in between
+        leaves a state that is resumed (or reconciled) and the record rewritten, never missing.
+        """
         row = step(loaded.document.agent_metadata.pipeline_step)
         pid: int | None = None
         agent: str | None = None
         if decision.action == "escalate":
-            self.ledger.update(entry.id, State.ESCALATED, reason=decision.reasoning[:500])
+            final, reason = State.ESCALATED, decision.reasoning[:500]
             log.warning("decision.escalated", reason=decision.reasoning[:200])
         elif decision.action == "proceed" and row.is_last:
-            self.ledger.update(entry.id, State.DONE, reason="pipeline run complete")
+            final, reason = State.DONE, "pipeline run complete"
             log.info("pipeline.completed", pipeline_run=entry.root_run_id)
         else:
             retry = decision.action == "retry"
             agent = row.agent if retry else row.follow_up_agent
             launch = self._launch_for(entry, loaded, decision, agent, retry)
-            pid = self._launch(entry, launch, log)
-        self._write_record(entry, loaded, decision, agent, pid, approved_by)
+            # The intent goes to the ledger first; the launcher's marker makes the spawn itself
+            # idempotent, so the crash window between the two cannot cause a second launch.
+            self.ledger.update(entry.id, State.LAUNCHING, agent=agent)
+            try:
+                pid = self.launcher.start(launch)
+            except AgentFailed as exc:
+                if self.launcher.was_launched(entry.id):  # the marker says it already ran
+                    final, reason = State.ACTED, str(exc)
+                else:
+                    final, reason = State.FAILED, str(exc)
+                    log.error("agent.failed", agent=agent, reason=str(exc))
+            else:
+                final, reason = State.ACTED, None
+                log.info("agent.started", agent=agent, pid=pid, decision=decision.action)
+        record = self._record(entry, decision, agent, pid, approved_by)
+        # fsync off the event loop: LLM slots and other files keep moving meanwhile.
+        await asyncio.to_thread(write_json_atomic, self._record_path(entry), record)
+        self.ledger.update(entry.id, final, reason=reason, pid=pid)
 
     def _launch_for(
         self, entry: Entry, loaded: Loaded, decision: Decision, agent: str, retry: bool
@@ -195,55 +215,42 @@ class Engine:
         }
         return Launch(entry.id, agent, self.config.agents[agent], values)
 
-    def _launch(self, entry: Entry, launch: Launch, log: Any) -> int | None:
-        # The intent goes to the ledger first; the launcher's marker makes the spawn itself
-        # idempotent, so the crash window between the two cannot cause a second launch.
-        self.ledger.update(entry.id, State.LAUNCHING, agent=launch.agent)
-        try:
-            pid = self.launcher.start(launch)
-        except AgentFailed as exc:
-            if self.launcher.was_launched(entry.id):
-                self.ledger.update(entry.id, State.ACTED, reason=str(exc))
-                return None
-            self.ledger.update(entry.id, State.FAILED, reason=str(exc))
-            log.error("agent.failed", agent=launch.agent, reason=str(exc))
-            return None
-        self.ledger.update(entry.id, State.ACTED, pid=pid)
-        log.info("agent.started", agent=launch.agent, pid=pid, decision=launch.values["decision"])
-        return pid
-
-    def _agent_exited(self, launch_id: int, code: int | None, duration: float) -> None:
+    def _agent_exited(self, launch_id: int, pid: int, code: int | None, duration: float) -> None:
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
         if code is None:
-            log.info("agent.detached", agent=entry.agent, pid=entry.pid)
+            log.info("agent.detached", agent=entry.agent, pid=pid)
             return
         self.ledger.update(entry.id, entry.state, exit_code=code)
         event = log.info if code == 0 else log.error
-        event("agent.exited", agent=entry.agent, pid=entry.pid, exit_code=code,
+        event("agent.exited", agent=entry.agent, pid=pid, exit_code=code,
               duration_s=round(duration, 3))  # fmt: skip
         self._on_change()
 
-    def _write_record(
+    def _record_path(self, entry: Entry) -> Path:
+        return self.config.daemon.decisions_dir / record_name(
+            Path(entry.path), entry.sha256, "decision"
+        )
+
+    def _record(
         self,
         entry: Entry,
-        loaded: Loaded,
         decision: Decision,
         agent: str | None,
         pid: int | None,
         approved_by: str,
-    ) -> None:
-        path, sha256, meta = loaded.path, loaded.sha256, loaded.document.agent_metadata
-        record = {
+    ) -> dict[str, Any]:
+        """The decision record: everything from the ledger entry, nothing re-read from the file."""
+        return {
             "record": "prng-llm-daemon/decision-v1",
             "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "result_file": str(path),
-            "sha256": sha256,
+            "result_file": str(self.config.daemon.results_dir / entry.path),
+            "sha256": entry.sha256,
             "run_id": entry.run_id,
-            "parent_run_id": meta.parent_run_id,
+            "parent_run_id": entry.parent_run_id,
             "pipeline_run": entry.root_run_id,
-            "pipeline_step": meta.pipeline_step,
-            "pipeline_step_name": meta.pipeline_step_name,
+            "pipeline_step": entry.step,
+            "pipeline_step_name": step(entry.step).name if entry.step else None,
             "decision": decision.action,
             "policy_path": decision.path,
             "confidence": decision.confidence,
@@ -255,8 +262,6 @@ class Engine:
             "pid": pid,
             "approved_by": approved_by or None,
         }
-        name = record_name(path, sha256, "decision")
-        write_json_atomic(self.config.daemon.decisions_dir / name, record)
 
     # -- start-up and operator commands ---------------------------------------------------
 
@@ -266,6 +271,11 @@ class Engine:
         for entry in self.ledger.in_state(State.LAUNCHING):
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
             if self.launcher.was_launched(entry.id):
+                record_path = self._record_path(entry)
+                if entry.decision is not None and not record_path.exists():
+                    decision = Decision.model_validate(entry.decision)
+                    record = self._record(entry, decision, entry.agent, None, "")
+                    write_json_atomic(record_path, record)
                 self.ledger.update(entry.id, State.ACTED, reason="launched before a restart")
                 log.info("agent.reconciled", agent=entry.agent, launched=True)
             else:

@@ -110,6 +110,7 @@ class Ledger:
         # NORMAL in WAL mode: a commit survives a process crash; only power loss can lose the last.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._paths: set[str] | None = None
 
     def close(self) -> None:
         self._db.close()
@@ -160,6 +161,8 @@ class Ledger:
             )
             entry_id = cur.lastrowid
             assert entry_id is not None
+        if self._paths is not None:
+            self._paths.add(path)
         return self.get(entry_id), True
 
     def update(self, entry_id: int, state: State, **fields: Any) -> Entry:
@@ -170,12 +173,14 @@ class Ledger:
         self._db.execute(sql, (state, time.time(), *fields.values(), entry_id))
         return self.get(entry_id)
 
-    def known(self) -> dict[str, set[str]]:
-        """path -> the content hashes recorded for it: what a catch-up scan compares against."""
-        known: dict[str, set[str]] = {}
-        for path, sha in self._db.execute("SELECT path, sha256 FROM files"):
-            known.setdefault(path, set()).add(sha)
-        return known
+    def known_paths(self) -> set[str]:
+        """Every file name the ledger has a record of: what a catch-up scan skips.
+
+        Read once, then kept current by claim(): the daemon is the ledger's only writer.
+        """
+        if self._paths is None:
+            self._paths = {row[0] for row in self._db.execute("SELECT DISTINCT path FROM files")}
+        return self._paths
 
     def in_state(self, *states: State) -> list[Entry]:
         marks = ", ".join("?" for _ in states)

@@ -20,7 +20,10 @@ from ..config import AgentConfig
 from ..errors import AgentFailed
 from ..log import get_logger
 
-__all__ = ["Launch", "Launcher"]
+__all__ = ["Launch", "Launcher", "OnExit"]
+
+OnExit = Callable[[int, int, int | None, float], None]
+"""(launch id, pid, exit code or None when no longer watched, seconds it ran)."""
 
 KILL_GRACE_SECONDS = 10.0
 SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID"})
@@ -42,7 +45,7 @@ class Launcher:
         self,
         markers_dir: Path,
         logs_dir: Path,
-        on_exit: Callable[[int, int | None, float], None],
+        on_exit: OnExit,
     ) -> None:
         self._markers = markers_dir
         self._logs = logs_dir
@@ -136,7 +139,7 @@ class Launcher:
             os.close(pidfd)
             code = _reap(pid)
             duration = time.monotonic() - started
-            self._on_exit(launch.launch_id, code, duration)
+            self._on_exit(launch.launch_id, pid, code, duration)
 
     async def _terminate(self, pid: int, exited: asyncio.Future[None]) -> None:
         _killpg(pid, signal.SIGTERM)
