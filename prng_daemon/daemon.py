@@ -64,7 +64,7 @@ class Daemon:
         slots = sum(config.server(n).parallel for n in SERVERS)
         self._llm_slots = asyncio.Semaphore(slots)
         self._workers = max(4, 2 * slots)
-        self._in_flight = 0
+        self._busy: set[asyncio.Task[Any]] = set()
         self._draining = False
         settings = config.daemon
         for directory in (settings.results_dir, settings.state_dir, settings.decisions_dir):
@@ -126,8 +126,8 @@ class Daemon:
                 # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
                 self._notifier.ready(self.status_line())
                 await self.supervisor.start()
-                tasks = [loop.create_task(self._worker()) for _ in range(self._workers)]
-                tasks += [
+                workers = [loop.create_task(self._worker()) for _ in range(self._workers)]
+                tasks = workers + [
                     loop.create_task(self._rescan_loop(watcher)),
                     loop.create_task(self._command_loop()),
                     loop.create_task(self._status_loop()),
@@ -136,7 +136,7 @@ class Daemon:
                 await self._stop.wait()
                 log.info("daemon.stopping")
                 self._notifier.stopping()
-                await self._drain(tasks)
+                await self._drain(workers)
         finally:
             for task in tasks:
                 task.cancel()
@@ -149,26 +149,29 @@ class Daemon:
             log.info("daemon.stopped")
         return 0
 
-    async def _drain(self, tasks: list[asyncio.Task[Any]]) -> None:
+    async def _drain(self, workers: list[asyncio.Task[Any]]) -> None:
         """Let in-flight files finish (bounded); queued ones stay unclaimed for the next start."""
         while not self._queue.empty():
             path, _ = self._queue.get_nowait()
             self._queued.discard(path)
         self._draining = True
-        if self._in_flight:
-            log.info("daemon.draining", in_flight=self._in_flight)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while self._in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        interrupted = self.ledger.in_state(State.SEEN, State.DECIDED)
-        for entry in interrupted:
+        busy = [t for t in workers if t in self._busy]
+        for task in workers:
+            if task not in self._busy:
+                task.cancel()
+        if busy:
+            log.info("daemon.draining", in_flight=len(busy))
+            await asyncio.wait(busy, timeout=STOP_GRACE_SECONDS)
+        for entry in self.ledger.in_state(State.SEEN, State.DECIDED):
             log.warning("result.interrupted", file=entry.path, state=entry.state.value)
 
     async def _worker(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         while not self._draining:
             path, source = await self._queue.get()
             self._queued.discard(path)
-            self._in_flight += 1
+            self._busy.add(task)
             try:
                 if not await self.engine.process(path, source):
                     loop = asyncio.get_running_loop()
@@ -176,7 +179,7 @@ class Daemon:
             except Exception:
                 log.exception("result.crashed", file=path.name)
             finally:
-                self._in_flight -= 1
+                self._busy.discard(task)
 
     async def _catch_up(self, watcher: Watcher) -> None:
         # The listing runs off the loop; the set is only read there (membership tests).

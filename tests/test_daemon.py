@@ -135,3 +135,18 @@ def test_prompt_injection_in_reasoning_cannot_change_the_command(
     assert args[:2] == [run_id(2, 9), "3"], "the configured argv, with validated fields only"
     assert evil not in fake.requests[-1]["prompt"][:200], "the file's text is not the prompt head"
     assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_sigterm_finishes_the_file_in_flight(tmp_path: Path, fake: FakeLlama) -> None:
+    """A stop while the LLM is answering lets that file finish: decided, launched, recorded."""
+    fake.latency = 1.5
+    ws = make_workspace(tmp_path, fake.port)
+    proc = ws.start()
+    wait_ready(ws)
+    drop(ws.results, "r.json", result_document(2, run_id(2, 11)))
+    wait_until(lambda: fake.requests, 20, what="the decision to be under way")
+    assert stop(proc) == 0
+    assert len(ws.launches()) == 1
+    assert ws.ledger_states() == {"acted": 1}
+    events = [e["event"] for e in ws.events()]
+    assert events.index("daemon.draining") < events.index("agent.started")
