@@ -87,25 +87,24 @@ class Engine:
         except ResultRejected as exc:
             self._reject(path, exc, source, log)
             return
-        entry, new = self.ledger.claim(rel, loaded.sha256)
+        meta = loaded.document.agent_metadata
+        run_id = meta.run_id or derived_run_id(path, meta.pipeline_step, loaded.sha256)
+        root = self.ledger.root_of(meta.parent_run_id) or run_id
+        entry, new = self.ledger.claim(
+            rel,
+            loaded.sha256,
+            run_id=run_id,
+            parent_run_id=meta.parent_run_id,
+            root_run_id=root,
+            step=meta.pipeline_step,
+        )
         if not new and entry.state not in RESUMABLE:
             return
         if entry.state is State.CHANGED:
             log.warning("result.changed", reason=entry.reason, sha256=loaded.sha256)
             self._on_change()
             return
-        meta = loaded.document.agent_metadata
-        run_id = meta.run_id or derived_run_id(path, meta.pipeline_step, loaded.sha256)
-        root = self.ledger.root_of(meta.parent_run_id) or run_id
         log = log.bind(run_id=run_id, step=meta.pipeline_step)
-        entry = self.ledger.update(
-            entry.id,
-            entry.state if entry.state is State.DECIDED else State.SEEN,
-            run_id=run_id,
-            parent_run_id=meta.parent_run_id,
-            root_run_id=root,
-            step=meta.pipeline_step,
-        )
         log.info("result.validated", source=source, sha256=loaded.sha256, pipeline_run=root)
         lock = self._run_locks.setdefault(root, asyncio.Lock())
         async with lock:

@@ -135,11 +135,12 @@ class Ledger:
         ).fetchone()
         return _entry(row) if row else None
 
-    def claim(self, path: str, sha256: str) -> tuple[Entry, bool]:
+    def claim(self, path: str, sha256: str, **fields: Any) -> tuple[Entry, bool]:
         """The entry for this exact content; True when it is new (never seen before).
 
-        When an earlier version of the same path was already decided, the new content is
-        recorded as CHANGED and is not processed.
+        A new entry is recorded with `fields` (run_id, step, ...). When an earlier version of
+        the same path was already decided, the new content is recorded as CHANGED and is not
+        processed.
         """
         now = time.time()
         with self._transaction() as db:
@@ -154,10 +155,12 @@ class Ledger:
             ).fetchone()
             state = State.CHANGED if earlier else State.SEEN
             reason = "content changed after it was decided; not re-run" if earlier else None
+            columns = "".join(f", {name}" for name in fields)
+            marks = ", ?" * len(fields)
             cur = db.execute(
-                "INSERT INTO files (path, sha256, state, reason, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (path, sha256, state, reason, now, now),
+                f"INSERT INTO files (path, sha256, state, reason, created, updated{columns})"
+                f" VALUES (?, ?, ?, ?, ?, ?{marks})",
+                (path, sha256, state, reason, now, now, *fields.values()),
             )
             entry_id = cur.lastrowid
             assert entry_id is not None
