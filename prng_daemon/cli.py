@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__, status
-from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from .daemon import Daemon
 from .errors import ConfigError, ResultRejected
 from .handlers.validate import Loaded, load_result
@@ -26,11 +26,6 @@ __all__ = ["main"]
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def config_path(arg: str | None) -> Path:
-    """--config, else $PRNG_DAEMON_CONFIG, else the system path."""
-    return Path(arg or os.environ.get("PRNG_DAEMON_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
 def read_config(args: argparse.Namespace) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +28,7 @@ __all__ = [
     "PolicyConfig",
     "RoutingConfig",
     "ServerConfig",
+    "config_path",
     "format_validation_error",
     "load_config",
     "parse_config",
@@ -210,6 +212,11 @@ def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
             got = got[:77] + "..."
         lines.append(f"{prefix}: {where}: {msg}, got {got}")
     return lines
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    """Which config file: `explicit` (--config), else $PRNG_DAEMON_CONFIG, else the system path."""
+    return Path(explicit or os.environ.get("PRNG_DAEMON_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
 def parse_config(text: str, base: Path | None = None) -> Config:

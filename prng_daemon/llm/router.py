@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import os
 import threading
 import time
 from collections import deque
@@ -15,7 +14,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ..config import DEFAULT_CONFIG_PATH, Config, ServerConfig, load_config
+from ..config import Config, ServerConfig, load_config
+from ..config import config_path as resolve_config_path
 from ..errors import ConfigError, LLMUnavailable
 from ..log import get_logger
 from ..metadata import QUERY_TYPES
@@ -306,7 +306,6 @@ def get_router(config_path: str | Path | None = None) -> LLMRouter:
     global _instance
     with _instance_lock:
         if _instance is None or _instance.closed:
-            path = Path(config_path or os.environ.get("PRNG_DAEMON_CONFIG") or DEFAULT_CONFIG_PATH)
-            _instance = LLMRouter(load_config(path))
+            _instance = LLMRouter(load_config(resolve_config_path(config_path)))
             atexit.register(_instance.close)
         return _instance
