@@ -16,6 +16,7 @@ from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from .daemon import Daemon
 from .errors import ConfigError, ResultRejected
 from .handlers.validate import Loaded, load_result
+from .journal import JOURNAL_SOCKET
 from .ledger import Ledger, State
 from .llm import AsyncRouter, Decision, DecisionEngine
 from .log import configure_logging, pick_format
@@ -208,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(
-        pick_format(sys.stderr, os.environ.get("JOURNAL_STREAM")), level=args.log_level
-    )
+    fmt = pick_format(sys.stderr, os.environ.get("JOURNAL_STREAM"))
+    native = JOURNAL_SOCKET if fmt == "journal" and JOURNAL_SOCKET.exists() else None
+    configure_logging(fmt, level=args.log_level, journal_socket=native)
     try:
         code: int = args.func(args)
     except ConfigError as exc:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from .journal import JournalSender, field_name
+
 __all__ = ["SYSLOG_PRIORITY", "configure_logging", "get_logger", "is_journal", "pick_format"]
 
 LogFormat = Literal["json", "console", "journal"]
+
+_sender: JournalSender | None = None
+"""The native journal socket of the current configuration (closed when reconfigured)."""
 
 # sd-daemon(3): a "<N>" prefix on a line written to the journal sets its priority.
 SYSLOG_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
@@ -36,27 +42,56 @@ def pick_format(stream: TextIO, journal_stream: str | None) -> LogFormat:
 
 
 class _PriorityPrefix:
-    """Render as JSON, prefixed with the syslog priority journald reads."""
+    """Render as JSON, prefixed with the syslog priority journald reads.
 
-    def __init__(self) -> None:
+    With a native journal sender, the entry goes to journald with its fields (RUN_ID=, FILE=,
+    EVENT=, ...) instead, and the prefixed stderr line is only the fallback.
+    """
+
+    def __init__(self, sender: JournalSender | None = None) -> None:
         self._json = structlog.processors.JSONRenderer(sort_keys=False)
+        self._sender = sender
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
         priority = SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6)
         rendered = self._json(logger, name, event_dict)
         text = rendered.decode() if isinstance(rendered, bytes) else rendered
+        if self._sender is not None:
+            fields = {
+                field_name(k): str(v)
+                for k, v in event_dict.items()
+                if k not in ("level", "timestamp") and v is not None
+            }
+            fields.update(
+                MESSAGE=text,
+                PRIORITY=str(priority),
+                SYSLOG_IDENTIFIER="prng-llm-daemon",
+                EVENT=str(event_dict.get("event", "")),
+            )
+            if self._sender.send(fields):
+                raise structlog.DropEvent
         return f"<{priority}>{text}"
 
 
 def configure_logging(
-    fmt: LogFormat = "json", level: str = "info", stream: TextIO | None = None
+    fmt: LogFormat = "json",
+    level: str = "info",
+    stream: TextIO | None = None,
+    journal_socket: Path | None = None,
 ) -> None:
-    """Set up structlog for the whole process; call once, early, from the CLI."""
+    """Set up structlog for the whole process; call once, early, from the CLI.
+
+    `journal_socket`: with fmt "journal", send entries with native fields to this socket.
+    """
+    global _sender
+    if _sender is not None:
+        _sender.close()
+    _sender = JournalSender(journal_socket) if fmt == "journal" and journal_socket else None
     renderer: Processor
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     elif fmt == "journal":
-        renderer = _PriorityPrefix()
+        renderer = _PriorityPrefix(_sender)
     else:
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     structlog.configure(

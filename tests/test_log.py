@@ -6,6 +6,7 @@ import io
 import json
 import os
 import socket
+from pathlib import Path
 
 import structlog
 
@@ -48,3 +49,42 @@ def test_journal_detected_only_for_the_named_stream() -> None:
         assert pick_format(stream, f"{info.st_dev}:{info.st_ino}") == "journal"
         assert not is_journal(stream, f"{info.st_dev}:{info.st_ino + 1}")
         assert pick_format(stream, None) == "json"
+
+
+def _journal_entry(datagram: bytes) -> dict[str, str]:
+    fields = {}
+    for line in datagram.decode().splitlines():
+        key, _, value = line.partition("=")
+        fields[key] = value
+    return fields
+
+
+def test_native_journal_entries_carry_fields(tmp_path: Path) -> None:
+    """`journalctl RUN_ID=...` works because each entry carries the bound context as fields."""
+    path = tmp_path / "journal.socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journal:
+        journal.bind(str(path))
+        out = io.StringIO()
+        configure_logging("journal", stream=out, journal_socket=path)
+        log = structlog.get_logger().bind(run_id="step3_20251201_143022_abc123", file="r.json")
+        log.warning("decision.escalated", reason="low confidence")
+        entry = _journal_entry(journal.recv(65536))
+    assert out.getvalue() == "", "sent natively, not duplicated on stderr"
+    assert entry["PRIORITY"] == "4" and entry["EVENT"] == "decision.escalated"
+    assert entry["RUN_ID"] == "step3_20251201_143022_abc123" and entry["FILE"] == "r.json"
+    assert entry["SYSLOG_IDENTIFIER"] == "prng-llm-daemon"
+    assert json.loads(entry["MESSAGE"])["reason"] == "low confidence"
+
+
+def test_multiline_values_use_the_binary_form() -> None:
+    from prng_daemon.journal import encode_entry
+
+    data = encode_entry({"MESSAGE": "a\nb", "X": "y"})
+    assert data == b"MESSAGE\n" + (3).to_bytes(8, "little") + b"a\nb\nX=y\n"
+
+
+def test_without_a_journal_the_prefixed_line_is_the_fallback(tmp_path: Path) -> None:
+    out = io.StringIO()
+    configure_logging("journal", stream=out, journal_socket=tmp_path / "missing.socket")
+    structlog.get_logger().error("result.rejected", file="x.json")
+    assert out.getvalue().startswith("<3>{")

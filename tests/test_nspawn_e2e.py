@@ -195,6 +195,8 @@ def test_the_unit_under_systemd_notifies_logs_restarts_on_watchdog_and_stops_its
                interval=0.2, what="agent.started in the journal")  # fmt: skip
     mine = [e for e in box.events() if e.get("run_id") == rid]
     assert [e["event"] for e in mine] == ["result.validated", "decision.made", "agent.started"]
+    by_field = [json.loads(line)["event"] for line in box.journal(f"RUN_ID={rid}")]
+    assert by_field == ["result.validated", "decision.made", "agent.started"], "native fields"
     wait_until(lambda: "1 decided" in box.show("StatusText"), 5, interval=0.2)
     status = box.run("systemctl", "status", UNIT, "--no-pager", "-l", "-n", "5", check=False)
     assert 'Status: "' in status and "1 decided" in status
