@@ -61,9 +61,9 @@ class Daemon:
         self._reload_requested = False
         self._status_dirty = True
         self._started = time.time()
-        slots = sum(config.server(n).parallel for n in SERVERS)
-        self._llm_slots = asyncio.Semaphore(slots)
-        self._workers = max(4, 2 * slots)
+        self._slot_count = sum(config.server(n).parallel for n in SERVERS)
+        self._llm_slots = asyncio.Semaphore(self._slot_count)
+        self._workers = max(4, 2 * self._slot_count)
         self._busy: set[asyncio.Task[Any]] = set()
         self._draining = False
         settings = config.daemon
@@ -99,9 +99,10 @@ class Daemon:
         self._status_dirty = True
 
     async def _decide(self, meta: AgentMetadata) -> Decision:
-        if any(s.state is ChildState.STARTING for s in self.supervisor.status().values()):
-            # A model still loading is not a model that is down: wait for it rather than let
-            # the rules policy decide every file that was waiting at start-up.
+        states = {s.state for s in self.supervisor.status().values()}
+        if ChildState.READY not in states and {ChildState.STARTING, ChildState.STOPPED} & states:
+            # Models still loading are not models that are down: wait for them rather than let
+            # the rules policy decide every file that was waiting at start-up (or at a reload).
             longest = max(self.config.server(n).startup_timeout_seconds for n in SERVERS)
             await self.supervisor.wait_ready(longest)
         async with self._llm_slots:
@@ -209,7 +210,7 @@ class Daemon:
                 await self.engine.resolve(run_id, verb)
                 self.ledger.finish_command(command_id)
             if self._reload_requested:
-                self._reload()
+                await self._reload()
             await asyncio.sleep(COMMAND_POLL_SECONDS)
 
     # -- reload, status ----------------------------------------------------------------------
@@ -217,7 +218,7 @@ class Daemon:
     def _request_reload(self) -> None:
         self._reload_requested = True
 
-    def _reload(self) -> None:
+    async def _reload(self) -> None:
         self._reload_requested = False
         if self._reload_config is None:
             return
@@ -227,12 +228,38 @@ class Daemon:
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems, kept="the running config")
         else:
-            servers_changed = any(new.server(n) != self.config.server(n) for n in SERVERS)
+            changed = [n for n in SERVERS if new.server(n) != self.config.server(n)]
             self.config = new
             self.engine.config = new
-            self._decisions = DecisionEngine(new, self.router)
-            log.info("config.reloaded", servers_need_restart=servers_changed)
+            if changed:
+                await self._restart_servers(new, changed)
+            else:
+                self._decisions = DecisionEngine(new, self.router)
+            log.info("config.reloaded", servers_restarted=changed)
         self._notifier.ready(self.status_line())
+
+    async def _restart_servers(self, config: Config, changed: list[str]) -> None:
+        """New llama-server settings: restart those children with no decision in flight.
+
+        Holding every LLM slot keeps decisions from starting against servers going away; they
+        resume once the new children are up (and wait while the models load).
+        """
+        slots = self._llm_slots
+        held = 0
+        try:
+            for _ in range(self._slot_count):
+                await slots.acquire()
+                held += 1
+            log.info("servers.restarting", servers=changed, reason="config reloaded")
+            await self.supervisor.reconfigure(config, changed)
+            await self.router.aclose()
+            self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
+            self._decisions = DecisionEngine(config, self.router)
+            self._slot_count = sum(config.server(n).parallel for n in SERVERS)
+            self._llm_slots = asyncio.Semaphore(self._slot_count)
+        finally:
+            for _ in range(held):
+                slots.release()
 
     def _server_changed(self, status: ChildStatus) -> None:
         self._status_dirty = True

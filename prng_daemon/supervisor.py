@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -76,23 +76,24 @@ class Supervisor:
         self._on_change = on_change
         self._clock = clock
         self._changed = asyncio.Event()
-        h = config.health
         self._children = {
-            name: _Child(
-                name=name,
-                log=get_logger(server=name),
-                budget=RestartBudget(
-                    h.max_restart_attempts,
-                    h.restart_window_seconds,
-                    h.backoff_initial_seconds,
-                    h.backoff_max_seconds,
-                    h.stable_after_seconds,
-                ),
-                status=ChildStatus(name, ChildState.STOPPED, None, 0, None, time.time(), ""),
-            )
-            for name in SERVER_NAMES
-            if config.server(name).managed
+            name: self._new_child(name) for name in SERVER_NAMES if config.server(name).managed
         }
+
+    def _new_child(self, name: str) -> _Child:
+        h = self._config.health
+        return _Child(
+            name=name,
+            log=get_logger(server=name),
+            budget=RestartBudget(
+                h.max_restart_attempts,
+                h.restart_window_seconds,
+                h.backoff_initial_seconds,
+                h.backoff_max_seconds,
+                h.stable_after_seconds,
+            ),
+            status=ChildStatus(name, ChildState.STOPPED, None, 0, None, time.time(), ""),
+        )
 
     async def start(self) -> None:
         """Launch every managed server; returns at once, supervision runs as tasks."""
@@ -101,11 +102,29 @@ class Supervisor:
 
     async def stop(self) -> None:
         """SIGTERM each child's process group, SIGKILL after stop_timeout_seconds; reap all."""
-        tasks = [c.task for c in self._children.values() if c.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(self._terminate(c) for c in self._children.values()))
+        await asyncio.gather(*(self._stop_child(c) for c in self._children.values()))
+
+    async def _stop_child(self, child: _Child) -> None:
+        if child.task is not None:
+            child.task.cancel()
+            await asyncio.gather(child.task, return_exceptions=True)
+        await self._terminate(child)
+
+    async def reconfigure(self, config: Config, names: Iterable[str]) -> None:
+        """Adopt `config`; stop the named servers and start them again with their new settings.
+
+        The others keep running untouched (their settings did not change).
+        """
+        names = list(names)
+        for name in names:
+            child = self._children.pop(name, None)
+            if child is not None:
+                await self._stop_child(child)
+        self._config = config
+        for name in names:
+            if config.server(name).managed:
+                child = self._children[name] = self._new_child(name)
+                child.task = asyncio.create_task(self._supervise(child), name=f"supervise-{name}")
 
     def is_ready(self, name: str) -> bool:
         """Whether the router may send to `name`; an unmanaged server is the router's to check."""

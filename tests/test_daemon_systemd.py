@@ -118,20 +118,25 @@ def test_watchdog_pings_at_half_of_watchdog_usec(
     assert 0.15 < mean < 0.3
 
 
-def test_sigterm_says_stopping_exits_0_and_leaves_no_llama_server(
-    tmp_path: Path, notify: NotifySocket, llama_server_bin: Path, tiny_model: Path
-) -> None:
-    """Both servers managed: real llama-server children that the daemon must take down."""
+def managed_workspace(tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> Workspace:
+    """Both servers managed: real llama-server children on the tiny model."""
     server = {
-        "model": tiny_model.name, "managed": True, "context_length": 256, "batch_size": 64,
+        "model": tiny_model.name, "managed": True, "context_length": 2048, "batch_size": 64,
         "threads": 1, "parallel": 1, "n_gpu_layers": 0, "startup_timeout_seconds": 30.0,
     }  # fmt: skip
-    ws = make_workspace(
+    return make_workspace(
         tmp_path, free_port(),
         orchestrator={**server, "port": free_port()}, math={**server, "port": free_port()},
         daemon={"llama_server": str(llama_server_bin), "models_dir": str(tiny_model.parent)},
         health={"ready_poll_interval_seconds": 0.05, "stop_timeout_seconds": 5.0},
     )  # fmt: skip
+
+
+def test_sigterm_says_stopping_exits_0_and_leaves_no_llama_server(
+    tmp_path: Path, notify: NotifySocket, llama_server_bin: Path, tiny_model: Path
+) -> None:
+    """The daemon must take its real llama-server children down with it."""
+    ws = managed_workspace(tmp_path, llama_server_bin, tiny_model)
     proc = start(ws, notify)
 
     def servers() -> set[int]:
@@ -194,7 +199,7 @@ def test_sighup_reloads_a_good_config_between_reloading_and_ready(
     finally:
         assert stop(proc) == 0
     assert any(line.startswith("MONOTONIC_USEC=") for line in notify.messages()[reloading].split())
-    assert events(ws, "config.reloaded")[0]["servers_need_restart"] is False
+    assert events(ws, "config.reloaded")[0]["servers_restarted"] == []
     assert not ws.launches()
 
 
@@ -261,3 +266,36 @@ def test_under_journald_every_line_carries_its_syslog_priority(
     assert by_event["result.rejected"] == "<3>"
     assert by_event["daemon.stopped"] == "<6>"
     assert all(line[:3] in ("<3>", "<4>", "<6>") for line in written), written
+
+
+def test_sighup_with_new_server_settings_restarts_that_server_only(
+    tmp_path: Path, notify: NotifySocket, llama_server_bin: Path, tiny_model: Path
+) -> None:
+    """A reload that moves the math server to another port restarts it; the orchestrator stays."""
+    ws = managed_workspace(tmp_path, llama_server_bin, tiny_model)
+    proc = start(ws, notify)
+
+    def servers() -> dict[str, dict[str, Any]]:
+        status = json.loads((ws.root / "state" / "status.json").read_text())
+        return dict(status["servers"])
+
+    try:
+        wait_until(lambda: any("orchestrator ready, math ready" in s for s in notify.statuses()),
+                   20, what="both servers ready")  # fmt: skip
+        before = servers()
+        config = json.loads(ws.config_path.read_text())
+        config["math"]["port"] = free_port()
+        ws.config_path.write_text(json.dumps(config))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: events(ws, "config.reloaded"), 20, what="config.reloaded")
+        wait_until(lambda: servers()["math"]["state"] == "ready"
+                   and servers()["math"]["pid"] != before["math"]["pid"], 20,
+                   what="a new math server, ready")  # fmt: skip
+        drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+        wait_until(lambda: events(ws, "decision.made"), 20, what="a decision")
+        after = servers()
+    finally:
+        assert stop(proc) == 0
+    assert events(ws, "config.reloaded")[0]["servers_restarted"] == ["math"]
+    assert after["orchestrator"]["pid"] == before["orchestrator"]["pid"], "left alone"
+    assert events(ws, "decision.made")[0]["path"] != "rules", "decided by the new server"
