@@ -79,16 +79,19 @@ def test_inotify_queue_overflow_triggers_a_rescan(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         seen: list[str] = []
         overflows: list[bool] = []
-        with _small_inotify_queue(4):
+        with _small_inotify_queue(16):
             watcher = Watcher(tmp_path, loop, lambda p, s: seen.append(p.name),
                               lambda: overflows.append(True))  # fmt: skip
         with watcher:
-            await loop.run_in_executor(None, burst)
+            # Keep watchdog's reader thread off the inotify fd while the burst lands, so the
+            # kernel queue overflows for certain rather than by losing a scheduling race.
+            with watcher._observer._inotify_fd._lock:  # type: ignore[attr-defined]
+                await loop.run_in_executor(None, burst)
             deadline = loop.time() + 5
             while not overflows and loop.time() < deadline:
                 await asyncio.sleep(0.02)
             return seen, overflows
 
     seen, overflows = asyncio.run(main())
-    assert overflows, "the overflow was not reported"
+    assert overflows, f"the overflow was not reported ({len(seen)} events seen)"
     assert len(seen) < 400, "events were lost, which is why the rescan matters"
