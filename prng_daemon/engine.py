@@ -33,6 +33,9 @@ Source = str
 RESUMABLE = (State.SEEN, State.DECIDED, State.WAITING)
 """States a file is left in when the daemon stopped (or no LLM answered) mid-way."""
 
+ADOPTED_TIMEOUT_SECONDS = 24 * 3600.0
+"""Timeout for an adopted agent whose name is no longer in the config."""
+
 SETTLE_SECONDS = 60.0
 """A file found by a scan that does not parse yet, and changed this recently, may still be
 being written (NFS, a slow copy): it is left for later instead of quarantined."""
@@ -217,11 +220,8 @@ class Engine:
     def _agent_exited(self, launch_id: int, pid: int, code: int | None, duration: float) -> None:
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
-        if code is None:
-            log.info("agent.detached", agent=entry.agent, pid=pid)
-            return
-        self.ledger.update(entry.id, entry.state, exit_code=code)
-        event = log.info if code == 0 else log.error
+        self.ledger.update(entry.id, entry.state, exit_code=code, ended=time.time())
+        event = log.info if code == 0 else log.error if code is not None else log.warning
         event("agent.exited", agent=entry.agent, pid=pid, exit_code=code,
               duration_s=round(duration, 3))  # fmt: skip
         self._on_change()
@@ -265,7 +265,24 @@ class Engine:
     # -- start-up and operator commands ---------------------------------------------------
 
     def reconcile(self) -> list[Entry]:
-        """After a crash: settle launch intents by their markers; return entries to redo."""
+        """After a crash: settle launch intents by their markers; return entries to redo.
+
+        Agents launched before the restart are watched again if they still run, and reported
+        lost if they ended unseen (their results, if any, arrive as files like any other).
+        """
+        for entry in self.ledger.agents_unaccounted():
+            log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+            assert entry.pid is not None and entry.agent is not None
+            if self.launcher.is_running(entry.id, entry.pid):
+                agent = self.config.agents.get(entry.agent)
+                timeout = agent.timeout_seconds if agent else ADOPTED_TIMEOUT_SECONDS
+                remaining = max(1.0, timeout - (time.time() - entry.updated))
+                self.launcher.adopt(entry.id, entry.agent, entry.pid, remaining)
+                log.info("agent.adopted", agent=entry.agent, pid=entry.pid)
+            else:
+                reason = "its agent ended while the daemon was not running; exit status unknown"
+                self.ledger.update(entry.id, entry.state, ended=time.time(), reason=reason)
+                log.warning("agent.lost", agent=entry.agent, pid=entry.pid, reason=reason)
         redo = []
         for entry in self.ledger.in_state(State.LAUNCHING):
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS files (
     agent TEXT,
     pid INTEGER,
     exit_code INTEGER,
+    ended REAL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
     UNIQUE (path, sha256)
@@ -86,6 +87,8 @@ class Entry:
     agent: str | None
     pid: int | None
     exit_code: int | None
+    ended: float | None
+    """When the agent was seen to end (its exit code may still be unknown)."""
     created: float
     updated: float
 
@@ -189,6 +192,14 @@ class Ledger:
         marks = ", ".join("?" for _ in states)
         rows = self._db.execute(
             f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id", states
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def agents_unaccounted(self) -> list[Entry]:
+        """Launched agents whose end the daemon has not seen (it was down when they ended)."""
+        rows = self._db.execute(
+            "SELECT * FROM files WHERE state = ? AND pid IS NOT NULL AND ended IS NULL",
+            (State.ACTED,),
         ).fetchall()
         return [_entry(r) for r in rows]
 

@@ -107,6 +107,6 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"  {_when(e['updated'])}  {e['file']}  {e['state']}"
             + (f"  {e['decision']}" if e["decision"] else "")
-            + (f"  ({e['reason']})" if e["reason"] and e["state"] != "acted" else "")
+            + (f"  ({e['reason']})" if e["reason"] else "")
         )
     return "\n".join(lines)

@@ -10,7 +10,15 @@ from pathlib import Path
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
-from .workspace import drop, make_workspace, result_document, run_id, stop, wait_ready
+from .workspace import (
+    Workspace,
+    drop,
+    make_workspace,
+    result_document,
+    run_id,
+    stop,
+    wait_ready,
+)
 
 
 def test_atomic_rename_is_decided_once_and_launches_the_follow_up(
@@ -150,3 +158,67 @@ def test_sigterm_finishes_the_file_in_flight(tmp_path: Path, fake: FakeLlama) ->
     assert ws.ledger_states() == {"acted": 1}
     events = [e["event"] for e in ws.events()]
     assert events.index("daemon.draining") < events.index("agent.started")
+
+
+SLOW_AGENT = """\
+import os, pathlib, sys, time
+marker_dir = pathlib.Path(os.environ["MARKERS"])
+(marker_dir / f"{os.environ['PRNG_LAUNCH_ID']}-{os.getpid()}").write_text("")
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def _slow_agent(ws: Workspace, seconds: float) -> None:
+    script = ws.root / "slow_agent.py"
+    script.write_text(SLOW_AGENT)
+    config = json.loads(ws.config_path.read_text())
+    config["agents"]["full_scoring_agent"]["argv"] = ["python3", str(script), str(seconds)]
+    ws.config_path.write_text(json.dumps(config))
+
+
+def _events(ws: Workspace, name: str) -> list[dict[str, object]]:
+    return [e for e in ws.events() if e["event"] == name]
+
+
+def test_agent_still_running_after_a_daemon_crash_is_adopted(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """A restart watches the agent the dead daemon launched, and sees it end."""
+    ws = make_workspace(tmp_path, fake.port)
+    _slow_agent(ws, 3.0)
+    proc = ws.start()
+    wait_ready(ws)
+    drop(ws.results, "r.json", result_document(2, run_id(2, 21)))
+    wait_until(lambda: ws.launches(), 20, what="the slow agent")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    proc = ws.start()
+    try:
+        wait_until(lambda: _events(ws, "agent.adopted"), 20, what="the agent to be adopted")
+        wait_until(lambda: _events(ws, "agent.exited"), 20, what="the adopted agent to end")
+    finally:
+        stop(proc)
+    [exited] = _events(ws, "agent.exited")
+    assert exited["exit_code"] is None and exited["level"] == "warning"
+    assert len(ws.launches()) == 1, "adopted, not launched again"
+
+
+def test_agent_that_ended_while_the_daemon_was_down_is_reported_lost(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    ws = make_workspace(tmp_path, fake.port)
+    _slow_agent(ws, 60.0)
+    proc = ws.start()
+    wait_ready(ws)
+    drop(ws.results, "r.json", result_document(2, run_id(2, 22)))
+    [launch] = wait_until(lambda: ws.launches(), 20, what="the slow agent")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    os.kill(int(launch.split("-")[1]), signal.SIGKILL)
+    proc = ws.start()
+    try:
+        wait_until(lambda: _events(ws, "agent.lost"), 20, what="agent.lost")
+    finally:
+        stop(proc)
+    [lost] = _events(ws, "agent.lost")
+    assert lost["run_id"] == run_id(2, 22) and lost["level"] == "warning"

@@ -15,7 +15,8 @@ def test_demo_completes_steps_1_to_6(tmp_path: Path) -> None:
     text = out.getvalue()
     chain = text.split("The chain of runs:")[1].strip().splitlines()
     steps = [line.split()[2] for line in chain if line.strip().startswith("step")]
-    assert steps == ["1", "2", "3", "4", "5", "6"], text
+    # The tiny model's answers are random: a step may be retried, so a step can repeat.
+    assert steps == sorted(steps, key=int) and set(steps) == {"1", "2", "3", "4", "5", "6"}, text
     records = list((tmp_path / "results" / "decisions").glob("*.decision.json"))
     assert len(records) >= 6
     last = max((json.loads(r.read_text()) for r in records), key=lambda r: r["pipeline_step"])

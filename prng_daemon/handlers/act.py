@@ -12,9 +12,10 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import AgentConfig
 from ..errors import AgentFailed
@@ -23,7 +24,7 @@ from ..log import get_logger
 __all__ = ["Launch", "Launcher", "OnExit"]
 
 OnExit = Callable[[int, int, int | None, float], None]
-"""(launch id, pid, exit code or None when no longer watched, seconds it ran)."""
+"""(launch id, pid, exit code — None when not the daemon's child to reap —, seconds watched)."""
 
 KILL_GRACE_SECONDS = 10.0
 SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID"})
@@ -109,19 +110,39 @@ class Launcher:
             raise AgentFailed(
                 f"agent {launch.agent}: cannot start {argv[0]}: {exc.strerror}"
             ) from None
-        task = asyncio.get_running_loop().create_task(
-            self._watch(launch, pid, launch.config.timeout_seconds)
-        )
-        self._running[launch.launch_id] = task
-        task.add_done_callback(lambda _: self._running.pop(launch.launch_id, None))
+        timeout = launch.config.timeout_seconds
+        self._track(launch.launch_id, self._watch(launch.launch_id, launch.agent, pid, timeout))
         return pid
 
-    async def _watch(self, launch: Launch, pid: int, timeout: float) -> None:
-        log = get_logger(agent=launch.agent, pid=pid, launch_id=launch.launch_id)
+    def is_running(self, launch_id: int, pid: int) -> bool:
+        """Whether `pid` is still the agent of this launch (not a reused pid)."""
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return False
+        return f"PRNG_LAUNCH_ID={launch_id}".encode() in environ.split(b"\0")
+
+    def adopt(self, launch_id: int, agent: str, pid: int, timeout: float) -> None:
+        """Watch an agent started before a restart: its end is seen, its exit code is not."""
+        self._track(launch_id, self._watch(launch_id, agent, pid, timeout, own_child=False))
+
+    def _track(self, launch_id: int, watch: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(watch)
+        self._running[launch_id] = task
+        task.add_done_callback(lambda _: self._running.pop(launch_id, None))
+
+    async def _watch(
+        self, launch_id: int, agent: str, pid: int, timeout: float, own_child: bool = True
+    ) -> None:
+        log = get_logger(agent=agent, pid=pid, launch_id=launch_id)
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._on_exit(launch_id, pid, _reap(pid) if own_child else None, 0.0)
+            return
 
         def on_exit() -> None:
             if not exited.done():
@@ -134,12 +155,14 @@ class Launcher:
             except TimeoutError:
                 log.error("agent.timeout", timeout_seconds=timeout)
                 await self._terminate(pid, exited)
+        except asyncio.CancelledError:
+            log.info("agent.detached", reason="the daemon is stopping; the agent runs on")
+            raise
         finally:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            code = _reap(pid)
-            duration = time.monotonic() - started
-            self._on_exit(launch.launch_id, pid, code, duration)
+        code = _reap(pid) if own_child else None
+        self._on_exit(launch_id, pid, code, time.monotonic() - started)
 
     async def _terminate(self, pid: int, exited: asyncio.Future[None]) -> None:
         _killpg(pid, signal.SIGTERM)
