@@ -168,12 +168,20 @@ time.sleep(float(sys.argv[1]))
 """
 
 
-def _slow_agent(ws: Workspace, seconds: float) -> None:
+def _launch_slow_agent_then_crash(ws: Workspace, run: str, seconds: float) -> str:
+    """Start the daemon, let it launch an agent that runs `seconds`, SIGKILL the daemon."""
     script = ws.root / "slow_agent.py"
     script.write_text(SLOW_AGENT)
     config = json.loads(ws.config_path.read_text())
     config["agents"]["full_scoring_agent"]["argv"] = ["python3", str(script), str(seconds)]
     ws.config_path.write_text(json.dumps(config))
+    proc = ws.start()
+    wait_ready(ws)
+    drop(ws.results, "r.json", result_document(2, run))
+    [launch] = wait_until(lambda: ws.launches(), 20, what="the slow agent")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    return launch
 
 
 def _events(ws: Workspace, name: str) -> list[dict[str, object]]:
@@ -185,13 +193,7 @@ def test_agent_still_running_after_a_daemon_crash_is_adopted(
 ) -> None:
     """A restart watches the agent the dead daemon launched, and sees it end."""
     ws = make_workspace(tmp_path, fake.port)
-    _slow_agent(ws, 3.0)
-    proc = ws.start()
-    wait_ready(ws)
-    drop(ws.results, "r.json", result_document(2, run_id(2, 21)))
-    wait_until(lambda: ws.launches(), 20, what="the slow agent")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    _launch_slow_agent_then_crash(ws, run_id(2, 21), 3.0)
     proc = ws.start()
     try:
         wait_until(lambda: _events(ws, "agent.adopted"), 20, what="the agent to be adopted")
@@ -207,13 +209,7 @@ def test_agent_that_ended_while_the_daemon_was_down_is_reported_lost(
     tmp_path: Path, fake: FakeLlama
 ) -> None:
     ws = make_workspace(tmp_path, fake.port)
-    _slow_agent(ws, 60.0)
-    proc = ws.start()
-    wait_ready(ws)
-    drop(ws.results, "r.json", result_document(2, run_id(2, 22)))
-    [launch] = wait_until(lambda: ws.launches(), 20, what="the slow agent")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    launch = _launch_slow_agent_then_crash(ws, run_id(2, 22), 60.0)
     os.kill(int(launch.split("-")[1]), signal.SIGKILL)
     proc = ws.start()
     try:
