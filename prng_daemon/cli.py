@@ -20,6 +20,7 @@ from .journal import JOURNAL_SOCKET
 from .ledger import Ledger, State
 from .llm import AsyncRouter, Decision, DecisionEngine
 from .log import configure_logging, pick_format
+from .preflight import environment_problems
 from .systemd import Notifier
 
 __all__ = ["main"]
@@ -36,7 +37,12 @@ def read_config(args: argparse.Namespace) -> Config:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = read_config(args)
     print(json.dumps(config.model_dump(mode="json"), indent=2))
-    return EXIT_OK
+    if not args.preflight:
+        return EXIT_OK
+    problems = environment_problems(config)
+    for line in problems:
+        print(f"preflight: {line}", file=sys.stderr)
+    return EXIT_INVALID if problems else EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -182,10 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    with_config(
-        verb(
-            "check-config", cmd_check_config, "print the effective config, or what is wrong with it"
-        )
+    cc = with_config(
+        verb("check-config", cmd_check_config, "print the effective config, or what is wrong")
+    )
+    cc.add_argument(
+        "--preflight",
+        action="store_true",
+        help="also check this machine: llama-server binary, model files, agent programs",
     )
     dm = verb("demo", cmd_demo, "run the whole pipeline on tiny models in a temporary workspace")
     dm.add_argument("--workdir", metavar="DIR", help="workspace (default: a new temporary dir)")

@@ -9,7 +9,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
+from .config import SERVER_NAMES, Config
+from .pipeline import PIPELINE
 
 __all__ = ["GGUF_MAGIC", "Launch", "PreflightFailed", "plan_launch"]
 
@@ -125,3 +126,29 @@ def plan_launch(config: Config, name: str) -> Launch:
     if server.gpu_id is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(server.gpu_id)
     return Launch(tuple(argv), env, _probe_url(server.host, server.port), api_key)
+
+
+def environment_problems(config: Config) -> list[str]:
+    """What would stop the daemon from working on this machine, one line each, without starting
+    anything: binaries and models of managed servers, agent programs and the pipeline's agents.
+    A busy port is not listed (the running daemon may hold it)."""
+    problems = []
+    for name in SERVER_NAMES:
+        if config.server(name).managed:
+            try:
+                plan_launch(config, name)
+            except PreflightFailed as exc:
+                if not exc.transient:
+                    problems.append(f"{name}: {exc}")
+    for name, agent in config.agents.items():
+        if shutil.which(agent.argv[0]) is None:
+            problems.append(f"agents.{name}.argv[0]: program not found: {agent.argv[0]}")
+        if agent.cwd is not None and not agent.cwd.is_dir():
+            problems.append(f"agents.{name}.cwd: not a directory: {agent.cwd}")
+    for row in PIPELINE:
+        if not row.is_last and row.follow_up_agent not in config.agents:
+            problems.append(
+                f"agents: no {row.follow_up_agent!r}: step {row.number} results would be"
+                " quarantined (the follow-up agent is not configured)"
+            )
+    return problems

@@ -117,3 +117,35 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.daemon.results_dir == tmp_path / "results"
     assert config.daemon.state_dir == Path("/abs/state")
+
+
+def test_preflight_checks_the_machine_not_just_the_file(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    llama_server_bin: Path,
+    tiny_model: Path,
+) -> None:
+    """`check-config --preflight` names the missing model and agent before anything starts."""
+    agent = {"argv": ["python3", "-c", "pass"]}
+    raw = {
+        "orchestrator": {"model": tiny_model.name, "port": 8080},
+        "math": {"model": "absent.gguf", "port": 8081},
+        "daemon": {"llama_server": str(llama_server_bin), "models_dir": str(tiny_model.parent)},
+        "agents": {name: agent for name in ("scorer_meta_agent", "full_scoring_agent",
+                                            "ml_meta_agent", "reinforcement_agent")},
+    }  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    assert main(["check-config", "--config", str(path)]) == 0, "the file itself is fine"
+    capsys.readouterr()
+    assert main(["check-config", "--preflight", "--config", str(path)]) == 1
+    problems = capsys.readouterr().err.strip().splitlines()
+    assert problems == [
+        f"preflight: math: model file missing: {tiny_model.parent / 'absent.gguf'}",
+        "preflight: agents: no 'prediction_agent': step 5 results would be quarantined"
+        " (the follow-up agent is not configured)",
+    ]
+    raw["math"]["model"] = tiny_model.name
+    raw["agents"]["prediction_agent"] = agent
+    path.write_text(json.dumps(raw))
+    assert main(["check-config", "--preflight", "--config", str(path)]) == 0
