@@ -10,7 +10,6 @@ __all__ = [
     "LLMError",
     "LLMUnavailable",
     "ResultRejected",
-    "SupervisorGaveUp",
 ]
 
 
@@ -63,7 +62,3 @@ class LLMBadAnswer(LLMError):
 
 class AgentFailed(DaemonError):
     """A follow-up agent could not be started or exited badly."""
-
-
-class SupervisorGaveUp(DaemonError):
-    """A llama-server child spent its restart budget and is FAILED."""

@@ -36,8 +36,6 @@ class State(StrEnum):
     """The file's content changed after an earlier version was decided: flagged, not re-run."""
 
 
-FINISHED = (State.ACTED, State.DONE, State.QUARANTINED, State.FAILED, State.CHANGED)
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY,
@@ -131,12 +129,6 @@ class Ledger:
     def get(self, entry_id: int) -> Entry:
         row = self._db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row)
-
-    def find(self, path: str, sha256: str) -> Entry | None:
-        row = self._db.execute(
-            "SELECT * FROM files WHERE path = ? AND sha256 = ?", (path, sha256)
-        ).fetchone()
-        return _entry(row) if row else None
 
     def claim(self, path: str, sha256: str, **fields: Any) -> tuple[Entry, bool]:
         """The entry for this exact content; True when it is new (never seen before).
