@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__, status
 from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from .daemon import Daemon
-from .errors import ConfigError, ResultRejected
+from .errors import ConfigError, DaemonError, ResultRejected
 from .handlers.validate import Loaded, load_result
 from .journal import JOURNAL_SOCKET
 from .ledger import Ledger, State
@@ -227,4 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
+    except DaemonError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
     return code

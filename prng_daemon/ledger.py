@@ -101,7 +101,13 @@ def _entry(row: sqlite3.Row) -> Entry:
 class Ledger:
     """One connection, used from the event loop's thread only (the CLI opens its own)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """`readonly`: for `status`, which any user in the service's group may run."""
+        self._paths: set[str] | None = None
+        if readonly:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+            self._db.row_factory = sqlite3.Row
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(
             path, isolation_level=None, timeout=30.0, check_same_thread=False
@@ -111,7 +117,6 @@ class Ledger:
         # NORMAL in WAL mode: a commit survives a process crash; only power loss can lose the last.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._paths: set[str] | None = None
 
     def close(self) -> None:
         self._db.close()

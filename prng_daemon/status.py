@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from datetime import datetime
 from typing import Any
 
 from .config import Config
 from .daemon import HEARTBEAT_SECONDS, status_path
+from .errors import DaemonError
 from .ledger import Ledger, State
 from .llm.router import base_url
 
@@ -46,14 +48,17 @@ def collect(config: Config) -> dict[str, Any]:
     ledger_path = config.daemon.ledger_path
     if not ledger_path.exists():
         return report | {"escalations": [], "recent": [], "pipeline_runs": [], "counts": {}}
-    ledger = Ledger(ledger_path)
     try:
-        report["escalations"] = [_row(e) for e in ledger.in_state(State.ESCALATED)]
-        report["recent"] = [_row(e) for e in ledger.recent(10)]
-        report["pipeline_runs"] = [_row(e) for e in ledger.pipeline_runs()]
-        report["counts"] = ledger.counts()
-    finally:
-        ledger.close()
+        ledger = Ledger(ledger_path, readonly=True)
+        try:
+            report["escalations"] = [_row(e) for e in ledger.in_state(State.ESCALATED)]
+            report["recent"] = [_row(e) for e in ledger.recent(10)]
+            report["pipeline_runs"] = [_row(e) for e in ledger.pipeline_runs()]
+            report["counts"] = ledger.counts()
+        finally:
+            ledger.close()
+    except sqlite3.Error as exc:
+        raise DaemonError(f"status: cannot read the ledger {ledger_path}: {exc}") from None
     return report
 
 
