@@ -121,7 +121,7 @@ class Daemon:
             with Watcher(settings.results_dir, loop, self.enqueue, self._rescan_now.set) as watcher:
                 for entry in self.engine.reconcile():
                     await self.engine.relaunch(entry)
-                await self._catch_up(watcher)
+                await self._catch_up(watcher, at_start=True)
                 log.info("daemon.started", results_dir=str(settings.results_dir), pid=os.getpid())
                 # READY as soon as the daemon serves: models may take minutes to load, and
                 # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
@@ -182,13 +182,15 @@ class Daemon:
             finally:
                 self._busy.discard(task)
 
-    async def _catch_up(self, watcher: Watcher) -> None:
+    async def _catch_up(self, watcher: Watcher, at_start: bool = False) -> None:
         # The listing runs off the loop; the set is only read there (membership tests).
         found = await asyncio.to_thread(watcher.scan, self.ledger.known_paths())
         for path in found:
             self.enqueue(path, "scan")
-        for entry in self.ledger.in_state(State.WAITING, State.SEEN, State.DECIDED):
-            # SEEN/DECIDED: a crash came between steps; WAITING: no LLM answered last time.
+        # WAITING: no LLM answered last time. SEEN/DECIDED only at start, where they mean the
+        # previous run stopped between steps; later they are files in flight right now.
+        unfinished = (State.WAITING, State.SEEN, State.DECIDED) if at_start else (State.WAITING,)
+        for entry in self.ledger.in_state(*unfinished):
             self.enqueue(self.config.daemon.results_dir / entry.path, "retry")
         if found:
             log.info("daemon.catch_up", files=len(found))

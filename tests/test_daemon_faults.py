@@ -10,7 +10,7 @@ from prng_daemon.ledger import Ledger
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
-from .workspace import drop, make_workspace, result_document, run_id, stop, wait_ready
+from .workspace import drop, make_workspace, result_document, run_id, running
 
 GOOD = json.dumps(result_document(2, run_id(2, 1))).encode()
 
@@ -58,16 +58,12 @@ def test_bad_files_are_quarantined_and_good_ones_still_flow(
     ws = make_workspace(tmp_path / "ws", fake.port, daemon={"max_result_bytes": 1 << 20})
     outside = tmp_path / "outside"
     outside.mkdir()
-    proc = ws.start()
-    try:
-        wait_ready(ws)
+    with running(ws) as proc:
         reasons = _bad_files(ws.results, outside)
         drop(ws.results, "good.json", result_document(2, run_id(2, 7)))
         wait_until(lambda: len(_entries(ws.root)) >= len(reasons) + 1, 30, what="all files")
         wait_until(lambda: ws.launches(), 10, what="the good file's agent")
         assert proc.poll() is None, "the daemon is still running"
-    finally:
-        stop(proc)
     entries = _entries(ws.root)
     for name, phrase in reasons.items():
         state, reason = entries[name]
@@ -83,20 +79,15 @@ def test_bad_files_are_quarantined_and_good_ones_still_flow(
 
 def test_agent_that_hangs_is_killed_at_its_timeout(tmp_path: Path, fake: FakeLlama) -> None:
     ws = make_workspace(tmp_path, fake.port)
-    config = json.loads(ws.config_path.read_text())
     hang = tmp_path / "hang.py"
     hang.write_text("import time\ntime.sleep(600)\n")
-    config["agents"]["full_scoring_agent"] = {"argv": ["python3", str(hang)], "timeout_seconds": 1}
-    ws.config_path.write_text(json.dumps(config))
-    proc = ws.start()
-    try:
-        wait_ready(ws)
+    agent = {"argv": ["python3", str(hang)], "timeout_seconds": 1}
+    ws.edit_config(lambda c: c["agents"].update(full_scoring_agent=agent))
+    with running(ws):
         drop(ws.results, "r.json", result_document(2, run_id(2, 3)))
         wait_until(
             lambda: any(e["event"] == "agent.exited" for e in ws.events()), 30, what="the kill"
         )
-    finally:
-        stop(proc)
     [timeout] = [e for e in ws.events() if e["event"] == "agent.timeout"]
     [exited] = [e for e in ws.events() if e["event"] == "agent.exited"]
     assert timeout["timeout_seconds"] == 1
@@ -110,16 +101,12 @@ def test_no_llm_with_wait_policy_leaves_the_file_waiting_then_decides_it(tmp_pat
             tmp_path, fake.port, policy={"when_no_llm": "wait"},
             routing={"request_timeout_seconds": 0.3},
         )  # fmt: skip
-        proc = ws.start()
-        try:
-            wait_ready(ws)
+        with running(ws):
             drop(ws.results, "r.json", result_document(1, run_id(1, 4)))
             wait_until(lambda: _entries(ws.root).get("r.json", ("",))[0] == "waiting", 30)
             assert not ws.launches()
             fake.mode = "ok"
             wait_until(lambda: ws.launches(), 30, what="the decision once the LLM answers")
-        finally:
-            stop(proc)
     assert _entries(ws.root)["r.json"][0] == "acted"
 
 
@@ -127,14 +114,10 @@ def test_changed_content_after_decision_is_flagged_not_rerun(
     tmp_path: Path, fake: FakeLlama
 ) -> None:
     ws = make_workspace(tmp_path, fake.port)
-    proc = ws.start()
-    try:
-        wait_ready(ws)
+    with running(ws):
         drop(ws.results, "r.json", result_document(2, run_id(2, 5)))
         wait_until(lambda: ws.launches(), 20)
         drop(ws.results, "r.json", result_document(2, run_id(2, 5), confidence=0.5))
         wait_until(lambda: any(e["event"] == "result.changed" for e in ws.events()), 20)
-    finally:
-        stop(proc)
     assert len(ws.launches()) == 1
     assert ws.ledger_states() == {"acted": 1, "changed": 1}

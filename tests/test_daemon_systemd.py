@@ -187,9 +187,7 @@ def test_sighup_reloads_a_good_config_between_reloading_and_ready(
     proc = start(ws, notify)
     try:
         ready_at = notify.wait_for("READY=1")
-        config = json.loads(ws.config_path.read_text())
-        config["policy"]["confidence_threshold"] = 0.95
-        ws.config_path.write_text(json.dumps(config))
+        ws.edit_config(lambda c: c["policy"].update(confidence_threshold=0.95))
         proc.send_signal(signal.SIGHUP)
         reloading = notify.wait_for("RELOADING=1", ready_at + 1)
         notify.wait_for("READY=1", reloading + 1)
@@ -210,9 +208,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one_and_keeps_working(
     proc = start(ws, notify)
     try:
         ready_at = notify.wait_for("READY=1")
-        config = json.loads(ws.config_path.read_text())
-        config["policy"]["confidence_threshold"] = 5
-        ws.config_path.write_text(json.dumps(config))
+        ws.edit_config(lambda c: c["policy"].update(confidence_threshold=5))
         proc.send_signal(signal.SIGHUP)
         [failed] = wait_until(lambda: events(ws, "config.reload_failed"), 10)
         notify.wait_for("READY=1", notify.wait_for("RELOADING=1", ready_at + 1) + 1)
@@ -283,9 +279,8 @@ def test_sighup_with_new_server_settings_restarts_that_server_only(
         wait_until(lambda: any("orchestrator ready, math ready" in s for s in notify.statuses()),
                    20, what="both servers ready")  # fmt: skip
         before = servers()
-        config = json.loads(ws.config_path.read_text())
-        config["math"]["port"] = free_port()
-        ws.config_path.write_text(json.dumps(config))
+        port = free_port()
+        ws.edit_config(lambda c: c["math"].update(port=port))
         proc.send_signal(signal.SIGHUP)
         wait_until(lambda: events(ws, "config.reloaded"), 20, what="config.reloaded")
         wait_until(lambda: servers()["math"]["state"] == "ready"

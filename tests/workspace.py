@@ -7,7 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,27 @@ class Workspace:
         finally:
             log.close()
 
+    def edit_config(self, edit: Callable[[dict[str, Any]], object]) -> None:
+        """Change the config file in place (tests then restart or SIGHUP the daemon)."""
+        config = json.loads(self.config_path.read_text())
+        edit(config)
+        self.config_path.write_text(json.dumps(config, indent=2))
+
     def events(self) -> list[dict[str, Any]]:
         lines = (self.root / "daemon.log").read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@contextmanager
+def running(ws: Workspace, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The daemon started and ready; stopped with SIGTERM at the end, which must exit 0."""
+    proc = ws.start(*extra)
+    try:
+        wait_ready(ws)
+        yield proc
+    finally:
+        code = stop(proc)
+    assert code == 0, f"the daemon exited {code} on SIGTERM"
 
 
 def make_workspace(root: Path, llm_url_port: int, **overrides: Any) -> Workspace:
