@@ -20,6 +20,7 @@ from .journal import JOURNAL_SOCKET
 from .ledger import Ledger, State
 from .llm import AsyncRouter, Decision, DecisionEngine
 from .log import configure_logging, pick_format
+from .names import printable
 from .preflight import environment_problems
 from .systemd import Notifier
 
@@ -69,16 +70,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reports, indent=2))
     else:
-        for r in reports:
+        for r in reports:  # names and messages escaped: both may come from a hostile file
             if r["ok"]:
                 print(
-                    f"{r['file']}: OK (step {r['pipeline_step']} {r['pipeline_step_name']}"
-                    f" -> {r['follow_up_agent']})"
+                    printable(f"{r['file']}: OK (step {r['pipeline_step']}")
+                    + f" {r['pipeline_step_name']} -> {r['follow_up_agent']})"
                 )
             else:
-                print(f"{r['file']}: INVALID")
+                print(printable(f"{r['file']}: INVALID"))
                 for e in r["errors"]:
-                    print(f"  {e['pointer'] or '(file)'}: {e['message']}")
+                    print(printable(f"  {e['pointer'] or '(file)'}: {e['message']}"))
     return EXIT_OK if all(r["ok"] for r in reports) else EXIT_INVALID
 
 

@@ -22,6 +22,7 @@ from .ledger import Entry, Ledger, State
 from .llm.decision import Decision
 from .log import get_logger
 from .metadata import AgentMetadata
+from .names import utf8_name
 from .pipeline import step
 
 __all__ = ["Engine", "Source"]
@@ -35,6 +36,8 @@ RESUMABLE = (State.SEEN, State.DECIDED, State.WAITING)
 
 ADOPTED_TIMEOUT_SECONDS = 24 * 3600.0
 """Timeout for an adopted agent whose name is no longer in the config."""
+
+NAME_NOT_UTF8 = "the file name is not valid UTF-8; rename the file"
 
 SETTLE_SECONDS = 60.0
 """A file found by a scan that does not parse yet, and changed this recently, may still be
@@ -79,9 +82,14 @@ class Engine:
     async def _process(self, path: Path, source: Source) -> None:
         settings = self.config.daemon
         rel = path.name
-        log = get_logger(file=rel)
+        log = get_logger(file=utf8_name(rel))
+        if utf8_name(rel) != rel:  # the ledger stores text: such a name can only be quarantined
+            self._reject(path, ResultRejected(NAME_NOT_UTF8), source, log)
+            return
         try:
-            loaded = load_result(
+            # Off the loop: reading, hashing and checking 15 MB is seconds of CPU.
+            loaded = await asyncio.to_thread(
+                load_result,
                 path,
                 max_bytes=settings.max_result_bytes,
                 root=settings.results_dir,
@@ -122,7 +130,7 @@ class Engine:
         if exc.maybe_partial and source == "scan" and _recently_changed(path):
             log.debug("result.incomplete", reason=str(exc))
             return
-        entry, new = self.ledger.claim(path.name, _rejected_key(path))
+        entry, new = self.ledger.claim(utf8_name(path.name), _rejected_key(path))
         if not new:
             return
         self.ledger.update(entry.id, State.QUARANTINED, reason=str(exc))
@@ -330,7 +338,9 @@ class Engine:
 
     async def _resume(self, entry: Entry, decision: Decision, approved_by: str) -> None:
         path = self.config.daemon.results_dir / entry.path
-        loaded = load_result(path, max_bytes=self.config.daemon.max_result_bytes)
+        loaded = await asyncio.to_thread(
+            load_result, path, max_bytes=self.config.daemon.max_result_bytes
+        )
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
         if loaded.sha256 != entry.sha256:
             self.ledger.update(entry.id, State.FAILED, reason="file changed before it was acted on")

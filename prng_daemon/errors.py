@@ -10,6 +10,7 @@ __all__ = [
     "LLMError",
     "LLMUnavailable",
     "ResultRejected",
+    "UnsafePath",
 ]
 
 
@@ -62,3 +63,7 @@ class LLMBadAnswer(LLMError):
 
 class AgentFailed(DaemonError):
     """A follow-up agent could not be started or exited badly."""
+
+
+class UnsafePath(DaemonError):
+    """A write was refused: the file or its directory is a symbolic link (or not a directory)."""

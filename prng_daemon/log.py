@@ -12,6 +12,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .journal import JournalSender, field_name
+from .names import printable
 
 __all__ = ["SYSLOG_PRIORITY", "configure_logging", "get_logger", "is_journal", "pick_format"]
 
@@ -73,6 +74,14 @@ class _PriorityPrefix:
         return f"<{priority}>{text}"
 
 
+def _printable_values(logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+    """Escape control characters in every string value (a traceback keeps its line breaks)."""
+    return {
+        key: printable(value, newlines=key == "exception") if isinstance(value, str) else value
+        for key, value in event_dict.items()
+    }
+
+
 def configure_logging(
     fmt: LogFormat = "json",
     level: str = "info",
@@ -88,7 +97,10 @@ def configure_logging(
         _sender.close()
     _sender = JournalSender(journal_socket) if fmt == "journal" and journal_socket else None
     renderer: Processor
+    escape: list[Processor] = []
     if fmt == "console":
+        # JSON escapes on its own; on a terminal a file name must not move the cursor or recolour.
+        escape = [_printable_values]
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     elif fmt == "journal":
         renderer = _PriorityPrefix(_sender)
@@ -100,6 +112,7 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *escape,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 from .pipeline import step
 
 __all__ = [
+    "MAX_FILES",
+    "MAX_NODES",
+    "MAX_TRACE",
     "QUERY_TYPES",
+    "RELATIVE_PATH_PATTERN",
+    "RELATIVE_PATH_RULE",
     "RUN_ID_PATTERN",
     "SCHEMA_VERSION",
     "AgentMetadata",
@@ -26,6 +39,19 @@ HASH_PATTERN = r"^sha256:[0-9a-f]{6,64}$"
 TIMESTAMP_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
 )
+RELATIVE_PATH_PATTERN = r"^(?!/)(?!([^/]*/)*\.\.(/|$))"
+"""Not absolute, no `..` component: the schema's `relative_path`, a path inside the results dir."""
+RELATIVE_PATH_RULE = "must be a relative path inside the results dir"
+
+# Lists a result may hold: generous for a pipeline step, and small enough that checking one is
+# milliseconds (200,000 inputs took seconds of CPU each). The schema says the same (maxItems).
+MAX_FILES = 10_000
+"""inputs and outputs, each."""
+MAX_TRACE = 1_000
+"""llm_metadata.llm_reasoning_trace (agents keep the last 10)."""
+MAX_NODES = 4_096
+"""cluster_resources.nodes."""
+
 QueryType = Literal[
     "residue_analysis",
     "prng_state",
@@ -46,7 +72,17 @@ def _integral_float(value: object) -> object:
 
 Count = Annotated[int, BeforeValidator(_integral_float), Field(ge=0)]
 Text = Annotated[str, Field(max_length=256)]
-PathText = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+def _inside_results_dir(value: str) -> str:
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ValueError(f"{RELATIVE_PATH_RULE}, got {json.dumps(value)}")
+    return value
+
+
+RelativePath = Annotated[
+    str, Field(min_length=1, max_length=4096), AfterValidator(_inside_results_dir)
+]
 RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN)]
 
 
@@ -67,7 +103,7 @@ class _Document(BaseModel):
 
 
 class InputFile(_Document):
-    file: PathText
+    file: RelativePath
     hash: Annotated[str, Field(pattern=HASH_PATTERN)] | None = None
     required: bool | None = None
 
@@ -87,13 +123,19 @@ class LLMMetadata(_Document):
     orchestrator_calls: Count | None = None
     math_calls: Count | None = None
     total_tokens_generated: Count | None = None
-    llm_reasoning_trace: list[TraceEntry] | None = None
+    llm_reasoning_trace: Annotated[list[TraceEntry], Field(max_length=MAX_TRACE)] | None = None
     llm_decision: Text | None = None
     human_override_requested: bool | None = None
 
 
 class ClusterResources(_Document):
-    nodes: list[Annotated[str, Field(min_length=1, max_length=253)]] | None = None
+    nodes: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=253)]],
+            Field(max_length=MAX_NODES),
+        ]
+        | None
+    ) = None
     total_gpus: Count | None = None
 
 
@@ -119,8 +161,8 @@ class AgentMetadata(_Document):
     _nullable = frozenset({"parent_run_id"})
 
     run_id: RunId | None = None
-    inputs: list[InputFile] | None = None
-    outputs: list[PathText] | None = None
+    inputs: Annotated[list[InputFile], Field(max_length=MAX_FILES)] | None = None
+    outputs: Annotated[list[RelativePath], Field(max_length=MAX_FILES)] | None = None
     parent_run_id: RunId | None = None
     pipeline_step: Annotated[int, BeforeValidator(_integral_float), Field(ge=1, le=6)]
     pipeline_step_name: StepName

@@ -14,6 +14,7 @@ from .daemon import HEARTBEAT_SECONDS, status_path
 from .errors import DaemonError
 from .ledger import Ledger, State
 from .llm.router import base_url
+from .names import printable
 
 __all__ = ["collect", "render"]
 
@@ -114,4 +115,6 @@ def render(report: dict[str, Any]) -> str:
             + (f"  {e['decision']}" if e["decision"] else "")
             + (f"  ({e['reason']})" if e["reason"] else "")
         )
-    return "\n".join(lines)
+    # File names, reasons and run ids come from files anyone could drop: no raw newline or
+    # terminal escape from them reaches the screen.
+    return "\n".join(printable(line) for line in lines)

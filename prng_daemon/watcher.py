@@ -18,6 +18,8 @@ from types import TracebackType
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
+from .names import utf8_name
+
 __all__ = ["Watcher", "is_candidate"]
 
 OnPath = Callable[[Path, str], None]
@@ -109,7 +111,10 @@ class Watcher:
         directory listing, not 100,000 system calls.
         """
         with os.scandir(self.directory) as entries:
-            names = [e.name for e in entries if is_candidate(e.name) and e.name not in skip]
+            # utf8_name: a name that is not UTF-8 is in the ledger (quarantined) in that form.
+            names = [
+                e.name for e in entries if is_candidate(e.name) and utf8_name(e.name) not in skip
+            ]
         found = []
         for name in names:
             path = self.directory / name

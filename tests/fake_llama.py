@@ -10,7 +10,7 @@ from typing import Any
 
 from prng_daemon.config import Config, parse_config
 
-MODES = ("ok", "garbage", "out_of_range", "http500", "hang", "loading", "bad_body")
+MODES = ("ok", "garbage", "out_of_range", "http500", "hang", "loading", "bad_body", "drip")
 ACTIONS = ("proceed", "retry", "escalate")
 CHOSEN_PROB = 0.8
 """In "ok" mode the first letter of the decision gets this probability, the other two actions'
@@ -46,11 +46,13 @@ class FakeLlama:
 
     Set `.mode` (one of MODES), `.latency` (seconds per /completion), `.slots` (completions served
     at once, the rest wait, like --parallel), `.decision` and `.confidence` (what "ok" answers).
+    "drip" answers like "ok", one byte every `.drip_seconds`: each read is quick, the whole slow.
     """
 
     def __init__(self) -> None:
         self.mode = "ok"
         self.latency = 0.0
+        self.drip_seconds = 2.0
         self.slots: int | None = None
         self.decision = "proceed"
         self.confidence = 90
@@ -114,6 +116,8 @@ class FakeLlama:
                         self._send(500, {"error": {"code": 500, "message": "fake failure"}})
                     elif fake.mode == "bad_body":
                         self._send_raw(200, b"<html>not json")
+                    elif fake.mode == "drip":
+                        self._drip(json.dumps(fake._completion(body)).encode())
                     else:
                         self._send(200, fake._completion(body))
                 finally:
@@ -121,6 +125,20 @@ class FakeLlama:
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 self._send_raw(status, json.dumps(payload).encode())
+
+            def _drip(self, data: bytes) -> None:
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for i in range(len(data)):
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                        if fake._stopping.wait(fake.drip_seconds):
+                            return
+                except OSError:
+                    pass  # the client gave up: that is what the test wants
 
             def _send_raw(self, status: int, data: bytes) -> None:
                 try:

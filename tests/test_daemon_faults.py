@@ -121,3 +121,25 @@ def test_changed_content_after_decision_is_flagged_not_rerun(
         wait_until(lambda: any(e["event"] == "result.changed" for e in ws.events()), 20)
     assert len(ws.launches()) == 1
     assert ws.ledger_states() == {"acted": 1, "changed": 1}
+
+
+def test_decisions_dir_replaced_by_a_symlink_is_not_written_through(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    ws = make_workspace(tmp_path / "ws", fake.port)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with running(ws) as proc:
+        decisions = ws.results / "decisions"
+        decisions.rmdir()  # made (empty) by the daemon at start
+        decisions.symlink_to(elsewhere, target_is_directory=True)
+        drop(ws.results, "r.json", result_document(2, run_id(2, 6)))
+
+        def refused() -> bool:
+            text = (ws.root / "daemon.log").read_text()
+            return f"{decisions} is a symbolic link or not a directory" in text
+
+        wait_until(refused, 20, what="the refusal in the log")
+        assert proc.poll() is None, "the daemon keeps serving"
+    assert list(elsewhere.iterdir()) == []
+    assert not ws.launches()

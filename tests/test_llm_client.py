@@ -93,9 +93,21 @@ def test_hang_past_the_timeout_is_unavailable_in_time() -> None:
     with FakeLlama() as fake:
         fake.mode = "hang"
         started = time.monotonic()
-        with pytest.raises(LLMUnavailable, match="no answer within 0.3s"):
+        with pytest.raises(LLMUnavailable, match="no complete answer within 0.3s"):
             asyncio.run(_complete(fake.url, timeout=0.3))
         assert time.monotonic() - started < 2
+
+
+def test_a_server_that_drips_is_cut_off_at_the_total_deadline() -> None:
+    """One byte every 50 ms never trips httpx's per-read timeout; the whole answer would take
+    tens of seconds, so only a deadline on the whole request ends it."""
+    with FakeLlama() as fake:
+        fake.mode = "drip"
+        fake.drip_seconds = 0.05
+        started = time.monotonic()
+        with pytest.raises(LLMUnavailable, match="no complete answer within 0.5s"):
+            asyncio.run(_complete(fake.url, timeout=0.5))
+        assert time.monotonic() - started < 3
 
 
 def test_api_key_from_the_key_file_is_sent_as_bearer(tmp_path: Path) -> None:

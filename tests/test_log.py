@@ -88,3 +88,20 @@ def test_without_a_journal_the_prefixed_line_is_the_fallback(tmp_path: Path) -> 
     configure_logging("journal", stream=out, journal_socket=tmp_path / "missing.socket")
     structlog.get_logger().error("result.rejected", file="x.json")
     assert out.getvalue().startswith("<3>{")
+
+
+def test_console_lines_escape_control_characters_but_keep_traceback_lines() -> None:
+    out = io.StringIO()
+    configure_logging("console", stream=out)
+    log = structlog.get_logger()
+    log.error("result.rejected", file="evil\n\x1b[31mred.json", reason="bad\rline")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("result.crashed", file="x\x1b.json")
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    first, *rest = text.splitlines()
+    assert "file=evil\\n\\x1b[31mred.json" in first and "reason=bad\\rline" in first
+    assert "x\\x1b.json" in rest[0]
+    assert any(line.startswith("Traceback") for line in rest), "the traceback keeps its lines"

@@ -12,7 +12,13 @@ import pytest
 from pydantic import ValidationError
 
 from prng_daemon.handlers.validate import result_schema, schema_problems
-from prng_daemon.metadata import ResultFile
+from prng_daemon.metadata import (
+    MAX_FILES,
+    MAX_NODES,
+    MAX_TRACE,
+    RELATIVE_PATH_PATTERN,
+    ResultFile,
+)
 from prng_daemon.pipeline import PIPELINE
 
 DATA = Path(__file__).parent / "data"
@@ -40,6 +46,26 @@ def setllm(key: str, value: object) -> Edit:
 
 def settrace(key: str, value: object) -> Edit:
     return lambda d: meta(d)["llm_metadata"]["llm_reasoning_trace"][0].__setitem__(key, value)
+
+
+def setinput(n: int, path: str) -> Edit:
+    """inputs[n].file = path (the example's one input is repeated up to n)."""
+
+    def edit(d: dict[str, Any]) -> None:
+        inputs = meta(d)["inputs"]
+        inputs.extend(copy.deepcopy(inputs[0]) for _ in range(n + 1 - len(inputs)))
+        inputs[n]["file"] = path
+
+    return edit
+
+
+def repeat(key: str, count: int, item: Callable[[dict[str, Any]], object]) -> Edit:
+    """agent_metadata[key] = `count` copies of item(document)."""
+    return lambda d: meta(d).__setitem__(key, [item(d) for _ in range(count)])
+
+
+def one_input(d: dict[str, Any]) -> object:
+    return dict(meta(d)["inputs"][0])
 
 
 def step_row(n: int) -> Edit:
@@ -87,6 +113,16 @@ VALID: dict[str, Edit] = {
     "empty_llm_metadata": setm("llm_metadata", {}),
     "nested_params": setm("suggested_params", {"a": {"b": [1, 2.5, None]}}),
     "many_retries": setm("retry_count", 7),
+    "input_in_subdir": setinput(0, "step1/survivors.json"),
+    "input_dot_dir": setinput(0, "./survivors.json"),
+    "input_dots_inside_names": setinput(0, "a..b/..c/d../...json"),
+    "input_dotdot_newline_is_a_name": setinput(0, "a/..\n"),
+    "output_in_subdir": setm("outputs", ["configs/optimal.json"]),
+    "inputs_at_the_limit": repeat("inputs", MAX_FILES, one_input),
+    "outputs_at_the_limit": repeat("outputs", MAX_FILES, lambda d: "out.json"),
+    "trace_at_the_limit": lambda d: meta(d)["llm_metadata"].__setitem__(
+        "llm_reasoning_trace", meta(d)["llm_metadata"]["llm_reasoning_trace"] * MAX_TRACE
+    ),
 }
 
 INVALID: dict[str, Edit] = {
@@ -133,6 +169,22 @@ INVALID: dict[str, Edit] = {
     "suggested_params_list": setm("suggested_params", [1, 2]),
     "schema_version_wrong": lambda d: d.__setitem__("schema_version", "1.0.3"),
     "reasoning_too_long": setm("reasoning", "x" * 20001),
+    "input_absolute": setinput(3, "/etc/passwd"),
+    "input_climbs_out": setinput(0, "../../etc/passwd"),
+    "input_climbs_out_midway": setinput(0, "step1/../../secret.json"),
+    "input_is_dotdot": setinput(0, ".."),
+    "input_ends_in_dotdot": setinput(0, "step1/.."),
+    "output_absolute": setm("outputs", ["ok.json", "/var/lib/prng-llm-daemon/ledger.sqlite3"]),
+    "output_climbs_out": setm("outputs", ["../x.json"]),
+    "output_empty": setm("outputs", [""]),
+    "inputs_over_the_limit": repeat("inputs", MAX_FILES + 1, one_input),
+    "outputs_over_the_limit": repeat("outputs", MAX_FILES + 1, lambda d: "out.json"),
+    "trace_over_the_limit": lambda d: meta(d)["llm_metadata"].__setitem__(
+        "llm_reasoning_trace", meta(d)["llm_metadata"]["llm_reasoning_trace"] * (MAX_TRACE + 1)
+    ),
+    "nodes_over_the_limit": lambda d: meta(d)["cluster_resources"].__setitem__(
+        "nodes", ["zeus"] * (MAX_NODES + 1)
+    ),
 }
 
 
@@ -195,3 +247,31 @@ def test_models_list_the_pipeline_table_names() -> None:
 
     assert get_args(StepName) == tuple(s.name for s in PIPELINE)
     assert get_args(FollowUp) == tuple(s.follow_up_agent for s in PIPELINE)
+
+
+def test_a_path_outside_the_results_dir_is_named_with_its_pointer() -> None:
+    problems = schema_problems(make(setinput(3, "/etc/passwd")))
+    assert problems == [
+        (
+            "/agent_metadata/inputs/3/file",
+            'must be a relative path inside the results dir, got "/etc/passwd"',
+        )
+    ]
+
+
+def test_a_list_over_its_limit_is_one_short_problem() -> None:
+    """The count, not the list: jsonschema's own message would quote all 200,000 entries."""
+    problems = schema_problems(make(repeat("inputs", 200_000, one_input)))
+    assert problems == [
+        ("/agent_metadata/inputs", f"has 200000 items, more than the {MAX_FILES} allowed")
+    ]
+
+
+def test_no_message_quotes_a_huge_value() -> None:
+    problems = schema_problems(make(setm("run_id", "x" * 1_000_000)))
+    assert {pointer for pointer, _ in problems} == {"/agent_metadata/run_id"}
+    assert all(len(message) <= 300 for _, message in problems)
+
+
+def test_models_use_the_schemas_relative_path_pattern() -> None:
+    assert result_schema()["$defs"]["relative_path"]["pattern"] == RELATIVE_PATH_PATTERN

@@ -1,36 +1,87 @@
-"""Atomic writes of what the daemon decided: decision records and the params files agents read."""
+"""Atomic writes of what the daemon decided: decision records and the params files agents read.
+
+Nothing is written through a symbolic link: the results dir is writable by every agent, so
+`decisions/` (or a record in it) replaced by a link must not make the daemon write elsewhere.
+The directory is opened once without following a link and every step happens relative to it.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
+from ..errors import UnsafePath
+
 __all__ = ["record_name", "write_json_atomic"]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(directory: Path) -> int:
+    """Open `directory` (created if missing); refuse it if it is a symbolic link.
+
+    Only its last component is checked: the configured paths above it are the operator's.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a dangling link or a file in its place: the open below says so
+    try:
+        return os.open(directory, _DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePath(
+                f"{directory} is a symbolic link or not a directory; nothing is written through it"
+            ) from None
+        raise
 
 
 def write_json_atomic(path: Path, document: Any, *, durable: bool = True) -> Path:
     """Write `document` to `path` so readers see the old file or the whole new one, never half.
 
-    `durable=False` skips the fsync (milliseconds on the launch path) for files that only
-    matter while the process that reads them is alive, like an agent's params file.
+    Raises UnsafePath when `path` or its directory is a symbolic link. `durable=False` skips the
+    fsyncs (milliseconds on the launch path) for files that only matter while the process that
+    reads them is alive, like an agent's params file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    data = (json.dumps(document, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    dir_fd = _open_dir(path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2, sort_keys=False)
-            f.write("\n")
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        tmp = f".{path.name}.{secrets.token_hex(4)}.tmp"
+        # 0o666 less the umask, like any new file (the unit's UMask=0027 makes it 0640).
+        fd = os.open(tmp, _TMP_FLAGS, 0o666, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            _refuse_link(dir_fd, path)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        if durable:  # the rename itself survives a power cut only once the directory is synced
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return path
+
+
+def _refuse_link(dir_fd: int, path: Path) -> None:
+    # rename() would replace a link rather than follow it, but a link where a record belongs was
+    # put there by someone: say so instead of quietly removing it.
+    try:
+        info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafePath(f"{path} is a symbolic link; nothing is written through it")
 
 
 def record_name(result_path: Path, sha256: str, kind: str) -> str:

@@ -24,11 +24,13 @@ import jsonschema
 from pydantic import ValidationError
 
 from ..errors import ResultRejected
-from ..metadata import ResultFile
+from ..metadata import RELATIVE_PATH_PATTERN, RELATIVE_PATH_RULE, ResultFile
 
 __all__ = ["Loaded", "load_result", "parse_result_bytes", "result_schema", "schema_problems"]
 
 MAX_DEPTH = 64
+MAX_MESSAGE = 300
+"""Characters of one problem's message."""
 SCHEMA_FILE = "result-v1.0.4.schema.json"
 
 
@@ -59,15 +61,56 @@ def _ecma_pattern(
 ) -> Iterator[jsonschema.ValidationError]:
     # ECMA-262's `$` (the schema's dialect) matches only at the very end; Python's also matches
     # before a final newline, which would let "step1_...\n" through.
-    if isinstance(instance, str) and not re.search(
-        re.sub(r"(?<!\\)\$$", r"\\Z", pattern), instance
-    ):
-        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+    if isinstance(instance, str) and not re.search(re.sub(r"(?<!\\)\$", r"\\Z", pattern), instance):
+        if pattern == RELATIVE_PATH_PATTERN:
+            yield jsonschema.ValidationError(f"{RELATIVE_PATH_RULE}, got {json.dumps(instance)}")
+        else:
+            yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _max_items(
+    validator: Any, limit: int, instance: Any, schema: dict[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    # jsonschema's own message quotes the whole list; saying how long it is says more.
+    if isinstance(instance, list) and len(instance) > limit:
+        yield jsonschema.ValidationError(
+            f"has {len(instance)} items, more than the {limit} allowed"
+        )
+
+
+def _max_length(
+    validator: Any, limit: int, instance: Any, schema: dict[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    if isinstance(instance, str) and len(instance) > limit:
+        yield jsonschema.ValidationError(
+            f"is {len(instance)} characters long, more than the {limit} allowed"
+        )
+
+
+_ITEMS = jsonschema.Draft202012Validator.VALIDATORS["items"]
+
+
+def _bounded_items(
+    validator: Any, items: Any, instance: Any, schema: dict[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    # A list over its maxItems is rejected by that keyword alone; checking each of its 200,000
+    # entries as well would only burn seconds of CPU on a file that is refused anyway.
+    if isinstance(instance, list) and len(instance) > schema.get("maxItems", len(instance)):
+        return
+    yield from _ITEMS(validator, items, instance, schema)
 
 
 @cache
 def _validator() -> jsonschema.protocols.Validator:
-    cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
+    cls = jsonschema.validators.extend(
+        jsonschema.Draft202012Validator,
+        {
+            "pattern": _ecma_pattern,
+            "items": _bounded_items,
+            "maxItems": _max_items,
+            "maxLength": _max_length,
+        },
+    )
     return cls(result_schema())
 
 
@@ -75,10 +118,15 @@ def _pointer(parts: Collection[object]) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
+def _bounded(message: str) -> str:
+    # jsonschema quotes the offending value: a 10 MB string must not become a 10 MB log line.
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
 def schema_problems(document: object) -> list[tuple[str, str]]:
     """Every schema violation as (JSON pointer, message), in document order."""
     errors = sorted(_validator().iter_errors(document), key=lambda e: list(map(str, e.path)))
-    return [(_pointer(e.absolute_path), e.message) for e in errors]
+    return [(_pointer(e.absolute_path), _bounded(e.message)) for e in errors]
 
 
 def _reject_constant(name: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -70,6 +71,28 @@ class _Body(BaseModel):
     completion_probabilities: list[TokenProbability] = Field(default_factory=list)
 
 
+class _DeadlineClient(httpx.AsyncClient):
+    """An AsyncClient whose every request, answer body included, ends within `deadline` seconds
+    (else httpx.ReadTimeout).
+
+    httpx's timeout bounds each read, so a server that drips one byte a second never trips it
+    and holds a decision slot for ever; this bounds the whole exchange.
+    """
+
+    def __init__(self, *, deadline: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.deadline = deadline
+
+    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        try:
+            async with asyncio.timeout(self.deadline):
+                return await super().send(request, **kwargs)
+        except TimeoutError:
+            raise httpx.ReadTimeout(
+                f"no complete answer within {self.deadline:g}s", request=request
+            ) from None
+
+
 def _error_message(response: httpx.Response) -> str:
     try:
         message = response.json()["error"]["message"]
@@ -92,8 +115,13 @@ class LlamaClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url
         self.timeout = timeout
-        self._http = httpx.AsyncClient(
-            base_url=base_url, timeout=timeout, headers=headers, transport=transport
+        """Seconds for a whole request, from connecting to the last byte of the answer."""
+        self._http = _DeadlineClient(
+            deadline=timeout,
+            base_url=base_url,
+            timeout=timeout,
+            headers=headers,
+            transport=transport,
         )
 
     async def health(self) -> Health:
@@ -134,7 +162,7 @@ class LlamaClient:
         try:
             response = await self._http.post("/completion", json=body)
         except httpx.TimeoutException:
-            raise LLMUnavailable(f"{where}: no answer within {self.timeout:g}s") from None
+            raise LLMUnavailable(f"{where}: no complete answer within {self.timeout:g}s") from None
         except httpx.TransportError as exc:
             raise LLMUnavailable(f"{where}: unreachable: {exc!r}") from None
         except httpx.HTTPError as exc:

@@ -1,0 +1,75 @@
+"""Bounded work: a huge result file is read and checked off the event loop, and refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from prng_daemon.config import load_config
+from prng_daemon.engine import Engine
+from prng_daemon.handlers.act import Launcher
+from prng_daemon.ledger import Ledger
+from prng_daemon.llm.decision import Decision
+from prng_daemon.metadata import MAX_FILES, AgentMetadata
+
+from .helpers import free_port
+from .workspace import make_workspace, result_document, run_id
+
+INPUTS = 200_000
+"""As in the report that found it: 15 MB, seconds of CPU to check on the loop."""
+
+
+def big_result(path: Path) -> Path:
+    inputs = [
+        {"file": f"inputs/chunk_{i // 1000:04d}/part_{i:06d}.bin", "hash": "sha256:0123456789ab"}
+        for i in range(INPUTS)
+    ]
+    path.write_text(json.dumps(result_document(2, run_id(2, 1), inputs=inputs)))
+    return path
+
+
+def test_a_huge_file_is_checked_while_the_loop_keeps_turning(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, free_port())
+    config = load_config(ws.config_path)
+    config.daemon.state_dir.mkdir()
+    path = big_result(ws.results / "big.json")
+    ledger = Ledger(config.daemon.ledger_path)
+
+    async def never(meta: AgentMetadata) -> Decision:
+        raise AssertionError("a file over the limits is never decided")
+
+    async def scenario() -> int:
+        engine = Engine(
+            config,
+            ledger,
+            never,
+            lambda on_exit: Launcher(config.daemon.state_dir / "launches", tmp_path, on_exit),
+        )
+        ticks = 0
+
+        async def probe() -> None:  # what the status loop and watchdog need: turns of the loop
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        task = asyncio.create_task(probe())
+        await asyncio.sleep(0)
+        before = ticks
+        await engine.process(path, "closed")
+        during = ticks - before
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return during
+
+    try:
+        during = asyncio.run(scenario())
+        [entry] = ledger.recent(10)
+    finally:
+        ledger.close()
+    assert during >= 5, f"the probe ran {during} times while the file was checked"
+    assert entry.state.value == "quarantined"
+    assert entry.reason == (
+        f"/agent_metadata/inputs: has {INPUTS} items, more than the {MAX_FILES} allowed"
+    )
