@@ -60,6 +60,7 @@ class Engine:
         self._on_change = on_change
         self._run_locks: dict[str, asyncio.Lock] = {}
         self._busy: set[str] = set()
+        self._checking = asyncio.Semaphore(1)
         self.current: str = "idle"
         """What the engine is doing now, for STATUS= and `status`."""
 
@@ -87,9 +88,7 @@ class Engine:
             self._reject(path, ResultRejected(NAME_NOT_UTF8), source, log)
             return
         try:
-            # Off the loop: reading, hashing and checking 15 MB is seconds of CPU.
-            loaded = await asyncio.to_thread(
-                load_result,
+            loaded = await self._load(
                 path,
                 max_bytes=settings.max_result_bytes,
                 root=settings.results_dir,
@@ -125,6 +124,16 @@ class Engine:
                 await self._decide_and_act(entry, loaded, log)
         if not lock.locked():
             self._run_locks.pop(root, None)
+
+    async def _load(self, path: Path, **limits: Any) -> Loaded:
+        """load_result in a worker thread (15 MB is seconds of CPU), one file at a time.
+
+        Checking is work under the GIL: parallel threads gain nothing, and each extra one is one
+        more that can hold the GIL through a long C call (json.loads of a big array) while the
+        event loop waits its turn.
+        """
+        async with self._checking:
+            return await asyncio.to_thread(load_result, path, **limits)
 
     def _reject(self, path: Path, exc: ResultRejected, source: Source, log: Any) -> None:
         if exc.maybe_partial and source == "scan" and _recently_changed(path):
@@ -338,9 +347,7 @@ class Engine:
 
     async def _resume(self, entry: Entry, decision: Decision, approved_by: str) -> None:
         path = self.config.daemon.results_dir / entry.path
-        loaded = await asyncio.to_thread(
-            load_result, path, max_bytes=self.config.daemon.max_result_bytes
-        )
+        loaded = await self._load(path, max_bytes=self.config.daemon.max_result_bytes)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
         if loaded.sha256 != entry.sha256:
             self.ledger.update(entry.id, State.FAILED, reason="file changed before it was acted on")

@@ -22,8 +22,7 @@ INPUTS = 200_000
 
 def big_result(path: Path) -> Path:
     inputs = [
-        {"file": f"inputs/chunk_{i // 1000:04d}/part_{i:06d}.bin", "hash": "sha256:0123456789ab"}
-        for i in range(INPUTS)
+        {"file": f"inputs/part_{i:06d}.bin", "hash": "sha256:0123456789ab"} for i in range(INPUTS)
     ]
     path.write_text(json.dumps(result_document(2, run_id(2, 1), inputs=inputs)))
     return path

@@ -47,11 +47,13 @@ class Loaded:
 @cache
 def result_schema() -> dict[str, Any]:
     """The shipped JSON Schema of a result file."""
-    try:
+    # A checkout reads the schema beside its code: the package maps schema/ only when installed,
+    # and an editable install of another checkout would otherwise hand over that one's copy.
+    beside = Path(__file__).resolve().parents[2] / "schema" / SCHEMA_FILE
+    if beside.is_file():
+        text = beside.read_text("utf-8")
+    else:
         text = resources.files("prng_daemon.schema").joinpath(SCHEMA_FILE).read_text("utf-8")
-    except ModuleNotFoundError:
-        # Run from a bare checkout (PYTHONPATH=repo): the package maps schema/ only when installed.
-        text = (Path(__file__).resolve().parents[2] / "schema" / SCHEMA_FILE).read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
 
