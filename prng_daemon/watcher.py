@@ -111,12 +111,11 @@ class Watcher:
         directory listing, not 100,000 system calls.
         """
         with os.scandir(self.directory) as entries:
-            # utf8_name: a name that is not UTF-8 is in the ledger (quarantined) in that form.
-            names = [
-                e.name for e in entries if is_candidate(e.name) and utf8_name(e.name) not in skip
-            ]
+            names = [e.name for e in entries if is_candidate(e.name) and e.name not in skip]
         found = []
         for name in names:
+            if utf8_name(name) in skip:  # not UTF-8: the ledger knows it (quarantined) in this form
+                continue
             path = self.directory / name
             try:
                 found.append((path.lstat().st_mtime_ns, path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 from prng_daemon.cli import main
 from prng_daemon.ledger import Ledger
+from prng_daemon.names import utf8_name
+from prng_daemon.watcher import Watcher
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
@@ -51,6 +54,18 @@ def test_a_name_that_is_not_utf8_is_quarantined_once_and_rescans_go_on(
     assert [e["file"] for e in rejected] == [shown], "logged once, with the name escaped"
     assert [e["event"] for e in ws.events() if e["level"] == "error"] == ["result.rejected"]
     assert "Traceback" not in (ws.root / "daemon.log").read_text()
+
+
+def test_a_rescan_skips_a_name_the_ledger_holds_in_its_escaped_form(tmp_path: Path) -> None:
+    with open(os.fsencode(tmp_path) + b"/step2_\xff.json", "wb") as f:
+        f.write(GOOD)
+    loop = asyncio.new_event_loop()
+    try:
+        with Watcher(tmp_path, loop, lambda path, source: None, lambda: None) as watcher:
+            assert [p.name for p in watcher.scan()] == ["step2_\udcff.json"]
+            assert watcher.scan({utf8_name("step2_\udcff.json")}) == []
+    finally:
+        loop.close()
 
 
 def test_status_escapes_control_characters_in_file_names(

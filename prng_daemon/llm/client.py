@@ -76,7 +76,8 @@ class _DeadlineClient(httpx.AsyncClient):
     (else httpx.ReadTimeout).
 
     httpx's timeout bounds each read, so a server that drips one byte a second never trips it
-    and holds a decision slot for ever; this bounds the whole exchange.
+    and holds a decision slot for ever; this bounds the whole exchange (of a request that is
+    not streamed: a streamed body is read after `send` returns).
     """
 
     def __init__(self, *, deadline: float, **kwargs: Any) -> None:
