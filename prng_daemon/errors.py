@@ -9,6 +9,7 @@ __all__ = [
     "LLMBadAnswer",
     "LLMError",
     "LLMUnavailable",
+    "LedgerCorrupt",
     "ResultRejected",
 ]
 
@@ -62,3 +63,13 @@ class LLMBadAnswer(LLMError):
 
 class AgentFailed(DaemonError):
     """A follow-up agent could not be started or exited badly."""
+
+
+class LedgerCorrupt(DaemonError):
+    """The ledger file is not an intact SQLite database; the CLI says what to do about it."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        super().__init__(
+            f"ledger {path} is corrupt (sqlite: {detail}): move it aside and restart;"
+            " the daemon rebuilds it from the results dir"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -33,6 +34,20 @@ def write_json_atomic(path: Path, document: Any, *, durable: bool = True) -> Pat
     return path
 
 
+MAX_STEM_BYTES = 160
+"""A file name may be 255 bytes; a record adds `.<hash8>.<kind>.json` (at most 24) and its temp
+file `.` + `.XXXXXXXX.tmp` (14) to the result's stem, so longer stems are shortened."""
+
+
 def record_name(result_path: Path, sha256: str, kind: str) -> str:
-    """`step2_x.json` + hash -> `step2_x.1a2b3c4d.<kind>.json`: one per file version."""
-    return f"{result_path.stem}.{sha256[:8]}.{kind}.json"
+    """`step2_x.json` + hash -> `step2_x.1a2b3c4d.<kind>.json`: one per file version.
+
+    A stem over MAX_STEM_BYTES keeps its head and gets a hash of the whole stem instead of the
+    rest, so long names that share a head still get records of their own.
+    """
+    stem = result_path.stem
+    raw = os.fsencode(stem)
+    if len(raw) > MAX_STEM_BYTES:
+        head = raw[: MAX_STEM_BYTES - 9].decode("utf-8", "ignore")  # never half a character
+        stem = f"{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
+    return f"{stem}.{sha256[:8]}.{kind}.json"
