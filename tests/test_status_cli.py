@@ -77,8 +77,9 @@ def test_status_of_a_running_daemon_shows_servers_pipeline_runs_and_decisions(
             return json.loads(out) if code == 0 else None
 
         published = wait_until(
-            lambda: (r := report()) and r["servers"]["orchestrator"]["state"] == "ready" and r,
-            20, what="the orchestrator to be ready in status",
+            lambda: (r := report()) and r["servers"]["orchestrator"]["state"] == "ready"
+            and "2 decided" in r["status"] and r,
+            20, what="the orchestrator ready and both decisions published in status",
         )  # fmt: skip
         code, text, _ = cli(capsys, ws, "status")
     finally:
