@@ -1,7 +1,8 @@
 """One result file through the pipeline: validate → decide → act → record, exactly once.
 
 The ledger is consulted before any work and written at every step, so a crash at any point
-is reconciled at the next start: never a second launch, never a lost one.
+is reconciled at the next start: never a second launch, never a lost one. A row left mid-way
+is resumed or settled by `sweep`; operator commands are answered by `resolve`, never raised.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,23 @@ def test_record_names_of_long_file_names_stay_writable_and_distinct(tmp_path: Pa
         write_json_atomic(tmp_path / record, {"ok": True})
         write_json_atomic(tmp_path / record_name(Path(record), sha, "params"), {})
     assert records[2].encode().decode("utf-8") == records[2]
+
+
+def test_a_ledger_from_before_the_sweep_gains_its_attempts_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL,"
+        " state TEXT NOT NULL, run_id TEXT, parent_run_id TEXT, root_run_id TEXT, step INTEGER,"
+        " reason TEXT, decision TEXT, action TEXT, agent TEXT, pid INTEGER, exit_code INTEGER,"
+        " ended REAL, created REAL NOT NULL, updated REAL NOT NULL, UNIQUE (path, sha256));"
+        "INSERT INTO files (path, sha256, state, created, updated)"
+        " VALUES ('r.json', 'aa', 'decided', 0, 0);"
+    )
+    old.close()
+    ledger = Ledger(path)
+    assert not ledger.created
+    [entry] = ledger.stuck(older_than=1.0)
+    assert entry.attempts == 0
+    assert ledger.update(entry, entry.state, attempts=1).attempts == 1
+    ledger.close()
