@@ -60,6 +60,8 @@ class Engine:
         self._on_change = on_change
         self._run_locks: dict[str, asyncio.Lock] = {}
         self._busy: set[str] = set()
+        self._resumed: set[str] = set()
+        """Names the sweep handed out to be processed again: not stuck while they wait."""
         self.current: str = "idle"
         """What the engine is doing now, for STATUS= and `status`."""
 
@@ -72,6 +74,7 @@ class Engine:
         """
         if path.name in self._busy:
             return False
+        self._resumed.discard(path.name)
         with self._holding(path.name):
             await self._process(path, source)
         return True
@@ -374,7 +377,7 @@ class Engine:
         older_than = now if at_start else now - self.config.daemon.transient_deadline_seconds
         again = []
         for entry in self.ledger.stuck(older_than):
-            if entry.path in self._busy:
+            if entry.path in self._busy or entry.path in self._resumed:
                 continue
             path = self.config.daemon.results_dir / entry.path
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
@@ -388,6 +391,7 @@ class Engine:
                 self.ledger.update(entry, entry.state, attempts=attempts)
                 log.info("result.resumed", state=entry.state.value, attempts=attempts,
                          idle_s=round(now - entry.updated, 1))  # fmt: skip
+                self._resumed.add(entry.path)
                 again.append(path)
                 continue
             key = launch_key(entry.path, entry.sha256)

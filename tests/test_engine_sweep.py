@@ -80,18 +80,30 @@ def _decided_but_not_acted(engine: Engine, ws: Workspace, name: str, action: str
         "llm_metadata": {}})  # fmt: skip
 
 
+def _unwritable_record(ws: Workspace, engine: Engine) -> Path:
+    """A directory where the decision record goes: writing it fails (as on a full disk)."""
+    [entry] = engine.ledger.recent(1)
+    record = ws.results / "decisions" / record_name(Path(entry.path), entry.sha256, "decision")
+    record.mkdir(parents=True)
+    return record
+
+
 def test_a_row_stuck_mid_way_is_resumed_then_settled_failed_after_its_resumes(
     tmp_path: Path,
 ) -> None:
     async def body(ws: Workspace, engine: Engine) -> None:
         _decided_but_not_acted(engine, ws, "r.json", "escalate")
+        _unwritable_record(ws, engine)
         now = time.time()
         assert engine.sweep(now) == [], "not yet past the deadline"
         with capture_logs() as logs:
             for n in range(1, MAX_RESUMES + 1):
                 now += DEADLINE + 1
-                assert engine.sweep(now) == [ws.results / "r.json"]
+                [path] = engine.sweep(now)
+                assert engine.sweep(now + DEADLINE + 1) == [], "handed out, not stuck"
                 assert _state(engine, "r.json") == (State.DECIDED, None, n)
+                with pytest.raises(IsADirectoryError):
+                    await engine.process(path, "retry")
             now += DEADLINE + 1
             assert engine.sweep(now) == []
         state, reason, _ = _state(engine, "r.json")
@@ -134,11 +146,7 @@ def test_a_launch_intent_left_by_a_failed_record_write_is_settled_by_its_marker(
 
     async def body(ws: Workspace, engine: Engine) -> None:
         _decided_but_not_acted(engine, ws, "r.json", "proceed")
-        [entry] = engine.ledger.recent(1)
-        record = ws.results / "decisions" / record_name(Path("r.json"), entry.sha256, "decision")
-        record.mkdir(
-            parents=True
-        )  # the record cannot be written: the agent is launched, then it fails
+        record = _unwritable_record(ws, engine)  # the agent is launched, then this fails
         with pytest.raises(IsADirectoryError):
             await engine.process(ws.results / "r.json", "retry")
         assert _state(engine, "r.json")[0] is State.LAUNCHING
