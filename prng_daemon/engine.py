@@ -310,7 +310,7 @@ class Engine:
         Launch intents with no marker are resumed by `sweep(at_start=True)`, like every other
         row left mid-way.
         """
-        if self.ledger.created:
+        if self.ledger.is_empty():
             self.restore()
         for entry in self.ledger.agents_unaccounted():
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
@@ -351,18 +351,10 @@ class Engine:
         finished, failed): it is restored as such, never decided or launched again. Files with
         no record were never acted on and are decided as they are found.
         """
-        restored = 0
-        log = get_logger()
         decisions = self.config.daemon.decisions_dir
-        for path in sorted(decisions.glob("*.decision.json")):
-            try:
-                name, sha256, state, fields = _from_record(json.loads(path.read_bytes()))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("record.unreadable", record=path.name, reason=str(exc)[:200])
-                continue
-            restored += self.ledger.restore(name, sha256, state, **fields)
+        restored = self.ledger.restore(_read_records(decisions))
         if restored:
-            log.info("ledger.restored", rows=restored, from_dir=str(decisions))
+            get_logger().info("ledger.restored", rows=restored, from_dir=str(decisions))
         return restored
 
     def sweep(self, now: float | None = None, *, at_start: bool = False) -> list[Path]:
@@ -478,6 +470,16 @@ class Engine:
 
 
 _RESOLVED = {"approve": "approved", "approve-retry": "approved for a retry", "reject": "rejected"}
+
+
+def _read_records(decisions: Path) -> Iterator[tuple[str, str, State, dict[str, Any]]]:
+    """What each decision record in `decisions` says about its file version; a record that
+    cannot be read is logged and skipped."""
+    for path in sorted(decisions.glob("*.decision.json")):
+        try:
+            yield _from_record(json.loads(path.read_bytes()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            get_logger().warning("record.unreadable", record=path.name, reason=str(exc)[:200])
 
 
 def _from_record(record: dict[str, Any]) -> tuple[str, str, State, dict[str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -168,8 +168,6 @@ class Ledger:
         Raises LedgerCorrupt when the file is not an intact SQLite database."""
         self.path = path
         self._paths: set[str] | None = None
-        self.created = False
-        """True when this open made the ledger: any history is in the decision records."""
         with _corruption_named(path):
             if readonly:
                 self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
@@ -199,17 +197,10 @@ class Ledger:
             raise LedgerCorrupt(self.path, f"{problems[0]}{more}")
         if readonly:
             return
-        self.created = not self._has_table("files")
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         if "attempts" not in columns:  # a ledger from before the sweep
             self._db.execute("ALTER TABLE files ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
-
-    def _has_table(self, name: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-        ).fetchone()
-        return row is not None
 
     def close(self) -> None:
         self._db.close()
@@ -257,19 +248,26 @@ class Ledger:
             self._paths.add(path)
         return self.get(entry_id), True
 
-    def restore(self, path: str, sha256: str, state: State, **fields: Any) -> bool:
-        """Record a settled row from other evidence (a decision record) when rebuilding;
-        False if that content is in the ledger already."""
-        assert state in SETTLED, state
+    def is_empty(self) -> bool:
+        """No row at all: a new ledger (or one whose rebuild was cut short)."""
+        return self._query("SELECT 1 FROM files LIMIT 1").fetchone() is None
+
+    def restore(self, rows: Iterable[tuple[str, str, State, dict[str, Any]]]) -> int:
+        """Record settled rows from other evidence (decision records) when rebuilding: all in
+        one transaction, so a rebuild cut short leaves the ledger empty and is done again.
+        Returns how many were new."""
+        added = 0
         with self._transaction() as db:
-            if db.execute(
-                "SELECT 1 FROM files WHERE path = ? AND sha256 = ?", (path, sha256)
-            ).fetchone():
-                return False
-            self._insert(db, path, sha256, state, **fields)
-        if self._paths is not None:
-            self._paths.add(path)
-        return True
+            for path, sha256, state, fields in rows:
+                assert state in SETTLED, state
+                if db.execute(
+                    "SELECT 1 FROM files WHERE path = ? AND sha256 = ?", (path, sha256)
+                ).fetchone():
+                    continue
+                self._insert(db, path, sha256, state, **fields)
+                added += 1
+        self._paths = None  # read again when next asked
+        return added
 
     @staticmethod
     def _insert(db: sqlite3.Connection, path: str, sha256: str, state: State, **fields: Any) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,13 +80,23 @@ def test_a_corrupt_or_truncated_ledger_is_named_in_one_line_with_what_to_do(
             ), name
 
 
-def test_a_new_ledger_knows_it_is_new(tmp_path: Path) -> None:
+def test_a_rebuild_is_one_transaction_and_skips_what_is_there(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite3")
-    assert ledger.created
+    assert ledger.is_empty()
+    fields = {"run_id": "step1_20260101_000000_000001", "action": "proceed"}
+
+    def rows() -> Iterator[tuple[str, str, State, dict[str, object]]]:
+        yield "a.json", "aa", State.ACTED, fields
+        raise OSError("the disk went away mid-rebuild")
+
+    with pytest.raises(OSError):
+        ledger.restore(rows())
+    assert ledger.is_empty(), "nothing half-restored: the next start rebuilds again"
+    assert ledger.restore([("a.json", "aa", State.ACTED, fields)]) == 1
+    assert ledger.restore([("a.json", "aa", State.DONE, {}), ("b.json", "bb", State.DONE, {})]) == 1
+    assert ledger.known_paths() == {"a.json", "b.json"} and not ledger.is_empty()
+    assert ledger.counts() == {"acted": 1, "done": 1}
     ledger.close()
-    again = Ledger(tmp_path / "l.sqlite3")
-    assert not again.created
-    again.close()
 
 
 def test_record_names_of_long_file_names_stay_writable_and_distinct(tmp_path: Path) -> None:
@@ -120,7 +131,7 @@ def test_a_ledger_from_before_the_sweep_gains_its_attempts_column(tmp_path: Path
     )
     old.close()
     ledger = Ledger(path)
-    assert not ledger.created
+    assert not ledger.is_empty()
     [entry] = ledger.stuck(older_than=1.0)
     assert entry.attempts == 0
     assert ledger.update(entry, entry.state, attempts=1).attempts == 1
