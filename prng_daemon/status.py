@@ -18,7 +18,9 @@ from .llm.router import base_url
 __all__ = ["collect", "render"]
 
 ATTENTION = 10
-"""How many of the latest FAILED rows `status` shows."""
+"""How many of the latest FAILED rows `status` shows..."""
+ATTENTION_SECONDS = 24 * 3600.0
+"""...of those that failed this recently (older ones are history, not news)."""
 
 
 def _alive(pid: int) -> bool:
@@ -58,9 +60,11 @@ def collect(config: Config) -> dict[str, Any]:
             report["escalations"] = [_row(e) for e in ledger.in_state(State.ESCALATED)]
             # Rows mid-way past their deadline (what the sweep has not resumed or settled yet,
             # an escalation not yet recorded among them), and the latest failures.
-            older_than = time.time() - config.daemon.transient_deadline_seconds
-            stuck = ledger.stuck(older_than) + ledger.in_state(State.FAILED, limit=ATTENTION)
-            report["attention"] = [_row(e) for e in stuck]
+            now = time.time()
+            failed = ledger.in_state(State.FAILED, limit=ATTENTION)
+            recent = [e for e in failed if e.updated > now - ATTENTION_SECONDS]
+            stuck = ledger.stuck(now - config.daemon.transient_deadline_seconds)
+            report["attention"] = [_row(e) for e in stuck + recent]
             report["recent"] = [_row(e) for e in ledger.recent(10)]
             report["pipeline_runs"] = [_row(e) for e in ledger.pipeline_runs()]
             report["counts"] = ledger.counts()

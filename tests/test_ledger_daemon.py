@@ -117,7 +117,7 @@ def test_a_restored_escalation_can_still_be_approved(
     ids=["bad-shebang", "garbage-binary"],
 )
 def test_an_agent_that_cannot_be_executed_is_a_failed_launch(
-    tmp_path: Path, fake: FakeLlama, content: bytes, error: str
+    tmp_path: Path, fake: FakeLlama, capsys: pytest.CaptureFixture[str], content: bytes, error: str
 ) -> None:
     """Case 2: glibc's posix_spawn reports the failed exec after the marker was made."""
     ws = make_workspace(tmp_path, fake.port)
@@ -135,6 +135,8 @@ def test_an_agent_that_cannot_be_executed_is_a_failed_launch(
     assert not _markers(ws), "no marker claims a launch that never ran"
     [record] = (ws.results / "decisions").glob("r.*.decision.json")
     assert json.loads(record.read_text())["outcome"] == "failed"
+    _, out, _ = cli(capsys, ws, "status")
+    assert f"stuck or failed: 1\n  {run_id(2, 3)}  step 2  r.json: failed: {reason}\n" in out
 
 
 def test_a_retry_whose_own_agent_is_not_configured_is_escalated_with_the_reason(
