@@ -111,7 +111,10 @@ def test_a_restored_escalation_can_still_be_approved(
 @pytest.mark.parametrize(
     ("content", "error"),
     [
-        (b"#!/nonexistent/interpreter\nexit 0\n", "No such file or directory (ENOENT)"),
+        (
+            b"#!/nonexistent/interpreter\nexit 0\n",
+            "No such file or directory (ENOENT: the program is there, its #! interpreter is not?)",
+        ),
         (bytes(range(256)) * 4, "Exec format error (ENOEXEC)"),
     ],
     ids=["bad-shebang", "garbage-binary"],

@@ -116,7 +116,7 @@ class Launcher:
             )
         except FileExistsError:
             raise AgentFailed(
-                f"launch {launch.launch_id} already happened; not starting twice"
+                "the launch for this file version already happened; not starting it twice"
             ) from None
         except OSError as exc:
             # glibc reports a failed exec (ENOENT from a bad #! line, ENOEXEC from a binary that
@@ -125,6 +125,8 @@ class Launcher:
             # (O_EXCL), so it goes, and the file version stays launchable.
             marker.unlink(missing_ok=True)
             code = errno.errorcode.get(exc.errno or 0, "?")
+            if exc.errno == errno.ENOENT and os.path.exists(program):
+                code += ": the program is there, its #! interpreter is not?"
             raise AgentFailed(
                 f"agent {launch.agent}: cannot start {argv[0]}: {exc.strerror} ({code})"
             ) from None
