@@ -262,3 +262,26 @@ def test_an_escalation_stuck_in_decided_shows_in_status_then_is_resumed(
         wait_until(lambda: ws.ledger_states() == {"escalated": 1}, 20, what="the resume")
     assert _events(ws, "result.resumed")
     assert list(decisions.glob("r.*.decision.json"))
+
+
+def test_approve_of_an_escalation_whose_file_was_deleted_is_answered_and_reject_still_works(
+    tmp_path: Path, fake: FakeLlama, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Case 3's ledger side: `resolve` answers with the reason; the escalation stays pending."""
+    fake.decision = "escalate"
+    ws = make_workspace(tmp_path, fake.port)
+    rid = run_id(2, 7)
+    with running(ws):
+        drop(ws.results, "r.json", result_document(2, rid))
+        wait_until(lambda: ws.ledger_states() == {"escalated": 1}, 20, what="an escalation")
+        (ws.results / "r.json").unlink()
+        assert cli(capsys, ws, "approve", rid)[0] == 0
+        [answer] = wait_until(lambda: _events(ws, "command.done"), 10, what="the answer")
+        assert answer["message"] == (
+            f"{rid}: approved nothing; still escalated: r.json: the file cannot be used:"
+            " no such file"
+        )
+        assert answer["level"] == "warning" and ws.ledger_states() == {"escalated": 1}
+        assert cli(capsys, ws, "reject", rid)[0] == 0
+        wait_until(lambda: ws.ledger_states() == {"done": 1}, 10, what="the rejection")
+    assert not ws.launches()
