@@ -251,7 +251,7 @@ class Engine:
     def _agent_exited(self, launch_id: int, pid: int, code: int | None, duration: float) -> None:
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
-        self.ledger.update(entry, entry.state, exit_code=code, ended=time.time())
+        self.ledger.update(entry, entry.state, touch=False, exit_code=code, ended=time.time())
         event = log.info if code == 0 else log.error if code is not None else log.warning
         event("agent.exited", agent=entry.agent, pid=pid, exit_code=code,
               duration_s=round(duration, 3))  # fmt: skip
@@ -323,7 +323,9 @@ class Engine:
                 log.info("agent.adopted", agent=entry.agent, pid=entry.pid)
             else:
                 reason = "its agent ended while the daemon was not running; exit status unknown"
-                self.ledger.update(entry, entry.state, ended=time.time(), reason=reason)
+                self.ledger.update(
+                    entry, entry.state, touch=False, ended=time.time(), reason=reason
+                )
                 log.warning("agent.lost", agent=entry.agent, pid=entry.pid, reason=reason)
         for entry in self.ledger.in_state(State.LAUNCHING):
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)

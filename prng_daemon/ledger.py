@@ -284,11 +284,13 @@ class Ledger:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    def update(self, entry: Entry, state: State, **fields: Any) -> Entry:
+    def update(self, entry: Entry, state: State, *, touch: bool = True, **fields: Any) -> Entry:
         """Move `entry` to `state` (or keep it there) and set `fields`.
 
         Only from the state `entry` was read in, and only along an allowed move: anything else
         raises StateConflict, so a second writer can never silently undo the first.
+        `touch=False`: an observation (an agent's end), not a step of the file; `updated` keeps
+        the time of the file's last step (what `recent` orders by).
         """
         if state is not entry.state and state not in _MOVES.get(entry.state, ()):
             raise StateConflict(
@@ -296,9 +298,11 @@ class Ledger:
             )
         if fields.get("decision") is not None:
             fields["decision"] = json.dumps(fields["decision"])
+        if touch:
+            fields["updated"] = time.time()
         columns = "".join(f", {name} = ?" for name in fields)
-        sql = f"UPDATE files SET state = ?, updated = ?{columns} WHERE id = ? AND state = ?"
-        cur = self._query(sql, (state, time.time(), *fields.values(), entry.id, entry.state))
+        sql = f"UPDATE files SET state = ?{columns} WHERE id = ? AND state = ?"
+        cur = self._query(sql, (state, *fields.values(), entry.id, entry.state))
         if cur.rowcount != 1:
             now = self.get(entry.id).state
             raise StateConflict(
