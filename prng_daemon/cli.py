@@ -14,10 +14,10 @@ from pathlib import Path
 from . import __version__, status
 from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from .daemon import Daemon
-from .errors import ConfigError, DaemonError, ResultRejected
+from .errors import ConfigError, DaemonError, LedgerCorrupt, ResultRejected
 from .handlers.validate import Loaded, load_result
 from .journal import JOURNAL_SOCKET
-from .ledger import Ledger, State
+from .ledger import Ledger
 from .llm import AsyncRouter, Decision, DecisionEngine
 from .log import configure_logging, pick_format
 from .names import printable
@@ -144,8 +144,9 @@ def _command(verb: str) -> Command:
             return EXIT_INVALID
         ledger = Ledger(config.daemon.ledger_path)
         try:
-            entry = ledger.by_run_id(args.run_id)
-            if entry is None or entry.state is not State.ESCALATED:
+            # Every escalated row of the run id: the same content under several names.
+            if not ledger.escalated(args.run_id):
+                entry = ledger.by_run_id(args.run_id)
                 state = entry.state.value if entry else "unknown"
                 print(f"{args.run_id}: no pending escalation (state: {state})", file=sys.stderr)
                 return EXIT_INVALID
@@ -227,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    except LedgerCorrupt as exc:  # like a bad config: the operator must act before a restart
+        print(exc, file=sys.stderr)
         return EXIT_CONFIG
     except DaemonError as exc:
         print(exc, file=sys.stderr)

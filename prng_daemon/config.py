@@ -114,6 +114,8 @@ class DaemonSettings(_Section):
     llama_server: str = "llama-server"
     max_result_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 16 << 20
     rescan_interval_seconds: Seconds = 30.0
+    transient_deadline_seconds: Seconds = 300.0
+    """A file untouched this long mid-way (seen, decided, launching) is resumed or settled."""
     child_log_max_bytes: Annotated[int, Field(ge=4096)] = 10 << 20
     child_log_backups: Annotated[int, Field(ge=0, le=100)] = 3
 

@@ -19,7 +19,7 @@ from .engine import Engine
 from .errors import ConfigError
 from .handlers.act import Launcher
 from .handlers.record import write_json_atomic
-from .ledger import Ledger, State
+from .ledger import OUTCOMES, TRANSIENT, Ledger, State
 from .llm.decision import Decision, DecisionEngine
 from .llm.router import AsyncRouter
 from .log import get_logger
@@ -119,8 +119,7 @@ class Daemon:
         tasks: list[asyncio.Task[Any]] = []
         try:
             with Watcher(settings.results_dir, loop, self.enqueue, self._rescan_now.set) as watcher:
-                for entry in self.engine.reconcile():
-                    await self.engine.relaunch(entry)
+                self.engine.reconcile()
                 await self._catch_up(watcher, at_start=True)
                 log.info("daemon.started", results_dir=str(settings.results_dir), pid=os.getpid())
                 # READY as soon as the daemon serves: models may take minutes to load, and
@@ -163,7 +162,7 @@ class Daemon:
         if busy:
             log.info("daemon.draining", in_flight=len(busy))
             await asyncio.wait(busy, timeout=STOP_GRACE_SECONDS)
-        for entry in self.ledger.in_state(State.SEEN, State.DECIDED):
+        for entry in self.ledger.in_state(*TRANSIENT):
             log.warning("result.interrupted", file=entry.path, state=entry.state.value)
 
     async def _worker(self) -> None:
@@ -187,11 +186,11 @@ class Daemon:
         found = await asyncio.to_thread(watcher.scan, self.ledger.known_paths())
         for path in found:
             self.enqueue(path, "scan")
-        # WAITING: no LLM answered last time. SEEN/DECIDED only at start, where they mean the
-        # previous run stopped between steps; later they are files in flight right now.
-        unfinished = (State.WAITING, State.SEEN, State.DECIDED) if at_start else (State.WAITING,)
-        for entry in self.ledger.in_state(*unfinished):
+        # WAITING: no LLM answered last time. The sweep: rows left mid-way (at start, any).
+        for entry in self.ledger.in_state(State.WAITING):
             self.enqueue(self.config.daemon.results_dir / entry.path, "retry")
+        for path in self.engine.sweep(at_start=at_start):
+            self.enqueue(path, "retry")
         if found:
             log.info("daemon.catch_up", files=len(found))
 
@@ -209,7 +208,8 @@ class Daemon:
     async def _command_loop(self) -> None:
         while True:
             for command_id, run_id, verb in self.ledger.pending_commands():
-                await self.engine.resolve(run_id, verb)
+                applied, message = await self.engine.resolve(run_id, verb)
+                (log.info if applied else log.warning)("command.done", message=message)
                 self.ledger.finish_command(command_id)
             if self._reload_requested:
                 await self._reload()
@@ -275,9 +275,7 @@ class Daemon:
             for name in ("orchestrator", "math")
         )  # fmt: skip
         counts = self.ledger.counts()
-        decided = sum(
-            counts.get(s, 0) for s in (State.ACTED, State.DONE, State.ESCALATED, State.FAILED)
-        )
+        decided = sum(counts.get(s, 0) for s in OUTCOMES)
         current = self.engine.current
         return (
             f"{servers} · {current} · {decided} decided, "

@@ -1,24 +1,27 @@
 """One result file through the pipeline: validate → decide → act → record, exactly once.
 
 The ledger is consulted before any work and written at every step, so a crash at any point
-is reconciled at the next start: never a second launch, never a lost one.
+is reconciled at the next start: never a second launch, never a lost one. A row left mid-way
+is resumed or settled by `sweep`; operator commands are answered by `resolve`, never raised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import AgentConfig, Config
 from .errors import AgentFailed, LLMUnavailable, ResultRejected
-from .handlers.act import Launch, Launcher, OnExit
+from .handlers.act import Launch, Launcher, OnExit, launch_key
 from .handlers.record import record_name, write_json_atomic
 from .handlers.validate import Loaded, load_result
-from .ledger import Entry, Ledger, State
+from .ledger import RESUMABLE, SETTLED, Entry, Ledger, State
 from .llm.decision import Decision
 from .log import get_logger
 from .metadata import AgentMetadata
@@ -31,8 +34,8 @@ Decider = Callable[[AgentMetadata], Awaitable[Decision]]
 Source = str
 """Why a path is looked at: "closed", "moved", "scan" or "retry"."""
 
-RESUMABLE = (State.SEEN, State.DECIDED, State.WAITING)
-"""States a file is left in when the daemon stopped (or no LLM answered) mid-way."""
+MAX_RESUMES = 3
+"""How often a row found stuck in a transient state is resumed before it is settled FAILED."""
 
 ADOPTED_TIMEOUT_SECONDS = 24 * 3600.0
 """Timeout for an adopted agent whose name is no longer in the config."""
@@ -61,6 +64,8 @@ class Engine:
         self._run_locks: dict[str, asyncio.Lock] = {}
         self._busy: set[str] = set()
         self._checking = asyncio.Semaphore(1)
+        self._resumed: set[str] = set()
+        """Names the sweep handed out to be processed again: not stuck while they wait."""
         self.current: str = "idle"
         """What the engine is doing now, for STATUS= and `status`."""
 
@@ -73,12 +78,19 @@ class Engine:
         """
         if path.name in self._busy:
             return False
-        self._busy.add(path.name)
-        try:
+        self._resumed.discard(path.name)
+        with self._holding(path.name):
             await self._process(path, source)
-        finally:
-            self._busy.discard(path.name)
         return True
+
+    @contextmanager
+    def _holding(self, name: str) -> Iterator[None]:
+        """While held, `name`'s rows are being worked on: the sweep leaves them alone."""
+        self._busy.add(name)
+        try:
+            yield
+        finally:
+            self._busy.discard(name)
 
     async def _process(self, path: Path, source: Source) -> None:
         settings = self.config.daemon
@@ -142,7 +154,7 @@ class Engine:
         entry, new = self.ledger.claim(utf8_name(path.name), _rejected_key(path))
         if not new:
             return
-        self.ledger.update(entry.id, State.QUARANTINED, reason=str(exc))
+        self.ledger.update(entry, State.QUARANTINED, reason=str(exc))
         log.error("result.rejected", reason=exc.reason, pointer=exc.pointer or "/", source=source)
         self._on_change()
 
@@ -154,7 +166,7 @@ class Engine:
         try:
             decision = await self._decide(meta)
         except LLMUnavailable as exc:
-            self.ledger.update(entry.id, State.WAITING, reason=str(exc))
+            self.ledger.update(entry, State.WAITING, reason=str(exc))
             log.warning("decision.waiting", reason=str(exc))
             self.current = "idle"
             self._on_change()
@@ -167,7 +179,7 @@ class Engine:
             calibrated_confidence=decision.calibrated_confidence,
         )
         entry = self.ledger.update(
-            entry.id, State.DECIDED, decision=decision.model_dump(mode="json"),
+            entry, State.DECIDED, decision=decision.model_dump(mode="json"),
             action=decision.action,
         )  # fmt: skip
         await self.act(entry, loaded, decision, log)
@@ -185,6 +197,7 @@ class Engine:
         row = step(loaded.document.agent_metadata.pipeline_step)
         pid: int | None = None
         agent: str | None = None
+        reason: str | None
         if decision.action == "escalate":
             final, reason = State.ESCALATED, decision.reasoning[:500]
             log.warning("decision.escalated", reason=decision.reasoning[:200])
@@ -194,28 +207,44 @@ class Engine:
         else:
             retry = decision.action == "retry"
             agent = row.agent if retry else row.follow_up_agent
-            launch = self._launch_for(entry, loaded, decision, agent, retry)
-            # The intent goes to the ledger first; the launcher's marker makes the spawn itself
-            # idempotent, so the crash window between the two cannot cause a second launch.
-            self.ledger.update(entry.id, State.LAUNCHING, agent=agent)
-            try:
-                pid = self.launcher.start(launch)
-            except AgentFailed as exc:
-                if self.launcher.was_launched(entry.id):  # the marker says it already ran
-                    final, reason = State.ACTED, str(exc)
-                else:
-                    final, reason = State.FAILED, str(exc)
-                    log.error("agent.failed", agent=agent, reason=str(exc))
-            else:
-                final, reason = State.ACTED, None
-                log.info("agent.started", agent=agent, pid=pid, decision=decision.action)
-        record = self._record(entry, decision, agent, pid, approved_by)
+            entry, final, reason, pid = self._launch(entry, loaded, decision, agent, retry, log)
+        record = self._record(entry, decision, agent, pid, approved_by, final, reason)
         # fsync off the event loop: LLM slots and other files keep moving meanwhile.
         await asyncio.to_thread(write_json_atomic, self._record_path(entry), record)
-        self.ledger.update(entry.id, final, reason=reason, pid=pid)
+        self.ledger.update(entry, final, reason=reason, pid=pid)
+
+    def _launch(
+        self, entry: Entry, loaded: Loaded, decision: Decision, agent: str, retry: bool, log: Any
+    ) -> tuple[Entry, State, str | None, int | None]:
+        """Start `agent` for `entry` at most once: (entry, final state, reason, pid)."""
+        key = launch_key(entry.path, entry.sha256)
+        config = self.config.agents.get(agent)
+        if config is None and not self.launcher.was_launched(key):
+            # Validation only checks the follow-up agent, and a reload may remove one: a person
+            # can add it and approve, or reject.
+            reason = (
+                f"{decision.action}: agent {agent} is not configured;"
+                " add it to `agents` and approve, or reject"
+            )
+            log.warning("decision.escalated", reason=reason)
+            return entry, State.ESCALATED, reason, None
+        # The intent goes to the ledger first; the launcher's marker makes the spawn itself
+        # idempotent, so the crash window between the two cannot cause a second launch.
+        entry = self.ledger.update(entry, State.LAUNCHING, agent=agent)
+        if config is None:  # launched before a restart, removed from the config since
+            return entry, State.ACTED, "launched before a restart", None
+        try:
+            pid = self.launcher.start(self._launch_for(entry, loaded, decision, config, retry))
+        except AgentFailed as exc:
+            if self.launcher.was_launched(key):  # the marker says it already ran
+                return entry, State.ACTED, str(exc), None
+            log.error("agent.failed", agent=agent, reason=str(exc))
+            return entry, State.FAILED, str(exc), None
+        log.info("agent.started", agent=agent, pid=pid, decision=decision.action)
+        return entry, State.ACTED, None, pid
 
     def _launch_for(
-        self, entry: Entry, loaded: Loaded, decision: Decision, agent: str, retry: bool
+        self, entry: Entry, loaded: Loaded, decision: Decision, agent: AgentConfig, retry: bool
     ) -> Launch:
         path, sha256, meta = loaded.path, loaded.sha256, loaded.document.agent_metadata
         decisions = self.config.daemon.decisions_dir
@@ -232,12 +261,14 @@ class Engine:
             "decision": decision.action,
             "decision_file": str(decisions / record_name(path, sha256, "decision")),
         }
-        return Launch(entry.id, agent, self.config.agents[agent], values)
+        key = launch_key(entry.path, entry.sha256)
+        assert entry.agent is not None
+        return Launch(entry.id, key, entry.agent, agent, values)
 
     def _agent_exited(self, launch_id: int, pid: int, code: int | None, duration: float) -> None:
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
-        self.ledger.update(entry.id, entry.state, exit_code=code, ended=time.time())
+        self.ledger.update(entry, entry.state, touch=False, exit_code=code, ended=time.time())
         event = log.info if code == 0 else log.error if code is not None else log.warning
         event("agent.exited", agent=entry.agent, pid=pid, exit_code=code,
               duration_s=round(duration, 3))  # fmt: skip
@@ -255,8 +286,12 @@ class Engine:
         agent: str | None,
         pid: int | None,
         approved_by: str,
+        outcome: State,
+        reason: str | None,
     ) -> dict[str, Any]:
-        """The decision record: everything from the ledger entry, nothing re-read from the file."""
+        """The decision record: everything from the ledger entry, nothing re-read from the file.
+
+        `outcome` is the row's settled state: what a rebuilt ledger restores (`restore`)."""
         return {
             "record": "prng-llm-daemon/decision-v1",
             "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -277,16 +312,23 @@ class Engine:
             "agent": agent,
             "pid": pid,
             "approved_by": approved_by or None,
+            "outcome": outcome.value,
+            "outcome_reason": reason,
         }
 
     # -- start-up and operator commands ---------------------------------------------------
 
-    def reconcile(self) -> list[Entry]:
-        """After a crash: settle launch intents by their markers; return entries to redo.
+    def reconcile(self) -> None:
+        """At start: rebuild a new ledger from the decision records, watch agents launched
+        before the restart again, settle the launch intents their markers prove.
 
         Agents launched before the restart are watched again if they still run, and reported
         lost if they ended unseen (their results, if any, arrive as files like any other).
+        Launch intents with no marker are resumed by `sweep(at_start=True)`, like every other
+        row left mid-way.
         """
+        if self.ledger.is_empty():
+            self.restore()
         for entry in self.ledger.agents_unaccounted():
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
             assert entry.pid is not None and entry.agent is not None
@@ -298,62 +340,200 @@ class Engine:
                 log.info("agent.adopted", agent=entry.agent, pid=entry.pid)
             else:
                 reason = "its agent ended while the daemon was not running; exit status unknown"
-                self.ledger.update(entry.id, entry.state, ended=time.time(), reason=reason)
+                self.ledger.update(
+                    entry, entry.state, touch=False, ended=time.time(), reason=reason
+                )
                 log.warning("agent.lost", agent=entry.agent, pid=entry.pid, reason=reason)
-        redo = []
         for entry in self.ledger.in_state(State.LAUNCHING):
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
-            if self.launcher.was_launched(entry.id):
-                record_path = self._record_path(entry)
-                if entry.decision is not None and not record_path.exists():
-                    decision = Decision.model_validate(entry.decision)
-                    record = self._record(entry, decision, entry.agent, None, "")
-                    write_json_atomic(record_path, record)
-                self.ledger.update(entry.id, State.ACTED, reason="launched before a restart")
-                log.info("agent.reconciled", agent=entry.agent, launched=True)
+            launched = self.launcher.was_launched(launch_key(entry.path, entry.sha256))
+            log.info("agent.reconciled", agent=entry.agent, launched=launched)
+            if launched:
+                self._settle_launched(entry, "launched before a restart", log)
+
+    def _settle_launched(self, entry: Entry, reason: str, log: Any) -> None:
+        """A launch intent whose marker exists: ACTED, with its decision record."""
+        record_path = self._record_path(entry)
+        if entry.decision is not None and not record_path.exists():
+            decision = Decision.model_validate(entry.decision)
+            record = self._record(entry, decision, entry.agent, None, "", State.ACTED, reason)
+            try:
+                write_json_atomic(record_path, record)
+            except OSError as exc:  # a full disk: the launch happened all the same
+                log.error("record.failed", record=record_path.name, reason=exc.strerror)
+        self.ledger.update(entry, State.ACTED, reason=reason)
+
+    def restore(self) -> int:
+        """Give a new ledger the history in the decision records; the number of rows restored.
+
+        A file version with a record was settled under the old ledger (acted on, escalated,
+        finished, failed): it is restored as such, never decided or launched again. Files with
+        no record were never acted on and are decided as they are found.
+        """
+        decisions = self.config.daemon.decisions_dir
+        restored = self.ledger.restore(_read_records(decisions))
+        if restored:
+            get_logger().info("ledger.restored", rows=restored, from_dir=str(decisions))
+        return restored
+
+    def sweep(self, now: float | None = None, *, at_start: bool = False) -> list[Path]:
+        """Rows stuck in a transient state: resume them, or settle them; the files to process.
+
+        Stuck means untouched for `daemon.transient_deadline_seconds` and not being worked on
+        now, or, `at_start`, any (nothing is in flight before the workers start). A stuck row
+        whose file is gone, or that was resumed MAX_RESUMES times already, is settled (`result.
+        stuck`): FAILED, or ACTED if its launch marker exists. The others get an attempt more.
+        """
+        now = time.time() if now is None else now
+        older_than = now if at_start else now - self.config.daemon.transient_deadline_seconds
+        again = []
+        for entry in self.ledger.stuck(older_than):
+            if entry.path in self._busy or entry.path in self._resumed:
+                continue
+            path = self.config.daemon.results_dir / entry.path
+            log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+            if not path.exists():
+                reason = f"the file was deleted while {entry.state}"
+            elif entry.attempts >= MAX_RESUMES:
+                reason = f"still {entry.state} after {entry.attempts} resumes"
             else:
-                log.info("agent.reconciled", agent=entry.agent, launched=False)
-                redo.append(entry)
-        return redo
-
-    async def relaunch(self, entry: Entry) -> None:
-        """Finish an entry whose launch intent was recorded but which never launched."""
-        assert entry.decision is not None
-        await self._resume(entry, Decision.model_validate(entry.decision), "")
-
-    async def resolve(self, run_id: str, verb: str) -> bool:
-        """Apply `approve`, `approve-retry` or `reject` to the escalation of `run_id`."""
-        entry = self.ledger.by_run_id(run_id)
-        log = get_logger(run_id=run_id, command=verb)
-        if entry is None or entry.state is not State.ESCALATED or entry.decision is None:
-            log.warning("escalation.unknown", state=entry.state if entry else None)
-            return False
-        if verb == "reject":
-            self.ledger.update(entry.id, State.DONE, reason="rejected by operator")
-            log.info("escalation.rejected", file=entry.path)
+                # At start a resume is not a failure of the row (the daemon stopped): not counted.
+                attempts = entry.attempts + (0 if at_start else 1)
+                self.ledger.update(entry, entry.state, attempts=attempts)
+                log.info("result.resumed", state=entry.state.value, attempts=attempts,
+                         idle_s=round(now - entry.updated, 1))  # fmt: skip
+                self._resumed.add(entry.path)
+                again.append(path)
+                continue
+            key = launch_key(entry.path, entry.sha256)
+            if entry.state is State.LAUNCHING and self.launcher.was_launched(key):
+                self._settle_launched(entry, f"launched; {reason}", log)
+            else:
+                self.ledger.update(entry, State.FAILED, reason=reason)
+            log.error("result.stuck", state=entry.state.value, reason=reason)
             self._on_change()
-            return True
-        action = "retry" if verb == "approve-retry" else "proceed"
-        decision = Decision.model_validate(entry.decision).model_copy(
-            update={"action": action, "path": "operator"}
-        )
-        entry = self.ledger.update(
-            entry.id, entry.state, decision=decision.model_dump(mode="json"), action=action
-        )
-        log.info("escalation.approved", file=entry.path, decision=action)
-        await self._resume(entry, decision, "operator")
-        self._on_change()
-        return True
+        return again
 
-    async def _resume(self, entry: Entry, decision: Decision, approved_by: str) -> None:
-        path = self.config.daemon.results_dir / entry.path
-        loaded = await self._load(path, max_bytes=self.config.daemon.max_result_bytes)
-        log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
-        if loaded.sha256 != entry.sha256:
-            self.ledger.update(entry.id, State.FAILED, reason="file changed before it was acted on")
-            log.error("agent.failed", reason="file changed before it was acted on")
-            return
-        await self.act(entry, loaded, decision, log, approved_by)
+    async def resolve(self, run_id: str, verb: str) -> tuple[bool, str]:
+        """Apply `approve`, `approve-retry` or `reject` to every pending escalation of `run_id`
+        (the same content under several names is several escalations of one run id).
+
+        Returns (applied to all, one line for the operator). Never raises for what operators
+        and files do: a file deleted, changed or made invalid since, an agent no longer
+        configured leave that escalation pending, with the reason in the message, to be
+        approved once fixed or rejected (which always works).
+        """
+        log = get_logger(run_id=run_id, command=verb)
+        if verb not in _RESOLVED:
+            return False, f"{run_id}: unknown command {verb!r}"
+        entries = self.ledger.escalated(run_id)
+        if not entries:
+            latest = self.ledger.by_run_id(run_id)
+            state = latest.state.value if latest else "unknown"
+            log.warning("escalation.unknown", state=state)
+            return False, f"{run_id}: no pending escalation (state: {state})"
+        applied, pending = [], []
+        for entry in entries:
+            if entry.path in self._busy:
+                pending.append(f"{entry.path}: being processed, try again")
+                continue
+            with self._holding(entry.path):
+                problem = await self._resolve_one(entry, verb, log)
+            if problem:
+                log.warning("escalation.kept", file=entry.path, reason=problem)
+                pending.append(f"{entry.path}: {problem}")
+            else:
+                applied.append(entry.path)
+        self._on_change()
+        message = f"{run_id}: {_RESOLVED[verb]} " + (", ".join(applied) or "nothing")
+        if pending:
+            message += "; still escalated: " + "; ".join(pending)
+        return not pending, message
+
+    async def _resolve_one(self, entry: Entry, verb: str, log: Any) -> str | None:
+        """Resolve one escalated row; None when done, else why it stays escalated."""
+        if entry.decision is None or entry.step is None:
+            return "it has no recorded decision to act on; reject it"
+        decision = Decision.model_validate(entry.decision)
+        try:
+            if verb == "reject":
+                reason = "rejected by operator"
+                record = self._record(entry, decision, None, None, "", State.DONE, reason)
+                await asyncio.to_thread(write_json_atomic, self._record_path(entry), record)
+                self.ledger.update(entry, State.DONE, reason=reason)
+                log.info("escalation.rejected", file=entry.path)
+                return None
+            action = "retry" if verb == "approve-retry" else "proceed"
+            row = step(entry.step)
+            agent = row.agent if action == "retry" else row.follow_up_agent
+            if not (action == "proceed" and row.is_last) and agent not in self.config.agents:
+                return f"agent {agent} is not configured"
+            settings = self.config.daemon
+            loaded = await self._load(
+                settings.results_dir / entry.path,
+                max_bytes=settings.max_result_bytes, root=settings.results_dir,
+            )  # fmt: skip
+            if loaded.sha256 != entry.sha256:
+                return "the file changed since it was escalated"
+            decision = decision.model_copy(update={"action": action, "path": "operator"})
+            entry = self.ledger.update(
+                entry, entry.state, decision=decision.model_dump(mode="json"), action=action
+            )
+            log.info("escalation.approved", file=entry.path, decision=action)
+            await self.act(entry, loaded, decision, log, "operator")
+        except ResultRejected as exc:
+            return f"the file cannot be used: {exc}"
+        except OSError as exc:  # a full disk: a launch intent is resumed by the sweep
+            return f"cannot act on it now: {exc.strerror or exc}"
+        return None
+
+
+_RESOLVED = {"approve": "approved", "approve-retry": "approved for a retry", "reject": "rejected"}
+
+
+def _read_records(decisions: Path) -> Iterator[tuple[str, str, State, dict[str, Any]]]:
+    """What each decision record in `decisions` says about its file version; a record that
+    cannot be read is logged and skipped."""
+    for path in sorted(decisions.glob("*.decision.json")):
+        try:
+            yield _from_record(json.loads(path.read_bytes()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            get_logger().warning("record.unreadable", record=path.name, reason=str(exc)[:200])
+
+
+def _from_record(record: dict[str, Any]) -> tuple[str, str, State, dict[str, Any]]:
+    """A decision record -> (file name, sha256, settled state, ledger fields)."""
+    action = record["decision"]
+    outcome = record.get("outcome")
+    if outcome is None:  # a record from before outcomes were written: never launch again
+        last = record["pipeline_step"] == 6 and action == "proceed"
+        outcome = "escalated" if action == "escalate" else "done" if last else "acted"
+    state = State(outcome)
+    if state not in SETTLED:
+        raise ValueError(f"outcome {outcome!r} is not a settled state")
+    decision = Decision(
+        action=action,
+        confidence=record["confidence"],
+        calibrated_confidence=record["calibrated_confidence"],
+        reasoning=record["reasoning"],
+        suggested_params=record["suggested_params"],
+        path=record["policy_path"],
+        llm_metadata=record["llm_metadata"],
+    )
+    fields = {
+        "run_id": record["run_id"],
+        "parent_run_id": record["parent_run_id"],
+        "root_run_id": record["pipeline_run"],
+        "step": record["pipeline_step"],
+        "reason": record.get("outcome_reason") or "restored from its decision record",
+        "decision": decision.model_dump(mode="json"),
+        "action": action,
+        "agent": record["agent"],
+        "pid": record["pid"],
+        # Its agent, if any, belongs to the old ledger: not one to watch or report lost.
+        "ended": time.time() if record["pid"] else None,
+    }
+    return Path(record["result_file"]).name, str(record["sha256"]), state, fields
 
 
 def derived_run_id(path: Path, step_number: int, sha256: str) -> str:

@@ -9,6 +9,7 @@ __all__ = [
     "LLMBadAnswer",
     "LLMError",
     "LLMUnavailable",
+    "LedgerCorrupt",
     "ResultRejected",
     "UnsafePath",
 ]
@@ -67,3 +68,13 @@ class AgentFailed(DaemonError):
 
 class UnsafePath(DaemonError):
     """A write was refused: the file or its directory is a symbolic link (or not a directory)."""
+
+
+class LedgerCorrupt(DaemonError):
+    """The ledger file is not an intact SQLite database; the CLI says what to do about it."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        super().__init__(
+            f"ledger {path} is corrupt (sqlite: {detail}): move it aside and restart;"
+            " the daemon rebuilds it from the results dir"
+        )

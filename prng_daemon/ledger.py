@@ -1,7 +1,9 @@
 """The SQLite ledger: every result file by path and content hash, its state and its decision.
 
 It is what makes the daemon exactly-once across restarts and crashes: a (path, sha256) pair is
-decided once, and a launch is recorded as an intent before it happens.
+decided once, and a launch is recorded as an intent before it happens. The state machine lives
+here, in one place: the states, their groups, and which move is allowed from where; every update
+names the state the caller read, so two writers can never silently overwrite each other.
 """
 
 from __future__ import annotations
@@ -9,19 +11,32 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Entry", "Ledger", "State"]
+from .errors import LedgerCorrupt
+
+__all__ = [
+    "OUTCOMES",
+    "RESUMABLE",
+    "SETTLED",
+    "TRANSIENT",
+    "Entry",
+    "Ledger",
+    "State",
+    "StateConflict",
+]
 
 
 class State(StrEnum):
     SEEN = "seen"
+    """Validated and claimed; not yet decided."""
     DECIDED = "decided"
+    """The decision is in the ledger; acting on it (launch, escalate, finish) is next."""
     LAUNCHING = "launching"
     """The launch intent is recorded; the agent may or may not have started."""
     ACTED = "acted"
@@ -34,6 +49,36 @@ class State(StrEnum):
     FAILED = "failed"
     CHANGED = "changed"
     """The file's content changed after an earlier version was decided: flagged, not re-run."""
+
+
+TRANSIENT = frozenset({State.SEEN, State.DECIDED, State.LAUNCHING})
+"""Work in progress: a row stays here only while a worker holds it, or past a deadline when
+the daemon stopped or failed mid-way (then `Engine.sweep` resumes or settles it)."""
+
+RESUMABLE = TRANSIENT | {State.WAITING}
+"""Rows the pipeline takes up again when it meets their file: where it stopped, never anew."""
+
+SETTLED = frozenset(
+    {State.ACTED, State.DONE, State.ESCALATED, State.QUARANTINED, State.FAILED, State.CHANGED}
+)
+"""Nothing more happens without an operator (an escalation) or new content (a new file)."""
+
+OUTCOMES = frozenset({State.ACTED, State.DONE, State.ESCALATED, State.FAILED})
+"""Settled by a decision (quarantined and changed files never reached one)."""
+
+_MOVES: Mapping[State, frozenset[State]] = {
+    State.SEEN: frozenset({State.DECIDED, State.WAITING, State.QUARANTINED, State.FAILED}),
+    State.WAITING: frozenset({State.DECIDED, State.FAILED}),
+    State.DECIDED: frozenset({State.LAUNCHING, State.ESCALATED, State.DONE, State.FAILED}),
+    State.LAUNCHING: frozenset({State.ACTED, State.ESCALATED, State.FAILED}),
+    # An operator's approve acts on the escalation (launch or finish); reject finishes it.
+    State.ESCALATED: frozenset({State.LAUNCHING, State.DONE, State.FAILED}),
+}
+"""Where each state may go (besides staying, to update fields). Settled states go nowhere."""
+
+
+class StateConflict(RuntimeError):
+    """A ledger row was not in the state its writer read: a bug, never overwritten silently."""
 
 
 _SCHEMA = """
@@ -55,6 +100,7 @@ CREATE TABLE IF NOT EXISTS files (
     ended REAL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
     UNIQUE (path, sha256)
 );
 CREATE INDEX IF NOT EXISTS files_state ON files (state);
@@ -67,6 +113,8 @@ CREATE TABLE IF NOT EXISTS commands (
     done REAL
 );
 """
+
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 
 @dataclass(frozen=True)
@@ -89,6 +137,8 @@ class Entry:
     """When the agent was seen to end (its exit code may still be unknown)."""
     created: float
     updated: float
+    attempts: int
+    """How often `Engine.sweep` found the row stuck in a transient state and resumed it."""
 
 
 def _entry(row: sqlite3.Row) -> Entry:
@@ -98,41 +148,80 @@ def _entry(row: sqlite3.Row) -> Entry:
     return Entry(**values)
 
 
+@contextmanager
+def _corruption_named(path: Path) -> Iterator[None]:
+    """SQLite's "malformed" and "not a database" become the one LedgerCorrupt message."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            raise LedgerCorrupt(path, str(exc)) from None
+        raise
+
+
 class Ledger:
     """One connection, used from the event loop's thread only (the CLI opens its own)."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        """`readonly`: for `status`, which any user in the service's group may run."""
+        """`readonly`: for `status`, which any user in the service's group may run.
+
+        Raises LedgerCorrupt when the file is not an intact SQLite database."""
+        self.path = path
         self._paths: set[str] | None = None
-        if readonly:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        with _corruption_named(path):
+            if readonly:
+                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(
+                    path, isolation_level=None, timeout=30.0, check_same_thread=False
+                )
             self._db.row_factory = sqlite3.Row
+            try:
+                self._open(readonly)
+            except BaseException:
+                self._db.close()
+                raise
+
+    def _open(self, readonly: bool) -> None:
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash; only power loss can lose
+            # the last.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        # A truncated file can open fine and fail pages later, mid-run: find out now.
+        found = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        if found != ["ok"]:
+            problems = [p for text in found for p in text.splitlines() if not p.startswith("*")]
+            more = f" and {len(problems) - 1} more problems" if len(problems) > 1 else ""
+            raise LedgerCorrupt(self.path, f"{problems[0]}{more}")
+        if readonly:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            path, isolation_level=None, timeout=30.0, check_same_thread=False
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a process crash; only power loss can lose the last.
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        if "attempts" not in columns:  # a ledger from before the sweep
+            self._db.execute("ALTER TABLE files ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
 
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with _corruption_named(self.path):
+            return self._db.execute(sql, params)
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with _corruption_named(self.path):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def get(self, entry_id: int) -> Entry:
-        row = self._db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
+        row = self._query("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row)
 
     def claim(self, path: str, sha256: str, **fields: Any) -> tuple[Entry, bool]:
@@ -142,7 +231,6 @@ class Ledger:
         the same path was already decided, the new content is recorded as CHANGED and is not
         processed.
         """
-        now = time.time()
         with self._transaction() as db:
             row = db.execute(
                 "SELECT * FROM files WHERE path = ? AND sha256 = ?", (path, sha256)
@@ -155,26 +243,73 @@ class Ledger:
             ).fetchone()
             state = State.CHANGED if earlier else State.SEEN
             reason = "content changed after it was decided; not re-run" if earlier else None
-            columns = "".join(f", {name}" for name in fields)
-            marks = ", ?" * len(fields)
-            cur = db.execute(
-                f"INSERT INTO files (path, sha256, state, reason, created, updated{columns})"
-                f" VALUES (?, ?, ?, ?, ?, ?{marks})",
-                (path, sha256, state, reason, now, now, *fields.values()),
-            )
-            entry_id = cur.lastrowid
-            assert entry_id is not None
+            entry_id = self._insert(db, path, sha256, state, reason=reason, **fields)
         if self._paths is not None:
             self._paths.add(path)
         return self.get(entry_id), True
 
-    def update(self, entry_id: int, state: State, **fields: Any) -> Entry:
-        if "decision" in fields and fields["decision"] is not None:
+    def is_empty(self) -> bool:
+        """No row at all: a new ledger (or one whose rebuild was cut short)."""
+        return self._query("SELECT 1 FROM files LIMIT 1").fetchone() is None
+
+    def restore(self, rows: Iterable[tuple[str, str, State, dict[str, Any]]]) -> int:
+        """Record settled rows from other evidence (decision records) when rebuilding: all in
+        one transaction, so a rebuild cut short leaves the ledger empty and is done again.
+        Returns how many were new."""
+        added = 0
+        with self._transaction() as db:
+            for path, sha256, state, fields in rows:
+                assert state in SETTLED, state
+                if db.execute(
+                    "SELECT 1 FROM files WHERE path = ? AND sha256 = ?", (path, sha256)
+                ).fetchone():
+                    continue
+                self._insert(db, path, sha256, state, **fields)
+                added += 1
+        self._paths = None  # read again when next asked
+        return added
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, path: str, sha256: str, state: State, **fields: Any) -> int:
+        if fields.get("decision") is not None:
             fields["decision"] = json.dumps(fields["decision"])
+        now = time.time()
+        columns = "".join(f", {name}" for name in fields)
+        marks = ", ?" * len(fields)
+        cur = db.execute(
+            f"INSERT INTO files (path, sha256, state, created, updated{columns})"
+            f" VALUES (?, ?, ?, ?, ?{marks})",
+            (path, sha256, state, now, now, *fields.values()),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def update(self, entry: Entry, state: State, *, touch: bool = True, **fields: Any) -> Entry:
+        """Move `entry` to `state` (or keep it there) and set `fields`.
+
+        Only from the state `entry` was read in, and only along an allowed move: anything else
+        raises StateConflict, so a second writer can never silently undo the first.
+        `touch=False`: an observation (an agent's end), not a step of the file; `updated` keeps
+        the time of the file's last step (what `recent` orders by).
+        """
+        if state is not entry.state and state not in _MOVES.get(entry.state, ()):
+            raise StateConflict(
+                f"ledger row {entry.id} ({entry.path}): no move from {entry.state} to {state}"
+            )
+        if fields.get("decision") is not None:
+            fields["decision"] = json.dumps(fields["decision"])
+        if touch:
+            fields["updated"] = time.time()
         columns = "".join(f", {name} = ?" for name in fields)
-        sql = f"UPDATE files SET state = ?, updated = ?{columns} WHERE id = ?"
-        self._db.execute(sql, (state, time.time(), *fields.values(), entry_id))
-        return self.get(entry_id)
+        sql = f"UPDATE files SET state = ?{columns} WHERE id = ? AND state = ?"
+        cur = self._query(sql, (state, *fields.values(), entry.id, entry.state))
+        if cur.rowcount != 1:
+            now = self.get(entry.id).state
+            raise StateConflict(
+                f"ledger row {entry.id} ({entry.path}) is {now}, not {entry.state}:"
+                f" not moved to {state}"
+            )
+        return self.get(entry.id)
 
     def known_paths(self) -> set[str]:
         """Every file name the ledger has a record of: what a catch-up scan skips.
@@ -182,49 +317,70 @@ class Ledger:
         Read once, then kept current by claim(): the daemon is the ledger's only writer.
         """
         if self._paths is None:
-            self._paths = {row[0] for row in self._db.execute("SELECT DISTINCT path FROM files")}
+            self._paths = {row[0] for row in self._query("SELECT DISTINCT path FROM files")}
         return self._paths
 
-    def in_state(self, *states: State) -> list[Entry]:
+    def in_state(self, *states: State, limit: int = -1) -> list[Entry]:
+        """Rows in any of `states`, oldest first; `limit`: the newest that many."""
         marks = ", ".join("?" for _ in states)
-        rows = self._db.execute(
-            f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id", states
+        rows = self._query(
+            f"SELECT * FROM (SELECT * FROM files WHERE state IN ({marks})"
+            " ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (*states, limit),
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def stuck(self, older_than: float) -> list[Entry]:
+        """Rows in a transient state not touched since `older_than` (a time.time())."""
+        marks = ", ".join("?" for _ in TRANSIENT)
+        rows = self._query(
+            f"SELECT * FROM files WHERE state IN ({marks}) AND updated < ? ORDER BY id",
+            (*TRANSIENT, older_than),
         ).fetchall()
         return [_entry(r) for r in rows]
 
     def agents_unaccounted(self) -> list[Entry]:
         """Launched agents whose end the daemon has not seen (it was down when they ended)."""
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM files WHERE state = ? AND pid IS NOT NULL AND ended IS NULL",
             (State.ACTED,),
         ).fetchall()
         return [_entry(r) for r in rows]
 
     def by_run_id(self, run_id: str) -> Entry | None:
-        row = self._db.execute(
+        row = self._query(
             "SELECT * FROM files WHERE run_id = ? ORDER BY id DESC LIMIT 1", (run_id,)
         ).fetchone()
         return _entry(row) if row else None
+
+    def escalated(self, run_id: str) -> list[Entry]:
+        """Every pending escalation of `run_id`: the same content under several names gives
+        several."""
+        rows = self._query(
+            "SELECT * FROM files WHERE run_id = ? AND state = ? ORDER BY id",
+            (run_id, State.ESCALATED),
+        ).fetchall()
+        return [_entry(r) for r in rows]
 
     def root_of(self, parent_run_id: str | None) -> str | None:
         """The first run of the pipeline run that `parent_run_id` belongs to."""
         if parent_run_id is None:
             return None
-        row = self._db.execute(
+        row = self._query(
             "SELECT root_run_id FROM files WHERE run_id = ? AND root_run_id IS NOT NULL LIMIT 1",
             (parent_run_id,),
         ).fetchone()
         return str(row[0]) if row else parent_run_id
 
     def recent(self, limit: int = 20) -> list[Entry]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM files ORDER BY updated DESC, id DESC LIMIT ?", (limit,)
         ).fetchall()
         return [_entry(r) for r in rows]
 
     def pipeline_runs(self, limit: int = 20) -> list[Entry]:
         """The latest entry of each pipeline run: where that run stands."""
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM files WHERE id IN"
             " (SELECT max(id) FROM files WHERE root_run_id IS NOT NULL GROUP BY root_run_id)"
             " ORDER BY updated DESC LIMIT ?",
@@ -234,8 +390,7 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         return {
-            state: n
-            for state, n in self._db.execute("SELECT state, count(*) FROM files GROUP BY state")
+            state: n for state, n in self._query("SELECT state, count(*) FROM files GROUP BY state")
         }
 
     # Operator commands (approve / reject), written by the CLI, consumed by the running daemon.

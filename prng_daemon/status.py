@@ -18,6 +18,11 @@ from .names import printable
 
 __all__ = ["collect", "render"]
 
+ATTENTION = 10
+"""How many of the latest FAILED rows `status` shows..."""
+ATTENTION_SECONDS = 24 * 3600.0
+"""...of those that failed this recently (older ones are history, not news)."""
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -48,11 +53,19 @@ def collect(config: Config) -> dict[str, Any]:
             report["servers"][name] = {"state": "unmanaged", "url": base_url(server)}
     ledger_path = config.daemon.ledger_path
     if not ledger_path.exists():
-        return report | {"escalations": [], "recent": [], "pipeline_runs": [], "counts": {}}
+        empty: dict[str, Any] = {"escalations": [], "recent": [], "pipeline_runs": []}
+        return report | empty | {"counts": {}, "attention": []}
     try:
         ledger = Ledger(ledger_path, readonly=True)
         try:
             report["escalations"] = [_row(e) for e in ledger.in_state(State.ESCALATED)]
+            # Rows mid-way past their deadline (what the sweep has not resumed or settled yet,
+            # an escalation not yet recorded among them), and the latest failures.
+            now = time.time()
+            failed = ledger.in_state(State.FAILED, limit=ATTENTION)
+            recent = [e for e in failed if e.updated > now - ATTENTION_SECONDS]
+            stuck = ledger.stuck(now - config.daemon.transient_deadline_seconds)
+            report["attention"] = [_row(e) for e in stuck + recent]
             report["recent"] = [_row(e) for e in ledger.recent(10)]
             report["pipeline_runs"] = [_row(e) for e in ledger.pipeline_runs()]
             report["counts"] = ledger.counts()
@@ -102,6 +115,13 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  {e['run_id']}  step {e['step']}  {e['file']}: {e['reason']}")
     if report["escalations"]:
         lines.append("  resolve with: prng-llm-daemon approve RUN_ID [--retry] | reject RUN_ID")
+    lines.append(f"stuck or failed: {len(report['attention'])}")
+    for e in report["attention"]:
+        stuck = e["state"] != State.FAILED
+        what = f"{e['state']} for {time.time() - e['updated']:.0f}s" if stuck else "failed"
+        plan = f" ({e['decision']})" if stuck and e["decision"] else ""
+        lines.append(f"  {e['run_id'] or '-'}  step {e['step']}  {e['file']}: {what}{plan}"
+                     + (f": {e['reason']}" if e["reason"] else ""))  # fmt: skip
     lines.append("pipeline runs:")
     for e in report["pipeline_runs"]:
         lines.append(

@@ -47,18 +47,6 @@ def test_status_without_a_daemon_says_not_running_and_exits_1(
     assert code == 1 and json.loads(out)["running"] is False
 
 
-def test_status_with_an_unreadable_ledger_says_so_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    ws = make_workspace(tmp_path, free_port())
-    ledger = ws.root / "state" / "ledger.sqlite3"
-    ledger.parent.mkdir()
-    ledger.write_bytes(b"not a database, just bytes" * 100)
-    code, out, err = cli(capsys, ws, "status")
-    assert code == 1 and out == ""
-    assert err.strip() == f"status: cannot read the ledger {ledger}: file is not a database"
-
-
 def test_status_of_a_running_daemon_shows_servers_pipeline_runs_and_decisions(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

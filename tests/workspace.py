@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prng_daemon.ledger import Ledger, State
+from prng_daemon.ledger import SETTLED, Ledger
 from prng_daemon.pipeline import PIPELINE
 
 from .helpers import wait_until
@@ -58,9 +58,7 @@ class Workspace:
             counts = self.ledger_states()
         except Exception:
             return False
-        settled = sum(counts.get(s, 0) for s in (State.ACTED, State.DONE, State.QUARANTINED,
-                                                 State.ESCALATED, State.FAILED))  # fmt: skip
-        return settled >= n
+        return sum(counts.get(s, 0) for s in SETTLED) >= n
 
     def start(
         self, *extra: str, env: Mapping[str, str] | None = None, stderr: int | None = None

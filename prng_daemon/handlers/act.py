@@ -3,11 +3,15 @@
 Each launch is guarded by a marker file that the *child* creates with O_EXCL during
 posix_spawn, before it execs the agent. After a crash, a marker on disk proves the launch
 happened, and a second spawn of the same launch fails in the kernel instead of running twice.
+Markers are named after the file version (name + content hash), not a ledger row: a rebuilt
+ledger is still guarded by them, and cannot be blocked by them for a file they never launched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import os
 import shutil
 import signal
@@ -21,7 +25,7 @@ from ..config import AgentConfig
 from ..errors import AgentFailed
 from ..log import get_logger
 
-__all__ = ["Launch", "Launcher", "OnExit"]
+__all__ = ["Launch", "Launcher", "OnExit", "launch_key"]
 
 OnExit = Callable[[int, int, int | None, float], None]
 """(launch id, pid, exit code — None when not the daemon's child to reap —, seconds watched)."""
@@ -35,10 +39,17 @@ class Launch:
     """What to start: the agent's config, filled-in placeholders and daemon-made environment."""
 
     launch_id: int
+    key: str
+    """The marker's name: `launch_key` of the result file that asked for this launch."""
     agent: str
     config: AgentConfig
     values: Mapping[str, str]
     """Placeholder values; also exported as PRNG_<NAME> in the agent's environment."""
+
+
+def launch_key(path: str, sha256: str) -> str:
+    """One key per version of one result file: at most one launch is ever made for it."""
+    return hashlib.sha256(os.fsencode(path) + b"\0" + sha256.encode()).hexdigest()[:32]
 
 
 class Launcher:
@@ -55,11 +66,11 @@ class Launcher:
         markers_dir.mkdir(parents=True, exist_ok=True)
         logs_dir.mkdir(parents=True, exist_ok=True)
 
-    def marker(self, launch_id: int) -> Path:
-        return self._markers / f"{launch_id}.launched"
+    def marker(self, key: str) -> Path:
+        return self._markers / f"{key}.launched"
 
-    def was_launched(self, launch_id: int) -> bool:
-        return self.marker(launch_id).exists()
+    def was_launched(self, key: str) -> bool:
+        return self.marker(key).exists()
 
     @property
     def running(self) -> int:
@@ -82,6 +93,7 @@ class Launcher:
         env["PRNG_LAUNCH_ID"] = str(launch.launch_id)
         log_path = self._logs / f"{launch.values.get('parent_run_id', 'run')}.{launch.agent}.log"
         flags = os.O_WRONLY | os.O_CREAT
+        marker = self.marker(launch.key)
         try:
             pid = os.posix_spawn(
                 program,
@@ -91,7 +103,7 @@ class Launcher:
                     (
                         os.POSIX_SPAWN_OPEN,
                         3,
-                        str(self.marker(launch.launch_id)),
+                        str(marker),
                         flags | os.O_EXCL,
                         0o644,
                     ),
@@ -104,11 +116,19 @@ class Launcher:
             )
         except FileExistsError:
             raise AgentFailed(
-                f"launch {launch.launch_id} already happened; not starting twice"
+                "the launch for this file version already happened; not starting it twice"
             ) from None
         except OSError as exc:
+            # glibc reports a failed exec (ENOENT from a bad #! line, ENOEXEC from a binary that
+            # is not one) as posix_spawn's error, after the child's file actions ran: the
+            # marker exists, but nothing was launched. Only this attempt can have made it
+            # (O_EXCL), so it goes, and the file version stays launchable.
+            marker.unlink(missing_ok=True)
+            code = errno.errorcode.get(exc.errno or 0, "?")
+            if exc.errno == errno.ENOENT and os.path.exists(program):
+                code += ": the program is there, its #! interpreter is not?"
             raise AgentFailed(
-                f"agent {launch.agent}: cannot start {argv[0]}: {exc.strerror}"
+                f"agent {launch.agent}: cannot start {argv[0]}: {exc.strerror} ({code})"
             ) from None
         timeout = launch.config.timeout_seconds
         self._track(launch.launch_id, self._watch(launch.launch_id, launch.agent, pid, timeout))

@@ -8,6 +8,7 @@ The directory is opened once without following a link and every step happens rel
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -84,6 +85,20 @@ def _refuse_link(dir_fd: int, path: Path) -> None:
         raise UnsafePath(f"{path} is a symbolic link; nothing is written through it")
 
 
+MAX_STEM_BYTES = 160
+"""A file name may be 255 bytes; a record adds `.<hash8>.<kind>.json` (at most 24) and its temp
+file `.` + `.XXXXXXXX.tmp` (14) to the result's stem, so longer stems are shortened."""
+
+
 def record_name(result_path: Path, sha256: str, kind: str) -> str:
-    """`step2_x.json` + hash -> `step2_x.1a2b3c4d.<kind>.json`: one per file version."""
-    return f"{result_path.stem}.{sha256[:8]}.{kind}.json"
+    """`step2_x.json` + hash -> `step2_x.1a2b3c4d.<kind>.json`: one per file version.
+
+    A stem over MAX_STEM_BYTES keeps its head and gets a hash of the whole stem instead of the
+    rest, so long names that share a head still get records of their own.
+    """
+    stem = result_path.stem
+    raw = os.fsencode(stem)
+    if len(raw) > MAX_STEM_BYTES:
+        head = raw[: MAX_STEM_BYTES - 9].decode("utf-8", "ignore")  # never half a character
+        stem = f"{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
+    return f"{stem}.{sha256[:8]}.{kind}.json"
