@@ -7,6 +7,7 @@ is reconciled at the next start: never a second launch, never a lost one.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -304,29 +305,51 @@ class Engine:
         assert entry.decision is not None
         await self._resume(entry, Decision.model_validate(entry.decision), "")
 
-    async def resolve(self, run_id: str, verb: str) -> bool:
-        """Apply `approve`, `approve-retry` or `reject` to the escalation of `run_id`."""
+    async def resolve(self, run_id: str, verb: str) -> tuple[bool, str]:
+        """Apply `approve`, `approve-retry` or `reject` to the escalation of `run_id`.
+
+        Returns (applied?, what happened in one line); a command that cannot be applied is
+        refused with the reason and leaves the escalation as it was. Raises only on bugs.
+        """
         entry = self.ledger.by_run_id(run_id)
-        log = get_logger(run_id=run_id, command=verb)
         if entry is None or entry.state is not State.ESCALATED or entry.decision is None:
-            log.warning("escalation.unknown", state=entry.state if entry else None)
-            return False
+            state = entry.state.value if entry else "unknown"
+            return False, f"{run_id}: no pending escalation (state: {state})"
+        log = get_logger(file=entry.path, run_id=run_id, step=entry.step, command=verb)
         if verb == "reject":
             self.ledger.update(entry.id, State.DONE, reason="rejected by operator")
-            log.info("escalation.rejected", file=entry.path)
+            log.info("escalation.rejected")
             self._on_change()
-            return True
+            return True, f"rejected: {run_id} stops here"
         action = "retry" if verb == "approve-retry" else "proceed"
+        path = self.config.daemon.results_dir / entry.path
+        try:
+            loaded = load_result(path, max_bytes=self.config.daemon.max_result_bytes)
+        except ResultRejected as exc:
+            if not os.path.lexists(path):
+                return False, "the result file was deleted since it was escalated"
+            return False, f"the result file is no longer valid: {exc}"
+        if loaded.sha256 != entry.sha256:
+            return False, "the result file changed since it was escalated"
+        row = step(loaded.document.agent_metadata.pipeline_step)
+        agent = row.agent if action == "retry" else row.follow_up_agent
+        if not (action == "proceed" and row.is_last) and agent not in self.config.agents:
+            return False, f"agent {agent} is not in the config (any more)"
         decision = Decision.model_validate(entry.decision).model_copy(
             update={"action": action, "path": "operator"}
         )
         entry = self.ledger.update(
             entry.id, entry.state, decision=decision.model_dump(mode="json"), action=action
         )
-        log.info("escalation.approved", file=entry.path, decision=action)
-        await self._resume(entry, decision, "operator")
+        log.info("escalation.approved", decision=action)
+        await self.act(entry, loaded, decision, log, "operator")
         self._on_change()
-        return True
+        after = self.ledger.get(entry.id)
+        if after.state is State.DONE:
+            return True, f"approved: {run_id} -> pipeline run complete"
+        if after.state is State.FAILED:
+            return True, f"approved: {run_id} -> {agent} could not start: {after.reason}"
+        return True, f"approved: {run_id} -> started {agent}"
 
     async def _resume(self, entry: Entry, decision: Decision, approved_by: str) -> None:
         path = self.config.daemon.results_dir / entry.path
