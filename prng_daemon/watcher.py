@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import os
+import threading
 from collections.abc import Callable, Container
 from pathlib import Path
 from types import TracebackType
@@ -117,6 +118,10 @@ class Watcher:
         self._observer: InotifyObserver | None = None
         self._watched: tuple[int, int] | None = None
         self._gone = False
+        # rearm() runs in a worker thread (the daemon's rescan), __exit__ on the loop: one at
+        # a time, and none after the exit, or an observer could outlive the watcher.
+        self._lock = threading.Lock()
+        self._closed = False
         self._alarm = _OverflowAlarm(loop, on_rescan)
         self._watchdog_log = logging.getLogger("watchdog.observers.inotify_c")
 
@@ -135,7 +140,9 @@ class Watcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._stop_observer()
+        with self._lock:
+            self._closed = True
+            self._stop_observer()
         self._watchdog_log.removeHandler(self._alarm)
 
     def rearm(self) -> None:
@@ -144,6 +151,11 @@ class Watcher:
         Hitting the inotify instance or watch limit (EMFILE, ENOSPC) is not fatal: the watcher
         is then `degraded`, logged once, and the daemon finds files by scanning more often.
         """
+        with self._lock:
+            if not self._closed:
+                self._arm()
+
+    def _arm(self) -> None:
         self._stop_observer()
         info = os.stat(self.directory)
         self._gone = False
