@@ -29,7 +29,7 @@ __all__ = ["main"]
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
 COMMAND_WAIT_SECONDS = 10.0
 """How long approve/reject wait for the running daemon's answer (it polls every second)."""
-COMMAND_POLL_SECONDS = 0.1
+ANSWER_POLL_SECONDS = 0.1
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -184,7 +184,7 @@ def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
     while (answer := ledger.command_outcome(command_id)) is None:
         if time.monotonic() > deadline:
             return None
-        time.sleep(COMMAND_POLL_SECONDS)
+        time.sleep(ANSWER_POLL_SECONDS)
     return answer
 
 
