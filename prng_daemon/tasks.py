@@ -112,6 +112,13 @@ class Tasks:
         await asyncio.gather(*running, return_exceptions=True)
 
     async def _run(self, t: _Task, factory: Factory) -> None:
+        try:
+            await self._keep_running(t, factory)
+        except asyncio.CancelledError:
+            self._tasks.pop(t.name, None)  # stopped on purpose: nothing to watch any more
+            raise
+
+    async def _keep_running(self, t: _Task, factory: Factory) -> None:
         while True:
             started = self._clock()
             t.last_beat = started
@@ -121,7 +128,7 @@ class Tasks:
                 t.crashes += 1
                 log.exception("task.crashed", task=t.name, error=repr(exc), crashes=t.crashes)
             else:
-                del self._tasks[t.name]  # finished on purpose (a worker when draining)
+                self._tasks.pop(t.name, None)  # finished on purpose (a worker when draining)
                 return
             delay = t.budget.next_delay(self._clock(), clean_since=started)
             if delay is None:

@@ -96,9 +96,11 @@ def test_status_of_a_running_daemon_shows_servers_pipeline_runs_and_decisions(
             code, out, _ = cli(capsys, ws, "status", "--json")
             return json.loads(out) if code == 0 else None
 
+        # The status file follows the ledger within a status tick (0.25 s): wait for both.
         published = wait_until(
-            lambda: (r := report()) and r["servers"]["orchestrator"]["state"] == "ready" and r,
-            20, what="the orchestrator to be ready in status",
+            lambda: (r := report()) and r["servers"]["orchestrator"]["state"] == "ready"
+            and "2 decided" in r["status"] and r,
+            20, what="the orchestrator to be ready and both decisions counted in status",
         )  # fmt: skip
         code, text, _ = cli(capsys, ws, "status")
     finally:

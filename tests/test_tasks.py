@@ -138,3 +138,24 @@ async def _for(loop: asyncio.AbstractEventLoop, sock: socket.socket, seconds: fl
         except TimeoutError:
             break
     return got
+
+
+def test_stopped_tasks_are_no_longer_watched() -> None:
+    """A cancelled (drained) worker is not reported as stuck afterwards."""
+    now = [0.0]
+
+    async def main() -> list[str]:
+        tasks = Tasks(clock=lambda: now[0])
+
+        async def busy() -> None:
+            tasks.beat("worker-0")
+            await asyncio.Event().wait()
+
+        tasks.start("worker-0", busy, deadline=10.0)
+        await asyncio.sleep(0)
+        now[0] = 60.0
+        stuck = tasks.problems()
+        await tasks.stop()
+        return stuck + tasks.problems()
+
+    assert asyncio.run(main()) == ["worker-0 stuck: no progress for 60s"]
