@@ -374,3 +374,34 @@ def test_a_full_disk_keeps_the_status_loop_alive_and_status_tells_the_truth(
     [failed] = ws.events("status.write_failed")
     assert failed["level"] == "error" and "No space left on device" in failed["error"]
     assert not ws.events("task.crashed")
+
+
+def test_approve_of_an_invalid_file_or_a_removed_agent_is_refused_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
+) -> None:
+    """The other ways an escalation can go bad before it is approved (issue 12 case 3)."""
+    fake.decision = "escalate"
+    ws = make_workspace(tmp_path, fake.port)
+    broken, orphan = run_id(2, 1), run_id(3, 2)
+    proc = ws.start()
+    try:
+        wait_ready(ws)
+        drop(ws.results, "broken.json", result_document(2, broken))
+        drop(ws.results, "orphan.json", result_document(3, orphan))
+        wait_until(lambda: ws.ledger_states() == {"escalated": 2}, 15, what="two escalations")
+        wait_until(lambda: serving(ws), 10, what="a fresh heartbeat")
+        (ws.results / "broken.json").write_text('{"agent_metadata": {}}')
+        code, out, err = cli(capsys, ws, "approve", broken)
+        assert (code, out) == (1, "")
+        assert err.startswith("refused: the result file is no longer valid: ")
+        ws.edit_config(lambda c: c["agents"].pop("ml_meta_agent"))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: ws.events("config.reloaded"), 10, what="config.reloaded")
+        code, out, err = cli(capsys, ws, "approve", orphan)
+        assert (code, out) == (1, "")
+        assert err.startswith("refused: ") and "ml_meta_agent" in err
+    finally:
+        assert stop(proc) == 0
+    assert not ws.launches(), "both escalations still pending"
+    # The rewritten file is quarantined as new content; its escalation is left as it was.
+    assert ws.ledger_states() == {"escalated": 2, "quarantined": 1}
