@@ -181,47 +181,55 @@ def test_results_dir_deleted_and_made_again_is_watched_again(
     assert not ws.events("task.crashed")
 
 
-NO_INOTIFY = [
-    "unshare", "--user", "--map-root-user", "sh", "-c",
-    'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"', "sh",
-]  # fmt: skip
-"""Run the rest in a user namespace of its own whose inotify instance limit is 0: the daemon
-gets the kernel's own EMFILE, and nothing outside that namespace is affected."""
+def _without(limit: str) -> list[str]:
+    """A prefix that runs the rest in a user namespace of its own whose inotify `limit`
+    (max_inotify_instances or max_inotify_watches) is 0: the daemon gets the kernel's own
+    EMFILE or ENOSPC, and nothing outside that namespace is affected."""
+    return [
+        "unshare", "--user", "--map-root-user", "sh", "-c",
+        f'echo 0 > /proc/sys/user/{limit} && exec "$@"', "sh",
+    ]  # fmt: skip
 
 
-def _set_inotify_limit(pid: int, limit: int) -> None:
-    """Set the inotify instance limit of the user namespace process `pid` runs in."""
+def _set_limit(pid: int, limit: str, value: int) -> None:
+    """Set inotify `limit` in the user namespace that process `pid` runs in."""
     subprocess.run(
         ["nsenter", "--user", "--target", str(pid), "sh", "-c",
-         f"echo {limit} > /proc/sys/user/max_inotify_instances"],
+         f"echo {value} > /proc/sys/user/{limit}"],
         check=True,
     )  # fmt: skip
 
 
-def test_inotify_instance_limit_falls_back_to_scanning_then_recovers(
-    tmp_path: Path, fake: FakeLlama
+@pytest.mark.parametrize(
+    ("limit", "error"),
+    [
+        ("max_inotify_instances", "[Errno 24] inotify instance limit reached"),
+        ("max_inotify_watches", "[Errno 28] inotify watch limit reached"),
+    ],
+)
+def test_inotify_limits_fall_back_to_scanning_then_recover(
+    tmp_path: Path, fake: FakeLlama, limit: str, error: str
 ) -> None:
-    """Issue 12 case 14: no inotify instance left at start gives a warning and scanning every
-    2 s instead of a traceback (the configured rescan is an hour away), and inotify again once
-    the limit allows."""
-    probe = subprocess.run([*NO_INOTIFY, "true"], capture_output=True)
+    """Issue 12 case 14: no inotify instance (or watch) left at start gives a warning and a
+    scan every 2 s instead of a traceback (the configured rescan is an hour away), and inotify
+    again once the limit allows."""
+    probe = subprocess.run([*_without(limit), "true"], capture_output=True)
     if probe.returncode != 0 or not shutil.which("nsenter"):
         pytest.skip(f"needs unshare --user and nsenter: {probe.stderr.decode().strip()}")
     ws = make_workspace(tmp_path, fake.port, daemon={"rescan_interval_seconds": 3600})
-    proc = ws.start(prefix=NO_INOTIFY)
+    proc = ws.start(prefix=_without(limit))
     try:
         wait_ready(ws)
         drop(ws.results, "scanned.json", result_document(2, run_id(2, 51)))
         wait_until(ws.launches, 20, what="a launch found by scanning")
-        _set_inotify_limit(proc.pid, 128)
+        _set_limit(proc.pid, limit, 1024)
         wait_until(lambda: ws.events("watcher.recovered"), 10, what="watcher.recovered")
         drop(ws.results, "watched.json", result_document(2, run_id(2, 52)))
         wait_until(lambda: len(ws.launches()) == 2, 20, what="the second launch")
     finally:
         assert stop(proc) == 0
     [degraded] = ws.events("watcher.degraded")
-    assert degraded["level"] == "warning"
-    assert degraded["error"] == "[Errno 24] inotify instance limit reached"
+    assert degraded["level"] == "warning" and degraded["error"] == error
     sources = {e["file"]: e["source"] for e in ws.events("result.validated")}
     assert sources["scanned.json"] == "scan"
     assert not [e for e in ws.events() if e["level"] == "error"]
