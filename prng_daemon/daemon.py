@@ -12,11 +12,11 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import reload
 from .config import SERVER_NAMES as SERVERS
 from .config import Config
 from .engine import Engine
@@ -25,7 +25,7 @@ from .handlers.act import Launcher
 from .handlers.record import write_json_atomic
 from .ledger import Ledger, State
 from .llm.decision import Decision, DecisionEngine
-from .llm.router import AsyncRouter, read_api_key
+from .llm.router import AsyncRouter
 from .log import get_logger
 from .metadata import AgentMetadata
 from .supervisor import ChildState, ChildStatus, Supervisor
@@ -44,12 +44,6 @@ DEGRADED_RESCAN_SECONDS = 2.0
 """How often to scan while inotify cannot watch (its limits, or the directory is missing)."""
 STATUS_DEADLINE_SECONDS = 30.0
 EXIT_TASK_FAILED = 1
-
-RESTART_ONLY = ("state_dir", "logs_dir")
-"""daemon.* keys a reload cannot apply: the ledger, lock and launch markers, and the log files
-of running agents and servers, are opened once."""
-SERVER_LAUNCH = ("llama_server", "models_dir", "child_log_max_bytes", "child_log_backups")
-"""daemon.* keys that change how every managed llama-server is started."""
 
 log = get_logger()
 
@@ -90,31 +84,6 @@ def work_deadline(config: Config) -> float:
     loading = max(config.server(n).startup_timeout_seconds for n in SERVERS)
     decision = config.routing.request_timeout_seconds * config.policy.answer_attempts * 4
     return loading + 2 * decision + 60.0
-
-
-def restart_only_changes(old: Config, new: Config) -> list[str]:
-    """The keys a reload from `old` to `new` changes that only a restart can apply."""
-    return [f"daemon.{k}" for k in RESTART_ONLY if getattr(old.daemon, k) != getattr(new.daemon, k)]
-
-
-def servers_to_restart(old: Config, new: Config) -> list[str]:
-    """The managed llama-servers whose launch settings differ between `old` and `new`."""
-    shared = any(getattr(old.daemon, k) != getattr(new.daemon, k) for k in SERVER_LAUNCH)
-    return [
-        n for n in SERVERS
-        if (old.server(n).managed or new.server(n).managed)
-        and (shared or old.server(n) != new.server(n))
-    ]  # fmt: skip
-
-
-@dataclass
-class _Parts:
-    """What a reload builds from the new config before anything is swapped."""
-
-    router: AsyncRouter
-    decisions: DecisionEngine
-    watcher: Watcher | None
-    """A new watcher when the results dir changed."""
 
 
 class Daemon:
@@ -207,8 +176,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         code = 0
         try:
-            self._watcher = Watcher(settings.results_dir, loop, self.enqueue, self._rescan_now.set)
-            self._watcher.__enter__()
+            self._watcher = self._watch(settings.results_dir).__enter__()
             for entry in self.engine.reconcile():
                 await self.engine.relaunch(entry)
             await self._catch_up(at_start=True)
@@ -406,13 +374,13 @@ class Daemon:
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems, kept=kept)
             return
-        refused = restart_only_changes(self.config, new)
+        refused = reload.restart_only_changes(self.config, new)
         if refused:
             reason = f"{', '.join(refused)} {'needs' if len(refused) == 1 else 'need'} a restart"
             log.error("config.reload_refused", keys=refused, reason=reason, kept=kept)
             return
         try:
-            parts = await self._build(new)
+            parts = await reload.build(self.config, new, self.supervisor.is_ready, self._watch)
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems, kept=kept)
             return
@@ -423,32 +391,17 @@ class Daemon:
         restarted = await self._swap(new, parts)
         log.info("config.reloaded", servers_restarted=restarted)
 
-    async def _build(self, new: Config) -> _Parts:
-        # Read the key files first: a missing one must fail before any client is made.
-        for name in SERVERS:
-            read_api_key(name, new.server(name))
-        router = AsyncRouter(new, is_ready=self.supervisor.is_ready)
-        try:
-            decisions = DecisionEngine(new, router)
-            watcher = None
-            results = new.daemon.results_dir
-            if results != self.config.daemon.results_dir:
-                results.mkdir(parents=True, exist_ok=True)
-                new.daemon.decisions_dir.mkdir(exist_ok=True)
-                loop = asyncio.get_running_loop()
-                watcher = Watcher(results, loop, self.enqueue, self._rescan_now.set).__enter__()
-        except BaseException:
-            await router.aclose()
-            raise
-        return _Parts(router, decisions, watcher)
+    def _watch(self, directory: Path) -> Watcher:
+        loop = asyncio.get_running_loop()
+        return Watcher(directory, loop, self.enqueue, self._rescan_now.set)
 
-    async def _swap(self, new: Config, parts: _Parts) -> list[str]:
+    async def _swap(self, new: Config, parts: reload.Parts) -> list[str]:
         """Put the new parts in place; close the old ones. Returns the servers restarted.
 
         Holding every LLM slot first means no decision is in flight on the router being closed
         or against servers going away; waiting decisions resume on the new parts.
         """
-        restart = servers_to_restart(self.config, new)
+        restart = reload.servers_to_restart(self.config, new)
         old_router, old_watcher, slots = self.router, self._watcher, self._llm_slots
         held = 0
         try:
