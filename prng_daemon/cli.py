@@ -8,6 +8,7 @@ import faulthandler
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from .systemd import Notifier
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
+COMMAND_WAIT_SECONDS = 10.0
+"""How long approve/reject wait for the running daemon's answer (it polls every second)."""
+ANSWER_POLL_SECONDS = 0.1
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -151,13 +155,39 @@ def _command(verb: str) -> Command:
                 print(f"{args.run_id}: no pending escalation (state: {state})", file=sys.stderr)
                 return EXIT_INVALID
             name = "approve-retry" if verb == "approve" and args.retry else verb
-            ledger.add_command(args.run_id, name)
+            command_id = ledger.add_command(args.run_id, name)
+            state, _ = status.daemon_state(config)
+            if state != "running":
+                print(
+                    f"{args.run_id}: {name} queued; the daemon will apply it when it runs"
+                    + (" (it is not responding now)" if state == "not responding" else "")
+                )
+                return EXIT_OK
+            answer = _wait_for_answer(ledger, command_id)
         finally:
             ledger.close()
-        print(f"{args.run_id}: {name} queued; the running daemon applies it within a second")
-        return EXIT_OK
+        if answer is None:
+            print(f"{args.run_id}: {name} queued; the daemon did not answer within"
+                  f" {COMMAND_WAIT_SECONDS:g}s and will apply it when it can")  # fmt: skip
+            return EXIT_OK
+        outcome, message = answer
+        if outcome == "applied":
+            print(message)
+            return EXIT_OK
+        print(f"{outcome}: {message}", file=sys.stderr)
+        return EXIT_INVALID
 
     return run
+
+
+def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
+    """The running daemon's (outcome, message) for the command, or None at the deadline."""
+    deadline = time.monotonic() + COMMAND_WAIT_SECONDS
+    while (answer := ledger.command_outcome(command_id)) is None:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(ANSWER_POLL_SECONDS)
+    return answer
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

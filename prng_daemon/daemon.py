@@ -6,17 +6,21 @@ One asyncio loop owns everything. Signals only set flags here; the main loop act
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import os
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import reload
 from .config import SERVER_NAMES as SERVERS
 from .config import Config
 from .engine import Engine
-from .errors import ConfigError
+from .errors import ConfigError, DaemonError
 from .handlers.act import Launcher
 from .handlers.record import write_json_atomic
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
@@ -26,15 +30,20 @@ from .log import get_logger
 from .metadata import AgentMetadata
 from .supervisor import ChildState, ChildStatus, Supervisor
 from .systemd import Notifier
+from .tasks import Tasks
 from .watcher import Watcher
 
-__all__ = ["Daemon", "status_path"]
+__all__ = ["EXIT_TASK_FAILED", "Daemon", "lock_state_dir", "status_path"]
 
 HEARTBEAT_SECONDS = 2.0
 STATUS_POLL_SECONDS = 0.25
 COMMAND_POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30.0
 BUSY_RETRY_SECONDS = 0.2
+DEGRADED_RESCAN_SECONDS = 2.0
+"""How often to scan while inotify cannot watch (its limits, or the directory is missing)."""
+STATUS_DEADLINE_SECONDS = 30.0
+EXIT_TASK_FAILED = 1
 
 log = get_logger()
 
@@ -44,12 +53,58 @@ def status_path(config: Config) -> Path:
     return config.daemon.state_dir / "status.json"
 
 
+def lock_state_dir(state_dir: Path) -> int:
+    """Take `state_dir/daemon.lock` (flock) for this process; its fd, held until exit.
+
+    Two daemons on one state dir would both decide every file. The lock dies with the
+    process (even on SIGKILL), and agents do not inherit it (the fd is close-on-exec).
+    """
+    path = state_dir / "daemon.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DaemonError(
+            f"another prng-llm-daemon (pid {holder}) is running on state dir {state_dir}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def work_deadline(config: Config) -> float:
+    """The longest a healthy worker may spend on one file (or the command loop on a reload):
+    the models loading, then waiting for an LLM slot and every request of one decision
+    (two models, each with its fallback and answer attempts) at the request timeout."""
+    loading = max(config.server(n).startup_timeout_seconds for n in SERVERS)
+    decision = config.routing.request_timeout_seconds * config.policy.answer_attempts * 4
+    return loading + 2 * decision + 60.0
+
+
 class Daemon:
     def __init__(
         self,
         config: Config,
         notifier: Notifier,
         reload_config: Callable[[], Config] | None = None,
+    ) -> None:
+        settings = config.daemon
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything else: a second daemon must not even open the ledger.
+        self._lock = lock_state_dir(settings.state_dir)
+        try:
+            self._setup(config, notifier, reload_config)
+        except BaseException:
+            os.close(self._lock)
+            raise
+
+    def _setup(
+        self, config: Config, notifier: Notifier, reload_config: Callable[[], Config] | None
     ) -> None:
         self.config = config
         self._notifier = notifier
@@ -66,8 +121,10 @@ class Daemon:
         self._workers = max(4, 2 * self._slot_count)
         self._busy: set[asyncio.Task[Any]] = set()
         self._draining = False
+        self._tasks = Tasks()
+        self._watcher: Watcher | None = None
         settings = config.daemon
-        for directory in (settings.results_dir, settings.state_dir, settings.decisions_dir):
+        for directory in (settings.results_dir, settings.decisions_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(settings.ledger_path)
         self.supervisor = Supervisor(config, on_change=self._server_changed)
@@ -111,45 +168,73 @@ class Daemon:
     # -- the main loop ---------------------------------------------------------------------
 
     async def run(self) -> int:
+        """Serve until SIGTERM (0), or until a task of its own cannot be kept running (1)."""
         loop = asyncio.get_running_loop()
         settings = self.config.daemon
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
-        tasks: list[asyncio.Task[Any]] = []
+        code = 0
         try:
-            with Watcher(settings.results_dir, loop, self.enqueue, self._rescan_now.set) as watcher:
-                self.engine.reconcile()
-                await self._catch_up(watcher, at_start=True)
-                log.info("daemon.started", results_dir=str(settings.results_dir), pid=os.getpid())
-                # READY as soon as the daemon serves: models may take minutes to load, and
-                # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
-                self._notifier.ready(self.status_line())
-                await self.supervisor.start()
-                workers = [loop.create_task(self._worker()) for _ in range(self._workers)]
-                tasks = workers + [
-                    loop.create_task(self._rescan_loop(watcher)),
-                    loop.create_task(self._command_loop()),
-                    loop.create_task(self._status_loop()),
-                    loop.create_task(self._notifier.watchdog_loop()),
-                ]
-                await self._stop.wait()
-                log.info("daemon.stopping")
-                self._notifier.stopping()
-                await self._drain(workers)
+            self._watcher = self._watch(settings.results_dir).__enter__()
+            self.engine.reconcile()
+            await self._catch_up(at_start=True)
+            log.info("daemon.started", results_dir=str(settings.results_dir), pid=os.getpid())
+            # READY as soon as the daemon serves: models may take minutes to load, and
+            # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
+            self._notifier.ready(self.status_line())
+            await self.supervisor.start()
+            workers = self._start_tasks()
+            stop = loop.create_task(self._stop.wait())
+            failed = loop.create_task(self._tasks.failed.wait())
+            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            failed.cancel()
+            if self._tasks.failed.is_set():
+                log.error("daemon.failed", reason=self._tasks.failure)
+                code = EXIT_TASK_FAILED
+            log.info("daemon.stopping")
+            self._notifier.stopping()
+            await self._drain(workers)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._tasks.stop()
             await self.supervisor.stop()
             await self.engine.launcher.stop()
             await self.router.aclose()
-            self._write_status(stopped=True)
+            if self._watcher is not None:
+                self._watcher.__exit__(None, None, None)
+            try:
+                self._write_status(self.status_line(), stopped=True)
+            except OSError as exc:
+                log.error("status.write_failed", file=str(status_path(self.config)), error=str(exc))
             self.ledger.close()
-            log.info("daemon.stopped")
-        return 0
+            os.close(self._lock)
+            log.info("daemon.stopped", exit_code=code)
+        return code
 
-    async def _drain(self, workers: list[asyncio.Task[Any]]) -> None:
+    def _start_tasks(self) -> list[asyncio.Task[None]]:
+        """Every long-lived task, supervised; the workers are returned for the drain."""
+        tasks = self._tasks
+        work = work_deadline(self.config)
+        workers = [
+            tasks.start(f"worker-{n}", partial(self._worker, f"worker-{n}"), work)
+            for n in range(self._workers)
+        ]
+        tasks.start("rescan", self._rescan_loop, self._rescan_deadline())
+        tasks.start("commands", self._command_loop, work)
+        tasks.start("status", self._status_loop, STATUS_DEADLINE_SECONDS)
+        # The pinger checks the others; if it is stuck itself, the pings stop all the same.
+        tasks.start(
+            "watchdog",
+            partial(self._notifier.watchdog_loop, tasks.problems, self.status_line),
+            None,
+        )
+        return workers
+
+    def _rescan_deadline(self) -> float:
+        return self.config.daemon.rescan_interval_seconds + 120.0
+
+    async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
         """Let in-flight files finish (bounded); queued ones stay unclaimed for the next start."""
         while not self._queue.empty():
             path, _ = self._queue.get_nowait()
@@ -165,25 +250,35 @@ class Daemon:
         for entry in self.ledger.in_state(*TRANSIENT):
             log.warning("result.interrupted", file=entry.path, state=entry.state.value)
 
-    async def _worker(self) -> None:
+    async def _worker(self, name: str) -> None:
         task = asyncio.current_task()
         assert task is not None
         while not self._draining:
+            self._tasks.idle(name)
             path, source = await self._queue.get()
+            self._tasks.beat(name)
             self._queued.discard(path)
+            if path.parent != self.config.daemon.results_dir:
+                continue  # queued before a reload moved the results dir elsewhere
             self._busy.add(task)
             try:
                 if not await self.engine.process(path, source):
                     loop = asyncio.get_running_loop()
                     loop.call_later(BUSY_RETRY_SECONDS, self.enqueue, path, source)
             except Exception:
+                # One file's bug must not take the worker (and every later file) with it.
                 log.exception("result.crashed", file=path.name)
             finally:
                 self._busy.discard(task)
 
-    async def _catch_up(self, watcher: Watcher, at_start: bool = False) -> None:
-        # The listing runs off the loop; the set is only read there (membership tests).
-        found = await asyncio.to_thread(watcher.scan, self.ledger.known_paths())
+    async def _catch_up(self, at_start: bool = False) -> None:
+        """Scan for files inotify did not report; FileNotFoundError if the dir is missing."""
+        watcher = self._watcher
+        assert watcher is not None
+        skip = self.ledger.known_paths()
+        # Off the loop: re-arming joins the old observer thread, and the listing may be long.
+        # The skip set is only read there (membership tests).
+        found = await asyncio.to_thread(self._look, watcher, skip)
         for path in found:
             self.enqueue(path, "scan")
         # WAITING: no LLM answered last time. The sweep: rows left mid-way (at start, any).
@@ -194,26 +289,66 @@ class Daemon:
         if found:
             log.info("daemon.catch_up", files=len(found))
 
-    async def _rescan_loop(self, watcher: Watcher) -> None:
-        interval = self.config.daemon.rescan_interval_seconds
+    @staticmethod
+    def _look(watcher: Watcher, skip: set[str]) -> list[Path]:
+        if watcher.stale():
+            rearmed = watcher.degraded is None
+            watcher.rearm()
+            if rearmed and watcher.degraded is None:
+                log.info("watcher.rearmed", directory=str(watcher.directory))
+        return watcher.scan(skip)
+
+    async def _rescan_loop(self) -> None:
+        missing = False
         while True:
+            self._tasks.beat("rescan")
+            assert self._watcher is not None
+            interval = self.config.daemon.rescan_interval_seconds
+            if missing or self._watcher.degraded is not None:
+                interval = min(interval, DEGRADED_RESCAN_SECONDS)
             try:
                 await asyncio.wait_for(self._rescan_now.wait(), interval)
-                log.warning("watcher.overflow", action="rescanning")
             except TimeoutError:
                 pass
             self._rescan_now.clear()
-            await self._catch_up(watcher)
+            self._tasks.beat("rescan")
+            try:
+                await self._catch_up()
+            except FileNotFoundError:
+                if not missing:
+                    log.error(
+                        "watcher.dir_missing", directory=str(self.config.daemon.results_dir),
+                        action=f"looking for it every {DEGRADED_RESCAN_SECONDS:g}s",
+                    )  # fmt: skip
+                missing = True
+                continue
+            if missing:
+                log.info("watcher.dir_back", directory=str(self.config.daemon.results_dir))
+                self._changed()
+            missing = False
 
     async def _command_loop(self) -> None:
         while True:
+            self._tasks.beat("commands")
             for command_id, run_id, verb in self.ledger.pending_commands():
-                applied, message = await self.engine.resolve(run_id, verb)
-                (log.info if applied else log.warning)("command.done", message=message)
-                self.ledger.finish_command(command_id)
+                await self._apply_command(command_id, run_id, verb)
             if self._reload_requested:
                 await self._reload()
             await asyncio.sleep(COMMAND_POLL_SECONDS)
+
+    async def _apply_command(self, command_id: int, run_id: str, verb: str) -> None:
+        """Answer one operator command, whatever happens: it is never left to be replayed."""
+        clog = log.bind(run_id=run_id, command=verb)
+        try:
+            applied, message = await self.engine.resolve(run_id, verb)
+        except Exception as exc:
+            clog.exception("command.crashed", error=repr(exc))
+            outcome, message = "crashed", f"internal error (see the daemon's log): {exc!r}"
+        else:
+            outcome = "applied" if applied else "refused"
+            (clog.info if applied else clog.warning)(f"command.{outcome}", message=message)
+        self.ledger.finish_command(command_id, outcome, message)
+        self._changed()
 
     # -- reload, status ----------------------------------------------------------------------
 
@@ -226,42 +361,80 @@ class Daemon:
             return
         self._notifier.reloading()
         try:
-            new = self._reload_config()
+            await self._apply_reload(self._reload_config)
+        finally:
+            self._notifier.ready(self.status_line())
+
+    async def _apply_reload(self, read: Callable[[], Config]) -> None:
+        """Build every part the new config needs, swap only if all of it succeeded."""
+        kept = "the running config"
+        try:
+            new = read()
         except ConfigError as exc:
-            log.error("config.reload_failed", problems=exc.problems, kept="the running config")
-        else:
-            changed = [n for n in SERVERS if new.server(n) != self.config.server(n)]
-            self.config = new
-            self.engine.config = new
-            if changed:
-                await self._restart_servers(new, changed)
-            else:
-                self._decisions = DecisionEngine(new, self.router)
-            log.info("config.reloaded", servers_restarted=changed)
-        self._notifier.ready(self.status_line())
+            log.error("config.reload_failed", problems=exc.problems, kept=kept)
+            return
+        refused = reload.restart_only_changes(self.config, new)
+        if refused:
+            reason = f"{', '.join(refused)} {'needs' if len(refused) == 1 else 'need'} a restart"
+            log.error("config.reload_refused", keys=refused, reason=reason, kept=kept)
+            return
+        try:
+            parts = await reload.build(self.config, new, self.supervisor.is_ready, self._watch)
+        except ConfigError as exc:
+            log.error("config.reload_failed", problems=exc.problems, kept=kept)
+            return
+        except OSError as exc:
+            problem = f"config: daemon.results_dir: cannot watch {new.daemon.results_dir}: {exc}"
+            log.error("config.reload_failed", problems=[problem], kept=kept)
+            return
+        restarted = await self._swap(new, parts)
+        log.info("config.reloaded", servers_restarted=restarted)
 
-    async def _restart_servers(self, config: Config, changed: list[str]) -> None:
-        """New llama-server settings: restart those children with no decision in flight.
+    def _watch(self, directory: Path) -> Watcher:
+        loop = asyncio.get_running_loop()
+        return Watcher(directory, loop, self.enqueue, self._rescan_now.set)
 
-        Holding every LLM slot keeps decisions from starting against servers going away; they
-        resume once the new children are up (and wait while the models load).
+    async def _swap(self, new: Config, parts: reload.Parts) -> list[str]:
+        """Put the new parts in place; close the old ones. Returns the servers restarted.
+
+        Holding every LLM slot first means no decision is in flight on the router being closed
+        or against servers going away; waiting decisions resume on the new parts.
         """
-        slots = self._llm_slots
+        restart = reload.servers_to_restart(self.config, new)
+        old_router, old_watcher, slots = self.router, self._watcher, self._llm_slots
         held = 0
         try:
             for _ in range(self._slot_count):
                 await slots.acquire()
                 held += 1
-            log.info("servers.restarting", servers=changed, reason="config reloaded")
-            await self.supervisor.reconfigure(config, changed)
-            await self.router.aclose()
-            self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
-            self._decisions = DecisionEngine(config, self.router)
-            self._slot_count = sum(config.server(n).parallel for n in SERVERS)
+            if restart:
+                log.info("servers.restarting", servers=restart, reason="config reloaded")
+            await self.supervisor.reconfigure(new, restart)
+            self.router, self._decisions = parts.router, parts.decisions
+            self._slot_count = sum(new.server(n).parallel for n in SERVERS)
             self._llm_slots = asyncio.Semaphore(self._slot_count)
+            self.config = self.engine.config = new
+            if parts.watcher is not None:
+                self._watcher = parts.watcher
+        except BaseException:
+            if self.router is not parts.router:
+                await parts.router.aclose()
+                if parts.watcher is not None:
+                    parts.watcher.__exit__(None, None, None)
+            raise
         finally:
             for _ in range(held):
                 slots.release()
+        await old_router.aclose()
+        if parts.watcher is not None and old_watcher is not None:
+            await asyncio.to_thread(old_watcher.__exit__, None, None, None)
+        work = work_deadline(new)
+        for n in range(self._workers):
+            self._tasks.set_deadline(f"worker-{n}", work)
+        self._tasks.set_deadline("commands", work)
+        self._tasks.set_deadline("rescan", self._rescan_deadline())
+        self._rescan_now.set()  # a new dir or interval: look now
+        return restart
 
     def _server_changed(self, status: ChildStatus) -> None:
         self._status_dirty = True
@@ -277,24 +450,47 @@ class Daemon:
         counts = self.ledger.counts()
         decided = sum(counts.get(s, 0) for s in OUTCOMES)
         current = self.engine.current
+        problems = self._tasks.problems()
+        health = f"unhealthy: {'; '.join(problems)} · " if problems else ""
+        if self._watcher is not None and self._watcher.degraded is not None:
+            health += f"degraded: no inotify ({self._watcher.degraded}), scanning · "
         return (
-            f"{servers} · {current} · {decided} decided, "
+            f"{health}{servers} · {current} · {decided} decided, "
             f"{counts.get(State.ESCALATED, 0)} escalated, {self._queue.qsize()} queued"
         )
 
     async def _status_loop(self) -> None:
-        """STATUS= and the status file when something changed; the file at least as a heartbeat."""
+        """STATUS= and the status file when something changed; the file at least as a heartbeat.
+
+        A status file that cannot be written (a full disk) is said once per episode; the loop
+        goes on, and `status` reads the stale heartbeat as "not responding".
+        """
         last_write = 0.0
+        failing = False
         while True:
+            self._tasks.beat("status")
             now = time.monotonic()
             if self._status_dirty or now - last_write >= HEARTBEAT_SECONDS:
                 self._status_dirty = False
-                self._notifier.status(self.status_line())
-                self._write_status()
+                line = self.status_line()
+                self._notifier.status(line)
                 last_write = now
+                try:
+                    self._write_status(line)
+                except OSError as exc:
+                    if not failing:
+                        log.error(
+                            "status.write_failed", file=str(status_path(self.config)),
+                            error=str(exc),
+                        )  # fmt: skip
+                    failing = True
+                else:
+                    if failing:
+                        log.info("status.write_recovered", file=str(status_path(self.config)))
+                    failing = False
             await asyncio.sleep(STATUS_POLL_SECONDS)
 
-    def _write_status(self, stopped: bool = False) -> None:
+    def _write_status(self, line: str, stopped: bool = False) -> None:
         write_json_atomic(
             status_path(self.config),
             durable=False,
@@ -303,7 +499,7 @@ class Daemon:
                 "started": self._started,
                 "heartbeat": time.time(),
                 "stopped": stopped,
-                "status": self.status_line(),
+                "status": line,
                 "servers": {
                     name: {
                         "state": s.state.value,

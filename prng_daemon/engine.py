@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -418,10 +419,10 @@ class Engine:
         """Apply `approve`, `approve-retry` or `reject` to every pending escalation of `run_id`
         (the same content under several names is several escalations of one run id).
 
-        Returns (applied to all, one line for the operator). Never raises for what operators
-        and files do: a file deleted, changed or made invalid since, an agent no longer
-        configured leave that escalation pending, with the reason in the message, to be
-        approved once fixed or rejected (which always works).
+        Returns (applied to all, one line for the operator: `approved: RUN -> started AGENT`).
+        Never raises for what operators and files do: a file deleted, changed or made invalid
+        since, an agent no longer configured leave that escalation pending, with the reason in
+        the message, to be approved once fixed or rejected (which always works).
         """
         log = get_logger(run_id=run_id, command=verb)
         if verb not in _RESOLVED:
@@ -432,29 +433,38 @@ class Engine:
             state = latest.state.value if latest else "unknown"
             log.warning("escalation.unknown", state=state)
             return False, f"{run_id}: no pending escalation (state: {state})"
-        applied, pending = [], []
+        done: list[tuple[str, str]] = []
+        pending: list[tuple[str, str]] = []
         for entry in entries:
             if entry.path in self._busy:
-                pending.append(f"{entry.path}: being processed, try again")
+                pending.append((entry.path, "being processed, try again"))
                 continue
             with self._holding(entry.path):
-                problem = await self._resolve_one(entry, verb, log)
-            if problem:
-                log.warning("escalation.kept", file=entry.path, reason=problem)
-                pending.append(f"{entry.path}: {problem}")
-            else:
-                applied.append(entry.path)
+                ok, what = await self._resolve_one(entry, verb, log)
+            if not ok:
+                log.warning("escalation.kept", file=entry.path, reason=what)
+            (done if ok else pending).append((entry.path, what))
         self._on_change()
-        message = f"{run_id}: {_RESOLVED[verb]} " + (", ".join(applied) or "nothing")
-        if pending:
-            message += "; still escalated: " + "; ".join(pending)
-        return not pending, message
 
-    async def _resolve_one(self, entry: Entry, verb: str, log: Any) -> str | None:
-        """Resolve one escalated row; None when done, else why it stays escalated."""
+        def listed(items: list[tuple[str, str]]) -> str:
+            if len(entries) == 1:
+                return items[0][1]
+            return "; ".join(f"{name}: {what}" for name, what in items)
+
+        if not pending:
+            return True, f"{_RESOLVED[verb]}: {run_id} -> {listed(done)}"
+        message = f"{run_id}: still escalated: {listed(pending)}"
+        if done:
+            message += f"; {_RESOLVED[verb]}: {listed(done)}"
+        return False, message
+
+    async def _resolve_one(self, entry: Entry, verb: str, log: Any) -> tuple[bool, str]:
+        """Resolve one escalated row: (True, what happened) or (False, why it stays escalated)."""
         if entry.decision is None or entry.step is None:
-            return "it has no recorded decision to act on; reject it"
+            return False, "it has no recorded decision to act on; reject it"
         decision = Decision.model_validate(entry.decision)
+        settings = self.config.daemon
+        path = settings.results_dir / entry.path
         try:
             if verb == "reject":
                 reason = "rejected by operator"
@@ -462,19 +472,17 @@ class Engine:
                 await asyncio.to_thread(write_json_atomic, self._record_path(entry), record)
                 self.ledger.update(entry, State.DONE, reason=reason)
                 log.info("escalation.rejected", file=entry.path)
-                return None
+                return True, "stops here"
             action = "retry" if verb == "approve-retry" else "proceed"
             row = step(entry.step)
             agent = row.agent if action == "retry" else row.follow_up_agent
             if not (action == "proceed" and row.is_last) and agent not in self.config.agents:
-                return f"agent {agent} is not configured"
-            settings = self.config.daemon
+                return False, f"agent {agent} is not configured"
             loaded = await self._load(
-                settings.results_dir / entry.path,
-                max_bytes=settings.max_result_bytes, root=settings.results_dir,
-            )  # fmt: skip
+                path, max_bytes=settings.max_result_bytes, root=settings.results_dir
+            )
             if loaded.sha256 != entry.sha256:
-                return "the file changed since it was escalated"
+                return False, "the result file changed since it was escalated"
             decision = decision.model_copy(update={"action": action, "path": "operator"})
             entry = self.ledger.update(
                 entry, entry.state, decision=decision.model_dump(mode="json"), action=action
@@ -482,10 +490,19 @@ class Engine:
             log.info("escalation.approved", file=entry.path, decision=action)
             await self.act(entry, loaded, decision, log, "operator")
         except ResultRejected as exc:
-            return f"the file cannot be used: {exc}"
+            if not os.path.lexists(path):
+                return False, "the result file was deleted since it was escalated"
+            return False, f"the result file cannot be used: {exc}"
         except OSError as exc:  # a full disk: a launch intent is resumed by the sweep
-            return f"cannot act on it now: {exc.strerror or exc}"
-        return None
+            return False, f"cannot act on it now: {exc.strerror or exc}"
+        after = self.ledger.get(entry.id)
+        if after.state is State.DONE:
+            return True, "pipeline run complete"
+        if after.state is State.FAILED:
+            return True, f"{agent} could not start: {after.reason}"
+        if after.state is State.ESCALATED:  # e.g. its agent vanished between check and launch
+            return True, f"escalated again: {after.reason}"
+        return True, f"started {agent}"
 
 
 _RESOLVED = {"approve": "approved", "approve-retry": "approved for a retry", "reject": "rejected"}

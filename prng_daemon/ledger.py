@@ -110,11 +110,16 @@ CREATE TABLE IF NOT EXISTS commands (
     run_id TEXT NOT NULL,
     verb TEXT NOT NULL,
     created REAL NOT NULL,
-    done REAL
+    done REAL,
+    outcome TEXT,
+    message TEXT
 );
 """
 
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+_COMMAND_COLUMNS = {"outcome": "TEXT", "message": "TEXT"}
+"""Added after the first release: a ledger made before them gets them at open."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,10 @@ class Ledger:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         if "attempts" not in columns:  # a ledger from before the sweep
             self._db.execute("ALTER TABLE files ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(commands)")}
+        for column, kind in _COMMAND_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE commands ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -394,12 +403,16 @@ class Ledger:
         }
 
     # Operator commands (approve / reject), written by the CLI, consumed by the running daemon.
+    # Each is answered once: its outcome ("applied", "refused", "crashed") and a one-line
+    # message are stored with it, so the CLI can print them and a restart never replays it.
 
-    def add_command(self, run_id: str, verb: str) -> None:
-        self._db.execute(
+    def add_command(self, run_id: str, verb: str) -> int:
+        cur = self._db.execute(
             "INSERT INTO commands (run_id, verb, created) VALUES (?, ?, ?)",
             (run_id, verb, time.time()),
         )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
 
     def pending_commands(self) -> list[tuple[int, str, str]]:
         rows = self._db.execute(
@@ -407,5 +420,16 @@ class Ledger:
         ).fetchall()
         return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
-    def finish_command(self, command_id: int) -> None:
-        self._db.execute("UPDATE commands SET done = ? WHERE id = ?", (time.time(), command_id))
+    def finish_command(self, command_id: int, outcome: str, message: str) -> None:
+        self._db.execute(
+            "UPDATE commands SET done = ?, outcome = ?, message = ? WHERE id = ?",
+            (time.time(), outcome, message, command_id),
+        )
+
+    def command_outcome(self, command_id: int) -> tuple[str, str] | None:
+        """(outcome, message) once the daemon answered command `command_id`, else None."""
+        row = self._db.execute(
+            "SELECT outcome, message FROM commands WHERE id = ? AND done IS NOT NULL",
+            (command_id,),
+        ).fetchone()
+        return (str(row[0]), str(row[1])) if row else None

@@ -16,7 +16,7 @@ from .ledger import Ledger, State
 from .llm.router import base_url
 from .names import printable
 
-__all__ = ["collect", "render"]
+__all__ = ["collect", "daemon_state", "render"]
 
 ATTENTION = 10
 """How many of the latest FAILED rows `status` shows..."""
@@ -34,19 +34,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def collect(config: Config) -> dict[str, Any]:
-    """The daemon's published state plus the ledger's view; `running` says if it is up."""
-    report: dict[str, Any] = {"running": False, "servers": {}, "status": None}
+STALE_SECONDS = 5 * HEARTBEAT_SECONDS
+"""A heartbeat older than this: the daemon's process is there but not doing its job."""
+
+
+def daemon_state(config: Config) -> tuple[str, dict[str, Any] | None]:
+    """The daemon's state: "running", "not responding" (alive, heartbeat stale) or "not
+    running"; and what it last published (None without a status file)."""
     try:
         published = json.loads(status_path(config).read_text())
     except (OSError, ValueError):
-        published = None
+        return "not running", None
+    if published["stopped"] or not _alive(published["pid"]):
+        return "not running", published
+    if time.time() - published["heartbeat"] >= STALE_SECONDS:
+        return "not responding", published
+    return "running", published
+
+
+def collect(config: Config) -> dict[str, Any]:
+    """The daemon's published state plus the ledger's view; `running` says if it is up and
+    doing its job, `state` also tells a hung daemon ("not responding") from a stopped one."""
+    state, published = daemon_state(config)
+    report: dict[str, Any] = {"running": state == "running", "state": state, "servers": {},
+                              "status": None}  # fmt: skip
     if published:
-        fresh = time.time() - published["heartbeat"] < 5 * HEARTBEAT_SECONDS
-        report["running"] = not published["stopped"] and fresh and _alive(published["pid"])
         report.update(
-            pid=published["pid"], servers=published["servers"], status=published["status"]
-        )
+            pid=published["pid"], servers=published["servers"], status=published["status"],
+            heartbeat=published["heartbeat"],
+        )  # fmt: skip
     for name in ("orchestrator", "math"):
         server = config.server(name)
         if not server.managed:  # someone else runs it: the daemon only knows where it is
@@ -99,6 +115,12 @@ def render(report: dict[str, Any]) -> str:
     lines = []
     if report["running"]:
         lines.append(f"daemon: running (pid {report['pid']}) · {report['status']}")
+    elif report["state"] == "not responding":
+        age = time.time() - report["heartbeat"]
+        lines.append(
+            f"daemon: not responding since {_when(report['heartbeat'])} (pid {report['pid']},"
+            f" no heartbeat for {age:.0f}s; see journalctl -u prng-llm-daemon)"
+        )
     else:
         lines.append("daemon: not running")
     for name, s in report["servers"].items():

@@ -80,18 +80,21 @@ class Supervisor:
             name: self._new_child(name) for name in SERVER_NAMES if config.server(name).managed
         }
 
-    def _new_child(self, name: str) -> _Child:
+    def _budget(self) -> RestartBudget:
         h = self._config.health
+        return RestartBudget(
+            h.max_restart_attempts,
+            h.restart_window_seconds,
+            h.backoff_initial_seconds,
+            h.backoff_max_seconds,
+            h.stable_after_seconds,
+        )
+
+    def _new_child(self, name: str) -> _Child:
         return _Child(
             name=name,
             log=get_logger(server=name),
-            budget=RestartBudget(
-                h.max_restart_attempts,
-                h.restart_window_seconds,
-                h.backoff_initial_seconds,
-                h.backoff_max_seconds,
-                h.stable_after_seconds,
-            ),
+            budget=self._budget(),
             status=ChildStatus(name, ChildState.STOPPED, None, 0, None, time.time(), ""),
         )
 
@@ -113,14 +116,18 @@ class Supervisor:
     async def reconfigure(self, config: Config, names: Iterable[str]) -> None:
         """Adopt `config`; stop the named servers and start them again with their new settings.
 
-        The others keep running untouched (their settings did not change).
+        The others keep running (their settings did not change) under the new `health` section.
         """
         names = list(names)
         for name in names:
             child = self._children.pop(name, None)
             if child is not None:
                 await self._stop_child(child)
+        health_changed = config.health != self._config.health
         self._config = config
+        if health_changed:  # probes read the config live; the restart budgets are rebuilt
+            for child in self._children.values():
+                child.budget = self._budget()
         for name in names:
             if config.server(name).managed:
                 child = self._children[name] = self._new_child(name)

@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .log import get_logger
 
@@ -78,17 +78,36 @@ class Notifier:
     def watchdog(self) -> None:
         self._send(["WATCHDOG=1"])
 
-    async def watchdog_loop(self) -> None:
-        """Ping WATCHDOG=1 every `watchdog_interval` until cancelled; return at once without one.
+    async def watchdog_loop(
+        self,
+        problems: Callable[[], list[str]] = list,
+        status_line: Callable[[], str] | None = None,
+    ) -> None:
+        """Ping WATCHDOG=1 every `watchdog_interval` while `problems()` is empty, until
+        cancelled; return at once without a watchdog.
 
-        The pings come from the event loop, not a thread, on purpose: a loop that is wedged
-        stops pinging and systemd restarts the daemon.
+        WATCHDOG=1 means healthy, not merely "the loop turns": while `problems()` names a stuck
+        or dead part, no ping is sent and STATUS= says why (`status_line()`, which should name
+        the problems, else the problems alone), so systemd's WatchdogSec= restarts the daemon.
+        The pings come from the event loop, not a thread, on purpose: a wedged loop stops
+        pinging too.
         """
         interval = self.watchdog_interval
         if interval is None:
             return
+        withheld = False
         while True:
-            self.watchdog()
+            found = problems()
+            if found:
+                if not withheld:
+                    get_logger().error("watchdog.withheld", problems=found)
+                withheld = True
+                self.status(status_line() if status_line else "unhealthy: " + "; ".join(found))
+            else:
+                if withheld:
+                    get_logger().info("watchdog.resumed")
+                withheld = False
+                self.watchdog()
             await asyncio.sleep(interval)
 
     def _send(self, lines: list[str]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -168,10 +170,6 @@ def _launch_slow_agent_then_crash(ws: Workspace, run: str, seconds: float) -> st
     return launch
 
 
-def _events(ws: Workspace, name: str) -> list[dict[str, object]]:
-    return [e for e in ws.events() if e["event"] == name]
-
-
 def test_agent_still_running_after_a_daemon_crash_is_adopted(
     tmp_path: Path, fake: FakeLlama
 ) -> None:
@@ -180,11 +178,11 @@ def test_agent_still_running_after_a_daemon_crash_is_adopted(
     _launch_slow_agent_then_crash(ws, run_id(2, 21), 3.0)
     proc = ws.start()
     try:
-        wait_until(lambda: _events(ws, "agent.adopted"), 20, what="the agent to be adopted")
-        wait_until(lambda: _events(ws, "agent.exited"), 20, what="the adopted agent to end")
+        wait_until(lambda: ws.events("agent.adopted"), 20, what="the agent to be adopted")
+        wait_until(lambda: ws.events("agent.exited"), 20, what="the adopted agent to end")
     finally:
         stop(proc)
-    [exited] = _events(ws, "agent.exited")
+    [exited] = ws.events("agent.exited")
     assert exited["exit_code"] is None and exited["level"] == "warning"
     assert len(ws.launches()) == 1, "adopted, not launched again"
 
@@ -197,8 +195,30 @@ def test_agent_that_ended_while_the_daemon_was_down_is_reported_lost(
     os.kill(int(launch.split("-")[1]), signal.SIGKILL)
     proc = ws.start()
     try:
-        wait_until(lambda: _events(ws, "agent.lost"), 20, what="agent.lost")
+        wait_until(lambda: ws.events("agent.lost"), 20, what="agent.lost")
     finally:
         stop(proc)
-    [lost] = _events(ws, "agent.lost")
+    [lost] = ws.events("agent.lost")
     assert lost["run_id"] == run_id(2, 22) and lost["level"] == "warning"
+
+
+def test_a_second_daemon_on_the_same_state_dir_exits_with_one_line(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """Issue 12 case 13: two daemons on one config would both decide every file."""
+    ws = make_workspace(tmp_path, fake.port)
+    with running(ws) as first:
+        second = subprocess.run(
+            [sys.executable, "-m", "prng_daemon", "run", "--config", str(ws.config_path)],
+            capture_output=True, timeout=20,
+        )  # fmt: skip
+        assert first.poll() is None, "the first daemon is untouched"
+        drop(ws.results, "r.json", result_document(2, run_id(2, 31)))
+        wait_until(ws.launches, 20, what="the first daemon's launch")
+        wait_until(lambda: ws.finished(1), 10)
+    assert second.returncode == 1
+    state_dir = tmp_path / "state"
+    assert second.stderr.decode().splitlines() == [
+        f"another prng-llm-daemon (pid {first.pid}) is running on state dir {state_dir}"
+    ]
+    assert len(ws.launches()) == 1 and ws.ledger_states() == {"acted": 1}

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import sqlite3
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from prng_daemon.ledger import Ledger
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
-from .workspace import drop, make_workspace, result_document, run_id, running
+from .workspace import drop, make_workspace, result_document, run_id, running, stop, wait_ready
 
 GOOD = json.dumps(result_document(2, run_id(2, 1))).encode()
 
@@ -143,3 +149,109 @@ def test_decisions_dir_replaced_by_a_symlink_is_not_written_through(
         assert proc.poll() is None, "the daemon keeps serving"
     assert list(elsewhere.iterdir()) == []
     assert not ws.launches()
+
+
+def test_a_loop_that_keeps_crashing_is_restarted_then_the_daemon_exits_non_zero(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """A dropped `commands` table makes every poll of the command loop raise: each crash is
+    logged with its traceback and restarted with backoff; past the budget the daemon exits 1,
+    for systemd to restart it, instead of running on without that part."""
+    ws = make_workspace(tmp_path, fake.port)
+    proc = ws.start()
+    try:
+        wait_ready(ws)
+        with contextlib.closing(sqlite3.connect(ws.root / "state" / "ledger.sqlite3")) as db:
+            db.execute("DROP TABLE commands")
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    assert code == 1
+    crashed = ws.events("task.crashed")
+    assert {e["task"] for e in crashed} == {"commands"}
+    assert len(crashed) == 6, "the first run and five restarts"
+    assert "no such table: commands" in crashed[0]["error"] and crashed[0]["level"] == "error"
+    assert "Traceback" in crashed[0]["exception"]
+    assert len(ws.events("task.restarting")) == 5
+    [failed] = ws.events("daemon.failed")
+    assert failed["reason"] == "task commands crashed 6 times; giving up"
+    assert ws.events()[-1]["event"] == "daemon.stopped"
+
+
+def test_results_dir_deleted_and_made_again_is_watched_again(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """Issue 12 case 4. The next rescan is an hour away: only a re-armed inotify watch can see
+    the file dropped into the new directory."""
+    ws = make_workspace(tmp_path, fake.port, daemon={"rescan_interval_seconds": 3600})
+    with running(ws) as proc:
+        drop(ws.results, "before.json", result_document(2, run_id(2, 41)))
+        wait_until(ws.launches, 20, what="the first launch")
+        shutil.rmtree(ws.results)
+        wait_until(lambda: ws.events("watcher.dir_missing"), 10, what="watcher.dir_missing")
+        ws.results.mkdir()
+        wait_until(lambda: ws.events("watcher.dir_back"), 10, what="watcher.dir_back")
+        drop(ws.results, "after.json", result_document(2, run_id(2, 42)))
+        wait_until(lambda: len(ws.launches()) == 2, 20, what="the launch for the new file")
+        assert proc.poll() is None
+    [missing] = ws.events("watcher.dir_missing")
+    assert missing["level"] == "error" and missing["directory"] == str(ws.results)
+    assert ws.events("watcher.rearmed")
+    sources = {e["file"]: e["source"] for e in ws.events("result.validated")}
+    assert sources == {"before.json": "moved", "after.json": "moved"}
+    assert not ws.events("task.crashed")
+
+
+def _without(limit: str) -> list[str]:
+    """A prefix that runs the rest in a user namespace of its own whose inotify `limit`
+    (max_inotify_instances or max_inotify_watches) is 0: the daemon gets the kernel's own
+    EMFILE or ENOSPC, and nothing outside that namespace is affected."""
+    return [
+        "unshare", "--user", "--map-root-user", "sh", "-c",
+        f'echo 0 > /proc/sys/user/{limit} && exec "$@"', "sh",
+    ]  # fmt: skip
+
+
+def _set_limit(pid: int, limit: str, value: int) -> None:
+    """Set inotify `limit` in the user namespace that process `pid` runs in."""
+    subprocess.run(
+        ["nsenter", "--user", "--target", str(pid), "sh", "-c",
+         f"echo {value} > /proc/sys/user/{limit}"],
+        check=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("limit", "error"),
+    [
+        ("max_inotify_instances", "[Errno 24] inotify instance limit reached"),
+        ("max_inotify_watches", "[Errno 28] inotify watch limit reached"),
+    ],
+)
+def test_inotify_limits_fall_back_to_scanning_then_recover(
+    tmp_path: Path, fake: FakeLlama, limit: str, error: str
+) -> None:
+    """Issue 12 case 14: no inotify instance (or watch) left at start gives a warning and a
+    scan every 2 s instead of a traceback (the configured rescan is an hour away), and inotify
+    again once the limit allows."""
+    probe = subprocess.run([*_without(limit), "true"], capture_output=True)
+    if probe.returncode != 0 or not shutil.which("nsenter"):
+        pytest.skip(f"needs unshare --user and nsenter: {probe.stderr.decode().strip()}")
+    ws = make_workspace(tmp_path, fake.port, daemon={"rescan_interval_seconds": 3600})
+    proc = ws.start(prefix=_without(limit))
+    try:
+        wait_ready(ws)
+        drop(ws.results, "scanned.json", result_document(2, run_id(2, 51)))
+        wait_until(ws.launches, 20, what="a launch found by scanning")
+        _set_limit(proc.pid, limit, 1024)
+        wait_until(lambda: ws.events("watcher.recovered"), 10, what="watcher.recovered")
+        drop(ws.results, "watched.json", result_document(2, run_id(2, 52)))
+        wait_until(lambda: len(ws.launches()) == 2, 20, what="the second launch")
+    finally:
+        assert stop(proc) == 0
+    [degraded] = ws.events("watcher.degraded")
+    assert degraded["level"] == "warning" and degraded["error"] == error
+    sources = {e["file"]: e["source"] for e in ws.events("result.validated")}
+    assert sources["scanned.json"] == "scan"
+    assert not [e for e in ws.events() if e["level"] == "error"]

@@ -73,10 +73,6 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
         sock.close()
 
 
-def events(ws: Workspace, name: str) -> list[dict[str, Any]]:
-    return [e for e in ws.events() if e["event"] == name]
-
-
 def start(ws: Workspace, notify: NotifySocket, **env: str) -> Any:
     return ws.start(env={"NOTIFY_SOCKET": str(notify.path), **env})
 
@@ -94,7 +90,7 @@ def test_ready_is_sent_after_the_watcher_is_up_and_a_file_just_after_it_is_seen(
         wait_until(ws.launches, 15, what="the follow-up agent")
     finally:
         assert stop(proc) == 0
-    [validated] = events(ws, "result.validated")
+    [validated] = ws.events("result.validated")
     assert validated["source"] == "moved", "the watcher, not a scan, saw the file"
     first = notify.messages()[0].splitlines()
     assert first[0] == "READY=1" and first[1].startswith("STATUS="), "READY=1 is the first word"
@@ -191,13 +187,13 @@ def test_sighup_reloads_a_good_config_between_reloading_and_ready(
         proc.send_signal(signal.SIGHUP)
         reloading = notify.wait_for("RELOADING=1", ready_at + 1)
         notify.wait_for("READY=1", reloading + 1)
-        wait_until(lambda: events(ws, "config.reloaded"), 5, what="config.reloaded")
+        wait_until(lambda: ws.events("config.reloaded"), 5, what="config.reloaded")
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
         wait_until(lambda: ws.ledger_states() == {"escalated": 1}, 15, what="an escalation")
     finally:
         assert stop(proc) == 0
     assert any(line.startswith("MONOTONIC_USEC=") for line in notify.messages()[reloading].split())
-    assert events(ws, "config.reloaded")[0]["servers_restarted"] == []
+    assert ws.events("config.reloaded")[0]["servers_restarted"] == []
     assert not ws.launches()
 
 
@@ -210,7 +206,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one_and_keeps_working(
         ready_at = notify.wait_for("READY=1")
         ws.edit_config(lambda c: c["policy"].update(confidence_threshold=5))
         proc.send_signal(signal.SIGHUP)
-        [failed] = wait_until(lambda: events(ws, "config.reload_failed"), 10)
+        [failed] = wait_until(lambda: ws.events("config.reload_failed"), 10)
         notify.wait_for("READY=1", notify.wait_for("RELOADING=1", ready_at + 1) + 1)
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
         wait_until(ws.launches, 15, what="a launch under the old config")
@@ -219,7 +215,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one_and_keeps_working(
         assert stop(proc) == 0
     assert failed["level"] == "error"
     assert any("policy.confidence_threshold" in problem for problem in failed["problems"])
-    assert not events(ws, "config.reloaded")
+    assert not ws.events("config.reloaded")
 
 
 def test_under_journald_every_line_carries_its_syslog_priority(
@@ -282,15 +278,120 @@ def test_sighup_with_new_server_settings_restarts_that_server_only(
         port = free_port()
         ws.edit_config(lambda c: c["math"].update(port=port))
         proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: events(ws, "config.reloaded"), 20, what="config.reloaded")
+        wait_until(lambda: ws.events("config.reloaded"), 20, what="config.reloaded")
         wait_until(lambda: servers()["math"]["state"] == "ready"
                    and servers()["math"]["pid"] != before["math"]["pid"], 20,
                    what="a new math server, ready")  # fmt: skip
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
-        wait_until(lambda: events(ws, "decision.made"), 20, what="a decision")
+        wait_until(lambda: ws.events("decision.made"), 20, what="a decision")
         after = servers()
     finally:
         assert stop(proc) == 0
-    assert events(ws, "config.reloaded")[0]["servers_restarted"] == ["math"]
+    assert ws.events("config.reloaded")[0]["servers_restarted"] == ["math"]
     assert after["orchestrator"]["pid"] == before["orchestrator"]["pid"], "left alone"
-    assert events(ws, "decision.made")[0]["path"] != "rules", "decided by the new server"
+    assert ws.events("decision.made")[0]["path"] != "rules", "decided by the new server"
+
+
+def reload(ws: Workspace, proc: Any, notify: NotifySocket, event: str) -> dict[str, Any]:
+    """SIGHUP once READY; the one `event` it logs (config.reloaded, ...), after READY=1 again."""
+    ready_at = notify.wait_for("READY=1")
+    proc.send_signal(signal.SIGHUP)
+    notify.wait_for("READY=1", notify.wait_for("RELOADING=1", ready_at + 1) + 1)
+    [logged] = wait_until(lambda: ws.events(event), 10, what=event)
+    return logged
+
+
+def test_sighup_applies_routing_settings_to_the_next_decision(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    """Issue 12 case 8: `routing.*` was logged as applied while the old router kept its own."""
+    ws = make_workspace(tmp_path, fake.port)
+    proc = start(ws, notify)
+    try:
+        notify.wait_for("READY=1")
+        ws.edit_config(lambda c: c.update(routing={"default_temperature": 0.15}))
+        reload(ws, proc, notify, "config.reloaded")
+        drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+        wait_until(ws.launches, 15, what="a launch")
+    finally:
+        assert stop(proc) == 0
+    assert {r["temperature"] for r in fake.requests} == {0.15}
+
+
+def test_sighup_applies_health_settings_to_running_servers(
+    tmp_path: Path, notify: NotifySocket, llama_server_bin: Path, tiny_model: Path
+) -> None:
+    """`health.restart_on_failure: false` by reload: a killed server then stays failed."""
+    ws = managed_workspace(tmp_path, llama_server_bin, tiny_model)
+    proc = start(ws, notify)
+
+    def math() -> dict[str, Any]:
+        status = json.loads((ws.root / "state" / "status.json").read_text())
+        return dict(status["servers"]["math"])
+
+    try:
+        wait_until(lambda: any("orchestrator ready, math ready" in s for s in notify.statuses()),
+                   20, what="both servers ready")  # fmt: skip
+        ws.edit_config(lambda c: c["health"].update(restart_on_failure=False))
+        reloaded = reload(ws, proc, notify, "config.reloaded")
+        os.kill(math()["pid"], signal.SIGKILL)
+        wait_until(lambda: math()["state"] == "failed", 20, what="math to stay down")
+    finally:
+        assert stop(proc) == 0
+    assert reloaded["servers_restarted"] == [], "a health change restarts no server"
+    assert not ws.events("server.restarting")
+
+
+def test_sighup_moves_the_watcher_to_a_new_results_dir(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    ws = make_workspace(tmp_path, fake.port, daemon={"rescan_interval_seconds": 3600})
+    proc = start(ws, notify)
+    try:
+        notify.wait_for("READY=1")
+        ws.edit_config(lambda c: c["daemon"].update(results_dir="results2"))
+        reload(ws, proc, notify, "config.reloaded")
+        drop(tmp_path / "results2", "r.json", result_document(2, run_id(2, 1)))
+        wait_until(ws.launches, 15, what="a launch for the file in the new dir")
+    finally:
+        assert stop(proc) == 0
+    assert list((tmp_path / "results2" / "decisions").glob("r.*.decision.json"))
+
+
+def test_sighup_with_an_unreadable_api_key_file_keeps_the_running_router(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    """The old reload closed the router before reading the new key: every decision then failed."""
+    ws = make_workspace(tmp_path, fake.port)
+    proc = start(ws, notify)
+    try:
+        notify.wait_for("READY=1")
+        ws.edit_config(lambda c: c["math"].update(api_key_file="missing.key"))
+        failed = reload(ws, proc, notify, "config.reload_failed")
+        drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+        wait_until(ws.launches, 15, what="a launch under the old config")
+    finally:
+        assert stop(proc) == 0
+    assert failed["problems"][0].startswith("config: math.api_key_file: cannot read:")
+    assert [e["path"] for e in ws.events("decision.made")] == ["llm"], "the LLM decided"
+    assert not ws.events("config.reloaded")
+
+
+def test_sighup_that_changes_the_state_dir_is_refused_by_name(
+    tmp_path: Path, fake: FakeLlama, notify: NotifySocket
+) -> None:
+    """Nothing of a refused reload is applied: the new threshold would escalate the file."""
+    ws = make_workspace(tmp_path, fake.port)
+    proc = start(ws, notify)
+    try:
+        notify.wait_for("READY=1")
+        ws.edit_config(lambda c: (c["daemon"].update(state_dir="state2"),
+                                  c["policy"].update(confidence_threshold=0.95)))  # fmt: skip
+        refused = reload(ws, proc, notify, "config.reload_refused")
+        drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+        wait_until(ws.launches, 15, what="a launch under the old config")
+    finally:
+        assert stop(proc) == 0
+    assert refused["reason"] == "daemon.state_dir needs a restart"
+    assert refused["level"] == "error"
+    assert not (tmp_path / "state2").exists() and not ws.events("config.reloaded")

@@ -175,10 +175,11 @@ def test_resolve_answers_instead_of_raising_and_keeps_the_escalation(tmp_path: P
         (ws.results / "invalid.json").write_text("{")
         applied, message = await engine.resolve(rid, "approve")
         assert not applied
-        assert message.startswith(f"{rid}: approved ok.json; still escalated: ")
-        assert "gone.json: the file cannot be used: no such file" in message
-        assert "changed.json: the file changed since it was escalated" in message
-        assert "invalid.json: the file cannot be used: not valid JSON" in message
+        assert message.startswith(f"{rid}: still escalated: ")
+        assert message.endswith("; approved: ok.json: started full_scoring_agent")
+        assert "gone.json: the result file was deleted since it was escalated" in message
+        assert "changed.json: the result file changed since it was escalated" in message
+        assert "invalid.json: the result file cannot be used: not valid JSON" in message
         assert len(list((ws.root / "state" / "launches").iterdir())) == 1, "ok.json's only"
         config = engine.config
         agents = {k: v for k, v in config.agents.items() if k != "full_scoring_agent"}
@@ -187,7 +188,9 @@ def test_resolve_answers_instead_of_raising_and_keeps_the_escalation(tmp_path: P
         applied, message = await engine.resolve(rid, "approve")
         assert not applied and "changed.json: agent full_scoring_agent is not configured" in message
         assert await engine.resolve(rid, "reject") == (
-            True, f"{rid}: rejected gone.json, changed.json, invalid.json"
+            True,
+            f"rejected: {rid} -> gone.json: stops here; changed.json: stops here;"
+            " invalid.json: stops here",
         )  # fmt: skip
         assert await engine.resolve(rid, "reject") == (
             False, f"{rid}: no pending escalation (state: acted)"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +17,10 @@ from typing import Any
 
 import pytest
 
+from prng_daemon import status
 from prng_daemon.cli import main
+from prng_daemon.config import load_config
+from prng_daemon.ledger import Ledger
 
 from .fake_llama import FakeLlama
 from .helpers import free_port, wait_until
@@ -24,6 +31,7 @@ from .workspace import (
     make_workspace,
     result_document,
     run_id,
+    running,
     stop,
     wait_ready,
 )
@@ -161,7 +169,8 @@ def approve(capsys: pytest.CaptureFixture[str], ws: Workspace, *args: str) -> fl
     """Run the verb; the seconds until the running daemon launched an agent for it."""
     approved = time.monotonic()
     code, out, _ = cli(capsys, ws, *args)
-    assert code == 0 and "queued" in out
+    verb = "approved for a retry" if "--retry" in args else "approved"
+    assert code == 0 and out.startswith(f"{verb}: {args[-1]} -> started "), out
     wait_until(ws.launches, 10, what="the launch after the approval")
     return time.monotonic() - approved
 
@@ -195,8 +204,8 @@ def test_rejected_escalation_is_done_with_no_launch(
     rid = run_id(2, 1)
     with escalated(tmp_path, fake, result_document(2, rid)) as (ws, _):
         code, out, _ = cli(capsys, ws, "reject", rid)
-        assert code == 0 and "queued" in out
-        wait_until(lambda: ws.ledger_states() == {"done": 1}, 5, what="the rejection applied")
+        assert (code, out) == (0, f"rejected: {rid} -> stops here\n")
+        assert ws.ledger_states() == {"done": 1}, "applied before the CLI returned"
         code, out, _ = cli(capsys, ws, "status")
         assert "pending escalations: 0" in out
     assert not ws.launches()
@@ -213,3 +222,180 @@ def test_approve_retry_runs_the_steps_own_agent_again_with_one_more_retry(
     [launch] = ws.launches()
     parent_arg, step_arg, retry_arg = (ws.markers / launch).read_text().split()
     assert (parent_arg, step_arg, retry_arg) == (parent, "2", "2"), "scorer_meta_agent again"
+
+
+def serving(ws: Workspace) -> bool:
+    return status.daemon_state(load_config(ws.config_path))[0] == "running"
+
+
+def test_approve_of_a_deleted_escalation_is_refused_and_the_daemon_keeps_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
+) -> None:
+    """Issue 12 case 3: the bad command is answered with its reason; a later approve and a
+    reload still work, a restart does not replay it, and the escalation stays resolvable."""
+    fake.decision = "escalate"
+    ws = make_workspace(tmp_path, fake.port)
+    gone, good = run_id(2, 1), run_id(2, 2)
+    proc = ws.start()
+    try:
+        wait_ready(ws)
+        drop(ws.results, "gone.json", result_document(2, gone))
+        drop(ws.results, "good.json", result_document(2, good))
+        wait_until(lambda: ws.ledger_states() == {"escalated": 2}, 15, what="two escalations")
+        wait_until(lambda: serving(ws), 10, what="a fresh heartbeat")
+        (ws.results / "gone.json").unlink()
+        code, out, err = cli(capsys, ws, "approve", gone)
+        assert (code, out) == (1, "")
+        assert err == (
+            f"refused: {gone}: still escalated:"
+            " the result file was deleted since it was escalated\n"
+        )
+        code, out, _ = cli(capsys, ws, "approve", good)
+        assert (code, out) == (0, f"approved: {good} -> started full_scoring_agent\n")
+        wait_until(ws.launches, 10, what="the approved launch")
+        ws.edit_config(lambda c: c["policy"].update(confidence_threshold=0.2))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: ws.events("config.reloaded"), 10, what="config.reloaded")
+    finally:
+        assert stop(proc) == 0
+    proc = ws.start()
+    try:
+        wait_until(lambda: len(ws.events("daemon.started")) == 2, 20, what="the restart")
+        wait_until(lambda: serving(ws), 10, what="a fresh heartbeat")
+        code, out, _ = cli(capsys, ws, "status")
+        assert "pending escalations: 1" in out and f"  {gone}  step 2  gone.json: " in out
+        code, out, _ = cli(capsys, ws, "reject", gone)
+        assert (code, out) == (0, f"rejected: {gone} -> stops here\n")
+    finally:
+        assert stop(proc) == 0
+    [refused] = ws.events("command.refused")
+    assert refused["run_id"] == gone and refused["level"] == "warning"
+    assert [e["run_id"] for e in ws.events("command.applied")] == [good, gone]
+    assert len(ws.launches()) == 1 and ws.ledger_states() == {"acted": 1, "done": 1}
+    assert not ws.events("task.crashed")
+
+
+def test_approve_without_a_running_daemon_is_queued_and_applied_at_its_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
+) -> None:
+    rid = run_id(2, 1)
+    with escalated(tmp_path, fake, result_document(2, rid)) as (ws, _):
+        pass
+    code, out, _ = cli(capsys, ws, "approve", rid)
+    assert (code, out) == (0, f"{rid}: approve queued; the daemon will apply it when it runs\n")
+    proc = ws.start()
+    try:
+        wait_until(ws.launches, 20, what="the queued approval applied at start")
+    finally:
+        assert stop(proc) == 0
+    assert [e["message"] for e in ws.events("command.applied")] == [
+        f"approved: {rid} -> started full_scoring_agent"
+    ]
+
+
+def test_a_ledger_from_before_command_outcomes_gets_the_columns(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE commands (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL,"
+            " verb TEXT NOT NULL, created REAL NOT NULL, done REAL)"
+        )
+        db.execute("INSERT INTO commands (run_id, verb, created) VALUES ('r1', 'approve', 0)")
+    db.close()
+    ledger = Ledger(path)
+    try:
+        [(command_id, run, verb)] = ledger.pending_commands()
+        assert ledger.command_outcome(command_id) is None
+        ledger.finish_command(command_id, "refused", "no pending escalation")
+        assert ledger.command_outcome(command_id) == ("refused", "no pending escalation")
+        assert ledger.pending_commands() == []
+    finally:
+        ledger.close()
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real file system of `size` at `path`: a disk that can really be filled."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.decode()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill(path: Path) -> None:
+    """Write `path` until the file system is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_keeps_the_status_loop_alive_and_status_tells_the_truth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
+) -> None:
+    """Issue 12 case 5, on a real full file system under the state dir: the failing status
+    file is logged once, `status` says "not responding" (not "not running") while it is
+    stale, and the heartbeat comes back once there is room again."""
+    ws = make_workspace(tmp_path, fake.port)
+    with small_tmpfs(tmp_path / "state", "2m") as state, running(ws) as proc:
+        wait_until(lambda: serving(ws), 10, what="a fresh heartbeat")
+        fill(state / "filler")
+        wait_until(lambda: ws.events("status.write_failed"), 10, what="status.write_failed")
+
+        def status_line() -> str:
+            return str(cli(capsys, ws, "status")[1].splitlines()[0])
+
+        line = wait_until(
+            lambda: (s := status_line()).startswith("daemon: not responding since") and s,
+            status.STALE_SECONDS + 10, what="status to say the daemon is not responding",
+        )  # fmt: skip
+        assert f"(pid {proc.pid}, no heartbeat for " in line
+        (state / "filler").unlink()
+        wait_until(lambda: ws.events("status.write_recovered"), 10, what="the heartbeat back")
+        code, out, _ = cli(capsys, ws, "status")
+        assert code == 0 and out.startswith(f"daemon: running (pid {proc.pid})")
+    [failed] = ws.events("status.write_failed")
+    assert failed["level"] == "error" and "No space left on device" in failed["error"]
+    assert not ws.events("task.crashed")
+
+
+def test_approve_of_an_invalid_file_or_a_removed_agent_is_refused_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
+) -> None:
+    """The other ways an escalation can go bad before it is approved (issue 12 case 3)."""
+    fake.decision = "escalate"
+    ws = make_workspace(tmp_path, fake.port)
+    broken, orphan = run_id(2, 1), run_id(3, 2)
+    proc = ws.start()
+    try:
+        wait_ready(ws)
+        drop(ws.results, "broken.json", result_document(2, broken))
+        drop(ws.results, "orphan.json", result_document(3, orphan))
+        wait_until(lambda: ws.ledger_states() == {"escalated": 2}, 15, what="two escalations")
+        wait_until(lambda: serving(ws), 10, what="a fresh heartbeat")
+        (ws.results / "broken.json").write_text('{"agent_metadata": {}}')
+        code, out, err = cli(capsys, ws, "approve", broken)
+        assert (code, out) == (1, "")
+        expected = f"refused: {broken}: still escalated: the result file cannot be used: "
+        assert err.startswith(expected), err
+        ws.edit_config(lambda c: c["agents"].pop("ml_meta_agent"))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: ws.events("config.reloaded"), 10, what="config.reloaded")
+        code, out, err = cli(capsys, ws, "approve", orphan)
+        assert (code, out) == (1, "")
+        assert err.startswith("refused: ") and "ml_meta_agent" in err
+    finally:
+        assert stop(proc) == 0
+    assert not ws.launches(), "both escalations still pending"
+    # The rewritten file is flagged as changed content; its escalation is left as it was.
+    assert ws.ledger_states() == {"escalated": 2, "changed": 1}

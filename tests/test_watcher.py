@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,14 +77,15 @@ def test_inotify_queue_overflow_triggers_a_rescan(tmp_path: Path) -> None:
             (tmp_path / f"f{n}.json").write_text("{}")
 
     async def main() -> tuple[list, list]:
-        # The kernel reads the limit when the inotify instance is created (in Watcher()).
+        # The kernel reads the limit when the inotify instance is made (entering the Watcher).
         loop = asyncio.get_running_loop()
         seen: list[str] = []
         overflows: list[bool] = []
-        with _small_inotify_queue(16):
-            watcher = Watcher(tmp_path, loop, lambda p, s: seen.append(p.name),
-                              lambda: overflows.append(True))  # fmt: skip
-        with watcher:
+        watcher = Watcher(tmp_path, loop, lambda p, s: seen.append(p.name),
+                          lambda: overflows.append(True))  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            with _small_inotify_queue(16):
+                stack.enter_context(watcher)
             # Keep watchdog's reader thread off the inotify fd while the burst lands, so the
             # kernel queue overflows for certain rather than by losing a scheduling race.
             with watcher._observer._inotify_fd._lock:  # type: ignore[attr-defined]
@@ -95,3 +98,34 @@ def test_inotify_queue_overflow_triggers_a_rescan(tmp_path: Path) -> None:
     seen, overflows = asyncio.run(main())
     assert overflows, f"the overflow was not reported ({len(seen)} events seen)"
     assert len(seen) < 400, "events were lost, which is why the rescan matters"
+
+
+def test_a_deleted_directory_is_reported_and_rearm_watches_the_new_one(tmp_path: Path) -> None:
+    """The inotify watch goes with a deleted directory: the watcher says so (a rescan request,
+    `stale()`), and `rearm()` watches the one made again at the same path."""
+    results = tmp_path / "results"
+    results.mkdir()
+
+    async def main() -> tuple[list[str], bool, bool]:
+        loop = asyncio.get_running_loop()
+        seen: list[str] = []
+        lost = asyncio.Event()
+        with Watcher(results, loop, lambda p, s: seen.append(p.name), lost.set) as watcher:
+            assert not watcher.stale()
+            await loop.run_in_executor(None, shutil.rmtree, results)
+            await asyncio.wait_for(lost.wait(), 5)
+            with pytest.raises(FileNotFoundError):
+                watcher.stale()
+            results.mkdir()
+            stale = watcher.stale()
+            await loop.run_in_executor(None, watcher.rearm)
+            rearmed = not watcher.stale()
+            (results / "new.json").write_text("{}")
+            deadline = loop.time() + 5
+            while not seen and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        return seen, stale, rearmed
+
+    seen, stale, rearmed = asyncio.run(main())
+    assert stale and rearmed
+    assert seen == ["new.json"]

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,14 +61,19 @@ class Workspace:
         return sum(counts.get(s, 0) for s in SETTLED) >= n
 
     def start(
-        self, *extra: str, env: Mapping[str, str] | None = None, stderr: int | None = None
+        self,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+        stderr: int | None = None,
+        prefix: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         """`prng-llm-daemon run`; `env` is added to this process's environment, and `stderr`
-        (a file descriptor; default: daemon.log, with stdout) is where its log lines go."""
+        (a file descriptor; default: daemon.log, with stdout) is where its log lines go.
+        `prefix`: a command that execs the rest (the daemon keeps the process's pid)."""
         log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
         try:
             return subprocess.Popen(
-                [sys.executable, "-m", "prng_daemon", *extra, "run", "--config",
+                [*prefix, sys.executable, "-m", "prng_daemon", *extra, "run", "--config",
                  str(self.config_path)],
                 stdout=log, stderr=log if stderr is None else stderr,
                 env={**os.environ, **(env or {})},
@@ -82,9 +87,11 @@ class Workspace:
         edit(config)
         self.config_path.write_text(json.dumps(config, indent=2))
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The daemon's log events so far (only those called `name`, if given)."""
         lines = (self.root / "daemon.log").read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        found = [json.loads(line) for line in lines if line.startswith("{")]
+        return [e for e in found if name is None or e["event"] == name]
 
 
 @contextmanager
