@@ -108,7 +108,10 @@ class Engine:
                 allowed_agents=self.config.agents.keys(),
             )
         except ResultRejected as exc:
-            self._reject(path, exc, source, log)
+            if os.path.lexists(path):
+                self._reject(path, exc, source, log)
+            else:
+                self._vanished(rel, log)
             return
         meta = loaded.document.agent_metadata
         run_id = meta.run_id or derived_run_id(path, meta.pipeline_step, loaded.sha256)
@@ -148,12 +151,26 @@ class Engine:
         async with self._checking:
             return await asyncio.to_thread(load_result, path, **limits)
 
+    def _vanished(self, name: str, log: Any) -> None:
+        """The file is gone before it could be read: nothing to quarantine. A row of it left
+        waiting or mid-way can never go on; it is settled now (this worker holds the name, so
+        none of them is in flight)."""
+        rows = self.ledger.of_path(name, *RESUMABLE)
+        if not rows:
+            log.info("result.vanished")
+        for entry in rows:
+            self._settle_stuck(entry, f"the file was deleted while {entry.state}", log)
+
     def _reject(self, path: Path, exc: ResultRejected, source: Source, log: Any) -> None:
         if exc.maybe_partial and source == "scan" and _recently_changed(path):
             log.debug("result.incomplete", reason=str(exc))
             return
         entry, new = self.ledger.claim(utf8_name(path.name), _rejected_key(path))
         if not new:
+            return
+        if entry.state is State.CHANGED:  # an earlier version was decided: flagged, not re-run
+            log.warning("result.changed", reason=f"{entry.reason}; the new content: {exc}")
+            self._on_change()
             return
         self.ledger.update(entry, State.QUARANTINED, reason=str(exc))
         log.error("result.rejected", reason=exc.reason, pointer=exc.pointer or "/", source=source)
@@ -406,14 +423,18 @@ class Engine:
                 self._resumed.add(entry.path)
                 again.append(path)
                 continue
-            key = launch_key(entry.path, entry.sha256)
-            if entry.state is State.LAUNCHING and self.launcher.was_launched(key):
-                self._settle_launched(entry, f"launched; {reason}", log)
-            else:
-                self.ledger.update(entry, State.FAILED, reason=reason)
-            log.error("result.stuck", state=entry.state.value, reason=reason)
-            self._on_change()
+            self._settle_stuck(entry, reason, log)
         return again
+
+    def _settle_stuck(self, entry: Entry, reason: str, log: Any) -> None:
+        """A row that cannot go on: FAILED with `reason`, or ACTED if its launch marker exists."""
+        key = launch_key(entry.path, entry.sha256)
+        if entry.state is State.LAUNCHING and self.launcher.was_launched(key):
+            self._settle_launched(entry, f"launched; {reason}", log)
+        else:
+            self.ledger.update(entry, State.FAILED, reason=reason)
+        log.error("result.stuck", state=entry.state.value, reason=reason)
+        self._on_change()
 
     async def resolve(self, run_id: str, verb: str) -> tuple[bool, str]:
         """Apply `approve`, `approve-retry` or `reject` to every pending escalation of `run_id`

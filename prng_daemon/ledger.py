@@ -339,6 +339,15 @@ class Ledger:
         ).fetchall()
         return [_entry(r) for r in rows]
 
+    def of_path(self, path: str, *states: State) -> list[Entry]:
+        """The rows of file name `path` in any of `states`, oldest first."""
+        marks = ", ".join("?" for _ in states)
+        rows = self._query(
+            f"SELECT * FROM files WHERE path = ? AND state IN ({marks}) ORDER BY id",
+            (path, *states),
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
     def stuck(self, older_than: float) -> list[Entry]:
         """Rows in a transient state not touched since `older_than` (a time.time())."""
         marks = ", ".join("?" for _ in TRANSIENT)
