@@ -265,4 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaemonError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
+    except OSError as exc:  # a full disk, a directory deleted under it: systemd starts it again
+        print(f"prng-llm-daemon {args.verb}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     return code

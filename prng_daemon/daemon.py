@@ -265,6 +265,10 @@ class Daemon:
                 if not await self.engine.process(path, source):
                     loop = asyncio.get_running_loop()
                     loop.call_later(BUSY_RETRY_SECONDS, self.enqueue, path, source)
+            except OSError as exc:
+                # A full disk (the ledger, a record): one line, no traceback; the next scan, or
+                # the sweep if the file got a row, takes it up again.
+                log.error("result.io_failed", file=path.name, error=str(exc))
             except Exception:
                 # One file's bug must not take the worker (and every later file) with it.
                 log.exception("result.crashed", file=path.name)
@@ -299,7 +303,7 @@ class Daemon:
         return watcher.scan(skip)
 
     async def _rescan_loop(self) -> None:
-        missing = False
+        missing = failing = False
         while True:
             self._tasks.beat("rescan")
             assert self._watcher is not None
@@ -322,6 +326,15 @@ class Daemon:
                     )  # fmt: skip
                 missing = True
                 continue
+            except OSError as exc:
+                # A full disk: the sweep cannot write its rows; they wait for the next rescan.
+                if not failing:
+                    log.error("rescan.failed", error=str(exc), action="trying again each rescan")
+                failing = True
+                continue
+            if failing:
+                log.info("rescan.recovered")
+            failing = False
             if missing:
                 log.info("watcher.dir_back", directory=str(self.config.daemon.results_dir))
                 self._changed()

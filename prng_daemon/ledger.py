@@ -8,6 +8,7 @@ names the state the caller read, so two writers can never silently overwrite eac
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import time
@@ -116,7 +117,7 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 """
 
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
 _COMMAND_COLUMNS = {"outcome": "TEXT", "message": "TEXT"}
 """Added after the first release: a ledger made before them gets them at open."""
@@ -155,12 +156,17 @@ def _entry(row: sqlite3.Row) -> Entry:
 
 @contextmanager
 def _corruption_named(path: Path) -> Iterator[None]:
-    """SQLite's "malformed" and "not a database" become the one LedgerCorrupt message."""
+    """SQLite's "malformed" and "not a database" become the one LedgerCorrupt message; its
+    "disk is full" becomes the OSError (ENOSPC) that every other write on a full disk raises,
+    so one handler serves both."""
     try:
         yield
     except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
             raise LedgerCorrupt(path, str(exc)) from None
+        if code == _SQLITE_FULL:
+            raise OSError(errno.ENOSPC, f"ledger: {exc}", str(path)) from None
         raise
 
 
@@ -416,7 +422,7 @@ class Ledger:
     # message are stored with it, so the CLI can print them and a restart never replays it.
 
     def add_command(self, run_id: str, verb: str) -> int:
-        cur = self._db.execute(
+        cur = self._query(
             "INSERT INTO commands (run_id, verb, created) VALUES (?, ?, ?)",
             (run_id, verb, time.time()),
         )
@@ -424,20 +430,20 @@ class Ledger:
         return cur.lastrowid
 
     def pending_commands(self) -> list[tuple[int, str, str]]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT id, run_id, verb FROM commands WHERE done IS NULL ORDER BY id"
         ).fetchall()
         return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def finish_command(self, command_id: int, outcome: str, message: str) -> None:
-        self._db.execute(
+        self._query(
             "UPDATE commands SET done = ?, outcome = ?, message = ? WHERE id = ?",
             (time.time(), outcome, message, command_id),
         )
 
     def command_outcome(self, command_id: int) -> tuple[str, str] | None:
         """(outcome, message) once the daemon answered command `command_id`, else None."""
-        row = self._db.execute(
+        row = self._query(
             "SELECT outcome, message FROM commands WHERE id = ? AND done IS NOT NULL",
             (command_id,),
         ).fetchone()

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -306,11 +305,25 @@ def _check(chaos: Chaos, capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         ledger.close()
     assert not ws.events("task.gave_up") and not ws.events("daemon.failed"), where
+    # A full disk is one line per file (`result.io_failed`); a traceback is a bug.
+    assert not ws.events("result.crashed"), f"{where}: {ws.events('result.crashed')[0]}"
     code, out, _ = cli(capsys, ws, "status")
     first = out.splitlines()[0]
     assert code == 0 and first.startswith(f"daemon: running (pid {chaos.proc.pid})"), first
     assert "unhealthy" not in first, f"{where}: {first}"
-    assert not [line for line in chaos.log if "by itself" in line], f"{where}: {chaos.log}"
+    # A start on a full disk, or with the results dir deleted mid-start, cannot work: the
+    # daemon says why in one line and exits 1, and systemd (here `_restart_if_dead`) starts
+    # it again. Nothing else ends it, and nothing else prints outside the JSON log.
+    exits = [line for line in chaos.log if "by itself" in line]
+    lines = (ws.root / "daemon.log").read_text().splitlines()
+    plain = [line for line in lines if not line.startswith("{")]
+    assert all(" exited 1 " in line for line in exits), f"{where}: {exits}"
+    assert len(plain) == len(exits), f"{where}: {plain}"
+    causes = ("prng-llm-daemon run: [Errno 28] ", "prng-llm-daemon run: [Errno 2] ")
+    assert all(line.startswith(causes) for line in plain), f"{where}: {plain}"
     crashed = Counter(e["task"] for e in ws.events("task.crashed"))
-    print(f"seed {SEED}: {len(entries)} rows, {sum(launches.values())} launches,"
-          f" task crashes {dict(crashed)}")  # fmt: skip
+    states = Counter(e.state.value for e in entries)
+    faults = {name: len(ws.events(name)) for name in ("result.io_failed", "rescan.failed",
+              "result.crashed", "status.write_failed", "watcher.dir_missing")}  # fmt: skip
+    print(f"seed {SEED}: {len(entries)} rows {dict(states)}, {sum(launches.values())} launches,"
+          f" {len(exits)} failed starts, {faults}, task crashes {dict(crashed)}")  # fmt: skip

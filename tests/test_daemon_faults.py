@@ -255,3 +255,34 @@ def test_inotify_limits_fall_back_to_scanning_then_recover(
     sources = {e["file"]: e["source"] for e in ws.events("result.validated")}
     assert sources["scanned.json"] == "scan"
     assert not [e for e in ws.events() if e["level"] == "error"]
+
+
+def test_a_waiting_file_deleted_is_failed_and_a_decided_one_rewritten_invalid_is_changed(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """Both found by tests/test_chaos.py. A file waiting for an LLM, then deleted, is failed
+    with the reason at its next retry (it was retried, and crashed a worker, forever); a
+    decided file rewritten invalid is flagged `changed` like a valid rewrite (it crashed its
+    worker on the move from changed to quarantined)."""
+    fake.mode = "hang"
+    ws = make_workspace(
+        tmp_path, fake.port, policy={"when_no_llm": "wait"},
+        routing={"request_timeout_seconds": 0.3},
+    )  # fmt: skip
+    with running(ws):
+        drop(ws.results, "w.json", result_document(1, run_id(1, 61)))
+        wait_until(lambda: ws.ledger_states() == {"waiting": 1}, 30, what="waiting")
+        (ws.results / "w.json").unlink()
+        wait_until(lambda: ws.ledger_states() == {"failed": 1}, 30, what="the row failed")
+        fake.mode = "ok"
+        drop(ws.results, "d.json", result_document(2, run_id(2, 62)))
+        wait_until(ws.launches, 20, what="the launch")
+        (ws.results / "d.json").write_text('{"agent_metadata": {}}')
+        wait_until(lambda: ws.events("result.changed"), 20, what="result.changed")
+    assert _entries(ws.root)["w.json"] == ("failed", "the file was deleted while waiting")
+    assert ws.ledger_states() == {"failed": 1, "acted": 1, "changed": 1}
+    [changed] = ws.events("result.changed")
+    assert changed["file"] == "d.json" and "not valid JSON" not in changed["reason"]
+    assert "content changed after it was decided" in changed["reason"]
+    assert not ws.events("result.crashed") and not ws.events("result.rejected")
+    assert len(ws.launches()) == 1

@@ -20,7 +20,7 @@ import pytest
 from prng_daemon import status
 from prng_daemon.cli import main
 from prng_daemon.config import load_config
-from prng_daemon.ledger import Ledger
+from prng_daemon.ledger import Ledger, State
 
 from .fake_llama import FakeLlama
 from .helpers import free_port, wait_until
@@ -399,3 +399,28 @@ def test_approve_of_an_invalid_file_or_a_removed_agent_is_refused_with_the_reaso
     assert not ws.launches(), "both escalations still pending"
     # The rewritten file is flagged as changed content; its escalation is left as it was.
     assert ws.ledger_states() == {"escalated": 2, "changed": 1}
+
+
+def test_a_full_state_disk_is_one_line_from_the_cli_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by tests/test_chaos.py. SQLite's "database or disk is full" is the OSError
+    (ENOSPC) of every other write on a full disk; the CLI says it in one line (`run` too, when
+    it cannot start on a full disk: systemd starts it again)."""
+    ws = make_workspace(tmp_path, free_port())
+    rid = run_id(2, 1)
+    with small_tmpfs(tmp_path / "state", "2m") as state:
+        ledger = Ledger(state / "ledger.sqlite3")
+        try:
+            seen, _ = ledger.claim("r.json", "a" * 64, run_id=rid)
+            ledger.update(ledger.update(seen, State.DECIDED, action="escalate"), State.ESCALATED)
+            fill(state / "filler")
+            with pytest.raises(OSError) as raised:
+                ledger.claim("s.json", "b" * 64)
+            assert raised.value.errno == errno.ENOSPC
+        finally:
+            ledger.close()
+        code, out, err = cli(capsys, ws, "approve", rid)
+    assert (code, out) == (1, "")
+    full = f"[Errno 28] ledger: database or disk is full: '{state / 'ledger.sqlite3'}'"
+    assert err == f"prng-llm-daemon approve: {full}\n"
