@@ -286,7 +286,10 @@ class Engine:
     def _agent_exited(self, launch_id: int, pid: int, code: int | None, duration: float) -> None:
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
-        self.ledger.update(entry, entry.state, touch=False, exit_code=code, ended=time.time())
+        try:
+            self.ledger.update(entry, entry.state, touch=False, exit_code=code, ended=time.time())
+        except OSError as exc:  # a full disk: said here; the next start reports the agent lost
+            log.error("agent.exit_unrecorded", agent=entry.agent, pid=pid, error=str(exc))
         event = log.info if code == 0 else log.error if code is not None else log.warning
         event("agent.exited", agent=entry.agent, pid=pid, exit_code=code,
               duration_s=round(duration, 3))  # fmt: skip

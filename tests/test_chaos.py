@@ -3,7 +3,8 @@ disk, a vanished results dir, a misbehaving LLM and operator commands on vanishe
 
 Afterwards every file must be settled (launched once, finished, quarantined, or escalated and
 resolvable) and no part of the daemon silently dead. The moments and the mix are random from
-one seed, printed at the start: `PRNG_CHAOS_SEED=N` replays a run.
+one seed, printed with what happened when: `PRNG_CHAOS_SEED=N` replays a run (as far as the
+machine's timing lets any run of processes be replayed).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def _commands(
 
 
 def _restart_if_dead(chaos: Chaos) -> None:
-    """What systemd's Restart=on-failure does; recorded, and the test fails on it below."""
+    """What systemd's Restart=on-failure does; recorded, and checked at the end (only a start
+    that cannot work may end the daemon)."""
     code = chaos.proc.poll()
     if code is not None:
         chaos.note(f"the daemon exited {code} by itself; restarted")
@@ -174,13 +176,16 @@ def _undo(chaos: Chaos, fault: str) -> None:
 
 def _schedule(rng: random.Random) -> list[tuple[float, str]]:
     """(seconds from the start, what): drops, faults, and the end of each lasting fault."""
-    faults = ["kill"] * rng.randint(2, 3) + [*LASTING, "commands", "commands"]
+    faults = ["kill"] * rng.randint(2, 3) + [*LASTING, "commands"]
     events = [(rng.uniform(0, CHAOS_SECONDS), "drop") for _ in range(DROPS)]
     for fault in faults:
         at = rng.uniform(0.5, CHAOS_SECONDS)
         events.append((at, fault))
         if fault in LASTING:
-            events.append((at + rng.uniform(*LASTING[fault]), f"undo {fault}"))
+            end = at + rng.uniform(*LASTING[fault])
+            events.append((end, f"undo {fault}"))
+            if fault == "escalate":  # while there are escalations to answer
+                events.append((end + rng.uniform(0.2, 1.5), "commands"))
     return sorted(events)
 
 
@@ -252,8 +257,21 @@ def _run(chaos: Chaos, capsys: pytest.CaptureFixture[str]) -> None:
         raise AssertionError(f"seed {SEED}: not settled: {problems}") from None
     chaos.note("settled")
 
-    # Every escalation left is resolvable by the running daemon.
+    # Every escalation left is resolvable by the running daemon; one whose file was deleted
+    # cannot be approved (it says why), and is rejected.
     wait_until(lambda: cli(capsys, ws, "status")[0] == 0, 15, what="a fresh heartbeat")
+    chaos.fake.decision = "escalate"
+    gone = chaos.valid["gone.json"] = run_id(4, 0xDEAD)
+    drop(ws.results, "gone.json", result_document(4, gone))
+    wait_until(lambda: [e for e in _escalations(ws) if e.path == "gone.json"], 15,
+               what="gone.json escalated")  # fmt: skip
+    (ws.results / "gone.json").unlink()
+    chaos.deleted.add("gone.json")
+    code, out, err = cli(capsys, ws, "approve", gone)
+    assert (code, out) == (1, ""), f"seed {SEED}: {out}"
+    reason = "still escalated: the result file was deleted since it was escalated"
+    assert err == f"refused: {gone}: {reason}\n", f"seed {SEED}: {err}"
+    chaos.fake.decision = "proceed"
     for verb, rid, code, answer in _commands(chaos, capsys, final=True):
         assert code == 0 and "queued" not in answer, f"seed {SEED}: {verb} {rid}: {answer}"
     # Still watching: a file dropped now is decided and launched.
@@ -281,9 +299,8 @@ def _check(chaos: Chaos, capsys: pytest.CaptureFixture[str]) -> None:
         here = (ws.results / e.path).exists()
         if e.state is State.ESCALATED:
             raise AssertionError(f"{where}: {e.path} still escalated after its command")
-        if e.state is State.QUARANTINED:
-            # An invalid file, or a file that vanished before it could be read.
-            assert e.path in chaos.invalid or e.path in chaos.deleted, f"{where}: {e}"
+        if e.state is State.QUARANTINED:  # a file deleted before it was read leaves no row
+            assert e.path in chaos.invalid, f"{where}: {e}"
         elif e.state is State.FAILED:
             # Only the injected causes: its file deleted mid-way.
             assert e.path in chaos.deleted and not here, f"{where}: {e}"
@@ -323,7 +340,8 @@ def _check(chaos: Chaos, capsys: pytest.CaptureFixture[str]) -> None:
     assert all(line.startswith(causes) for line in plain), f"{where}: {plain}"
     crashed = Counter(e["task"] for e in ws.events("task.crashed"))
     states = Counter(e.state.value for e in entries)
-    faults = {name: len(ws.events(name)) for name in ("result.io_failed", "rescan.failed",
-              "result.crashed", "status.write_failed", "watcher.dir_missing")}  # fmt: skip
+    seen = {name: len(ws.events(name)) for name in ("decision.escalated", "decision.waiting",
+            "command.applied", "command.refused", "result.io_failed", "rescan.failed",
+            "status.write_failed", "watcher.dir_missing", "result.stuck")}  # fmt: skip
     print(f"seed {SEED}: {len(entries)} rows {dict(states)}, {sum(launches.values())} launches,"
-          f" {len(exits)} failed starts, {faults}, task crashes {dict(crashed)}")  # fmt: skip
+          f" {len(exits)} failed starts, {seen}, task crashes {dict(crashed)}")  # fmt: skip
