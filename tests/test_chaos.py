@@ -342,6 +342,7 @@ def _check(chaos: Chaos, capsys: pytest.CaptureFixture[str]) -> None:
     states = Counter(e.state.value for e in entries)
     seen = {name: len(ws.events(name)) for name in ("decision.escalated", "decision.waiting",
             "command.applied", "command.refused", "result.io_failed", "rescan.failed",
-            "status.write_failed", "watcher.dir_missing", "result.stuck")}  # fmt: skip
+            "status.write_failed", "watcher.dir_missing", "result.stuck",
+            "agent.exit_unrecorded")}  # fmt: skip
     print(f"seed {SEED}: {len(entries)} rows {dict(states)}, {sum(launches.values())} launches,"
           f" {len(exits)} failed starts, {seen}, task crashes {dict(crashed)}")  # fmt: skip

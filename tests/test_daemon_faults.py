@@ -8,6 +8,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from prng_daemon.ledger import Ledger
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
+from .test_status_cli import fill, small_tmpfs
 from .workspace import drop, make_workspace, result_document, run_id, running, stop, wait_ready
 
 GOOD = json.dumps(result_document(2, run_id(2, 1))).encode()
@@ -286,3 +288,30 @@ def test_a_waiting_file_deleted_is_failed_and_a_decided_one_rewritten_invalid_is
     assert "content changed after it was decided" in changed["reason"]
     assert not ws.events("result.crashed") and not ws.events("result.rejected")
     assert len(ws.launches()) == 1
+
+
+def test_an_agent_ending_on_a_full_disk_is_logged_not_lost_in_its_task(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """Found by tests/test_chaos.py: recording an agent's end on a full disk raised in the
+    launcher's watch task, and only asyncio's "Task exception was never retrieved" said so."""
+    ws = make_workspace(tmp_path, fake.port)
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    waiter = tmp_path / "waiter.py"
+    waiter.write_text("import sys\nopen(sys.argv[1]).read()\n")  # ends when `go` is written
+    agent = {"argv": [sys.executable, str(waiter), str(go)]}
+    ws.edit_config(lambda c: c["agents"].update(full_scoring_agent=agent))
+    with small_tmpfs(tmp_path / "state", "16m") as state, running(ws):
+        drop(ws.results, "r.json", result_document(2, run_id(2, 71)))
+        wait_until(lambda: ws.events("agent.started"), 20, what="the agent started")
+        fill(state / "filler")
+        with open(go, "w"):
+            pass
+        wait_until(lambda: ws.events("agent.exited"), 10, what="agent.exited")
+        (state / "filler").unlink()
+    [unrecorded] = ws.events("agent.exit_unrecorded")
+    assert unrecorded["level"] == "error" and "disk is full" in unrecorded["error"]
+    assert ws.events("agent.exited")[0]["exit_code"] == 0
+    lines = (ws.root / "daemon.log").read_text().splitlines()
+    assert all(line.startswith("{") for line in lines), "nothing outside the JSON log"
