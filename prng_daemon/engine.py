@@ -407,33 +407,28 @@ class Engine:
         """
         now = time.time() if now is None else now
         older_than = now if at_start else now - self.config.daemon.transient_deadline_seconds
-        again = []
-        try:
-            for entry in self.ledger.stuck(older_than):
-                if entry.path in self._busy or entry.path in self._resumed:
-                    continue
-                path = self.config.daemon.results_dir / entry.path
-                log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
-                if not path.exists():
-                    reason = f"the file was deleted while {entry.state}"
-                elif entry.attempts >= MAX_RESUMES:
-                    reason = f"still {entry.state} after {entry.attempts} resumes"
-                else:
-                    # At start a resume is not a failure of the row (the daemon stopped):
-                    # not counted.
-                    attempts = entry.attempts + (0 if at_start else 1)
-                    self.ledger.update(entry, entry.state, attempts=attempts)
-                    log.info("result.resumed", state=entry.state.value, attempts=attempts,
-                             idle_s=round(now - entry.updated, 1))  # fmt: skip
-                    self._resumed.add(entry.path)
-                    again.append(path)
-                    continue
-                self._settle_stuck(entry, reason, log)
-        except OSError:
-            # A full disk mid-sweep: the rows handed out so far will not be processed now; they
-            # must not count as taken, or no later sweep would find them again.
-            self._resumed.difference_update(p.name for p in again)
-            raise
+        again: list[Path] = []
+        for entry in self.ledger.stuck(older_than):
+            path = self.config.daemon.results_dir / entry.path
+            if entry.path in self._busy or entry.path in self._resumed or path in again:
+                continue
+            log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+            if not path.exists():
+                reason = f"the file was deleted while {entry.state}"
+            elif entry.attempts >= MAX_RESUMES:
+                reason = f"still {entry.state} after {entry.attempts} resumes"
+            else:
+                # At start a resume is not a failure of the row (the daemon stopped): not counted.
+                attempts = entry.attempts + (0 if at_start else 1)
+                self.ledger.update(entry, entry.state, attempts=attempts)
+                log.info("result.resumed", state=entry.state.value, attempts=attempts,
+                         idle_s=round(now - entry.updated, 1))  # fmt: skip
+                again.append(path)
+                continue
+            self._settle_stuck(entry, reason, log)
+        # Taken only now: a sweep cut short (a full disk) hands out none, and the next one finds
+        # them all again.
+        self._resumed.update(p.name for p in again)
         return again
 
     def _settle_stuck(self, entry: Entry, reason: str, log: Any) -> None:
