@@ -39,7 +39,7 @@ LASTING = {
     "garbage": (0.5, 3.0),
     "http500": (0.5, 3.0),
     "drip": (1.0, 4.0),
-    "escalate": (1.0, 4.0),
+    "escalate": (0.5, 2.5),
     "retry": (0.5, 2.0),
 }
 """Faults that last a while (seconds, from-to), and are then undone."""
