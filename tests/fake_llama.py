@@ -100,7 +100,10 @@ class FakeLlama:
                     self._send(200, {"status": "ok"})
 
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                except ValueError:
+                    return  # a cut-off body: the client went away mid-request (kill -9)
                 with fake._lock:
                     fake.requests.append(body)
                 if fake.mode == "loading":

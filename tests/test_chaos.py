@@ -148,8 +148,10 @@ def _act(chaos: Chaos, fault: str, capsys: pytest.CaptureFixture[str]) -> None:
     elif fault in ("escalate", "retry"):
         fake.decision = fault
     elif fault == "commands":
-        for _, _, _, answer in _commands(chaos, capsys):
-            assert "Traceback" not in answer
+        # Answers depend on the moment (the daemon may be down: "queued"); a CLI that raised
+        # would have failed the test here. The end checks what they left.
+        for _, _, code, answer in _commands(chaos, capsys):
+            assert code in (0, 1), answer
 
 
 def _removed(directory: Path) -> bool:
