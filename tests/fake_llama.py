@@ -42,7 +42,8 @@ def _probabilities(content: str, decision: str, n_probs: int) -> list[dict[str, 
 
 
 class FakeLlama:
-    """`with FakeLlama() as fake:` serves /health and /completion on `fake.url` until exit.
+    """`with FakeLlama() as fake:` serves /health, /completion and /v1/chat/completions on
+    `fake.url` until exit.
 
     Set `.mode` (one of MODES), `.latency` (seconds per /completion), `.slots` (completions served
     at once, the rest wait, like --parallel), `.decision` and `.confidence` (what "ok" answers).
@@ -53,7 +54,7 @@ class FakeLlama:
         self.latency = 0.0
         self.slots: int | None = None
         self.decision = "proceed"
-        self.confidence = 90
+        self.confidence = "high"
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._slot_free = threading.Condition(self._lock)
@@ -114,6 +115,8 @@ class FakeLlama:
                         self._send(500, {"error": {"code": 500, "message": "fake failure"}})
                     elif fake.mode == "bad_body":
                         self._send_raw(200, b"<html>not json")
+                    elif self.path == "/v1/chat/completions":
+                        self._send(200, fake._chat(body))
                     else:
                         self._send(200, fake._completion(body))
                 finally:
@@ -154,6 +157,32 @@ class FakeLlama:
         confidence: object = 2e62 if self.mode == "out_of_range" else self.confidence
         answer = {"decision": self.decision, "confidence": confidence, "reasoning": "fake"}
         return json.dumps(answer)
+
+    def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The OpenAI-style answer llama-server gives, with its `timings` and `logprobs`."""
+        native = self._completion({**body, "prompt": json.dumps(body.get("messages", []))})
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": native["content"]},
+        }
+        if body.get("logprobs"):
+            choice["logprobs"] = {
+                "content": _probabilities(
+                    native["content"], self.decision, int(body.get("top_logprobs", 0))
+                )
+            }
+        return {
+            "object": "chat.completion",
+            "model": "fake.gguf",
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": native["tokens_evaluated"],
+                "completion_tokens": native["tokens_predicted"],
+                "total_tokens": native["tokens_evaluated"] + native["tokens_predicted"],
+            },
+            "timings": native["timings"],
+        }
 
     def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt = str(body.get("prompt", ""))
