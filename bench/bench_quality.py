@@ -26,7 +26,12 @@ from _common import REPO, RESULTS_DIR, command_line, end, save, start_server, ta
 from prng_daemon.config import Config
 from prng_daemon.errors import LLMError
 from prng_daemon.handlers.validate import load_result
-from prng_daemon.llm.decision import ACTIONS, DecisionEngine, rules_decision
+from prng_daemon.llm.decision import (
+    ACTIONS,
+    DecisionEngine,
+    rules_decision,
+    settled_by_rules,
+)
 from prng_daemon.llm.router import AsyncRouter, Routed
 from prng_daemon.metadata import AgentMetadata
 from tests.fake_llama import llm_config
@@ -69,7 +74,34 @@ def cost(calls: list[Routed], wall: float) -> dict[str, Any]:
     }
 
 
+async def explained(config: Config, per_step: int) -> list[dict[str, Any]]:
+    """The whole decision as the daemon makes it (with its explanation), for the cost table:
+    the first `per_step` labelled results of each step that ask a model."""
+    config = config.model_copy(
+        update={"policy": config.policy.model_copy(update={"explain_decisions": True})}
+    )
+    router = RecordingRouter(config, is_ready=lambda name: True)
+    router.calls = []
+    engine = DecisionEngine(config, router)
+    rows, taken = [], {n: 0 for n in range(1, 7)}
+    try:
+        for name, meta, _, _ in labelled():
+            if settled_by_rules(meta, config.policy) or taken[meta.pipeline_step] >= per_step:
+                continue
+            taken[meta.pipeline_step] += 1
+            start = time.perf_counter()
+            decision = await engine.decide(meta)
+            rows.append({"file": name, "cost": cost(router.calls, time.perf_counter() - start),
+                         "reasoning": decision.reasoning})  # fmt: skip
+            router.calls = []
+    finally:
+        await router.aclose()
+    return rows
+
+
 async def run(config: Config) -> list[dict[str, Any]]:
+    """Rules, the model alone (all three actions open) and the policy on every labelled result;
+    the policy without its explanation, which comes after the action and cannot change it."""
     router = RecordingRouter(config, is_ready=lambda name: True)
     router.calls = []
     engine = DecisionEngine(config, router)
@@ -78,6 +110,13 @@ async def run(config: Config) -> list[dict[str, Any]]:
         for name, meta, label, kind in labelled():
             row: dict[str, Any] = {"file": name, "label": label, "kind": kind}
             row["rules"] = rules_decision(meta, config.policy)[0]
+            # The policy first: its prompt then pays for the file's facts, as in the daemon.
+            before, start = len(router.calls), time.perf_counter()
+            decision = await engine.decide(meta)
+            row["policy_cost"] = cost(router.calls[before:], time.perf_counter() - start)
+            row["policy"], row["path"] = decision.action, decision.path
+            row["policy_calibrated"] = decision.calibrated_confidence
+            row["settled"] = settled_by_rules(meta, config.policy) is not None
             before, start = len(router.calls), time.perf_counter()
             try:
                 model = await engine.ask_model(meta, ACTIONS)
@@ -85,15 +124,8 @@ async def run(config: Config) -> list[dict[str, Any]]:
                 row["model"], row["model_calibrated"] = "escalate", None
                 row["model_error"] = str(exc)
             else:
-                row["model"], row["model_calibrated"] = model.answer.decision, model.calibrated
-                row["model_level"] = model.answer.confidence
+                row["model"], row["model_calibrated"] = model.action, model.probability
             row["model_cost"] = cost(router.calls[before:], time.perf_counter() - start)
-            before, start = len(router.calls), time.perf_counter()
-            decision = await engine.decide(meta)
-            row["policy_cost"] = cost(router.calls[before:], time.perf_counter() - start)
-            row["policy"], row["path"] = decision.action, decision.path
-            row["policy_calibrated"] = decision.calibrated_confidence
-            row["policy_reasoning"] = decision.reasoning
             rows.append(row)
             seconds = row["policy_cost"]["wall_s"]
             print(f"{name}: label {label}; rules {row['rules']}, model {row['model']}, "
@@ -197,6 +229,25 @@ def reliability_plot(rows: list[dict[str, Any]], path: Path, title: str) -> list
     return bins_table
 
 
+def sweep(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """Policy accuracy if a model action under probability t escalated, or fell to the rules
+    (computed from the rows: the action and its probability do not depend on t)."""
+    out = []
+    for t in (0.0, 0.6, 0.7, 0.8, 0.9):
+        line: list[Any] = [t]
+        for unsure in ("escalate", "rules"):
+            right = 0
+            for r in rows:
+                action = r["policy"]
+                p = r["policy_calibrated"]
+                if r["path"] in ("llm", "llm_degraded") and p is not None and p < t:
+                    action = "escalate" if unsure == "escalate" else r["rules"]
+                right += action == r["label"]
+            line.append(f"{right}/{len(rows)} ({100 * right / len(rows):.0f} %)")
+        out.append(line)
+    return out
+
+
 def per_decision(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     asked = [r[key] for r in rows if r[key]["requests"]]
     n = max(len(asked), 1)
@@ -218,8 +269,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-example-turns", action="store_true")
     parser.add_argument("--name", default="quality", help="results file name")
+    parser.add_argument("--explained-per-step", type=int, default=1)
     args = parser.parse_args()
-    policy = {"example_turns": not args.no_example_turns, "decision_deadline_seconds": 3600.0}
+    policy = {
+        "example_turns": not args.no_example_turns,
+        "decision_deadline_seconds": 3600.0,
+        "explain_decisions": False,
+    }
     routing = {"request_timeout_seconds": 1800.0}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         proc = None
@@ -238,6 +294,7 @@ def main() -> None:
             # Both roles on the one server, as on a one-model CPU box.
             config = llm_config(port, port, policy=policy, routing=routing)
             rows = asyncio.run(run(config))
+            full = asyncio.run(explained(config, args.explained_per_step))
         finally:
             if proc is not None:
                 end(proc)
@@ -248,6 +305,7 @@ def main() -> None:
     bins = reliability_plot(rows, png, f"{model_name}, {turns} example turns, n={len(rows)}")
     calib = {who: calibration(rows, who) for who in ("model", "policy")}
     costs = {who: per_decision(rows, f"{who}_cost") for who in ("model", "policy")}
+    costs["policy, explained"] = per_decision(full, "cost")
     paths = {p: sum(r["path"] == p for r in rows) for p in sorted({r["path"] for r in rows})}
     tables = {
         f"Accuracy on {len(rows)} labelled results ({model_name}, {turns} example turns)": table(
@@ -262,6 +320,9 @@ def main() -> None:
                 [who, c["n"], c["accuracy"], c["mean_confidence"], c["auroc"], c["point_biserial"]]
                 for who, c in calib.items()
             ],  # fmt: skip
+        ),
+        "Policy accuracy if an action less probable than t escalated / fell to the rules": table(
+            ["t", "escalate", "rules"], sweep(rows)
         ),
         "Reliability bins": table(["who", "bin", "n", "mean confidence", "fraction right"], bins),
         f"Cost per decision that asks a model (CPU, -t {args.threads})": table(
@@ -294,6 +355,7 @@ def main() -> None:
     save(args.name, command_line(), tables, {
         "model": model_name, "example_turns": not args.no_example_turns, "paths": paths,
         "calibration": calib, "cost": costs, "plot": str(png.relative_to(REPO)), "rows": rows,
+        "explained": full,
     })  # fmt: skip
 
 

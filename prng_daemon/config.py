@@ -183,6 +183,10 @@ class PolicyConfig(_Section):
     """0: the same file gets the same decision every time (agents' own queries keep
     routing.default_temperature)."""
     decision_seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 1004
+    min_action_probability: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """A model action with a lower probability (among the open actions) escalates."""
+    explain_decisions: bool = True
+    """Also ask the model for a confidence word and a reasoning (about 25 more tokens)."""
     example_turns: bool = True
     """Worked examples before the file's facts (cached with the system turn)."""
     decision_deadline_seconds: Seconds = 300.0

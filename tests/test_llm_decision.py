@@ -18,10 +18,12 @@ from prng_daemon.config import Config, PolicyConfig
 from prng_daemon.errors import LLMUnavailable
 from prng_daemon.llm import AsyncRouter, Decision, DecisionEngine, TokenProbability
 from prng_daemon.llm.decision import (
+    EXPLAIN_GRAMMAR,
+    PREFILL,
     SYSTEM,
-    answer_schema,
     build_messages,
     calibrated_confidence,
+    decision_grammar,
 )
 from prng_daemon.llm.decision import rules_decision as rules
 from prng_daemon.metadata import AgentMetadata, LLMMetadata
@@ -71,41 +73,58 @@ def _config(fakes: tuple[FakeLlama, FakeLlama], **policy: Any) -> Config:
 def test_a_math_step_is_decided_by_the_math_specialist(
     fakes: tuple[FakeLlama, FakeLlama],
 ) -> None:
+    """The action is what the model writes after the prefill; then its word and reasoning."""
     orchestrator, math_fake = fakes
     d = decide(_config(fakes, decision_max_tokens=64), meta_for(2))
     assert (d.action, d.path, d.confidence) == ("proceed", "llm", 0.9)
     # The fake's first letters: p 0.8, r 0.1, e 0.05; only proceed and escalate are open.
     assert d.calibrated_confidence == pytest.approx(CHOSEN_PROB / (CHOSEN_PROB + 0.05))
     assert d.reasoning == "fake" and d.suggested_params == {"threshold": 0.012, "k_folds": 5}
-    [body] = math_fake.requests
+    probe, explain = math_fake.requests
     assert orchestrator.requests == []
-    schema = body["response_format"]["json_schema"]["schema"]
-    assert schema == answer_schema(("proceed", "escalate"))
-    assert schema["properties"]["confidence"]["enum"] == ["low", "medium", "high"]
-    assert body["max_tokens"] == 64 and body["cache_prompt"] is True
-    assert body["logprobs"] is True and body["top_logprobs"] > 0
+    assert probe["messages"][-1] == {"role": "assistant", "content": PREFILL}
+    assert probe["grammar"] == decision_grammar(("proceed", "escalate"))
+    assert probe["logprobs"] is True and probe["top_logprobs"] > 0
+    assert probe["messages"][:-1] == explain["messages"][:-1]
+    assert explain["messages"][-1]["content"] == f'{PREFILL}proceed", "confidence": "'
+    assert explain["grammar"] == EXPLAIN_GRAMMAR and explain["max_tokens"] == 64
+    assert probe["cache_prompt"] is True and "logprobs" not in explain
     meta = LLMMetadata.model_validate(d.llm_metadata)
-    assert (meta.math_calls, meta.orchestrator_calls, meta.llm_decision) == (1, 0, "proceed")
+    assert (meta.math_calls, meta.orchestrator_calls, meta.llm_decision) == (2, 0, "proceed")
     assert meta.total_tokens_generated and meta.total_tokens_generated > 0
     assert meta.human_override_requested is False
+
+
+def test_without_explanations_one_request_decides(fakes: tuple[FakeLlama, FakeLlama]) -> None:
+    d = decide(_config(fakes, explain_decisions=False), meta_for(2))
+    [probe] = fakes[1].requests
+    assert (d.action, d.path) == ("proceed", "llm")
+    assert d.confidence == d.calibrated_confidence == pytest.approx(0.8 / 0.85)
+    assert d.reasoning == "P(proceed) = 0.94 among proceed/escalate"
+
+
+def test_a_cut_off_explanation_leaves_the_decision_standing(
+    fakes: tuple[FakeLlama, FakeLlama],
+) -> None:
+    fakes[1].mode = "unexplained"
+    with capture_logs() as logs:
+        d = decide(_config(fakes), meta_for(2))
+    assert (d.action, d.path) == ("proceed", "llm") and d.reasoning.startswith("P(proceed)")
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["llm.no_explanation"]
 
 
 def test_decisions_are_greedy_and_seeded_while_agents_keep_their_temperature(
     fakes: tuple[FakeLlama, FakeLlama],
 ) -> None:
     decide(_config(fakes), meta_for(2))
-    [decision] = fakes[1].requests
-    assert (decision["temperature"], decision["seed"]) == (0.0, 1004)
+    assert {(r["temperature"], r["seed"]) for r in fakes[1].requests} == {(0.0, 1004)}
     decide(_config(fakes, decision_temperature=0.3, decision_seed=7), meta_for(2))
     assert (fakes[1].requests[-1]["temperature"], fakes[1].requests[-1]["seed"]) == (0.3, 7)
-
-    async def agent_query(router: AsyncRouter) -> None:
-        await router.calculate("compute the residue")
 
     async def go() -> None:
         router = AsyncRouter(_config(fakes))
         try:
-            await agent_query(router)
+            await router.calculate("compute the residue")
         finally:
             await router.aclose()
 
@@ -117,7 +136,7 @@ def test_an_orchestrator_step_asks_only_the_orchestrator(
     fakes: tuple[FakeLlama, FakeLlama],
 ) -> None:
     d = decide(_config(fakes), meta_for(4))
-    assert d.path == "llm" and len(fakes[0].requests) == 1 and fakes[1].requests == []
+    assert d.path == "llm" and len(fakes[0].requests) == 2 and fakes[1].requests == []
 
 
 def test_a_both_step_has_math_assess_and_the_orchestrator_decide(
@@ -127,11 +146,11 @@ def test_a_both_step_has_math_assess_and_the_orchestrator_decide(
     d = decide(_config(fakes), meta_for(3))
     assert (d.action, d.path) == ("proceed", "llm")
     [assessed] = math_fake.requests
-    [decided] = orchestrator.requests
+    decided, explained = orchestrator.requests
     facts = _facts(decided["messages"])
-    assert facts["math_assessment"] == {"decision": "proceed", "confidence": "high"}
+    assert facts["math_assessment"] == {"decision": "proceed", "probability": 0.94}
     assert "math_assessment" not in _facts(assessed["messages"])
-    assert d.llm_metadata["math_calls"] == 1 and d.llm_metadata["orchestrator_calls"] == 1
+    assert d.llm_metadata["math_calls"] == 1 and d.llm_metadata["orchestrator_calls"] == 2
 
 
 def test_disagreement_on_a_both_step_escalates(fakes: tuple[FakeLlama, FakeLlama]) -> None:
@@ -147,7 +166,7 @@ def test_disagreement_on_a_both_step_escalates(fakes: tuple[FakeLlama, FakeLlama
     assert agreed.action == "retry"
 
 
-@pytest.mark.parametrize("mode", ["garbage", "out_of_range", "http500", "not_open"])
+@pytest.mark.parametrize("mode", ["garbage", "http500", "not_open"])
 def test_rejected_answers_are_retried_then_the_rules_decide(
     fakes: tuple[FakeLlama, FakeLlama], mode: str
 ) -> None:
@@ -171,8 +190,9 @@ def test_a_hung_primary_falls_back_to_the_other_server(fakes: tuple[FakeLlama, F
     config = llm_config(fakes[0].port, fakes[1].port, routing={"request_timeout_seconds": 0.3})
     d = decide(config, meta_for(2))
     assert (d.action, d.path) == ("proceed", "llm_degraded")
-    [entry] = d.llm_metadata["llm_reasoning_trace"]
-    assert (entry["model"], entry["degraded"]) == ("orchestrator", True)
+    probe, explain = d.llm_metadata["llm_reasoning_trace"]
+    assert (probe["model"], probe["degraded"]) == ("orchestrator", True)
+    assert explain["model"] == "orchestrator"  # the model that decided explains
 
 
 def test_no_server_means_rules_or_waiting() -> None:
@@ -234,20 +254,16 @@ def test_the_model_chooses_only_among_the_open_actions(
     fakes[1].decision = "escalate"
     d = decide(_config(fakes), meta_for(2, success_criteria_met=met, retry_count=1))
     assert (d.action, d.path) == ("escalate", "llm")
-    [body] = fakes[1].requests
-    open_ = ["proceed", "escalate"] if met else ["retry", "escalate"]
-    assert body["response_format"]["json_schema"]["schema"]["properties"]["decision"] == {
-        "enum": open_,
-        "type": "string",
-    }
-    assert body["messages"][-1]["content"].endswith(f"Possible decisions: {', '.join(open_)}.")
+    body = fakes[1].requests[0]
+    open_ = ("proceed", "escalate") if met else ("retry", "escalate")
+    assert body["grammar"] == decision_grammar(open_)
+    assert body["messages"][-2]["content"].endswith(f"Possible decisions: {', '.join(open_)}.")
 
 
 def test_an_unsure_model_is_overruled(fakes: tuple[FakeLlama, FakeLlama]) -> None:
-    fakes[1].confidence = "low"
-    d = decide(_config(fakes), meta_for(2))
-    assert (d.action, d.path, d.confidence) == ("escalate", "guardrail", 0.25)
-    assert "the model's confidence is low (the model said proceed: fake)" in d.reasoning
+    d = decide(_config(fakes, min_action_probability=0.95), meta_for(2))
+    assert (d.action, d.path, d.confidence) == ("escalate", "guardrail", 0.9)
+    assert "the model gives proceed only p=0.94 (the model said proceed: fake)" in d.reasoning
 
 
 def test_retry_within_budget_stands(fakes: tuple[FakeLlama, FakeLlama]) -> None:
@@ -271,7 +287,7 @@ def test_rules_policy(met: bool, confidence: float, retries: int, action: str) -
 
 
 def _facts(messages: list[dict[str, str]]) -> dict[str, Any]:
-    content = messages[-1]["content"]
+    content = messages[-2 if messages[-1]["role"] == "assistant" else -1]["content"]
     facts: dict[str, Any] = json.loads(content.split("\n")[1])
     return facts
 
@@ -343,7 +359,7 @@ def test_cli_decide_prints_the_decision_and_its_metadata(
     out = json.loads(capsys.readouterr().out)
     assert (out["action"], out["path"], out["file"]) == ("proceed", "llm", STEP2_FILE)
     LLMMetadata.model_validate(out["llm_metadata"])
-    assert len(fakes[1].requests) == 1
+    assert len(fakes[1].requests) == 2  # the decision, its explanation
 
 
 def test_cli_decide_without_servers_says_the_rules_decided(

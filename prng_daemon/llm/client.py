@@ -192,14 +192,16 @@ class LlamaClient:
         n_predict: int,
         temperature: float,
         seed: int | None = None,
-        json_schema: dict[str, Any] | None = None,
+        grammar: str | None = None,
         n_probs: int = 0,
         cache_prompt: bool = True,
     ) -> Completion:
         """Answer a conversation; the server renders it with the model's own chat template.
 
-        Same answer and errors as `complete()`; `probabilities` come from the OpenAI-style
-        `logprobs` (llama-server reports the same tokens, bytes and top alternatives there).
+        A last `assistant` message is continued (llama-server's prefill); `grammar` (GBNF)
+        constrains what is generated after it. Same answer and errors as `complete()`;
+        `probabilities` come from the OpenAI-style `logprobs` (the same tokens, bytes and top
+        alternatives) and `content` holds only the generated text.
         """
         body: dict[str, Any] = {
             "messages": list(messages),
@@ -209,11 +211,8 @@ class LlamaClient:
         }
         if seed is not None:
             body["seed"] = seed
-        if json_schema is not None:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"schema": json_schema},
-            }
+        if grammar is not None:
+            body["grammar"] = grammar
         if n_probs:
             body["logprobs"] = True
             body["top_logprobs"] = n_probs
@@ -224,8 +223,12 @@ class LlamaClient:
         except ValidationError as exc:
             raise LLMBadAnswer(f"{where}: malformed body: {exc.errors()[0]['msg']}") from None
         choice = parsed.choices[0]
+        content = choice.message.content
+        if messages and messages[-1]["role"] == "assistant":
+            # llama-server returns a continued message whole, prefill included.
+            content = content.removeprefix(messages[-1]["content"])
         return Completion(
-            content=choice.message.content,
+            content=content,
             tokens_predicted=parsed.usage.completion_tokens,
             tokens_evaluated=parsed.usage.prompt_tokens,
             tokens_cached=int(parsed.timings.get("cache_n", 0)),

@@ -194,7 +194,7 @@ class AsyncRouter:
         temperature: float,
         seed: int | None,
         max_tokens: int,
-        json_schema: dict[str, Any] | None,
+        grammar: str | None,
         n_probs: int,
         query_type: str,
     ) -> Routed:
@@ -207,7 +207,7 @@ class AsyncRouter:
                 n_predict=max_tokens,
                 temperature=temperature,
                 seed=seed,
-                json_schema=json_schema,
+                grammar=grammar,
                 n_probs=n_probs,
             )
 
