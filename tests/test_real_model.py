@@ -61,10 +61,14 @@ def decide(config: Config, meta: AgentMetadata) -> Decision:
 
 def test_a_clean_success_proceeds(real_server: Config) -> None:
     """The proposal's own step 2 result: criteria met, validation score 0.847."""
-    d = decide(real_server, meta_for(2))
+    reasoning = (
+        "Optuna study finished 100 trials. Best trial #73: threshold=0.012, k_folds=5, "
+        "validation score 0.847 (std 0.011 across folds), above the 0.75 target."
+    )
+    d = decide(real_server, meta_for(2, reasoning=reasoning))
     assert (d.action, d.path) == ("proceed", "llm"), d.reasoning
     assert d.calibrated_confidence is not None and d.calibrated_confidence > 0.5
-    assert LLMMetadata.model_validate(d.llm_metadata).math_calls == 1
+    assert LLMMetadata.model_validate(d.llm_metadata).math_calls == 2  # the decision, its explanation
 
 
 def test_a_crash_with_retries_left_is_retried_and_decided_the_same_way_twice(
@@ -82,4 +86,7 @@ def test_a_crash_with_retries_left_is_retried_and_decided_the_same_way_twice(
     first = decide(real_server, meta)
     assert (first.action, first.path) == ("retry", "llm"), first.reasoning
     again = decide(real_server, meta)
-    assert (again.action, again.reasoning) == (first.action, first.reasoning)
+    # The finding and its probability; the explanation's wording can differ once the prompt
+    # comes from llama-server's cache (other batch splits, other rounding).
+    assert again.action == first.action
+    assert again.reasoning.split(":")[0] == first.reasoning.split(":")[0]
