@@ -208,8 +208,8 @@ def start_server(
     of context per slot (the tiny model's tokens are bytes: a decision prompt is ~4,500)."""
     import httpx
 
-    argv = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(8192 * slots), "-np", str(slots), "-t", str(threads), "--no-webui"]  # fmt: skip
+    argv = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c",
+            str(8192 * slots), "-np", str(slots), "-t", str(threads), "--no-webui"]  # fmt: skip
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=out)
 

@@ -68,7 +68,8 @@ def test_a_clean_success_proceeds(real_server: Config) -> None:
     d = decide(real_server, meta_for(2, reasoning=reasoning))
     assert (d.action, d.path) == ("proceed", "llm"), d.reasoning
     assert d.calibrated_confidence is not None and d.calibrated_confidence > 0.5
-    assert LLMMetadata.model_validate(d.llm_metadata).math_calls == 2  # the decision, its explanation
+    # Two requests: the decision, then its explanation.
+    assert LLMMetadata.model_validate(d.llm_metadata).math_calls == 2
 
 
 def test_a_crash_with_retries_left_is_retried_and_decided_the_same_way_twice(
