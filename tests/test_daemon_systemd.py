@@ -301,15 +301,16 @@ def reload(ws: Workspace, proc: Any, notify: NotifySocket, event: str) -> dict[s
     return logged
 
 
-def test_sighup_applies_routing_settings_to_the_next_decision(
+def test_sighup_applies_decision_settings_to_the_next_decision(
     tmp_path: Path, fake: FakeLlama, notify: NotifySocket
 ) -> None:
-    """Issue 12 case 8: `routing.*` was logged as applied while the old router kept its own."""
+    """Issue 12 case 8: settings were logged as applied while the old router and decision engine
+    kept their own (decisions sample at `policy.decision_temperature`)."""
     ws = make_workspace(tmp_path, fake.port)
     proc = start(ws, notify)
     try:
         notify.wait_for("READY=1")
-        ws.edit_config(lambda c: c.update(routing={"default_temperature": 0.15}))
+        ws.edit_config(lambda c: c["policy"].update(decision_temperature=0.15))
         reload(ws, proc, notify, "config.reloaded")
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
         wait_until(ws.launches, 15, what="a launch")

@@ -147,7 +147,8 @@ def test_a_retry_whose_own_agent_is_not_configured_is_escalated_with_the_reason(
     ws.edit_config(lambda c: c["agents"].pop("scorer_meta_agent"))
     rid = run_id(2, 4)
     with running(ws):
-        drop(ws.results, "r.json", result_document(2, rid))
+        # A failure with retries left: the one case where the policy can say retry.
+        drop(ws.results, "r.json", result_document(2, rid, success_criteria_met=False))
         wait_until(lambda: ws.ledger_states() == {"escalated": 1}, 20, what="an escalation")
         _, out, _ = cli(capsys, ws, "status")
         assert f"  {rid}  step 2  r.json: retry: agent scorer_meta_agent is not configured" in out
