@@ -30,7 +30,8 @@ from .systemd import Notifier
 
 __all__ = ["DemoOutcome", "run_demo"]
 
-DEMO_TIMEOUT_SECONDS = 900.0
+DEMO_TIMEOUT_SECONDS = 1800.0
+"""Generous: a decision takes seconds on a quiet 2-core box, minutes on a busy one."""
 REAL_THREADS = 2
 """llama-server threads: the demo is sized for a 2-core box."""
 
@@ -61,7 +62,12 @@ def demo_config(root: Path, llama_server: str, seed: int, model: Path | None) ->
         port = _free_port()
         server = {"model": model.name, "port": port, "context_length": 8192, "parallel": 2,
                   "threads": REAL_THREADS, "n_gpu_layers": 0}  # fmt: skip
-        servers = {"orchestrator": server, "math": {**server, "managed": False}}
+        servers = {
+            "orchestrator": server,
+            "math": {**server, "managed": False},
+            # A busy 2-core box can take minutes per answer: waiting beats redoing it elsewhere.
+            "routing": {"request_timeout_seconds": 600},
+        }
     raw: dict[str, Any] = {
         **servers,
         "health": {"check_interval_seconds": 5, "backoff_initial_seconds": 0.2},
