@@ -201,6 +201,29 @@ def end(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
     return proc.wait()
 
 
+def start_server(
+    binary: str, model: Path, port: int, log: Path, *, threads: int, slots: int
+) -> subprocess.Popen[bytes]:
+    """A llama-server on loopback `port`, ready (its /health 200) when this returns."""
+    import httpx
+
+    argv = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-c", "4096", "-np", str(slots), "-t", str(threads), "--no-webui"]  # fmt: skip
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_for(healthy, 300, interval=0.05):
+        end(proc)
+        raise SystemExit(f"llama-server did not become ready; see {log}")
+    return proc
+
+
 def command_line() -> str:
     return " ".join([".venv/bin/python", *(os.path.relpath(a, REPO) if i == 0 else a
                                             for i, a in enumerate(sys.argv))])  # fmt: skip

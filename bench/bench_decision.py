@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import command_line, end, save, table, wait_for
+from _common import command_line, end, save, start_server, table
 
 from prng_daemon.llm.decision import DecisionEngine
 from prng_daemon.llm.router import STOP, AsyncRouter, Routed
@@ -32,28 +32,10 @@ class RecordingRouter(AsyncRouter):
 
     calls: list[Routed]
 
-    async def route(self, prompt: str, **kwargs: Any) -> Routed:
-        routed = await super().route(prompt, **kwargs)
+    async def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> Routed:
+        routed = await super().chat(messages, **kwargs)
         self.calls.append(routed)
         return routed
-
-
-def start_server(binary: str, model: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    argv = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", "4096", "-np", "2", "-t", "1", "--no-webui"]  # fmt: skip
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=out)
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    if not wait_for(healthy, 60, interval=0.05):
-        end(proc)
-        raise SystemExit(f"llama-server did not become ready; see {log}")
-    return proc
 
 
 def documents() -> list[dict[str, Any]]:
@@ -142,7 +124,7 @@ def main() -> None:
         for name in ("DecisionEngine (json_schema, n_predict 160)",
                      "proposal §3.2 free text (n_predict 2048)"):  # fmt: skip
             port = free_port()
-            proc = start_server(binary, model, port, Path(tmp) / "server.log")
+            proc = start_server(binary, model, port, Path(tmp) / "server.log", threads=1, slots=2)
             try:
                 if name.startswith("DecisionEngine"):
                     results[name] = asyncio.run(engine_decisions(port))

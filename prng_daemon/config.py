@@ -168,13 +168,29 @@ class AgentConfig(_Section):
 
 
 class PolicyConfig(_Section):
+    """How a step result is decided: rules, the model, guardrails (README "How a decision is
+    made")."""
+
     max_retries: Annotated[int, Field(ge=0, le=100)] = 2
     confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     when_no_llm: Literal["rules", "wait"] = "rules"
+    """What decides when no model answers, or none in decision_deadline_seconds."""
     answer_attempts: Annotated[int, Field(ge=1, le=10)] = 2
     escalate_on_human_override: bool = True
     escalate_on_disagreement: bool = True
     decision_max_tokens: Annotated[int, Field(ge=16, le=4096)] = 160
+    decision_temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
+    """0: the same file gets the same decision every time (agents' own queries keep
+    routing.default_temperature)."""
+    decision_seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 1004
+    min_action_probability: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """A model action with a lower probability (among the open actions) escalates."""
+    explain_decisions: bool = True
+    """Also ask the model for a confidence word and a reasoning (about 25 more tokens)."""
+    example_turns: bool = True
+    """Worked examples before the file's facts (cached with the system turn)."""
+    decision_deadline_seconds: Seconds = 300.0
+    """The whole decision, every model call and answer attempt included."""
 
 
 class Config(_Section):

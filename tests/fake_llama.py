@@ -10,11 +10,12 @@ from typing import Any
 
 from prng_daemon.config import Config, parse_config
 
-MODES = ("ok", "garbage", "out_of_range", "http500", "hang", "loading", "bad_body")
+MODES = ("ok", "garbage", "unexplained", "http500", "hang", "loading", "bad_body")
 ACTIONS = ("proceed", "retry", "escalate")
 CHOSEN_PROB = 0.8
 """In "ok" mode the first letter of the decision gets this probability, the other two actions'
-first letters 0.1 and 0.05: the calibrated confidence is 0.8 / 0.95."""
+first letters 0.1 and 0.05 (in ACTIONS order): with all three open the calibrated confidence is
+0.8 / 0.95."""
 LOADING_BODY = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 
 
@@ -25,7 +26,7 @@ def _chunks(text: str) -> list[str]:
 
 def _probabilities(content: str, decision: str, n_probs: int) -> list[dict[str, Any]]:
     """Byte-level tokens for `content`, the decision value's first letter uncertain."""
-    first = content.find(f'"{decision}"') + 1
+    first = content.find(decision)
     out = []
     for i, char in enumerate(content):
         if i == first:
@@ -42,7 +43,8 @@ def _probabilities(content: str, decision: str, n_probs: int) -> list[dict[str, 
 
 
 class FakeLlama:
-    """`with FakeLlama() as fake:` serves /health and /completion on `fake.url` until exit.
+    """`with FakeLlama() as fake:` serves /health, /completion and /v1/chat/completions on
+    `fake.url` until exit.
 
     Set `.mode` (one of MODES), `.latency` (seconds per /completion), `.slots` (completions served
     at once, the rest wait, like --parallel), `.decision` and `.confidence` (what "ok" answers).
@@ -53,7 +55,7 @@ class FakeLlama:
         self.latency = 0.0
         self.slots: int | None = None
         self.decision = "proceed"
-        self.confidence = 90
+        self.confidence = "high"
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._slot_free = threading.Condition(self._lock)
@@ -114,6 +116,8 @@ class FakeLlama:
                         self._send(500, {"error": {"code": 500, "message": "fake failure"}})
                     elif fake.mode == "bad_body":
                         self._send_raw(200, b"<html>not json")
+                    elif self.path == "/v1/chat/completions":
+                        self._send(200, fake._chat(body))
                     else:
                         self._send(200, fake._completion(body))
                 finally:
@@ -151,13 +155,49 @@ class FakeLlama:
     def _content(self) -> str:
         if self.mode == "garbage":
             return '{"decision": "proceed", "confid'
-        confidence: object = 2e62 if self.mode == "out_of_range" else self.confidence
-        answer = {"decision": self.decision, "confidence": confidence, "reasoning": "fake"}
+        answer = {"decision": self.decision, "confidence": self.confidence, "reasoning": "fake"}
         return json.dumps(answer)
 
-    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The OpenAI-style answer llama-server gives, with its `timings` and `logprobs`.
+
+        A last assistant turn is continued, as llama-server does: the decision after the
+        daemon's `{"decision": "`, or, when the grammar asks for a reasoning, the confidence
+        word and reasoning ("unexplained": a cut-off one). "garbage": no action at all.
+        """
+        messages = body.get("messages", [])
+        prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+        if "reasoning" in str(body.get("grammar", "")):
+            written = f'{self.confidence}", "reasoning": "fake"}}'
+            if self.mode == "unexplained":
+                written = written[:-2]
+        else:
+            written = "maybe" if self.mode == "garbage" else f'{self.decision}"'
+        native = self._completion({**body, "prompt": json.dumps(messages)}, written)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": prefill + written},
+        }
+        if body.get("logprobs"):
+            choice["logprobs"] = {
+                "content": _probabilities(written, self.decision, int(body["top_logprobs"]))
+            }
+        return {
+            "object": "chat.completion",
+            "model": "fake.gguf",
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": native["tokens_evaluated"],
+                "completion_tokens": native["tokens_predicted"],
+                "total_tokens": native["tokens_evaluated"] + native["tokens_predicted"],
+            },
+            "timings": native["timings"],
+        }
+
+    def _completion(self, body: dict[str, Any], content: str | None = None) -> dict[str, Any]:
         prompt = str(body.get("prompt", ""))
-        content = self._content()
+        content = self._content() if content is None else content
         with self._lock:
             shared = 0
             for old, new in zip(_chunks(self._last_prompt), _chunks(prompt), strict=False):

@@ -14,7 +14,7 @@ import pytest
 
 from prng_daemon.config import Config, PolicyConfig
 from prng_daemon.llm import AsyncRouter, Decision, DecisionEngine, Health, LlamaClient, Routed
-from prng_daemon.llm.decision import ACTIONS, ANSWER_SCHEMA, N_PROBS, build_prompt
+from prng_daemon.llm.decision import ACTIONS, N_PROBS, answer_schema, build_messages
 from prng_daemon.metadata import LLMMetadata
 
 from .fake_llama import llm_config
@@ -23,13 +23,19 @@ from .test_llm_decision import meta_for
 
 
 @contextmanager
-def llama_server(binary: Path, model: Path, log: Path, port: int | None = None) -> Iterator[int]:
+def llama_server(
+    binary: Path,
+    model: Path,
+    log: Path,
+    port: int | None = None,
+    args: tuple[str, ...] = ("-c", "8192", "-np", "2", "-t", "1"),
+) -> Iterator[int]:
     """One llama-server on a loopback port (a free one by default), stopped and reaped on exit."""
     port = port or free_port()
-    # 4096 / 2 slots: the tiny model's vocabulary is byte-level (one token per prompt byte) and a
-    # decision prompt is ~1 kB; real models need a quarter of that. Memory: a few MB.
+    # 8192 / 2 slots: the tiny model's vocabulary is byte-level (one token per prompt byte) and a
+    # decision prompt is ~3 kB; real models need a quarter of that. Memory: a few MB.
     argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["-c", "4096", "-np", "2", "-t", "1", "--metrics"]
+    argv += [*args, "--metrics"]
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -131,16 +137,23 @@ def test_the_second_decision_reuses_the_prompt_cache(
 ) -> None:
     """A fresh server: the first prompt is evaluated whole, the second only after the prefix."""
     policy = PolicyConfig()
-    prompts = [build_prompt(meta_for(n), policy, None) for n in (1, 2)]
+    conversations = [build_messages(meta_for(n), policy, ACTIONS) for n in (1, 2)]
 
     async def ask(config: Config) -> list[Routed]:
         router = AsyncRouter(config)
         try:
             return [
-                await router.calculate(
-                    p, json_schema=ANSWER_SCHEMA, n_probs=N_PROBS, max_tokens=160
-                )
-                for p in prompts
+                await router.chat(
+                    messages,
+                    endpoint="math",
+                    temperature=0,
+                    seed=1,
+                    max_tokens=160,
+                    json_schema=answer_schema(ACTIONS),
+                    n_probs=N_PROBS,
+                    query_type="statistical",
+                )  # fmt: skip
+                for messages in conversations
             ]
         finally:
             await router.aclose()
@@ -149,7 +162,9 @@ def test_the_second_decision_reuses_the_prompt_cache(
         wait_until(lambda: _ready(port), timeout=60, what="server")
         first, second = asyncio.run(ask(llm_config(free_port(), port)))
     assert first.completion.tokens_cached == 0
-    assert second.completion.tokens_cached > 600  # the ~660-byte stable prefix
+    # Byte-level tokens: at least the system turn and the example turns come from the cache.
+    stable = sum(len(m["content"]) for m in conversations[0][:-1])
+    assert second.completion.tokens_cached > stable
     assert second.completion.timings["prompt_n"] < first.completion.timings["prompt_n"] / 2
 
 

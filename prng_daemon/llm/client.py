@@ -1,4 +1,5 @@
-"""Async client for llama-server's native API (`/health`, `/completion`); raises only our errors."""
+"""Async client for llama-server (`/health`, `/completion`, `/v1/chat/completions`); raises only
+our errors."""
 
 from __future__ import annotations
 
@@ -58,6 +59,32 @@ class Completion(BaseModel):
     tokens_cached: int
     timings: dict[str, float]
     probabilities: list[TokenProbability]
+
+
+class _Logprobs(BaseModel):
+    content: list[TokenProbability] = Field(default_factory=list)
+
+
+class _Message(BaseModel):
+    content: str
+
+
+class _Choice(BaseModel):
+    message: _Message
+    logprobs: _Logprobs | None = None
+
+
+class _Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
+class _ChatBody(BaseModel):
+    """The fields of a /v1/chat/completions answer that we use; the rest is ignored."""
+
+    choices: list[_Choice] = Field(min_length=1)
+    usage: _Usage
+    timings: dict[str, float] = Field(default_factory=dict)
 
 
 class _Body(BaseModel):
@@ -157,6 +184,77 @@ class LlamaClient:
             timings=parsed.timings,
             probabilities=parsed.completion_probabilities,
         )
+
+    async def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        n_predict: int,
+        temperature: float,
+        seed: int | None = None,
+        grammar: str | None = None,
+        n_probs: int = 0,
+        cache_prompt: bool = True,
+    ) -> Completion:
+        """Answer a conversation; the server renders it with the model's own chat template.
+
+        A last `assistant` message is continued (llama-server's prefill); `grammar` (GBNF)
+        constrains what is generated after it. Same answer and errors as `complete()`;
+        `probabilities` come from the OpenAI-style `logprobs` (the same tokens, bytes and top
+        alternatives) and `content` holds only the generated text.
+        """
+        body: dict[str, Any] = {
+            "messages": list(messages),
+            "max_tokens": n_predict,
+            "temperature": temperature,
+            "cache_prompt": cache_prompt,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        if grammar is not None:
+            body["grammar"] = grammar
+        if n_probs:
+            body["logprobs"] = True
+            body["top_logprobs"] = n_probs
+        response = await self._post("/v1/chat/completions", body)
+        where = f"{self.base_url}/v1/chat/completions"
+        try:
+            parsed = _ChatBody.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise LLMBadAnswer(f"{where}: malformed body: {exc.errors()[0]['msg']}") from None
+        choice = parsed.choices[0]
+        content = choice.message.content
+        if messages and messages[-1]["role"] == "assistant":
+            # llama-server returns a continued message whole, prefill included.
+            content = content.removeprefix(messages[-1]["content"])
+        return Completion(
+            content=content,
+            tokens_predicted=parsed.usage.completion_tokens,
+            tokens_evaluated=parsed.usage.prompt_tokens,
+            tokens_cached=int(parsed.timings.get("cache_n", 0)),
+            timings=parsed.timings,
+            probabilities=choice.logprobs.content if choice.logprobs else [],
+        )
+
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST `body`; a 200 answer, else LLMUnavailable (no answer, busy, loading) or
+        LLMBadAnswer (any other failure)."""
+        where = f"{self.base_url}{path}"
+        try:
+            response = await self._http.post(path, json=body)
+        except httpx.TimeoutException:
+            raise LLMUnavailable(f"{where}: no answer within {self.timeout:g}s") from None
+        except httpx.TransportError as exc:
+            raise LLMUnavailable(f"{where}: unreachable: {exc!r}") from None
+        except httpx.HTTPError as exc:
+            raise LLMBadAnswer(f"{where}: {exc!r}") from None
+        if response.status_code == 503:
+            message = _error_message(response)
+            state = "still loading the model" if LOADING_MESSAGE in message else message
+            raise LLMUnavailable(f"{where}: HTTP 503: {state}")
+        if response.status_code != 200:
+            raise LLMBadAnswer(f"{where}: HTTP {response.status_code}: {_error_message(response)}")
+        return response
 
     async def aclose(self) -> None:
         await self._http.aclose()

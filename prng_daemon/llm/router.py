@@ -7,7 +7,7 @@ import atexit
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -170,10 +170,54 @@ class AsyncRouter:
         """Ask the chosen server, else the other; raise LLMUnavailable when neither answers."""
         if force_endpoint is not None and force_endpoint not in ENDPOINTS:
             raise ValueError(f"force_endpoint: expected one of {ENDPOINTS}, got {force_endpoint!r}")
-        if query_type is not None and query_type not in QUERY_TYPES:
-            raise ValueError(f"query_type: expected one of {QUERY_TYPES}, got {query_type!r}")
-        wanted = force_endpoint or self.choose(prompt)
         routing = self.config.routing
+
+        def ask(client: LlamaClient) -> Awaitable[Completion]:
+            return client.complete(
+                prompt,
+                n_predict=max_tokens or routing.default_max_tokens,
+                temperature=routing.default_temperature if temperature is None else temperature,
+                stop=STOP,
+                json_schema=json_schema,
+                n_probs=n_probs,
+            )
+
+        return await self._first_answer(
+            force_endpoint or self.choose(prompt), ask, query_type or classify_query(prompt)
+        )
+
+    async def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        endpoint: str,
+        temperature: float,
+        seed: int | None,
+        max_tokens: int,
+        grammar: str | None,
+        n_probs: int,
+        query_type: str,
+    ) -> Routed:
+        """A conversation, rendered by the answering server's own chat template; falls back to
+        the other server like `route`."""
+
+        def ask(client: LlamaClient) -> Awaitable[Completion]:
+            return client.chat(
+                messages,
+                n_predict=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                grammar=grammar,
+                n_probs=n_probs,
+            )
+
+        return await self._first_answer(endpoint, ask, query_type)
+
+    async def _first_answer(
+        self, wanted: str, ask: Callable[[LlamaClient], Awaitable[Completion]], query_type: str
+    ) -> Routed:
+        if query_type not in QUERY_TYPES:
+            raise ValueError(f"query_type: expected one of {QUERY_TYPES}, got {query_type!r}")
         problems = []
         for name in (wanted, *(n for n in ENDPOINTS if n != wanted)):
             if not await self._ready(name):
@@ -181,14 +225,7 @@ class AsyncRouter:
                 continue
             started = time.monotonic()
             try:
-                completion = await self.clients[name].complete(
-                    prompt,
-                    n_predict=max_tokens or routing.default_max_tokens,
-                    temperature=routing.default_temperature if temperature is None else temperature,
-                    stop=STOP,
-                    json_schema=json_schema,
-                    n_probs=n_probs,
-                )
+                completion = await ask(self.clients[name])
             except LLMUnavailable as exc:
                 problems.append(f"{name}: {exc}")
                 continue
@@ -197,7 +234,7 @@ class AsyncRouter:
                 endpoint=name,
                 wanted=wanted,
                 degraded=name != wanted,
-                query_type=query_type or classify_query(prompt),
+                query_type=query_type,
                 latency_ms=int((time.monotonic() - started) * 1000),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             )

@@ -1,0 +1,85 @@
+"""Decisions by a real instruct model (Qwen2.5-Coder-1.5B-Instruct Q4_K_M): the clear cases.
+
+The model file comes from $PRNG_REAL_MODEL, else the fetch cache. Without it these tests skip,
+unless $PRNG_REQUIRE_REAL_MODEL=1 (CI, after fetching it), where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prng_daemon.config import Config
+from prng_daemon.llm import AsyncRouter, Decision, DecisionEngine
+from prng_daemon.metadata import AgentMetadata, LLMMetadata
+
+from .fake_llama import llm_config
+from .helpers import wait_until
+from .test_llm_decision import meta_for
+from .test_llm_real_server import _ready, llama_server
+
+CACHED = Path.home() / ".cache/prng-llm-daemon/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    path = Path(os.environ.get("PRNG_REAL_MODEL") or CACHED)
+    if not path.is_file():
+        reason = f"no real model at {path} (set PRNG_REAL_MODEL or fetch it)"
+        if os.environ.get("PRNG_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(reason + "; PRNG_REQUIRE_REAL_MODEL=1")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_server(
+    llama_server_bin: Path, real_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Config]:
+    """One llama-server serving both roles, as on a one-model CPU box."""
+    log = tmp_path_factory.mktemp("real-model") / "server.log"
+    args = ("-c", "4096", "-np", "1", "-t", "2")
+    with llama_server(llama_server_bin, real_model, log, args=args) as port:
+        wait_until(lambda: _ready(port), timeout=120, what="the real model to load")
+        yield llm_config(port, port, routing={"request_timeout_seconds": 600.0})
+
+
+def decide(config: Config, meta: AgentMetadata) -> Decision:
+    async def go() -> Decision:
+        router = AsyncRouter(config)
+        try:
+            return await DecisionEngine(config, router).decide(meta)
+        finally:
+            await router.aclose()
+
+    return asyncio.run(go())
+
+
+def test_a_clean_success_proceeds(real_server: Config) -> None:
+    """The proposal's own step 2 result: criteria met, validation score 0.847."""
+    d = decide(real_server, meta_for(2))
+    assert (d.action, d.path) == ("proceed", "llm"), d.reasoning
+    assert d.calibrated_confidence is not None and d.calibrated_confidence > 0.5
+    assert LLMMetadata.model_validate(d.llm_metadata).math_calls == 1
+
+
+def test_a_crash_with_retries_left_is_retried_and_decided_the_same_way_twice(
+    real_server: Config,
+) -> None:
+    meta = meta_for(
+        4,
+        success_criteria_met=False,
+        confidence=0.3,
+        retry_count=0,
+        suggested_params={"model_type": "lightgbm"},
+        reasoning="The search stopped at configuration 12 of 60: node rig-6600 lost power and "
+        "its workers never reported back. Nothing is wrong with the data or the configuration.",
+    )
+    first = decide(real_server, meta)
+    assert (first.action, first.path) == ("retry", "llm"), first.reasoning
+    again = decide(real_server, meta)
+    assert (again.action, again.reasoning) == (first.action, first.reasoning)
