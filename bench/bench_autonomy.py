@@ -29,6 +29,11 @@ def verdict(o: DemoOutcome) -> str:
     return "autonomous" if person is None else "escalated only where warranted"
 
 
+def needless_retries(o: DemoOutcome) -> int:
+    """Reruns the daemon chose for the planted step that a rerun cannot fix."""
+    return sum(1 for s, a, _ in o.decisions if s == o.scenario.person_step and a == "retry")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=9, help="seeds 1..N (default 9)")
@@ -50,15 +55,16 @@ def main() -> None:
             o.scenario.retry_step,
             o.scenario.person_step or "-",
             ", ".join(f"{s}" for s, _ in o.escalations) or "-",
-            len(o.decision_seconds),
+            needless_retries(o) if o.scenario.person_step else "-",
+            len(o.decisions),
             f"{mean(o.decision_seconds):.1f}" if o.decision_seconds else "-",
             f"{o.seconds:.0f}",
             verdict(o),
         ]
         for o in outcomes
     ]
-    headers = ["seed", "fails once", "needs a person", "escalated at", "LLM decisions",
-               "s/decision", "wall s", "outcome"]  # fmt: skip
+    headers = ["seed", "fails once", "needs a person", "escalated at", "reruns of it",
+               "decisions", "LLM s/decision", "wall s", "outcome"]  # fmt: skip
     clean = [o for o in outcomes if o.scenario.person_step is None]
     person = [o for o in outcomes if o.scenario.person_step is not None]
     autonomous = [o for o in clean if verdict(o) == "autonomous"]

