@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import zipfile
 from collections.abc import Sequence
@@ -187,6 +188,16 @@ def test_cli_fetch_model_puts_the_model_into_dest(
     cached = fetch.model_path("fake-model", tmp_path / "cache")
     assert installed.read_bytes() == b"".join(CHUNKS) and installed.samefile(cached)
     assert "chunk 3/3 joined" in err.getvalue()
+
+    # --config: into the models_dir that config names (relative to the config file).
+    config = tmp_path / "etc" / "config.json"
+    config.parent.mkdir()
+    server = {"model": "fake-model.gguf", "port": 8080}
+    config.write_text(json.dumps({"orchestrator": server, "math": server,
+                                  "daemon": {"models_dir": "models"}}))  # fmt: skip
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert main(["fetch-model", "fake-model", "--config", str(config)]) == 0
+    assert (tmp_path / "etc" / "models" / "fake-model.gguf").samefile(cached)
 
     with redirect_stdout(out), redirect_stderr(err):
         assert main(["fetch-model", "no-such-model"]) == 1
