@@ -100,7 +100,7 @@ async def explained(config: Config, per_step: int) -> list[dict[str, Any]]:
 
 
 async def run(config: Config) -> list[dict[str, Any]]:
-    """Rules, the model alone (all three actions open) and the policy on every labelled result;
+    """Rules, the model alone (every finding open) and the policy on every labelled result;
     the policy without its explanation, which comes after the action and cannot change it."""
     router = RecordingRouter(config, is_ready=lambda name: True)
     router.calls = []
@@ -119,7 +119,7 @@ async def run(config: Config) -> list[dict[str, Any]]:
             row["settled"] = settled_by_rules(meta, config.policy) is not None
             before, start = len(router.calls), time.perf_counter()
             try:
-                model = await engine.ask_model(meta, ACTIONS)
+                model = await engine.ask_model(meta)
             except LLMError as exc:
                 row["model"], row["model_calibrated"] = "escalate", None
                 row["model_error"] = str(exc)

@@ -12,7 +12,8 @@ N_EMBD = 64
 N_LAYER = 2
 N_HEAD = 4
 N_FF = 128
-N_CTX_TRAIN = 4096
+N_CTX_TRAIN = 16384
+"""Byte-level tokens: a decision prompt (system turn, example turns, facts) is ~4,500 of them."""
 RMS_EPS = 1e-5
 
 # Token ids: 0..2 specials, 3..258 the bytes <0x00>..<0xFF>, 259 the SPM word marker.

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prng_daemon.config import Config, parse_config
+from prng_daemon.llm.decision import FINDINGS
 
 MODES = ("ok", "garbage", "unexplained", "http500", "hang", "loading", "bad_body")
 ACTIONS = ("proceed", "retry", "escalate")
 CHOSEN_PROB = 0.8
-"""In "ok" mode the first letter of the decision gets this probability, the other two actions'
-first letters 0.1 and 0.05 (in ACTIONS order): with all three open the calibrated confidence is
-0.8 / 0.95."""
+"""In "ok" mode the first letter of the decision (or of its finding) gets this probability, the
+other actions' first letters (findings) 0.1 and 0.05, in ACTIONS order."""
 LOADING_BODY = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 
 
@@ -26,7 +27,7 @@ def _chunks(text: str) -> list[str]:
 
 def _probabilities(content: str, decision: str, n_probs: int) -> list[dict[str, Any]]:
     """Byte-level tokens for `content`, the decision value's first letter uncertain."""
-    first = content.find(decision)
+    first = content.find(decision) if decision else -1
     out = []
     for i, char in enumerate(content):
         if i == first:
@@ -167,12 +168,14 @@ class FakeLlama:
         """
         messages = body.get("messages", [])
         prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
-        if "reasoning" in str(body.get("grammar", "")):
+        grammar = str(body.get("grammar", ""))
+        top: list[dict[str, Any]] = []
+        if "reasoning" in grammar:
             written = f'{self.confidence}", "reasoning": "fake"}}'
             if self.mode == "unexplained":
                 written = written[:-2]
         else:
-            written = "maybe" if self.mode == "garbage" else f'{self.decision}"'
+            written, top = self._finding(re.findall(r'"(\w+)"', grammar))
         native = self._completion({**body, "prompt": json.dumps(messages)}, written)
         choice: dict[str, Any] = {
             "index": 0,
@@ -180,9 +183,10 @@ class FakeLlama:
             "message": {"role": "assistant", "content": prefill + written},
         }
         if body.get("logprobs"):
-            choice["logprobs"] = {
-                "content": _probabilities(written, self.decision, int(body["top_logprobs"]))
-            }
+            tokens = _probabilities(written, "", int(body["top_logprobs"]))
+            if top:
+                tokens[0] = {**top[0], "top_logprobs": top[: int(body["top_logprobs"])]}
+            choice["logprobs"] = {"content": tokens}
         return {
             "object": "chat.completion",
             "model": "fake.gguf",
@@ -194,6 +198,20 @@ class FakeLlama:
             },
             "timings": native["timings"],
         }
+
+    def _finding(self, words: list[str]) -> tuple[str, list[dict[str, Any]]]:
+        """The first open finding leading to `.decision` (its first letter CHOSEN_PROB likely,
+        the first finding of each other action 0.1 and 0.05), or "maybe" when none does."""
+        chosen = [w for w in words if FINDINGS[w][0] == self.decision]
+        if self.mode == "garbage" or not chosen:
+            return "maybe", []
+        others = [next(w for w in words if FINDINGS[w][0] == a) for a in ACTIONS
+                  if a != self.decision and any(FINDINGS[w][0] == a for w in words)]  # fmt: skip
+        top = [
+            {"id": ord(w[0]), "token": w[0], "bytes": list(w[0].encode()), "logprob": math.log(p)}
+            for w, p in zip([chosen[0], *others], (CHOSEN_PROB, 0.1, 0.05), strict=False)
+        ]
+        return f'{chosen[0]}"', top
 
     def _completion(self, body: dict[str, Any], content: str | None = None) -> dict[str, Any]:
         prompt = str(body.get("prompt", ""))

@@ -14,7 +14,7 @@ import pytest
 
 from prng_daemon.config import Config, PolicyConfig
 from prng_daemon.llm import AsyncRouter, Decision, DecisionEngine, Health, LlamaClient, Routed
-from prng_daemon.llm.decision import ACTIONS, N_PROBS, answer_schema, build_messages
+from prng_daemon.llm.decision import ACTIONS, FINDINGS, build_messages
 from prng_daemon.metadata import LLMMetadata
 
 from .fake_llama import llm_config
@@ -28,12 +28,12 @@ def llama_server(
     model: Path,
     log: Path,
     port: int | None = None,
-    args: tuple[str, ...] = ("-c", "8192", "-np", "2", "-t", "1"),
+    args: tuple[str, ...] = ("-c", "16384", "-np", "2", "-t", "1"),
 ) -> Iterator[int]:
     """One llama-server on a loopback port (a free one by default), stopped and reaped on exit."""
     port = port or free_port()
-    # 8192 / 2 slots: the tiny model's vocabulary is byte-level (one token per prompt byte) and a
-    # decision prompt is ~3 kB; real models need a quarter of that. Memory: a few MB.
+    # 16384 / 2 slots: the tiny model's vocabulary is byte-level (one token per prompt byte) and a
+    # decision prompt is ~5 kB; real models need a quarter of that. Memory: a few MB.
     argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
     argv += [*args, "--metrics"]
     with log.open("ab") as out:
@@ -136,25 +136,13 @@ def test_the_second_decision_reuses_the_prompt_cache(
     llama_server_bin: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     """A fresh server: the first prompt is evaluated whole, the second only after the prefix."""
-    policy = PolicyConfig()
-    conversations = [build_messages(meta_for(n), policy, ACTIONS) for n in (1, 2)]
+    conversation = build_messages(meta_for(1), PolicyConfig(), tuple(FINDINGS))
 
     async def ask(config: Config) -> list[Routed]:
         router = AsyncRouter(config)
+        engine = DecisionEngine(config, router)
         try:
-            return [
-                await router.chat(
-                    messages,
-                    endpoint="math",
-                    temperature=0,
-                    seed=1,
-                    max_tokens=160,
-                    json_schema=answer_schema(ACTIONS),
-                    n_probs=N_PROBS,
-                    query_type="statistical",
-                )  # fmt: skip
-                for messages in conversations
-            ]
+            return [(await engine.ask_model(meta_for(n))).routed for n in (1, 2)]
         finally:
             await router.aclose()
 
@@ -163,7 +151,7 @@ def test_the_second_decision_reuses_the_prompt_cache(
         first, second = asyncio.run(ask(llm_config(free_port(), port)))
     assert first.completion.tokens_cached == 0
     # Byte-level tokens: at least the system turn and the example turns come from the cache.
-    stable = sum(len(m["content"]) for m in conversations[0][:-1])
+    stable = sum(len(m["content"]) for m in conversation[:-1])
     assert second.completion.tokens_cached > stable
     assert second.completion.timings["prompt_n"] < first.completion.timings["prompt_n"] / 2
 

@@ -1,7 +1,7 @@
 """Everything that talks to the two llama-servers: client, router, decision engine."""
 
 from .client import Completion, Health, LlamaClient, TokenProbability, TopLogprob
-from .decision import Decision, DecisionEngine, calibrated_confidence, rules_decision
+from .decision import Decision, DecisionEngine, finding_probabilities, rules_decision
 from .router import ENDPOINTS, AsyncRouter, LLMMetrics, LLMRouter, Routed, get_router
 
 __all__ = [
@@ -17,7 +17,7 @@ __all__ = [
     "Routed",
     "TokenProbability",
     "TopLogprob",
-    "calibrated_confidence",
+    "finding_probabilities",
     "get_router",
     "rules_decision",
 ]
