@@ -51,7 +51,7 @@ def demo_config(root: Path, llama_server: str, seed: int, model: Path | None) ->
         write_tiny_model(models_dir / "math.gguf", seed=2)
         server: dict[str, Any] = {"context_length": 4096, "parallel": 2, "threads": 1,
                                   "n_gpu_layers": 0}  # fmt: skip
-        servers: dict[str, Any] = {
+        sections: dict[str, Any] = {
             "orchestrator": {"model": "orchestrator.gguf", "port": _free_port(), **server},
             "math": {"model": "math.gguf", "port": _free_port(), **server},
         }
@@ -62,14 +62,14 @@ def demo_config(root: Path, llama_server: str, seed: int, model: Path | None) ->
         port = _free_port()
         server = {"model": model.name, "port": port, "context_length": 8192, "parallel": 2,
                   "threads": REAL_THREADS, "n_gpu_layers": 0}  # fmt: skip
-        servers = {
+        sections = {
             "orchestrator": server,
             "math": {**server, "managed": False},
             # A busy 2-core box can take minutes per answer: waiting beats redoing it elsewhere.
             "routing": {"request_timeout_seconds": 600},
         }
     raw: dict[str, Any] = {
-        **servers,
+        **sections,
         "health": {"check_interval_seconds": 5, "backoff_initial_seconds": 0.2},
         "daemon": {
             "results_dir": str(root / "results"),
