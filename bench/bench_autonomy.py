@@ -34,21 +34,8 @@ def needless_retries(o: DemoOutcome) -> int:
     return sum(1 for s, a, _ in o.decisions if s == o.scenario.person_step and a == "retry")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, default=9, help="seeds 1..N (default 9)")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models instead")
-    args = parser.parse_args()
-    outcomes: list[DemoOutcome] = []
-    with tempfile.TemporaryDirectory(prefix="bench-autonomy-") as tmp:
-        for seed in range(1, args.seeds + 1):
-            log = Path(tmp) / f"seed{seed}.txt"
-            with log.open("w") as out:
-                o = run_demo(Path(tmp) / f"seed{seed}", out, seed=seed, tiny=args.tiny)
-            outcomes.append(o)
-            print(f"seed {seed}: {verdict(o)} ({o.seconds:.0f} s)", flush=True)
-            if verdict(o) not in ("autonomous", "escalated only where warranted"):
-                print(log.read_text(), flush=True)
+def report(outcomes: list[DemoOutcome], tiny: bool) -> None:
+    """Print the table and write bench/results/autonomy.json for the seeds run so far."""
     rows = [
         [
             o.seed,
@@ -79,17 +66,36 @@ def main() -> None:
         "mean_seconds_per_decision": round(mean(times), 2) if times else None,
         "mean_wall_seconds_per_run": round(mean(o.seconds for o in outcomes), 1),
     }
-    model = "tiny random-weight models" if args.tiny else "Qwen2.5-Coder-1.5B-Instruct Q4_K_M"
+    model = "tiny random-weight models" if tiny else "Qwen2.5-Coder-1.5B-Instruct Q4_K_M"
     print(
         f"\nautonomy: {len(autonomous)}/{len(clean)} runs without a needed person went 1->6"
         f" untouched; {len(warranted)}/{len(person)} runs needing one escalated only there"
     )
     save(
-        "autonomy-tiny" if args.tiny else "autonomy",
+        "autonomy-tiny" if tiny else "autonomy",
         command_line(),
         {f"Demo runs, {model}, llama-server -t 2 on CPU": table(headers, rows)},
         {"summary": summary, "runs": [{"seed": r[0], "outcome": r[-1]} for r in rows]},
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, default=9, help="seeds 1..N (default 9)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models instead")
+    args = parser.parse_args()
+    outcomes: list[DemoOutcome] = []
+    with tempfile.TemporaryDirectory(prefix="bench-autonomy-") as tmp:
+        for seed in range(1, args.seeds + 1):
+            log = Path(tmp) / f"seed{seed}.txt"
+            with log.open("w") as out:
+                o = run_demo(Path(tmp) / f"seed{seed}", out, seed=seed, tiny=args.tiny)
+            outcomes.append(o)
+            print(f"seed {seed}: {verdict(o)} ({o.seconds:.0f} s)", flush=True)
+            if verdict(o) not in ("autonomous", "escalated only where warranted"):
+                print(log.read_text(), flush=True)
+            # After every seed: a long run stopped early still leaves its numbers.
+            report(outcomes, args.tiny)
 
 
 if __name__ == "__main__":
