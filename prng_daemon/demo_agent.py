@@ -119,7 +119,9 @@ def _ok(step: int, p: dict[str, Any], rng: random.Random) -> tuple[dict[str, Any
         payload = {"best_model": params["model"], "validation_auc": round(auc, 4), "trials": 60}
         outputs = ["ml_meta_config.json"]
     elif step == 5:
-        train, holdout = rng.uniform(0.78, 0.86), rng.uniform(0.72, 0.80)
+        # A success keeps its numbers consistent with its claim: the gap is under the bar.
+        train = rng.uniform(0.78, 0.86)
+        holdout = train - rng.uniform(0.01, 0.07)
         params = {**p, "epochs": rng.choice([30, 40]), "dropout": 0.2}
         reasoning = rng.choice([
             f"Training converged at epoch {rng.randint(18, 29)} (early stopping). Train AUC "
