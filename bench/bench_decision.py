@@ -121,7 +121,7 @@ def main() -> None:
         model = Path(tmp) / "tiny.gguf"
         write_tiny_model(model)
         # A fresh server for each, so both start with an empty prompt cache.
-        for name in ("DecisionEngine (json_schema, n_predict 160)",
+        for name in ("DecisionEngine (finding + explanation)",
                      "proposal §3.2 free text (n_predict 2048)"):  # fmt: skip
             port = free_port()
             proc = start_server(binary, model, port, Path(tmp) / "server.log", threads=1, slots=2)

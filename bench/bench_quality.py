@@ -99,7 +99,7 @@ async def explained(config: Config, per_step: int) -> list[dict[str, Any]]:
     return rows
 
 
-async def run(config: Config) -> list[dict[str, Any]]:
+async def run(config: Config, model_alone: bool) -> list[dict[str, Any]]:
     """Rules, the model alone (every finding open) and the policy on every labelled result;
     the policy without its explanation, which comes after the action and cannot change it."""
     router = RecordingRouter(config, is_ready=lambda name: True)
@@ -119,6 +119,8 @@ async def run(config: Config) -> list[dict[str, Any]]:
             row["settled"] = settled_by_rules(meta, config.policy) is not None
             before, start = len(router.calls), time.perf_counter()
             try:
+                if not model_alone:
+                    raise LLMError("not measured (--policy-only)")
                 model = await engine.ask_model(meta)
             except LLMError as exc:
                 row["model"], row["model_calibrated"] = "escalate", None
@@ -265,11 +267,12 @@ def per_decision(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--port", type=int, help="use this running llama-server instead")
+    parser.add_argument("--port", type=int, help="use this running llama-server (running --model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-example-turns", action="store_true")
     parser.add_argument("--name", default="quality", help="results file name")
     parser.add_argument("--explained-per-step", type=int, default=1)
+    parser.add_argument("--policy-only", action="store_true", help="skip the model-alone column")
     args = parser.parse_args()
     policy = {
         "example_turns": not args.no_example_turns,
@@ -293,12 +296,12 @@ def main() -> None:
         try:
             # Both roles on the one server, as on a one-model CPU box.
             config = llm_config(port, port, policy=policy, routing=routing)
-            rows = asyncio.run(run(config))
+            rows = asyncio.run(run(config, not args.policy_only))
             full = asyncio.run(explained(config, args.explained_per_step))
         finally:
             if proc is not None:
                 end(proc)
-    model_name = args.model.name if args.port is None else f"server on port {args.port}"
+    model_name = args.model.name  # with --port, --model names what that server runs
     turns = "without" if args.no_example_turns else "with"
     RESULTS_DIR.mkdir(exist_ok=True)
     png = RESULTS_DIR / f"{args.name}_reliability.png"

@@ -126,7 +126,8 @@ def test_prompt_injection_in_reasoning_cannot_change_the_command(
     [launch] = ws.launches()
     args = (ws.markers / launch).read_text().split()
     assert args[:2] == [run_id(2, 9), "3"], "the configured argv, with validated fields only"
-    assert evil not in fake.requests[-1]["prompt"][:200], "the file's text is not the prompt head"
+    turns = fake.requests[-1]["messages"]
+    assert all(evil not in turn["content"] for turn in turns), "the file's text, only escaped"
     assert not list(tmp_path.rglob("pwned*"))
 
 

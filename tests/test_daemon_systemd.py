@@ -121,7 +121,7 @@ def test_watchdog_pings_at_half_of_watchdog_usec(
 def managed_workspace(tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> Workspace:
     """Both servers managed: real llama-server children on the tiny model."""
     server = {
-        "model": tiny_model.name, "managed": True, "context_length": 2048, "batch_size": 64,
+        "model": tiny_model.name, "managed": True, "context_length": 8192, "batch_size": 64,
         "threads": 1, "parallel": 1, "n_gpu_layers": 0, "startup_timeout_seconds": 30.0,
     }  # fmt: skip
     return make_workspace(

@@ -88,9 +88,11 @@ def test_status_of_a_running_daemon_shows_servers_pipeline_runs_and_decisions(
             code, out, _ = cli(capsys, ws, "status", "--json")
             return json.loads(out) if code == 0 else None
 
+        # The status file is rewritten within STATUS_POLL_SECONDS of a change, not at once.
         published = wait_until(
-            lambda: (r := report()) and r["servers"]["orchestrator"]["state"] == "ready" and r,
-            20, what="the orchestrator to be ready in status",
+            lambda: (r := report()) and r["servers"]["orchestrator"]["state"] == "ready"
+            and " idle · 2 decided" in r["status"] and r,
+            20, what="the orchestrator ready and both files decided in status",
         )  # fmt: skip
         code, text, _ = cli(capsys, ws, "status")
     finally:

@@ -54,7 +54,8 @@ SUCCESS_FINDINGS: dict[str, tuple[Action, str]] = {
     "random": ("escalate", "results at chance level, at or below the random baseline"),
     "leakage": ("escalate", "a score too good to be true: labels leaked into the features, "
                 "or validation overlaps training"),
-    "overfit": ("escalate", "a large gap between training and holdout scores"),
+    # Not "overfit": step 5 is anti_overfit_training, and the name drew every step 5 result.
+    "gap": ("escalate", "a large gap between training and holdout scores"),
     "missing": ("escalate", "parts of the work are missing or incomplete"),
     "target": ("escalate", "a metric misses its stated target or coverage"),
 }  # fmt: skip
