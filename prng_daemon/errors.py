@@ -6,6 +6,7 @@ __all__ = [
     "AgentFailed",
     "ConfigError",
     "DaemonError",
+    "FetchError",
     "LLMBadAnswer",
     "LLMError",
     "LLMUnavailable",
@@ -25,6 +26,10 @@ class ConfigError(DaemonError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("; ".join(problems))
+
+
+class FetchError(DaemonError):
+    """A model could not be fetched, or what was fetched is not the pinned file."""
 
 
 class ResultRejected(DaemonError):
