@@ -23,8 +23,10 @@ from typing import Any
 
 from _common import REPO, RESULTS_DIR, command_line, end, save, start_server, table
 
+from prng_daemon import fetch
 from prng_daemon.config import Config
 from prng_daemon.errors import LLMError
+from prng_daemon.fetch import model_path
 from prng_daemon.handlers.validate import load_result
 from prng_daemon.llm.decision import (
     ACTIONS,
@@ -38,9 +40,7 @@ from tests.fake_llama import llm_config
 from tests.helpers import free_port
 
 LABELLED = REPO / "bench" / "labelled"
-DEFAULT_MODEL = (
-    Path.home() / ".cache/prng-llm-daemon/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-)
+DEFAULT_MODEL = model_path(fetch.DEFAULT_MODEL)
 
 
 class RecordingRouter(AsyncRouter):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from prng_daemon.config import Config
+from prng_daemon.fetch import DEFAULT_MODEL, model_path
 from prng_daemon.llm import AsyncRouter, Decision, DecisionEngine
 from prng_daemon.metadata import AgentMetadata, LLMMetadata
 
@@ -22,12 +23,10 @@ from .helpers import wait_until
 from .test_llm_decision import meta_for
 from .test_llm_real_server import _ready, llama_server
 
-CACHED = Path.home() / ".cache/prng-llm-daemon/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-
 
 @pytest.fixture(scope="session")
 def real_model() -> Path:
-    path = Path(os.environ.get("PRNG_REAL_MODEL") or CACHED)
+    path = Path(os.environ.get("PRNG_REAL_MODEL") or model_path(DEFAULT_MODEL))
     if not path.is_file():
         reason = f"no real model at {path} (set PRNG_REAL_MODEL or fetch it)"
         if os.environ.get("PRNG_REQUIRE_REAL_MODEL") == "1":
