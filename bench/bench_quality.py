@@ -150,6 +150,8 @@ def auroc(scores: Sequence[float], right: Sequence[bool]) -> float | None:
 def point_biserial(scores: Sequence[float], right: Sequence[bool]) -> float | None:
     """Pearson correlation between the score and being right (1/0)."""
     n = len(scores)
+    if n == 0:
+        return None
     ys = [1.0 if r else 0.0 for r in right]
     mx, my = sum(scores) / n, sum(ys) / n
     sxy = sum((x - mx) * (y - my) for x, y in zip(scores, ys, strict=True))
