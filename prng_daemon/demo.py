@@ -49,7 +49,9 @@ def demo_config(root: Path, llama_server: str, seed: int, model: Path | None) ->
         models_dir = root / "models"
         write_tiny_model(models_dir / "orchestrator.gguf", seed=1)
         write_tiny_model(models_dir / "math.gguf", seed=2)
-        server: dict[str, Any] = {"context_length": 4096, "parallel": 2, "threads": 1,
+        # A byte-level vocabulary spells the ~4,500-token decision prompt letter by letter:
+        # each of the two slots needs 6,144 tokens of context.
+        server: dict[str, Any] = {"context_length": 12288, "parallel": 2, "threads": 1,
                                   "n_gpu_layers": 0}  # fmt: skip
         sections: dict[str, Any] = {
             "orchestrator": {"model": "orchestrator.gguf", "port": _free_port(), **server},

@@ -186,21 +186,8 @@ class LlamaClient:
             body["json_schema"] = json_schema
         if n_probs:
             body["n_probs"] = n_probs
+        response = await self._post("/completion", body)
         where = f"{self.base_url}/completion"
-        try:
-            response = await self._http.post("/completion", json=body)
-        except httpx.TimeoutException:
-            raise LLMUnavailable(f"{where}: no complete answer within {self.timeout:g}s") from None
-        except httpx.TransportError as exc:
-            raise LLMUnavailable(f"{where}: unreachable: {exc!r}") from None
-        except httpx.HTTPError as exc:
-            raise LLMBadAnswer(f"{where}: {exc!r}") from None
-        if response.status_code == 503:
-            message = _error_message(response)
-            state = "still loading the model" if LOADING_MESSAGE in message else message
-            raise LLMUnavailable(f"{where}: HTTP 503: {state}")
-        if response.status_code != 200:
-            raise LLMBadAnswer(f"{where}: HTTP {response.status_code}: {_error_message(response)}")
         try:
             parsed = _Body.model_validate_json(response.content)
         except ValidationError as exc:
@@ -272,7 +259,7 @@ class LlamaClient:
         try:
             response = await self._http.post(path, json=body)
         except httpx.TimeoutException:
-            raise LLMUnavailable(f"{where}: no answer within {self.timeout:g}s") from None
+            raise LLMUnavailable(f"{where}: no complete answer within {self.timeout:g}s") from None
         except httpx.TransportError as exc:
             raise LLMUnavailable(f"{where}: unreachable: {exc!r}") from None
         except httpx.HTTPError as exc:
