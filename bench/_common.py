@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from prng_daemon.llm.router import AsyncRouter, Routed
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -349,3 +351,14 @@ def phase_table(timings: dict[str, list[float]], files: int) -> tuple[str, dict[
         rows.append([label, f"{len(spent) / files:.1f}", f"{median:.3f}", f"{per_file:.3f}"])
     headers = ["phase (wrapped function)", "calls per file", "median ms per call", "ms per file"]
     return table(headers, rows), data
+
+
+class RecordingRouter(AsyncRouter):
+    """The daemon's router, keeping every answered request for the token and call counts."""
+
+    calls: list[Routed]
+
+    async def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> Routed:
+        routed = await super().chat(messages, **kwargs)
+        self.calls.append(routed)
+        return routed

@@ -7,15 +7,14 @@ import asyncio
 import json
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import command_line, end, save, start_server, table
+from _common import RecordingRouter, command_line, end, save, start_server, table
 
 from prng_daemon.llm.decision import DecisionEngine
-from prng_daemon.llm.router import STOP, AsyncRouter, Routed
+from prng_daemon.llm.router import STOP
 from prng_daemon.metadata import ResultFile
 from prng_daemon.pipeline import step
 from prng_daemon.tinymodel import write_tiny_model
@@ -25,17 +24,6 @@ from tests.workspace import result_document, run_id
 
 DECISIONS = 12
 STEPS = (1, 2, 3, 4, 5, 6)
-
-
-class RecordingRouter(AsyncRouter):
-    """The daemon's router, keeping every answered request for the counts."""
-
-    calls: list[Routed]
-
-    async def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> Routed:
-        routed = await super().chat(messages, **kwargs)
-        self.calls.append(routed)
-        return routed
 
 
 def documents() -> list[dict[str, Any]]:

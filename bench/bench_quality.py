@@ -21,7 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, RESULTS_DIR, command_line, end, save, start_server, table
+from _common import (
+    REPO,
+    RESULTS_DIR,
+    RecordingRouter,
+    command_line,
+    end,
+    save,
+    start_server,
+    table,
+)
 
 from prng_daemon import fetch
 from prng_daemon.config import Config
@@ -34,24 +43,13 @@ from prng_daemon.llm.decision import (
     rules_decision,
     settled_by_rules,
 )
-from prng_daemon.llm.router import AsyncRouter, Routed
+from prng_daemon.llm.router import Routed
 from prng_daemon.metadata import AgentMetadata
 from tests.fake_llama import llm_config
 from tests.helpers import free_port
 
 LABELLED = REPO / "bench" / "labelled"
 DEFAULT_MODEL = model_path(fetch.DEFAULT_MODEL)
-
-
-class RecordingRouter(AsyncRouter):
-    """The daemon's router, keeping every answered request for the token counts."""
-
-    calls: list[Routed]
-
-    async def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> Routed:
-        routed = await super().chat(messages, **kwargs)
-        self.calls.append(routed)
-        return routed
 
 
 def labelled() -> list[tuple[str, AgentMetadata, str, str]]:

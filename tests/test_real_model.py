@@ -6,7 +6,6 @@ unless $PRNG_REQUIRE_REAL_MODEL=1 (CI, after fetching it), where they fail.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,11 @@ import pytest
 
 from prng_daemon.config import Config
 from prng_daemon.fetch import DEFAULT_MODEL, model_path
-from prng_daemon.llm import AsyncRouter, Decision, DecisionEngine
-from prng_daemon.metadata import AgentMetadata, LLMMetadata
+from prng_daemon.metadata import LLMMetadata
 
 from .fake_llama import llm_config
 from .helpers import wait_until
-from .test_llm_decision import meta_for
+from .test_llm_decision import decide, meta_for
 from .test_llm_real_server import _ready, llama_server
 
 
@@ -45,17 +43,6 @@ def real_server(
     with llama_server(llama_server_bin, real_model, log, args=args) as port:
         wait_until(lambda: _ready(port), timeout=120, what="the real model to load")
         yield llm_config(port, port, routing={"request_timeout_seconds": 600.0})
-
-
-def decide(config: Config, meta: AgentMetadata) -> Decision:
-    async def go() -> Decision:
-        router = AsyncRouter(config)
-        try:
-            return await DecisionEngine(config, router).decide(meta)
-        finally:
-            await router.aclose()
-
-    return asyncio.run(go())
 
 
 def test_a_clean_success_proceeds(real_server: Config) -> None:
