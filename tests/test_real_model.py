@@ -73,7 +73,10 @@ def test_a_crash_with_retries_left_is_retried_and_decided_the_same_way_twice(
     first = decide(real_server, meta)
     assert (first.action, first.path) == ("retry", "llm"), first.reasoning
     again = decide(real_server, meta)
-    # The finding and its probability; the explanation's wording can differ once the prompt
-    # comes from llama-server's cache (other batch splits, other rounding).
+    # The same finding, its probability within a rounding step: once the prompt comes from
+    # llama-server's cache (other batch splits) the logits, and the explanation's wording, can
+    # differ slightly (0.96 against 0.97 with five example turns).
     assert again.action == first.action
-    assert again.reasoning.split(":")[0] == first.reasoning.split(":")[0]
+    assert again.reasoning.split(" (p=")[0] == first.reasoning.split(" (p=")[0]
+    assert first.calibrated_confidence is not None
+    assert again.calibrated_confidence == pytest.approx(first.calibrated_confidence, abs=0.02)

@@ -55,7 +55,9 @@ SUCCESS_FINDINGS: dict[str, tuple[Action, str]] = {
     "leakage": ("escalate", "a score too good to be true: labels leaked into the features, "
                 "or validation overlaps training"),
     # Not "overfit": step 5 is anti_overfit_training, and the name drew every step 5 result.
-    "gap": ("escalate", "a large gap between training and holdout scores"),
+    # Only over its bar: a 1.5B model named `gap` for any report giving both scores.
+    "gap": ("escalate", "training beats holdout by more than the bar the report states "
+            "(a gap under its bar is supported)"),
     "missing": ("escalate", "parts of the work are missing or incomplete"),
     "target": ("escalate", "a metric misses its stated target or coverage"),
 }  # fmt: skip
@@ -209,6 +211,9 @@ EXAMPLE_TURNS: list[dict[str, str]] = [
     *_example(5, "Input scored_survivors.json is truncated: the JSON ends after 12,000 of "
               "742,846 records and its hash does not match.", "input", "high",
               "The input is corrupted; running the step again cannot fix it."),
+    *_example(5, "Regularised run finished: train F1 0.912, holdout F1 0.871, a difference of "
+              "0.041, below the 0.06 overfitting threshold (0.041 < 0.06).", "supported", "high",
+              "The gap is under its stated bar: no overfitting."),
     *_example(4, "Success: CV accuracy 0.51 on a balanced binary target.", "random", "medium",
               "Success is claimed but the accuracy is chance level."),
 ]  # fmt: skip
