@@ -25,7 +25,7 @@ from prng_daemon.backoff import RestartBudget
 from prng_daemon.config import Config
 from prng_daemon.supervisor import ChildState, ChildStatus, Supervisor
 
-from .helpers import free_port, pids_running, wait_until
+from .helpers import free_port, pids_running, until, wait_until
 
 FAST_HEALTH: dict[str, Any] = {
     "check_interval_seconds": 0.2,
@@ -69,16 +69,6 @@ def make_config(
 
 def run(body: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(body())  # type: ignore[arg-type]
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """wait_until for async tests: polls without blocking the loop the supervisor runs on."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return value
 
 
 @contextlib.asynccontextmanager

@@ -13,6 +13,8 @@ from prng_daemon.backoff import RestartBudget
 from prng_daemon.systemd import Notifier
 from prng_daemon.tasks import Tasks
 
+from .helpers import until
+
 
 def quick_budget(attempts: int) -> RestartBudget:
     return RestartBudget(attempts, window=60.0, initial=0.01, cap=0.01, stable_after=60.0)
@@ -30,8 +32,7 @@ def test_a_crashing_task_is_logged_with_its_traceback_and_restarted() -> None:
     async def main() -> Tasks:
         tasks = Tasks(budget=lambda: quick_budget(5))
         tasks.start("flaky", flaky, deadline=None)
-        while len(runs) < 3:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(runs) >= 3, 10, "the third run")
         await tasks.stop()
         return tasks
 

@@ -14,6 +14,8 @@ import pytest
 
 from prng_daemon.watcher import Watcher, is_candidate
 
+from .helpers import until
+
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
@@ -90,9 +92,7 @@ def test_inotify_queue_overflow_triggers_a_rescan(tmp_path: Path) -> None:
             # kernel queue overflows for certain rather than by losing a scheduling race.
             with watcher._observer._inotify_fd._lock:  # type: ignore[attr-defined]
                 await loop.run_in_executor(None, burst)
-            deadline = loop.time() + 5
-            while not overflows and loop.time() < deadline:
-                await asyncio.sleep(0.02)
+            await until(lambda: overflows, 5, "the overflow")
             return seen, overflows
 
     seen, overflows = asyncio.run(main())
@@ -121,9 +121,7 @@ def test_a_deleted_directory_is_reported_and_rearm_watches_the_new_one(tmp_path:
             await loop.run_in_executor(None, watcher.rearm)
             rearmed = not watcher.stale()
             (results / "new.json").write_text("{}")
-            deadline = loop.time() + 5
-            while not seen and loop.time() < deadline:
-                await asyncio.sleep(0.02)
+            await until(lambda: seen, 5, "the file in the re-armed dir")
         return seen, stale, rearmed
 
     seen, stale, rearmed = asyncio.run(main())
