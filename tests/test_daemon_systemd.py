@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +78,26 @@ def start(ws: Workspace, notify: NotifySocket, **env: str) -> Any:
     return ws.start(env={"NOTIFY_SOCKET": str(notify.path), **env})
 
 
+@contextmanager
+def ready_daemon(ws: Workspace, notify: NotifySocket) -> Iterator[Any]:
+    """The daemon started and READY=1 sent; stopped at the end, which must exit 0."""
+    proc = start(ws, notify)
+    try:
+        notify.wait_for("READY=1")
+        yield proc
+    finally:
+        assert stop(proc) == 0
+
+
 def test_ready_is_sent_after_the_watcher_is_up_and_a_file_just_after_it_is_seen(
     tmp_path: Path, fake: FakeLlama, notify: NotifySocket
 ) -> None:
     """A rescan an hour away: only the inotify observer can see the file dropped after READY."""
     ws = make_workspace(tmp_path, fake.port, daemon={"rescan_interval_seconds": 3600})
-    proc = start(ws, notify)
-    try:
-        notify.wait_for("READY=1")
+    with ready_daemon(ws, notify):
         assert ready(ws), "READY=1 came before the daemon.started log line"
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
         wait_until(ws.launches, 15, what="the follow-up agent")
-    finally:
-        assert stop(proc) == 0
     [validated] = ws.events("result.validated")
     assert validated["source"] == "moved", "the watcher, not a scan, saw the file"
     first = notify.messages()[0].splitlines()
@@ -307,15 +315,11 @@ def test_sighup_applies_decision_settings_to_the_next_decision(
     """Issue 12 case 8: settings were logged as applied while the old router and decision engine
     kept their own (decisions sample at `policy.decision_temperature`)."""
     ws = make_workspace(tmp_path, fake.port)
-    proc = start(ws, notify)
-    try:
-        notify.wait_for("READY=1")
+    with ready_daemon(ws, notify) as proc:
         ws.edit_config(lambda c: c["policy"].update(decision_temperature=0.15))
         reload(ws, proc, notify, "config.reloaded")
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
         wait_until(ws.launches, 15, what="a launch")
-    finally:
-        assert stop(proc) == 0
     assert {r["temperature"] for r in fake.requests} == {0.15}
 
 
@@ -347,15 +351,11 @@ def test_sighup_moves_the_watcher_to_a_new_results_dir(
     tmp_path: Path, fake: FakeLlama, notify: NotifySocket
 ) -> None:
     ws = make_workspace(tmp_path, fake.port, daemon={"rescan_interval_seconds": 3600})
-    proc = start(ws, notify)
-    try:
-        notify.wait_for("READY=1")
+    with ready_daemon(ws, notify) as proc:
         ws.edit_config(lambda c: c["daemon"].update(results_dir="results2"))
         reload(ws, proc, notify, "config.reloaded")
         drop(tmp_path / "results2", "r.json", result_document(2, run_id(2, 1)))
         wait_until(ws.launches, 15, what="a launch for the file in the new dir")
-    finally:
-        assert stop(proc) == 0
     assert list((tmp_path / "results2" / "decisions").glob("r.*.decision.json"))
 
 
@@ -364,15 +364,11 @@ def test_sighup_with_an_unreadable_api_key_file_keeps_the_running_router(
 ) -> None:
     """The old reload closed the router before reading the new key: every decision then failed."""
     ws = make_workspace(tmp_path, fake.port)
-    proc = start(ws, notify)
-    try:
-        notify.wait_for("READY=1")
+    with ready_daemon(ws, notify) as proc:
         ws.edit_config(lambda c: c["math"].update(api_key_file="missing.key"))
         failed = reload(ws, proc, notify, "config.reload_failed")
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
         wait_until(ws.launches, 15, what="a launch under the old config")
-    finally:
-        assert stop(proc) == 0
     assert failed["problems"][0].startswith("config: math.api_key_file: cannot read:")
     assert [e["path"] for e in ws.events("decision.made")] == ["llm"], "the LLM decided"
     assert not ws.events("config.reloaded")
@@ -383,16 +379,12 @@ def test_sighup_that_changes_the_state_dir_is_refused_by_name(
 ) -> None:
     """Nothing of a refused reload is applied: the new threshold would escalate the file."""
     ws = make_workspace(tmp_path, fake.port)
-    proc = start(ws, notify)
-    try:
-        notify.wait_for("READY=1")
+    with ready_daemon(ws, notify) as proc:
         ws.edit_config(lambda c: (c["daemon"].update(state_dir="state2"),
                                   c["policy"].update(confidence_threshold=0.95)))  # fmt: skip
         refused = reload(ws, proc, notify, "config.reload_refused")
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
         wait_until(ws.launches, 15, what="a launch under the old config")
-    finally:
-        assert stop(proc) == 0
     assert refused["reason"] == "daemon.state_dir needs a restart"
     assert refused["level"] == "error"
     assert not (tmp_path / "state2").exists() and not ws.events("config.reloaded")
