@@ -3,10 +3,11 @@ policy; calibrated confidence against being right; seconds and tokens per decisi
 
     .venv/bin/python bench/bench_quality.py [--model GGUF] [--threads 2] [--no-example-turns]
     .venv/bin/python bench/bench_quality.py --port 8090   # a llama-server already running
+    .venv/bin/python bench/bench_quality.py --set bench/labelled/heldout   # the held-out set
 
 Needs a real instruct model (the default is the cached Qwen2.5-Coder-1.5B-Instruct Q4_K_M);
 writes bench/results/quality.json and bench/results/quality_reliability.png (matplotlib, from
-the `bench` extra).
+the `bench` extra); another --set writes quality_<set>.json and quality_<set>_reliability.png.
 """
 
 from __future__ import annotations
@@ -52,12 +53,16 @@ LABELLED = REPO / "bench" / "labelled"
 DEFAULT_MODEL = model_path(fetch.DEFAULT_MODEL)
 
 
-def labelled() -> list[tuple[str, AgentMetadata, str, str]]:
-    """(file name, validated agent_metadata, label, kind) for every labelled result."""
-    labels = json.loads((LABELLED / "labels.json").read_text())
+Labelled = list[tuple[str, AgentMetadata, str, str]]
+
+
+def labelled(directory: Path) -> Labelled:
+    """(file name, validated agent_metadata, label, kind) for every result that the set's
+    labels.json names: only those, so a subfolder (the held-out set) is never mixed in."""
+    labels = json.loads((directory / "labels.json").read_text())
     out = []
     for name, info in sorted(labels.items()):
-        loaded = load_result(LABELLED / name, max_bytes=1 << 20)
+        loaded = load_result(directory / name, max_bytes=1 << 20)
         out.append((name, loaded.document.agent_metadata, info["label"], info["kind"]))
     return out
 
@@ -72,7 +77,7 @@ def cost(calls: list[Routed], wall: float) -> dict[str, Any]:
     }
 
 
-async def explained(config: Config, per_step: int) -> list[dict[str, Any]]:
+async def explained(config: Config, per_step: int, cases: Labelled) -> list[dict[str, Any]]:
     """The whole decision as the daemon makes it (with its explanation), for the cost table:
     the first `per_step` labelled results of each step that ask a model."""
     config = config.model_copy(
@@ -83,7 +88,7 @@ async def explained(config: Config, per_step: int) -> list[dict[str, Any]]:
     engine = DecisionEngine(config, router)
     rows, taken = [], {n: 0 for n in range(1, 7)}
     try:
-        for name, meta, _, _ in labelled():
+        for name, meta, _, _ in cases:
             if settled_by_rules(meta, config.policy) or taken[meta.pipeline_step] >= per_step:
                 continue
             taken[meta.pipeline_step] += 1
@@ -97,7 +102,7 @@ async def explained(config: Config, per_step: int) -> list[dict[str, Any]]:
     return rows
 
 
-async def run(config: Config, model_alone: bool) -> list[dict[str, Any]]:
+async def run(config: Config, model_alone: bool, cases: Labelled) -> list[dict[str, Any]]:
     """Rules, the model alone (every finding open) and the policy on every labelled result;
     the policy without its explanation, which comes after the action and cannot change it."""
     router = RecordingRouter(config, is_ready=lambda name: True)
@@ -105,7 +110,7 @@ async def run(config: Config, model_alone: bool) -> list[dict[str, Any]]:
     engine = DecisionEngine(config, router)
     rows = []
     try:
-        for name, meta, label, kind in labelled():
+        for name, meta, label, kind in cases:
             row: dict[str, Any] = {"file": name, "label": label, "kind": kind}
             row["rules"] = rules_decision(meta, config.policy)[0]
             # The policy first: its prompt then pays for the file's facts, as in the daemon.
@@ -270,10 +275,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, help="use this running llama-server (running --model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-example-turns", action="store_true")
-    parser.add_argument("--name", default="quality", help="results file name")
+    parser.add_argument("--set", type=Path, default=LABELLED, help="labelled set (a labels.json)")
+    parser.add_argument("--name", help="results file name (default quality, or quality_<set>)")
     parser.add_argument("--explained-per-step", type=int, default=1)
     parser.add_argument("--policy-only", action="store_true", help="skip the model-alone column")
     args = parser.parse_args()
+    directory = args.set.resolve()
+    if args.name is None:
+        # Another set's results must not overwrite the tuning set's quality.json and plot.
+        args.name = "quality" if directory == LABELLED else f"quality_{directory.name}"
+    cases = labelled(directory)  # a bad set fails here, before the model starts
     try:
         import matplotlib  # noqa: F401 - checked before an hour of decisions, used at the end
     except ImportError:
@@ -301,8 +312,8 @@ def main() -> None:
         try:
             # Both roles on the one server, as on a one-model CPU box.
             config = llm_config(port, port, policy=policy, routing=routing)
-            rows = asyncio.run(run(config, not args.policy_only))
-            full = asyncio.run(explained(config, args.explained_per_step))
+            rows = asyncio.run(run(config, not args.policy_only, cases))
+            full = asyncio.run(explained(config, args.explained_per_step, cases))
         finally:
             if proc is not None:
                 end(proc)
@@ -310,13 +321,17 @@ def main() -> None:
     turns = "without" if args.no_example_turns else "with"
     RESULTS_DIR.mkdir(exist_ok=True)
     png = RESULTS_DIR / f"{args.name}_reliability.png"
-    bins = reliability_plot(rows, png, f"{model_name}, {turns} example turns, n={len(rows)}")
+    set_name = str(directory.relative_to(REPO) if directory.is_relative_to(REPO) else directory)
+    bins = reliability_plot(
+        rows, png, f"{set_name}: {model_name}, {turns} example turns, n={len(rows)}"
+    )
     calib = {who: calibration(rows, who) for who in ("model", "policy")}
     costs = {who: per_decision(rows, f"{who}_cost") for who in ("model", "policy")}
     costs["policy, explained"] = per_decision(full, "cost")
     paths = {p: sum(r["path"] == p for r in rows) for p in sorted({r["path"] for r in rows})}
+    heading = f"Accuracy on {len(rows)} labelled results in {set_name}"
     tables = {
-        f"Accuracy on {len(rows)} labelled results ({model_name}, {turns} example turns)": table(
+        f"{heading} ({model_name}, {turns} example turns)": table(
             ["decided by", *(f"label {a}" for a in ACTIONS), "all"], accuracy_rows(rows)
         ),
         **{
@@ -361,9 +376,9 @@ def main() -> None:
     }
     print("policy paths:", json.dumps(paths))
     save(args.name, command_line(), tables, {
-        "model": model_name, "example_turns": not args.no_example_turns, "paths": paths,
-        "calibration": calib, "cost": costs, "plot": str(png.relative_to(REPO)), "rows": rows,
-        "explained": full,
+        "set": set_name, "model": model_name, "example_turns": not args.no_example_turns,
+        "paths": paths, "calibration": calib, "cost": costs, "plot": str(png.relative_to(REPO)),
+        "rows": rows, "explained": full,
     })  # fmt: skip
 
 
