@@ -236,6 +236,11 @@ def test_a_decision_past_its_deadline_ends_as_configured(
         ({"llm_metadata": {"human_override_requested": True}}, {}, "human override"),
         ({"retry_count": 2, "success_criteria_met": False}, {}, "retry budget of 2 is spent"),
         ({"confidence": 0.3}, {}, "the agent itself is unsure"),
+        (
+            {"reasoning": "Success: train AUC 0.91, holdout AUC 0.70, gap 0.21 over the 0.10 bar."},
+            {},
+            "success claimed, but its own numbers say otherwise: 0.21 over the 0.10 bar",
+        ),
     ],
 )
 def test_clear_escalations_are_settled_without_the_model(
@@ -265,6 +270,18 @@ def test_the_model_chooses_only_among_the_open_findings(
     assert body["messages"][-2]["content"].endswith(f"Words: {', '.join(open_)}.")
 
 
+def test_what_the_numbers_settle_is_not_asked(fakes: tuple[FakeLlama, FakeLlama]) -> None:
+    """A gap under its stated bar and an AUC far from chance: `gap` and `random` are settled
+    by arithmetic, so the model is not offered them (a 1.5B model named them for any report
+    with a train and a holdout score)."""
+    report = "Train AUC 0.812, holdout 0.765: gap 0.047 under the 0.08 overfit bar."
+    d = decide(_config(fakes), meta_for(2, reasoning=report))
+    assert (d.action, d.path) == ("proceed", "llm")
+    assert "[its numbers hold: 0.047 under the 0.08 overfit bar; AUC 0.812]" in d.reasoning
+    open_ = tuple(f for f in SUCCESS_FINDINGS if f not in ("gap", "random"))
+    assert fakes[1].requests[0]["grammar"] == finding_grammar(open_)
+
+
 def test_an_unsure_model_is_overruled(fakes: tuple[FakeLlama, FakeLlama]) -> None:
     d = decide(_config(fakes, min_action_probability=0.95), meta_for(2))
     assert (d.action, d.path, d.confidence) == ("escalate", "guardrail", 0.9)
@@ -278,16 +295,19 @@ def test_retry_within_budget_stands(fakes: tuple[FakeLlama, FakeLlama]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("met", "confidence", "retries", "action"),
+    ("met", "confidence", "retries", "action", "report"),
     [
-        (True, 0.9, 0, "proceed"),
-        (True, 0.1, 0, "escalate"),
-        (False, 0.9, 1, "retry"),
-        (False, 0.9, 2, "escalate"),
+        (True, 0.9, 0, "proceed", "Done: 1,204 survivors above the threshold."),
+        (True, 0.1, 0, "escalate", "Done."),
+        (False, 0.9, 1, "retry", "Node lost."),
+        (False, 0.9, 2, "escalate", "Node lost."),
+        (True, 0.9, 0, "escalate", "Done: 0 survivors above the threshold."),
     ],
 )
-def test_rules_policy(met: bool, confidence: float, retries: int, action: str) -> None:
-    meta = meta_for(2, success_criteria_met=met, confidence=confidence, retry_count=retries)
+def test_rules_policy(met: bool, confidence: float, retries: int, action: str, report: str) -> None:
+    meta = meta_for(
+        2, success_criteria_met=met, confidence=confidence, retry_count=retries, reasoning=report
+    )
     assert rules(meta, PolicyConfig())[0] == action
 
 

@@ -80,3 +80,30 @@ def test_a_crash_with_retries_left_is_retried_and_decided_the_same_way_twice(
     assert again.reasoning.split(" (p=")[0] == first.reasoning.split(" (p=")[0]
     assert first.calibrated_confidence is not None
     assert again.calibrated_confidence == pytest.approx(first.calibrated_confidence, abs=0.02)
+
+
+def test_the_demo_step_5_success_under_its_stated_bar_proceeds(real_server: Config) -> None:
+    """The success every demo run escalated before the rules checked its numbers: the model
+    named `gap` or `random` for it (1.5B models do not compare 0.047 with 0.08)."""
+    meta = meta_for(
+        5,
+        reasoning="Training converged at epoch 23 (early stopping). Train AUC 0.793, holdout "
+        "0.746: gap 0.047 under the 0.08 overfit bar.",
+        suggested_params={
+            "window_size": 768,
+            "offset": 41,
+            "skip_min": 0,
+            "skip_max": 12,
+            "threshold": 0.0123,
+            "k_folds": 5,
+            "top_k": 10000,
+            "model": "gbdt",
+            "n_estimators": 600,
+            "max_depth": 8,
+            "learning_rate": 0.05,
+            "epochs": 30,
+            "dropout": 0.2,
+        },  # fmt: skip
+    )
+    d = decide(real_server, meta)
+    assert (d.action, d.path) == ("proceed", "llm"), d.reasoning

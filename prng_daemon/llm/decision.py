@@ -17,6 +17,7 @@ from ..errors import LLMBadAnswer, LLMError, LLMUnavailable
 from ..log import get_logger
 from ..metadata import AgentMetadata
 from ..pipeline import PIPELINE, PrimaryLLM, step
+from .claims import stated_claims
 from .client import TokenProbability, TopLogprob
 from .router import AsyncRouter, LLMMetrics, Routed
 
@@ -220,9 +221,13 @@ EXAMPLE_TURNS: list[dict[str, str]] = [
 
 
 def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
-    """The findings the rules leave open: a success is supported or contradicted; a failure
-    has a cause a rerun fixes or one it does not."""
-    return tuple(SUCCESS_FINDINGS if meta.success_criteria_met else FAILURE_FINDINGS)
+    """The findings the rules leave open: a success is supported or contradicted (less what
+    its own stated numbers already settle); a failure has a cause a rerun fixes or one it does
+    not."""
+    if not meta.success_criteria_met:
+        return tuple(FAILURE_FINDINGS)
+    settled = {c.finding for c in stated_claims(meta.reasoning or "") if c.holds}
+    return tuple(f for f in SUCCESS_FINDINGS if f not in settled)
 
 
 def build_messages(
@@ -263,16 +268,12 @@ def finding_probabilities(first: TokenProbability, findings: Sequence[str]) -> d
 
 def rules_decision(meta: AgentMetadata, policy: PolicyConfig) -> tuple[Action, str]:
     """The deterministic policy used when no LLM can answer: (action, reasoning)."""
-    if policy.escalate_on_human_override and meta.human_override_requested:
-        return "escalate", "a human override was requested"
-    if meta.success_criteria_met and meta.confidence >= policy.confidence_threshold:
+    settled = settled_by_rules(meta, policy)
+    if settled is not None:
+        return "escalate", settled
+    if meta.success_criteria_met:
         return "proceed", "success criteria met with enough confidence"
-    if not meta.success_criteria_met and meta.retries < policy.max_retries:
-        return (
-            "retry",
-            f"success criteria not met; retry {meta.retries + 1} of {policy.max_retries}",
-        )
-    return "escalate", "neither proceeding nor retrying is justified"
+    return "retry", f"success criteria not met; retry {meta.retries + 1} of {policy.max_retries}"
 
 
 def settled_by_rules(meta: AgentMetadata, policy: PolicyConfig) -> str | None:
@@ -283,6 +284,10 @@ def settled_by_rules(meta: AgentMetadata, policy: PolicyConfig) -> str | None:
         return f"the step failed and its retry budget of {policy.max_retries} is spent"
     if meta.success_criteria_met and meta.confidence < policy.confidence_threshold:
         return f"the agent itself is unsure (confidence {meta.confidence:g})"
+    if meta.success_criteria_met:
+        failed = [c.text for c in stated_claims(meta.reasoning or "") if not c.holds]
+        if failed:
+            return "success claimed, but its own numbers say otherwise: " + "; ".join(failed)
     return None
 
 
@@ -425,6 +430,9 @@ class DecisionEngine:
             )
         probability = model.probability
         found = f"{model.finding} (p={probability:.2f})"
+        held = [c.text for c in stated_claims(meta.reasoning or "") if c.holds]
+        if meta.success_criteria_met and held:
+            found += f" [its numbers hold: {'; '.join(held)}]"
         if explained is not None:
             confidence = CONFIDENCE_LEVELS[explained.confidence]
             reasoning = f"{found}: {explained.reasoning}"

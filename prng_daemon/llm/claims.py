@@ -1,0 +1,197 @@
+"""What a report's own numbers say: the comparisons an agent states (a value against its bar,
+target, limit or chance baseline; a train score against a holdout score), checked by
+arithmetic before any model is asked.
+
+A 1.5B model reads words, not magnitudes: it names `gap` for "gap 0.047 under the 0.08 bar"
+as readily as for "gap 0.37". So the rules do the arithmetic. A comparison that holds settles
+its finding (the model is no longer offered it); one that fails is a success contradicted by
+its own numbers, escalated whatever the text says. Only what the report states is checked:
+a number with no stated bar says nothing, except a train/holdout gap or an AUC, whose meaning
+does not depend on the step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from ..names import printable
+
+__all__ = ["Claim", "stated_claims"]
+
+Finding = Literal["gap", "random", "target", "zero", "missing"]
+
+NUMBER = r"(?<![\w.-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:\s?(%))?"
+_OPERATORS = {"<": True, "<=": True, "≤": True, ">": False, ">=": False, "≥": False}
+"""Operator -> whether it says the value is under its bar."""
+_UNDER_WORDS = r"under|below|within|inside|less than|lower than"
+_OVER_WORDS = r"above|over|exceeds?|exceeding|beats?|beating|past|more than|higher than"
+_PAIR_WORDS = rf"{_UNDER_WORDS}|{_OVER_WORDS}|against|vs\.?|versus|at|compared to|relative to"
+
+# A value (and what it counts: "812 survivors"), then how it relates to its bar, then the
+# bar, up to four words apart (the bar's kind often sits between: "above the 0.70 bar", "vs
+# baseline 0.4%", "at the random baseline of 0.39%"). A parenthesis names the bar after a
+# value: "CV AUC 0.78 (target 0.75)".
+_STATED = re.compile(
+    rf"{NUMBER}(?:\s+(?!but\b|and\b|or\b|is\b|was\b|not\b)[A-Za-z-]+){{0,2}}?[,:;]?\s+"
+    rf"(?P<rel>{_PAIR_WORDS})\s+(?P<between>(?:[A-Za-z'-]+\s+){{0,4}}?)"
+    rf"(?P<op>[<>]=?|[≤≥])?\s?{NUMBER}(?P<after>(?:\s+[A-Za-z-]+){{0,3}})",
+    re.IGNORECASE,
+)
+_PAREN = re.compile(
+    rf"{NUMBER}\s*\(\s*(?P<noun>[A-Za-z][A-Za-z -]{{0,30}}?)\s*:?\s*(?P<op>[<>]=?|[≤≥])?\s*"
+    rf"{NUMBER}\s*\)",
+    re.IGNORECASE,
+)
+_OPERATOR = re.compile(rf"{NUMBER}\s*(?P<op>[<>]=?|[≤≥])\s*{NUMBER}")
+# The metric's name may sit between ("train AUC 0.83", "holdout R^2 0.58"), not a sentence
+# ("training stopped at epoch 23").
+_METRIC_WORDS = r"(?:\s+(?!at\b|on\b|in\b|for\b|after\b|with\b|epoch)[A-Za-z^0-9²]+){0,2}?"
+_TRAIN = re.compile(rf"\btrain(?:ing)?\b{_METRIC_WORDS}[:=]?\s+{NUMBER}", re.IGNORECASE)
+_HOLDOUT = re.compile(
+    rf"\b(?:hold-?out|validation|test)\b{_METRIC_WORDS}[:=]?\s+{NUMBER}", re.IGNORECASE
+)
+_AUC = re.compile(rf"\bAUC\s+(?:of\s+)?{NUMBER}", re.IGNORECASE)
+# What the step exists to find, counted as none; not "no survivors were lost".
+_ZERO = re.compile(
+    r"\b(?:0|zero|no)\s+(?:[a-z-]+\s+){0,2}?(?:survivors|matches|hits|predictions)\b"
+    r"(?!(?:\s+\w+)?\s+(?:lost|dropped|failed|missing|skipped|discarded))",
+    re.IGNORECASE,
+)
+_MISSING = re.compile(
+    r"(?<![\w.-])(?!0\b)\d[\d,]*\s+(?:[a-z-]+\s+)?(?:missing|unreachable|not returned)\b",
+    re.IGNORECASE,
+)
+
+# What kind of bar a word names, and so which side of it is good.
+_CHANCE = re.compile(r"\b(chance|random|baseline)\b", re.IGNORECASE)
+_CEILING = re.compile(r"\b(limit|max|maximum|ceiling|cap|at most)\b", re.IGNORECASE)
+_FLOOR = re.compile(r"\b(target|minimum|min|floor|criterion|required|at least)\b", re.IGNORECASE)
+_BAR = re.compile(r"\b(bar|threshold)\b", re.IGNORECASE)
+_GAP = re.compile(r"\b(gap|difference|delta|overfit\w*)\b", re.IGNORECASE)
+_LOWER_IS_BETTER = re.compile(
+    r"\b(gap|difference|delta|overfit\w*|loss|error|variance|std|drop)\b", re.IGNORECASE
+)
+
+CHANCE_MARGIN = 2.0
+"""A value at least this many times its chance baseline is clearly above it."""
+AT_CHANCE = 1.25
+"""A value at most this many times its chance baseline is at chance level."""
+NEAR_MISS = 0.02
+"""A value this close to its bar (relative) is neither a pass nor a fail: a 95 % interval that
+covers 94.6 % meets its nominal target."""
+GAP_OK, GAP_TOO_LARGE = 0.05, 0.15
+"""A train/holdout gap with no stated bar: under the first is no overfitting, over the second
+is (AUC, F1, accuracy and R² are all on a 0..1 scale)."""
+AUC_CHANCE, AUC_SIGNAL = 0.55, 0.6
+CONTEXT = 40
+"""Characters before a value searched for what it measures ("gap", "loss")."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One comparison the report states, and whether its numbers bear it out."""
+
+    finding: Finding
+    """The success finding this comparison settles."""
+    holds: bool
+    text: str
+    """The report's words, for the decision's reasoning."""
+
+    def describe(self) -> str:
+        return f"{'holds' if self.holds else 'fails'}: {self.text!r}"
+
+
+def _value(number: str, percent: str | None) -> float:
+    return float(number.replace(",", "")) / (100 if percent else 1)
+
+
+def _quote(text: str) -> str:
+    return printable(" ".join(text.split()))[:80]
+
+
+def _versus(
+    finding: Finding, value: float, bar: float, under_is_good: bool, text: str
+) -> Claim | None:
+    """A value against its bar: holds on the good side, fails clearly on the wrong side, no
+    claim when it is within NEAR_MISS of the bar."""
+    if finding == "random":
+        if value >= CHANCE_MARGIN * bar:
+            return Claim("random", True, text)
+        return Claim("random", False, text) if value <= AT_CHANCE * bar else None
+    good = value <= bar if under_is_good else value >= bar
+    if not good and abs(value - bar) <= NEAR_MISS * abs(bar):
+        return None
+    return Claim(finding, good, text)
+
+
+def _kind(words: str, before: str, operator_under: bool | None) -> tuple[Finding, bool] | None:
+    """(finding, whether under the bar is good) from the words naming the bar and what the
+    value measures; None when nothing says what the bar is."""
+    finding: Finding = "gap" if _GAP.search(before) else "target"
+    if _CHANCE.search(words):
+        return "random", False
+    if _CEILING.search(words):
+        return finding, True
+    if _FLOOR.search(words):
+        return "target", False
+    if _BAR.search(words) or operator_under is not None:
+        return finding, bool(_LOWER_IS_BETTER.search(before))
+    return None
+
+
+def stated_claims(report: str) -> list[Claim]:
+    """The comparisons `report` states, each checked; one per finding and span of text."""
+    claims: list[Claim] = []
+    taken: list[tuple[Finding, int, int]] = []
+
+    def add(claim: Claim | None, span: tuple[int, int]) -> None:
+        if claim is None or any(
+            f == claim.finding and s < span[1] and span[0] < e for f, s, e in taken
+        ):
+            return
+        claims.append(claim)
+        taken.append((claim.finding, *span))
+
+    for m in _PAREN.finditer(report):
+        kind = _kind(m["noun"], report[max(0, m.start() - CONTEXT) : m.start()], None)
+        if kind is not None:
+            value, bar = _value(m[1], m[2]), _value(m[5], m[6])
+            add(_versus(kind[0], value, bar, kind[1], _quote(m[0])), m.span())
+    for m in _STATED.finditer(report):
+        rel, op = m["rel"].lower(), m["op"]
+        said_under = _OPERATORS[op] if op else None
+        if said_under is None and re.fullmatch(_UNDER_WORDS, rel):
+            said_under = True
+        elif said_under is None and re.fullmatch(_OVER_WORDS, rel):
+            said_under = False
+        before = report[max(0, m.start() - CONTEXT) : m.start()]
+        kind = _kind(f"{m['between']} {m['after']}", before, said_under)
+        if kind is not None:
+            value, bar = _value(m[1], m[2]), _value(m[6], m[7])
+            add(_versus(kind[0], value, bar, kind[1], _quote(m[0])), m.span())
+    for m in _OPERATOR.finditer(report):
+        # A bare "(0.041 < 0.06)": the report's own inequality, true or not.
+        value, bar, under = _value(m[1], m[2]), _value(m[4], m[5]), _OPERATORS[m["op"]]
+        before = report[max(0, m.start() - CONTEXT) : m.start()]
+        finding: Finding = "gap" if _GAP.search(before) else "target"
+        add(Claim(finding, (value <= bar) if under else (value >= bar), _quote(m[0])), m.span())
+    train, holdout = _TRAIN.search(report), _HOLDOUT.search(report)
+    if train and holdout and not any(c.finding == "gap" for c in claims):
+        gap = _value(train[1], train[2]) - _value(holdout[1], holdout[2])
+        text = _quote(f"{train[0]} / {holdout[0]} (gap {gap:.3f})")
+        if gap <= GAP_OK:
+            add(Claim("gap", True, text), (0, 0))
+        elif gap > GAP_TOO_LARGE:
+            add(Claim("gap", False, text), (0, 0))
+    for m in _AUC.finditer(report):
+        auc = _value(m[1], m[2])
+        if auc <= AUC_CHANCE:
+            add(Claim("random", False, _quote(m[0])), m.span())
+        elif auc >= AUC_SIGNAL:
+            add(Claim("random", True, _quote(m[0])), m.span())
+    for pattern, finding in ((_ZERO, "zero"), (_MISSING, "missing")):
+        for m in pattern.finditer(report):
+            add(Claim(finding, False, _quote(m[0])), m.span())
+    return claims

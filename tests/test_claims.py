@@ -1,0 +1,59 @@
+"""The arithmetic the rules do on a report's stated comparisons (prng_daemon/llm/claims.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from prng_daemon.llm.claims import stated_claims
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        # A value against a bar whose kind says which side is good.
+        (
+            "Train AUC 0.812, holdout 0.765: gap 0.047 under the 0.08 overfit bar.",
+            {"gap": True, "random": True},
+        ),
+        ("Holdout F1 0.71 vs train 0.93, a gap of 0.22 over the 0.10 bar.", {"gap": False}),
+        ("validation AUC 0.765, above the 0.70 bar.", {"target": True, "random": True}),
+        ("CV R^2 0.62 against the 0.55 target.", {"target": True}),
+        ("812 survivors against a minimum of 1,000.", {"target": False}),
+        ("CV AUC 0.78 (target 0.75).", {"target": True, "random": True}),
+        ("training loss 0.31 (limit 0.25)", {"target": False}),
+        # Within 2 % of its bar is no verdict: a 95 % interval covering 94.6 % is fine.
+        ("coverage 94.6% (target 95%)", {}),
+        # A chance baseline: far above it, at it, or in between (no verdict).
+        ("Match rate 3.9% vs 0.4% random baseline.", {"random": True}),
+        ("Match rate 0.38%, at the random baseline of 0.39%.", {"random": False}),
+        ("hit rate 0.15% (chance 0.1%)", {}),
+        ("hit rate 12.3% against 0.1% by chance", {"random": True}),
+        ("4.3% exact matches vs 0.39% random.", {"random": True}),
+        # The report's own inequality, checked.
+        ("(gap 0.047 < 0.08)", {"gap": True}),
+        ("(gap 0.12 < 0.08)", {"gap": False}),
+        # With no bar stated: a train/holdout gap, an AUC.
+        ("Train AUC 0.98, holdout AUC 0.61 (gap 0.37).", {"gap": False, "random": True}),
+        ("Holdout R^2 0.58, train 0.61.", {"gap": True}),
+        ("Training stopped at epoch 23; holdout AUC 0.60, train AUC 0.70.", {"random": True}),
+        ("CV AUC 0.51 on every fold.", {"random": False}),
+        # Nothing found, or parts missing.
+        ("Success: 0 bidirectional survivors.", {"zero": False}),
+        ("no survivors were lost in the rerun", {}),
+        ("52 shards planned, 31 returned, 21 missing.", {"missing": False}),
+        ("0 failed shards; rig-6600 unreachable for an hour, then back.", {}),
+        # Numbers with no stated bar say nothing.
+        ("Best trial #73: threshold=0.012, k_folds=5, score 0.847.", {}),
+    ],
+)
+def test_stated_comparisons_are_checked(report: str, expected: dict[str, bool]) -> None:
+    claims = stated_claims(report)
+    found: dict[str, bool] = {}
+    for claim in claims:
+        found[claim.finding] = found.get(claim.finding, True) and claim.holds
+    assert found == expected, [c.describe() for c in claims]
+
+
+def test_a_claim_quotes_the_report_printably() -> None:
+    (claim,) = stated_claims("gap 0.3\x1fover the\u2028 0.1 bar")
+    assert claim.text == "0.3 over the 0.1 bar"
