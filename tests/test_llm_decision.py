@@ -271,14 +271,14 @@ def test_the_model_chooses_only_among_the_open_findings(
 
 
 def test_what_the_numbers_settle_is_not_asked(fakes: tuple[FakeLlama, FakeLlama]) -> None:
-    """A gap under its stated bar and an AUC far from chance: `gap` and `random` are settled
+    """A gap under its stated bar and an AUC far from chance: `gap` and `chance` are settled
     by arithmetic, so the model is not offered them (a 1.5B model named them for any report
     with a train and a holdout score)."""
     report = "Train AUC 0.812, holdout 0.765: gap 0.047 under the 0.08 overfit bar."
     d = decide(_config(fakes), meta_for(2, reasoning=report))
     assert (d.action, d.path) == ("proceed", "llm")
     assert "[its numbers hold: 0.047 under the 0.08 overfit bar; AUC 0.812]" in d.reasoning
-    open_ = tuple(f for f in SUCCESS_FINDINGS if f not in ("gap", "random"))
+    open_ = tuple(f for f in SUCCESS_FINDINGS if f not in ("gap", "chance"))
     assert fakes[1].requests[0]["grammar"] == finding_grammar(open_)
 
 

@@ -20,28 +20,35 @@ from ..names import printable
 
 __all__ = ["Claim", "stated_claims"]
 
-Finding = Literal["gap", "random", "target", "zero", "missing"]
+Finding = Literal["gap", "chance", "target", "zero", "missing"]
 
 NUMBER = r"(?<![\w.-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:\s?(%))?"
 _OPERATORS = {"<": True, "<=": True, "≤": True, ">": False, ">=": False, "≥": False}
 """Operator -> whether it says the value is under its bar."""
-_UNDER_WORDS = r"under|below|within|inside|less than|lower than"
-_OVER_WORDS = r"above|over|exceeds?|exceeding|beats?|beating|past|more than|higher than"
-_PAIR_WORDS = rf"{_UNDER_WORDS}|{_OVER_WORDS}|against|vs\.?|versus|at|compared to|relative to"
+_PAIR_WORDS = (
+    r"under|below|within|inside|less than|lower than|above|over|exceeds?|exceeding|beats?|"
+    r"beating|past|more than|higher than|against|vs\.?|versus|at|compared to|relative to"
+)
 
+# What a value counts ("812 survivors"): words, not a conjunction, nor a bar's name (in "the
+# 0.0085 threshold, inside the 380-450 range" the number is the bar, not a value).
+_COUNTED = (
+    r"(?:\s+(?!(?:but|and|or|is|was|not|bar|threshold|target|limit|minimum|maximum|baseline)\b)"
+    r"[A-Za-z-]+){0,2}?"
+)
 # A value (and what it counts: "812 survivors"), then how it relates to its bar, then the
 # bar, up to four words apart (the bar's kind often sits between: "above the 0.70 bar", "vs
 # baseline 0.4%", "at the random baseline of 0.39%"). A parenthesis names the bar after a
 # value: "CV AUC 0.78 (target 0.75)".
 _STATED = re.compile(
-    rf"{NUMBER}(?:\s+(?!but\b|and\b|or\b|is\b|was\b|not\b)[A-Za-z-]+){{0,2}}?[,:;]?\s+"
+    rf"{NUMBER}{_COUNTED}[,:;]?\s+"
     rf"(?P<rel>{_PAIR_WORDS})\s+(?P<between>(?:[A-Za-z'-]+\s+){{0,4}}?)"
     rf"(?P<op>[<>]=?|[≤≥])?\s?{NUMBER}(?P<after>(?:\s+[A-Za-z-]+){{0,3}})",
     re.IGNORECASE,
 )
 _PAREN = re.compile(
-    rf"{NUMBER}\s*\(\s*(?P<noun>[A-Za-z][A-Za-z -]{{0,30}}?)\s*:?\s*(?P<op>[<>]=?|[≤≥])?\s*"
-    rf"{NUMBER}\s*\)",
+    rf"{NUMBER}{_COUNTED}\s*\(\s*(?P<noun>[A-Za-z][A-Za-z -]{{0,30}}?)\s*:?\s*"
+    rf"(?P<op>[<>]=?|[≤≥])?\s*{NUMBER}\s*\)",
     re.IGNORECASE,
 )
 _OPERATOR = re.compile(rf"{NUMBER}\s*(?P<op>[<>]=?|[≤≥])\s*{NUMBER}")
@@ -107,6 +114,16 @@ def _value(number: str, percent: str | None) -> float:
     return float(number.replace(",", "")) / (100 if percent else 1)
 
 
+def _pair(m: re.Match[str], value: int, bar: int) -> tuple[float, float] | None:
+    """The value and bar in groups `value` and `bar` (each a NUMBER: digits, then "%"), or None
+    when they are not the same kind of number: a count against a percentage ("200 known
+    outputs (baseline 0.39%)") compares nothing."""
+    v, b = _value(m[value], m[value + 1]), _value(m[bar], m[bar + 1])
+    if bool(m[value + 1]) != bool(m[bar + 1]) and max(v, b) > 1:
+        return None
+    return v, b
+
+
 def _quote(text: str) -> str:
     return printable(" ".join(text.split()))[:80]
 
@@ -116,10 +133,10 @@ def _versus(
 ) -> Claim | None:
     """A value against its bar: holds on the good side, fails clearly on the wrong side, no
     claim when it is within NEAR_MISS of the bar."""
-    if finding == "random":
+    if finding == "chance":
         if value >= CHANCE_MARGIN * bar:
-            return Claim("random", True, text)
-        return Claim("random", False, text) if value <= AT_CHANCE * bar else None
+            return Claim("chance", True, text)
+        return Claim("chance", False, text) if value <= AT_CHANCE * bar else None
     good = value <= bar if under_is_good else value >= bar
     if not good and abs(value - bar) <= NEAR_MISS * abs(bar):
         return None
@@ -131,13 +148,16 @@ def _kind(words: str, before: str, operator_under: bool | None) -> tuple[Finding
     value measures; None when nothing says what the bar is."""
     finding: Finding = "gap" if _GAP.search(before) else "target"
     if _CHANCE.search(words):
-        return "random", False
+        return "chance", False
     if _CEILING.search(words):
         return finding, True
     if _FLOOR.search(words):
         return "target", False
-    if _BAR.search(words) or operator_under is not None:
+    if _BAR.search(words):
         return finding, bool(_LOWER_IS_BETTER.search(before))
+    if operator_under is not None:
+        # "gap 0.047 < 0.08" names no bar; the inequality says which side the report claims.
+        return finding, operator_under
     return None
 
 
@@ -156,24 +176,23 @@ def stated_claims(report: str) -> list[Claim]:
 
     for m in _PAREN.finditer(report):
         kind = _kind(m["noun"], report[max(0, m.start() - CONTEXT) : m.start()], None)
-        if kind is not None:
-            value, bar = _value(m[1], m[2]), _value(m[5], m[6])
-            add(_versus(kind[0], value, bar, kind[1], _quote(m[0])), m.span())
+        pair = _pair(m, 1, 5)
+        if kind is not None and pair is not None:
+            add(_versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
     for m in _STATED.finditer(report):
-        rel, op = m["rel"].lower(), m["op"]
-        said_under = _OPERATORS[op] if op else None
-        if said_under is None and re.fullmatch(_UNDER_WORDS, rel):
-            said_under = True
-        elif said_under is None and re.fullmatch(_OVER_WORDS, rel):
-            said_under = False
+        # A word ("above", "inside") with no bar named says nothing; an inequality does.
+        said_under = _OPERATORS[m["op"]] if m["op"] else None
         before = report[max(0, m.start() - CONTEXT) : m.start()]
         kind = _kind(f"{m['between']} {m['after']}", before, said_under)
-        if kind is not None:
-            value, bar = _value(m[1], m[2]), _value(m[6], m[7])
-            add(_versus(kind[0], value, bar, kind[1], _quote(m[0])), m.span())
+        pair = _pair(m, 1, 6)
+        if kind is not None and pair is not None:
+            add(_versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
     for m in _OPERATOR.finditer(report):
         # A bare "(0.041 < 0.06)": the report's own inequality, true or not.
-        value, bar, under = _value(m[1], m[2]), _value(m[4], m[5]), _OPERATORS[m["op"]]
+        pair, under = _pair(m, 1, 4), _OPERATORS[m["op"]]
+        if pair is None:
+            continue
+        value, bar = pair
         before = report[max(0, m.start() - CONTEXT) : m.start()]
         finding: Finding = "gap" if _GAP.search(before) else "target"
         add(Claim(finding, (value <= bar) if under else (value >= bar), _quote(m[0])), m.span())
@@ -188,9 +207,9 @@ def stated_claims(report: str) -> list[Claim]:
     for m in _AUC.finditer(report):
         auc = _value(m[1], m[2])
         if auc <= AUC_CHANCE:
-            add(Claim("random", False, _quote(m[0])), m.span())
+            add(Claim("chance", False, _quote(m[0])), m.span())
         elif auc >= AUC_SIGNAL:
-            add(Claim("random", True, _quote(m[0])), m.span())
+            add(Claim("chance", True, _quote(m[0])), m.span())
     for pattern, finding in ((_ZERO, "zero"), (_MISSING, "missing")):
         for m in pattern.finditer(report):
             add(Claim(finding, False, _quote(m[0])), m.span())

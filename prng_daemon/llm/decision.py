@@ -52,7 +52,9 @@ DecidedBy = Literal["llm", "llm_degraded", "guardrail", "rules", "operator"]
 SUCCESS_FINDINGS: dict[str, tuple[Action, str]] = {
     "supported": ("proceed", "the numbers meet their targets and nothing contradicts them"),
     "zero": ("escalate", "nothing was found: zero survivors, matches or results"),
-    "random": ("escalate", "results at chance level, at or below the random baseline"),
+    # Not "random" nor "seed": in a PRNG pipeline those words are in every report (seed
+    # ranges, random baselines), and a 1.5B model named them for reports about neither.
+    "chance": ("escalate", "results at chance level, at or below the random baseline"),
     "leakage": ("escalate", "a score too good to be true: labels leaked into the features, "
                 "or validation overlaps training"),
     # Not "overfit": step 5 is anti_overfit_training, and the name drew every step 5 result.
@@ -68,7 +70,7 @@ FAILURE_FINDINGS: dict[str, tuple[Action, str]] = {
     "memory": ("retry", "out of memory"),
     "preempted": ("retry", "killed or preempted by the scheduler or a maintenance window"),
     "hardware": ("retry", "a GPU, driver or machine crash or reboot"),
-    "seed": ("retry", "an unlucky random seed or initialisation, diverged training"),
+    "unlucky": ("retry", "an unlucky random seed or initialisation, diverged training"),
     "budget": ("retry", "a search that needs more trials or more time"),
     "input": ("escalate", "corrupted, truncated, missing, duplicated or wrong input data, "
               "or bad output from an earlier step"),
@@ -215,7 +217,7 @@ EXAMPLE_TURNS: list[dict[str, str]] = [
     *_example(5, "Regularised run finished: train F1 0.912, holdout F1 0.871, a difference of "
               "0.041, below the 0.06 overfitting threshold (0.041 < 0.06).", "supported", "high",
               "The gap is under its stated bar: no overfitting."),
-    *_example(4, "Success: CV accuracy 0.51 on a balanced binary target.", "random", "medium",
+    *_example(4, "Success: CV accuracy 0.51 on a balanced binary target.", "chance", "medium",
               "Success is claimed but the accuracy is chance level."),
 ]  # fmt: skip
 
