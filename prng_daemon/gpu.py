@@ -31,6 +31,7 @@ __all__ = [
     "Listing",
     "gpu_memory_by_pid",
     "list_devices",
+    "nvidia_gpus",
     "no_gpu_reason",
     "parse_compute_apps",
     "parse_devices",
@@ -112,10 +113,8 @@ def no_gpu_reason(gpu_id: int, binary: str, pinned: Listing, everything: Listing
     error = _BACKEND_ERROR.search(pinned.output)
     if error:
         return f"GPU {gpu_id} not found ({error.group(1)}: {error.group(2).strip()})"
-    driver = "no NVIDIA driver answers" if nvidia_gpus() is None else "the NVIDIA driver does"
     return (
-        f"GPU {gpu_id} not found ({binary} lists no GPU: built without GPU support?"
-        f" {driver})"
+        f"GPU {gpu_id} not found ({binary} lists no GPU: built without GPU support, or no driver)"
     )
 
 

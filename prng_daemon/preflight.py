@@ -142,9 +142,7 @@ def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
     """For each launchable server given a GPU (gpu_id, n_gpu_layers > 0, allow_cpu off): that
     llama-server sees that GPU, and that the models pinned to one GPU fit its free memory (each
     model's file size, or its vram_estimate_gb when larger). One line per problem."""
-    wanting = [
-        n for n in launches if config.server(n).wants_gpu and not config.server(n).allow_cpu
-    ]
+    wanting = [n for n in launches if config.server(n).wants_gpu and not config.server(n).allow_cpu]
     if not wanting:
         return []
     problems = []
@@ -152,11 +150,15 @@ def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
     binary = launches[wanting[0]].argv[0]
     everything = gpu.list_devices(binary, gpu.without_gpu_pin(launches[wanting[0]].env))
     if everything.devices is None:
-        return [f"gpu: {binary} has no --list-devices (a build older than late 2024): GPUs not"
-                " checked; the daemon still fails a child whose log says it runs on the CPU"]
-    if driver is None:
+        return [
+            f"gpu: {binary} has no --list-devices (a build older than late 2024): GPUs not"
+            " checked; the daemon still fails a child whose log says it runs on the CPU"
+        ]
+    if everything.devices:
+        pass  # the GPUs are there (whatever their driver): each pinned one is checked below
+    elif driver is None:
         problems.append("gpu: no NVIDIA driver answers on this machine (no NVML, no nvidia-smi)")
-    elif not everything.devices:
+    else:
         problems.append(
             f"gpu: {binary} lists no GPU while the NVIDIA driver reports {driver}: it was built"
             " without GPU support (see systemd/README.md, 1.)"
