@@ -25,7 +25,7 @@ from prng_daemon.cli import main
 from prng_daemon.config import Config, parse_config
 from prng_daemon.llm import AsyncRouter
 from prng_daemon.preflight import environment_problems
-from prng_daemon.supervisor import ChildState, Supervisor
+from prng_daemon.supervisor import ChildState
 
 from .fake_llama import FakeLlama
 from .helpers import until, wait_until
