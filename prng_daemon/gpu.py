@@ -104,7 +104,7 @@ def without_gpu_pin(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
 
 
-def no_gpu_reason(gpu_id: int, binary: str, pinned: Listing, everything: Listing) -> str:
+def no_gpu_reason(gpu_id: int, pinned: Listing, everything: Listing) -> str:
     """Why llama-server sees no GPU under CUDA_VISIBLE_DEVICES=`gpu_id`, in one phrase:
     `pinned` is its listing so, `everything` its listing with every GPU visible."""
     if everything.devices:
@@ -113,9 +113,8 @@ def no_gpu_reason(gpu_id: int, binary: str, pinned: Listing, everything: Listing
     error = _BACKEND_ERROR.search(pinned.output)
     if error:
         return f"GPU {gpu_id} not found ({error.group(1)}: {error.group(2).strip()})"
-    return (
-        f"GPU {gpu_id} not found ({binary} lists no GPU: built without GPU support, or no driver)"
-    )
+    unknown = "llama-server lists no GPU: built without GPU support, or no driver"
+    return f"GPU {gpu_id} not found ({unknown})"
 
 
 def where(placement: str | None, vram_mib: int | None) -> str:

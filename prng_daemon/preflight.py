@@ -173,7 +173,7 @@ def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
             listed[server.gpu_id] = gpu.list_devices(binary, launch.env)
         pinned = listed[server.gpu_id]
         if not pinned.devices:
-            reason = gpu.no_gpu_reason(server.gpu_id, binary, pinned, everything)
+            reason = gpu.no_gpu_reason(server.gpu_id, pinned, everything)
             problems.append(f"{name}: would run on the CPU: {reason}; set {name}.allow_cpu"
                             " to run it there on purpose")  # fmt: skip
             continue

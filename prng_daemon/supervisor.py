@@ -259,7 +259,7 @@ class Supervisor:
             everything = await asyncio.to_thread(
                 gpu.list_devices, binary, gpu.without_gpu_pin(launch.env)
             )
-            raise WrongPlacement(gpu.no_gpu_reason(server.gpu_id, binary, listing, everything))
+            raise WrongPlacement(gpu.no_gpu_reason(server.gpu_id, listing, everything))
         return "CPU"
 
     async def _run_once(self, child: _Child, launch: Launch, placement: str | None) -> str:

@@ -184,8 +184,8 @@ def test_preflight_names_the_missing_gpu_and_the_missing_driver(
     lines = [line for line in capsys.readouterr().err.splitlines() if "gpu" in line.lower()]
     assert lines == [
         "preflight: gpu: no NVIDIA driver answers on this machine (no NVML, no nvidia-smi)",
-        f"preflight: math: would run on the CPU: GPU 1 not found ({llama_server_bin} lists no"
-        " GPU: built without GPU support, or no driver); set math.allow_cpu to run it there on"
+        "preflight: math: would run on the CPU: GPU 1 not found (llama-server lists no GPU:"
+        " built without GPU support, or no driver); set math.allow_cpu to run it there on"
         " purpose",
     ]
     allowed = preflight_config(llama_server_bin, tiny_model, tmp_path, allow_cpu=True)
