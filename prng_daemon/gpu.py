@@ -5,11 +5,12 @@ The device list comes from `llama-server --list-devices`, run with the child's o
 (CUDA_VISIBLE_DEVICES included) just before the child starts. Of the three sources llama-server
 offers it is the one that holds across versions: it is the same device enumeration the child
 makes, printed with printf whatever the log verbosity, in one format since the flag appeared
-(late 2024). The load log's `using device CUDA0` / `offloaded N/M layers to GPU` lines are
+(llama.cpp PR #10497, November 2024). The load log's `using device CUDA0` / `offloaded N/M layers to GPU` lines are
 libllama INFO lines that newer builds (11434 among them) hide at the default verbosity, and
 `/props` names no device at all. One load-log line is still used, as a cross-check and for builds
 older than `--list-devices`: `no usable GPU found, --gpu-layers option will be ignored`, which
-every build since 2024 writes to stderr, unfiltered, when it will run on the CPU.
+llama-server writes to stderr, unfiltered, when `--n-gpu-layers` meets no GPU (measured with
+build 11434 here and on the H100 with CUDA_VISIBLE_DEVICES naming an absent GPU).
 
 Memory per process comes from NVML (the `nvidia-ml-py` package, import name `pynvml`, when
 installed), else from `nvidia-smi`; where neither answers (no NVIDIA driver) there is none.
@@ -45,7 +46,7 @@ SMI_TIMEOUT_SECONDS = 10.0
 
 NO_GPU_LINE = re.compile(rb"no usable GPU found|not compiled with GPU offload support")
 """What llama-server writes (at any verbosity) when `--n-gpu-layers` will be ignored; the second
-form is the wording of builds before mid-2024."""
+form is the wording of older builds."""
 _DEVICE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$")
 _BACKEND_ERROR = re.compile(r"failed to initialize (\w+): (.+)$", re.MULTILINE)
 
@@ -63,7 +64,7 @@ class Device:
 @dataclass(frozen=True)
 class Listing:
     """What `llama-server --list-devices` said: `devices` is None when this build has no such
-    flag (older than late 2024); `output` keeps its text for explaining an empty list."""
+    flag (before November 2024); `output` keeps its text for explaining an empty list."""
 
     devices: tuple[Device, ...] | None
     output: str

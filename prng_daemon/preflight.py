@@ -151,7 +151,7 @@ def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
     everything = gpu.list_devices(binary, gpu.without_gpu_pin(launches[wanting[0]].env))
     if everything.devices is None:
         return [
-            f"gpu: {binary} has no --list-devices (a build older than late 2024): GPUs not"
+            f"gpu: {binary} has no --list-devices (a build before November 2024): GPUs not"
             " checked; the daemon still fails a child whose log says it runs on the CPU"
         ]
     if everything.devices:
@@ -165,6 +165,7 @@ def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
         )
     needs: dict[int, list[tuple[str, float]]] = {}
     listed: dict[int, gpu.Listing] = {}
+    devices: dict[int, gpu.Device] = {}
     for name in wanting:
         server = config.server(name)
         assert server.gpu_id is not None
@@ -177,12 +178,13 @@ def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
             problems.append(f"{name}: would run on the CPU: {reason}; set {name}.allow_cpu"
                             " to run it there on purpose")  # fmt: skip
             continue
+        devices[server.gpu_id] = pinned.devices[0]  # pinned: CUDA0 is GPU gpu_id
         size = Path(launch.argv[launch.argv.index("--model") + 1]).stat().st_size / GIB
         need = max(size, server.vram_estimate_gb or 0.0)
         needs.setdefault(server.gpu_id, []).append((name, need))
     for gpu_id, wants in needs.items():
         total = sum(need for _, need in wants)
-        device = listed[gpu_id].devices[0]  # type: ignore[index]
+        device = devices[gpu_id]
         if total > device.free_mib / 1024:
             who = " + ".join(f"{name} {need:.1f} GiB" for name, need in wants)
             problems.append(

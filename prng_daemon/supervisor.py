@@ -221,9 +221,10 @@ class Supervisor:
             except WrongPlacement as exc:
                 # Not restarted: the GPU will not appear by itself, and a model on the CPU
                 # answers 10-50x slower while everything looks healthy.
+                child.status = replace(child.status, placement="CPU")
                 self._fail(child, f"on CPU — {exc.reason}", event="server.wrong_placement",
-                           placement="CPU", hint="set allow_cpu: true for this server to run"
-                           " it on the CPU on purpose")  # fmt: skip
+                           hint="set allow_cpu: true for this server to run it on the CPU on"
+                           " purpose")  # fmt: skip
                 return
             delay = None
             if self._config.health.restart_on_failure:
@@ -409,12 +410,8 @@ class Supervisor:
             return f"{what}: {exc}"
         return None
 
-    def _fail(
-        self, child: _Child, reason: str, event: str = "server.failed",
-        placement: str | None = None, **facts: Any,
-    ) -> None:  # fmt: skip
-        changes: dict[str, Any] = {"placement": placement} if placement else {}
-        self._set(child, ChildState.FAILED, reason, pid=None, vram_mib=None, **changes)
+    def _fail(self, child: _Child, reason: str, event: str = "server.failed", **facts: Any) -> None:
+        self._set(child, ChildState.FAILED, reason, pid=None, vram_mib=None)
         child.log.error(
             event, reason=reason, last_exit=child.status.last_exit,
             restarts=child.status.restarts,
