@@ -5,12 +5,13 @@ The device list comes from `llama-server --list-devices`, run with the child's o
 (CUDA_VISIBLE_DEVICES included) just before the child starts. Of the three sources llama-server
 offers it is the one that holds across versions: it is the same device enumeration the child
 makes, printed with printf whatever the log verbosity, in one format since the flag appeared
-(llama.cpp PR #10497, November 2024). The load log's `using device CUDA0` / `offloaded N/M layers to GPU` lines are
-libllama INFO lines that newer builds (11434 among them) hide at the default verbosity, and
-`/props` names no device at all. One load-log line is still used, as a cross-check and for builds
-older than `--list-devices`: `no usable GPU found, --gpu-layers option will be ignored`, which
-llama-server writes to stderr, unfiltered, when `--n-gpu-layers` meets no GPU (measured with
-build 11434 here and on the H100 with CUDA_VISIBLE_DEVICES naming an absent GPU).
+(llama.cpp PR #10497, November 2024). The load log's `using device CUDA0` and `offloaded N/M
+layers to GPU` are libllama INFO lines that newer builds (11434 among them) hide at the default
+verbosity, and `/props` names no device at all. One load-log line is still used, as a
+cross-check and for builds older than `--list-devices`: `no usable GPU found, --gpu-layers
+option will be ignored`, which llama-server writes to stderr, unfiltered, when `--n-gpu-layers`
+meets no GPU (seen with build 11434 here, and on an H100 with CUDA_VISIBLE_DEVICES naming an
+absent GPU).
 
 Memory per process comes from NVML (the `nvidia-ml-py` package, import name `pynvml`, when
 installed), else from `nvidia-smi`; where neither answers (no NVIDIA driver) there is none.
