@@ -146,7 +146,6 @@ def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
     if not wanting:
         return []
     problems = []
-    driver = gpu.nvidia_gpus()
     binary = launches[wanting[0]].argv[0]
     everything = gpu.list_devices(binary, gpu.without_gpu_pin(launches[wanting[0]].env))
     if everything.devices is None:
@@ -156,7 +155,7 @@ def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
         ]
     if everything.devices:
         pass  # the GPUs are there (whatever their driver): each pinned one is checked below
-    elif driver is None:
+    elif (driver := gpu.nvidia_gpus()) is None:
         problems.append("gpu: no NVIDIA driver answers on this machine (no NVML, no nvidia-smi)")
     else:
         problems.append(

@@ -335,8 +335,15 @@ class Supervisor:
         subprocess, NVML a blocking call)."""
         if child.status.placement == "CPU" or child.status.pid is None:
             return
-        used = await asyncio.to_thread(gpu.gpu_memory_by_pid)
-        vram = None if used is None else used.get(child.status.pid, 0)
+        try:
+            # Bounded: a driver in trouble must not stall the health checks that follow.
+            async with asyncio.timeout(self._config.health.probe_timeout_seconds):
+                used = await asyncio.to_thread(gpu.gpu_memory_by_pid)
+        except TimeoutError:
+            used = None
+        # Not listed: nothing on the GPU, or a PID namespace the driver does not see into
+        # (a container); either way no number beats a wrong 0.
+        vram = None if used is None else used.get(child.status.pid)
         child.status = replace(child.status, vram_mib=vram)
 
     @staticmethod

@@ -152,6 +152,35 @@ exec {llama_server_bin} "$@"
     run(body)
 
 
+def test_the_daemon_says_why_in_status_in_status_line_and_in_one_journal_line(
+    tmp_path: Path,
+    fake: FakeLlama,
+    llama_server_bin: Path,
+    tiny_model: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The whole daemon with math (managed, real llama-server) pinned to the absent GPU 1."""
+    math = {**gpu_server(tiny_model.name), "managed": True}
+    ws = make_workspace(
+        tmp_path, fake.port, math=math,
+        daemon={"llama_server": str(llama_server_bin), "models_dir": str(tiny_model.parent)},
+    )  # fmt: skip
+    published = ws.root / "state" / "status.json"
+    with running(ws):
+        line = wait_until(
+            lambda: (s := json.loads(published.read_text())["status"]) and "math failed" in s and s,
+            20, what="STATUS= with math failed",
+        )  # fmt: skip
+        assert main(["status", "--config", str(ws.config_path)]) == 0
+        shown = capsys.readouterr().out.splitlines()
+    assert line.startswith("orchestrator unmanaged, math failed: on CPU — GPU 1 not found (")
+    math_line = next(text for text in shown if text.startswith("  math:"))
+    assert math_line.startswith(
+        "  math: failed (pid None, restarts 0) — on CPU — GPU 1 not found ("
+    )
+    assert len(ws.events("server.wrong_placement")) == 1 and not ws.events("server.failed")
+
+
 def test_vram_per_pid_from_nvidia_smi_text_and_none_without_a_driver(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
