@@ -8,6 +8,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .gpu import NO_GPU_LINE
+
 __all__ = ["ChildLog", "RotatingFile", "classify"]
 
 _CHUNK = 64 * 1024
@@ -75,6 +77,9 @@ class ChildLog:
         self._file = RotatingFile(path, max_bytes, backups)
         self._log = log
         self._tail: deque[str] = deque(maxlen=tail_lines)
+        self.no_gpu = False
+        """Set when the child said its --n-gpu-layers will be ignored (gpu.NO_GPU_LINE); the
+        supervisor clears it at each launch."""
 
     @property
     def path(self) -> Path:
@@ -106,6 +111,8 @@ class ChildLog:
             return
         text = raw.decode("utf-8", "replace")
         self._tail.append(text)
+        if NO_GPU_LINE.search(raw):
+            self.no_gpu = True
         level = classify(raw)
         if level is not None:
             getattr(self._log, level)("server.output", line=text)

@@ -129,6 +129,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     faulthandler.enable()
     path = config_path(args.config)
     config = load_config(path)
+    # Agents inherit it: get_router() in an agent finds this config, and through it the ports
+    # and the key file of the llama-servers, with no config of its own.
+    os.environ["PRNG_DAEMON_CONFIG"] = str(path.resolve())
     notifier = Notifier()
     return asyncio.run(Daemon(config, notifier, reload_config=lambda: load_config(path)).run())
 

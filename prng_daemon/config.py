@@ -80,6 +80,15 @@ class ServerConfig(_Section):
     startup_timeout_seconds: Seconds = 600.0
     managed: bool = True
     """False: someone else runs this server; the daemon only talks to it."""
+    allow_cpu: bool = False
+    """True: a child given a GPU (gpu_id and n_gpu_layers > 0) that finds none runs on the CPU
+    anyway; False (default): it is FAILED with the reason instead of answering 10-50x slower."""
+
+    @property
+    def wants_gpu(self) -> bool:
+        """Given a GPU of its own: gpu_id set and layers to offload. Without a gpu_id the child
+        takes whatever GPUs it sees, and the CPU is as good an answer as any."""
+        return self.gpu_id is not None and self.n_gpu_layers > 0
 
     _paths = field_validator("api_key_file")(_relative_to_config)
 

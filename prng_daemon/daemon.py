@@ -21,6 +21,7 @@ from .config import SERVER_NAMES as SERVERS
 from .config import Config
 from .engine import Engine
 from .errors import ConfigError, DaemonError
+from .gpu import where
 from .handlers.act import Launcher
 from .handlers.record import write_json_atomic
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
@@ -75,6 +76,15 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _server_line(name: str, status: ChildStatus) -> str:
+    """`math ready on GPU1, 5.4 GiB`; a failed one with its reason (`math failed: on CPU — GPU 1
+    not found`), the one place systemctl status can say why."""
+    if status.state is ChildState.FAILED:
+        return f"{name} failed: {status.message}"
+    placed = where(status.placement, status.vram_mib)
+    return f"{name} {status.state.value}" + (f" {placed}" if placed else "")
 
 
 def work_deadline(config: Config) -> float:
@@ -456,7 +466,7 @@ class Daemon:
         states = self.supervisor.status()
         # A server someone else runs has no child state here; saying "starting" would never end.
         servers = ", ".join(
-            f"{name} {states[name].state.value}" if name in states
+            _server_line(name, states[name]) if name in states
             else f"{name} {'starting' if self.config.server(name).managed else 'unmanaged'}"
             for name in ("orchestrator", "math")
         )  # fmt: skip
@@ -521,6 +531,8 @@ class Daemon:
                         "last_exit": s.last_exit,
                         "since": s.since,
                         "message": s.message,
+                        "placement": s.placement,
+                        "vram_mib": s.vram_mib,
                     }
                     for name, s in self.supervisor.status().items()
                 },

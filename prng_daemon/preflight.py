@@ -6,9 +6,12 @@ import errno
 import os
 import shutil
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import gpu
+from .apikey import KeyFileError, key_file, read_key
 from .config import SERVER_NAMES, Config
 from .pipeline import PIPELINE
 
@@ -82,16 +85,15 @@ def _port_free(host: str, port: int) -> None:
         raise PreflightFailed(f"cannot bind {host}:{port}: {exc.strerror}") from None
 
 
-def _api_key(path: Path) -> str:
-    """The first key in a llama-server --api-key-file (one per line, '#' starts a comment)."""
+def _api_key(config: Config, name: str) -> tuple[Path | None, str | None]:
+    """The key file server `name` is started with (apikey.key_file), and the key in it."""
+    path = key_file(config, name)
+    if path is None:
+        return None, None
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PreflightFailed(f"api key file unreadable: {path}: {exc}") from None
-    for line in lines:
-        if line.strip() and not line.lstrip().startswith("#"):
-            return line.strip()
-    raise PreflightFailed(f"api key file holds no key: {path}")
+        return path, read_key(path)
+    except KeyFileError as exc:
+        raise PreflightFailed(f"api key file unreadable: {exc}") from None
 
 
 def _probe_url(host: str, port: int) -> str:
@@ -106,7 +108,7 @@ def plan_launch(config: Config, name: str) -> Launch:
     daemon = config.daemon
     binary = _binary(daemon.llama_server)
     model = _model(daemon.models_dir, server.model)
-    api_key = _api_key(server.api_key_file) if server.api_key_file else None
+    key_path, api_key = _api_key(config, name)
     _port_free(server.host, server.port)
     argv = [
         binary,
@@ -119,27 +121,93 @@ def plan_launch(config: Config, name: str) -> Launch:
         "--batch-size", str(server.batch_size),
         "--parallel", str(server.parallel),
     ]  # fmt: skip
-    if server.api_key_file:
-        argv += ["--api-key-file", str(server.api_key_file)]
+    if key_path is not None:
+        argv += ["--api-key-file", str(key_path)]
     argv += server.extra_args
     env = dict(os.environ)
+    url = _probe_url(server.host, server.port)
+    # CORS: only the server's own origin, so no web page opened on this box may call it (the
+    # default is every origin). An environment variable, not --cors-origins: builds that predate
+    # the flag ignore it, where an unknown flag would stop them. extra_args can still open it.
+    env.setdefault("LLAMA_ARG_CORS_ORIGINS", url)
     if server.gpu_id is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(server.gpu_id)
-    return Launch(tuple(argv), env, _probe_url(server.host, server.port), api_key)
+    return Launch(tuple(argv), env, url, api_key)
+
+
+GIB = 1 << 30
+
+
+def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
+    """For each launchable server given a GPU (gpu_id, n_gpu_layers > 0, allow_cpu off): that
+    llama-server sees that GPU, and that the models pinned to one GPU fit its free memory (each
+    model's file size, or its vram_estimate_gb when larger). One line per problem."""
+    wanting = [n for n in launches if config.server(n).wants_gpu and not config.server(n).allow_cpu]
+    if not wanting:
+        return []
+    problems = []
+    binary = launches[wanting[0]].argv[0]
+    everything = gpu.list_devices(binary, gpu.without_gpu_pin(launches[wanting[0]].env))
+    if everything.devices is None:
+        return [
+            f"gpu: {binary} has no --list-devices (a build before November 2024): GPUs not"
+            " checked; the daemon still fails a child whose log says it runs on the CPU"
+        ]
+    if everything.devices:
+        pass  # the GPUs are there (whatever their driver): each pinned one is checked below
+    elif (driver := gpu.nvidia_gpus()) is None:
+        problems.append("gpu: no NVIDIA driver answers on this machine (no NVML, no nvidia-smi)")
+    else:
+        problems.append(
+            f"gpu: {binary} lists no GPU while the NVIDIA driver reports {driver}: it was built"
+            " without GPU support (see systemd/README.md, 1.)"
+        )
+    needs: dict[int, list[tuple[str, float]]] = {}
+    listed: dict[int, gpu.Listing] = {}
+    devices: dict[int, gpu.Device] = {}
+    for name in wanting:
+        server = config.server(name)
+        assert server.gpu_id is not None
+        launch = launches[name]
+        if server.gpu_id not in listed:
+            listed[server.gpu_id] = gpu.list_devices(binary, launch.env)
+        pinned = listed[server.gpu_id]
+        if not pinned.devices:
+            reason = gpu.no_gpu_reason(server.gpu_id, pinned, everything)
+            problems.append(f"{name}: would run on the CPU: {reason}; set {name}.allow_cpu"
+                            " to run it there on purpose")  # fmt: skip
+            continue
+        devices[server.gpu_id] = pinned.devices[0]  # pinned: CUDA0 is GPU gpu_id
+        size = Path(launch.argv[launch.argv.index("--model") + 1]).stat().st_size / GIB
+        need = max(size, server.vram_estimate_gb or 0.0)
+        needs.setdefault(server.gpu_id, []).append((name, need))
+    for gpu_id, wants in needs.items():
+        total = sum(need for _, need in wants)
+        device = devices[gpu_id]
+        if total > device.free_mib / 1024:
+            who = " + ".join(f"{name} {need:.1f} GiB" for name, need in wants)
+            problems.append(
+                f"gpu {gpu_id}: the models need about {total:.1f} GiB ({who}; file size or"
+                f" vram_estimate_gb), {device.description} has {device.free_mib / 1024:.1f} GiB"
+                " free"
+            )
+    return problems
 
 
 def environment_problems(config: Config) -> list[str]:
     """What would stop the daemon from working on this machine, one line each, without starting
-    anything: binaries and models of managed servers, agent programs and the pipeline's agents.
-    A busy port is not listed (the running daemon may hold it)."""
+    anything: binaries and models of managed servers, their GPUs, agent programs and the
+    pipeline's agents. A busy port is not listed (the running daemon may hold it)."""
     problems = []
+    launches = {}
     for name in SERVER_NAMES:
         if config.server(name).managed:
             try:
-                plan_launch(config, name)
+                launches[name] = plan_launch(config, name)
             except PreflightFailed as exc:
                 if not exc.transient:
                     problems.append(f"{name}: {exc}")
+    problems += gpu_problems(config, launches)
     for name, agent in config.agents.items():
         if shutil.which(agent.argv[0]) is None:
             problems.append(f"agents.{name}.argv[0]: program not found: {agent.argv[0]}")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .apikey import make_key
 from .config import SERVER_NAMES, Config
 from .llm.decision import DecisionEngine
 from .llm.router import AsyncRouter, read_api_key
@@ -60,9 +61,11 @@ async def build(
     Raises ConfigError (an API key file that cannot be read) or OSError (the new results dir
     cannot be made or watched), having closed whatever it made before.
     """
-    # The key files first: a missing one must fail before any client exists.
+    # The key files first: a missing one must fail before any client exists. A server that
+    # now uses the daemon's own key gets it made, as at start.
+    make_key(new)
     for name in SERVER_NAMES:
-        read_api_key(name, new.server(name))
+        read_api_key(new, name)
     router = AsyncRouter(new, is_ready=is_ready)
     try:
         decisions = DecisionEngine(new, router)

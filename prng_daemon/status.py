@@ -12,6 +12,7 @@ from typing import Any
 from .config import Config
 from .daemon import HEARTBEAT_SECONDS, status_path
 from .errors import DaemonError
+from .gpu import where
 from .ledger import Ledger, State
 from .llm.router import base_url
 from .names import printable
@@ -128,8 +129,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  {name}: not managed by the daemon, at {s['url']}")
             continue
         exit_note = f", last exit {s['last_exit']}" if s["last_exit"] is not None else ""
+        placed = where(s.get("placement"), s.get("vram_mib")) if s["state"] != "failed" else ""
         lines.append(
-            f"  {name}: {s['state']} (pid {s['pid']}, restarts {s['restarts']}{exit_note})"
+            f"  {name}: {s['state']}{' ' + placed if placed else ''}"
+            f" (pid {s['pid']}, restarts {s['restarts']}{exit_note})"
             + (f" — {s['message']}" if s["message"] else "")
         )
     lines.append(f"pending escalations: {len(report['escalations'])}")

@@ -11,16 +11,18 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from . import gpu
+from .apikey import make_key
 from .backoff import RestartBudget
 from .childlog import ChildLog
-from .config import SERVER_NAMES, Config
+from .config import SERVER_NAMES, Config, ServerConfig
 from .errors import LLMError
 from .llm.client import Health, LlamaClient
 from .log import get_logger
 from .preflight import Launch, PreflightFailed, plan_launch
 from .spawn import signal_group, spawn
 
-__all__ = ["ChildState", "ChildStatus", "Supervisor"]
+__all__ = ["ChildState", "ChildStatus", "Supervisor", "WrongPlacement"]
 
 T = TypeVar("T")
 
@@ -47,6 +49,19 @@ class ChildStatus:
     since: float
     """Wall-clock time.time() of the last state change."""
     message: str
+    placement: str | None = None
+    """Where its layers are: "GPU1" (its gpu_id), "CUDA0+CUDA1" (no gpu_id), "CPU"; None: not
+    known (not launched yet, or a llama-server too old to list its devices)."""
+    vram_mib: int | None = None
+    """GPU memory its process holds (NVML or nvidia-smi); None without an NVIDIA driver."""
+
+
+class WrongPlacement(Exception):
+    """A child given a GPU would run, or runs, on the CPU; `reason` says which GPU and why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
 
 
 @dataclass
@@ -79,6 +94,8 @@ class Supervisor:
         self._children = {
             name: self._new_child(name) for name in SERVER_NAMES if config.server(name).managed
         }
+        # Before any router reads it: the daemon's own key, when a child is locked with it.
+        make_key(config)
 
     def _budget(self) -> RestartBudget:
         h = self._config.health
@@ -192,14 +209,23 @@ class Supervisor:
     async def _restart_loop(self, child: _Child) -> None:
         while True:
             try:
+                make_key(self._config)  # again: a child must never start unlocked
                 launch = plan_launch(self._config, child.name)
+                placement = await self._placement(launch, self._config.server(child.name))
+                reason = await self._run_once(child, launch, placement)
             except PreflightFailed as exc:
                 if not exc.transient:
                     self._fail(child, exc.message)
                     return
                 reason = exc.message
-            else:
-                reason = await self._run_once(child, launch)
+            except WrongPlacement as exc:
+                # Not restarted: the GPU will not appear by itself, and a model on the CPU
+                # answers 10-50x slower while everything looks healthy.
+                child.status = replace(child.status, placement="CPU")
+                self._fail(child, f"on CPU — {exc.reason}", event="server.wrong_placement",
+                           hint="set allow_cpu: true for this server to run it on the CPU on"
+                           " purpose")  # fmt: skip
+                return
             delay = None
             if self._config.health.restart_on_failure:
                 delay = child.budget.next_delay(self._clock(), child.clean_since)
@@ -215,16 +241,42 @@ class Supervisor:
             await asyncio.sleep(delay)
             child.status = replace(child.status, restarts=child.status.restarts + 1)
 
-    async def _run_once(self, child: _Child, launch: Launch) -> str:
+    async def _placement(self, launch: Launch, server: ServerConfig) -> str | None:
+        """Where the child will run, from `llama-server --list-devices` in the child's own
+        environment (see gpu.py for why that source); WrongPlacement if that is the CPU while
+        it was given a GPU and allow_cpu is off."""
+        if server.n_gpu_layers == 0:
+            return "CPU"
+        binary = launch.argv[0]
+        listing = await asyncio.to_thread(gpu.list_devices, binary, launch.env)
+        if listing.devices is None:
+            return None  # a build without --list-devices: its load log tells (_wrong_placement)
+        if listing.devices:
+            if server.gpu_id is not None:
+                return f"GPU{server.gpu_id}"
+            return "+".join(d.name for d in listing.devices)
+        if server.wants_gpu and not server.allow_cpu:
+            assert server.gpu_id is not None
+            everything = await asyncio.to_thread(
+                gpu.list_devices, binary, gpu.without_gpu_pin(launch.env)
+            )
+            raise WrongPlacement(gpu.no_gpu_reason(server.gpu_id, listing, everything))
+        return "CPU"
+
+    async def _run_once(self, child: _Child, launch: Launch, placement: str | None) -> str:
         """One run of the child, from launch to exit; returns why it ended."""
         assert child.output is not None
         server = self._config.server(child.name)
         child.output.note(f"launching {' '.join(launch.argv)}")
+        child.output.no_gpu = False
         proc = await spawn(launch.argv, launch.env)
         assert proc.stdout is not None
         child.proc = proc
         child.pump = asyncio.create_task(child.output.pump(proc.stdout))
-        self._set(child, ChildState.STARTING, "loading model", pid=proc.pid)
+        self._set(
+            child, ChildState.STARTING, "loading model", pid=proc.pid, placement=placement,
+            vram_mib=None,
+        )  # fmt: skip
         child.log.info(
             "server.starting", pid=proc.pid, port=server.port, gpu_id=server.gpu_id,
             argv=list(launch.argv), log_file=str(child.output.path),
@@ -234,15 +286,24 @@ class Supervisor:
             launch.base_url, timeout=h.probe_timeout_seconds, api_key=launch.api_key
         )
         exited = asyncio.create_task(proc.wait())
+        wrong = None
         try:
             reason = "exited"
-            if await self._race(exited, self._until_ready(client, server.startup_timeout_seconds)):
+            loading = self._until_ready(client, server.startup_timeout_seconds)
+            if not await self._race(exited, loading):
+                if not exited.done():
+                    reason = f"not ready within {server.startup_timeout_seconds:g}s"
+            elif wrong := self._wrong_placement(child, server):
+                reason = "landed on the CPU"
+            else:
+                await self._sample_vram(child)
                 child.clean_since = self._clock()
                 self._set(child, ChildState.READY, "")
-                child.log.info("server.ready", pid=proc.pid, port=server.port)
+                child.log.info(
+                    "server.ready", pid=proc.pid, port=server.port,
+                    placement=child.status.placement, vram_mib=child.status.vram_mib,
+                )  # fmt: skip
                 reason = await self._race(exited, self._watch(child, client)) or "exited"
-            elif not exited.done():
-                reason = f"not ready within {server.startup_timeout_seconds:g}s"
             if not exited.done():
                 signal_group(proc, signal.SIGKILL)
             returncode = await exited
@@ -253,7 +314,37 @@ class Supervisor:
         child.proc = None
         child.log.warning("server.exited", pid=proc.pid, returncode=returncode, reason=reason)
         self._set(child, child.status.state, reason, pid=None, last_exit=returncode)
+        if wrong:
+            raise WrongPlacement(wrong)
         return f"{reason} (exit status {returncode})"
+
+    def _wrong_placement(self, child: _Child, server: ServerConfig) -> str | None:
+        """Why the ready child must not serve, or None. Its own word overrides the device list:
+        `no usable GPU found` in its output means its layers stayed on the CPU (and is all a
+        build without --list-devices tells)."""
+        assert child.output is not None
+        if not child.output.no_gpu or server.n_gpu_layers == 0:
+            return None
+        child.status = replace(child.status, placement="CPU")
+        if server.wants_gpu and not server.allow_cpu:
+            return f"GPU {server.gpu_id} not used (llama-server: no usable GPU found)"
+        return None
+
+    async def _sample_vram(self, child: _Child) -> None:
+        """The child's GPU memory now, where it may hold some; off the loop (nvidia-smi is a
+        subprocess, NVML a blocking call)."""
+        if child.status.placement == "CPU" or child.status.pid is None:
+            return
+        try:
+            # Bounded: a driver in trouble must not stall the health checks that follow.
+            async with asyncio.timeout(self._config.health.probe_timeout_seconds):
+                used = await asyncio.to_thread(gpu.gpu_memory_by_pid)
+        except TimeoutError:
+            used = None
+        # Not listed: nothing on the GPU, or a PID namespace the driver does not see into
+        # (a container); either way no number beats a wrong 0.
+        vram = None if used is None else used.get(child.status.pid)
+        child.status = replace(child.status, vram_mib=vram)
 
     @staticmethod
     async def _race(exited: asyncio.Task[int], work: Awaitable[T]) -> T | None:
@@ -290,6 +381,7 @@ class Supervisor:
             # probe generates, or a good /health would hide the wedge.
             generate = failures > 0 or loop.time() >= next_generation
             problem = await self._probe(client, generate)
+            await self._sample_vram(child)
             if generate:
                 next_generation = loop.time() + h.generation_probe_interval_seconds
             if problem is None:
@@ -325,12 +417,12 @@ class Supervisor:
             return f"{what}: {exc}"
         return None
 
-    def _fail(self, child: _Child, reason: str) -> None:
-        self._set(child, ChildState.FAILED, reason, pid=None)
+    def _fail(self, child: _Child, reason: str, event: str = "server.failed", **facts: Any) -> None:
+        self._set(child, ChildState.FAILED, reason, pid=None, vram_mib=None)
         child.log.error(
-            "server.failed", reason=reason, last_exit=child.status.last_exit,
+            event, reason=reason, last_exit=child.status.last_exit,
             restarts=child.status.restarts,
-            log_tail=child.output.tail() if child.output else [],
+            log_tail=child.output.tail() if child.output else [], **facts,
         )  # fmt: skip
 
     async def _terminate(self, child: _Child) -> None:

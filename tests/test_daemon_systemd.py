@@ -122,6 +122,10 @@ def test_watchdog_pings_at_half_of_watchdog_usec(
     assert 0.15 < mean < 0.3
 
 
+BOTH_READY = "orchestrator ready on CPU, math ready on CPU"
+"""STATUS= once both tiny-model children serve (n_gpu_layers 0: on the CPU by config)."""
+
+
 def managed_workspace(tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> Workspace:
     """Both servers managed: real llama-server children on the tiny model."""
     server = {
@@ -149,7 +153,7 @@ def test_sigterm_says_stopping_exits_0_and_leaves_no_llama_server(
     try:
         wait_until(lambda: len(servers()) == 2, 20, what="two llama-server children")
         children = servers()
-        wait_until(lambda: any("orchestrator ready, math ready" in s for s in notify.statuses()),
+        wait_until(lambda: any(BOTH_READY in s for s in notify.statuses()),
                    20, what="STATUS= to say both servers are ready")  # fmt: skip
         stopping_at = len(notify.messages())
     finally:
@@ -280,7 +284,7 @@ def test_sighup_with_new_server_settings_restarts_that_server_only(
         return dict(status["servers"])
 
     try:
-        wait_until(lambda: any("orchestrator ready, math ready" in s for s in notify.statuses()),
+        wait_until(lambda: any(BOTH_READY in s for s in notify.statuses()),
                    20, what="both servers ready")  # fmt: skip
         before = servers()
         port = free_port()
@@ -335,7 +339,7 @@ def test_sighup_applies_health_settings_to_running_servers(
         return dict(status["servers"]["math"])
 
     try:
-        wait_until(lambda: any("orchestrator ready, math ready" in s for s in notify.statuses()),
+        wait_until(lambda: any(BOTH_READY in s for s in notify.statuses()),
                    20, what="both servers ready")  # fmt: skip
         ws.edit_config(lambda c: c["health"].update(restart_on_failure=False))
         reloaded = reload(ws, proc, notify, "config.reloaded")

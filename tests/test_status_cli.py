@@ -98,10 +98,10 @@ def test_status_of_a_running_daemon_shows_servers_pipeline_runs_and_decisions(
     assert code == 0
     lines = text.splitlines()
     assert lines[0].startswith(
-        f"daemon: running (pid {proc.pid}) · orchestrator ready, math unmanaged · idle ·"
+        f"daemon: running (pid {proc.pid}) · orchestrator ready on CPU, math unmanaged · idle ·"
     )
     assert "2 decided, 0 escalated" in lines[0]
-    assert lines[1].startswith("  orchestrator: ready (pid ")
+    assert lines[1].startswith("  orchestrator: ready on CPU (pid ")
     assert lines[2] == f"  math: not managed by the daemon, at {fake.url}"
     runs = lines.index("pipeline runs:")
     assert lines[runs + 1] == f"  {run_id(1, 1)}: step 2/6 acted (proceed -> full_scoring_agent)"

@@ -62,7 +62,12 @@ def make_config(
             "orchestrator": orchestrator,
             "math": math,
             "health": {**FAST_HEALTH, **health},
-            "daemon": {"llama_server": str(binary), "models_dir": models_dir, "logs_dir": logs_dir},
+            "daemon": {
+                "llama_server": str(binary),
+                "models_dir": models_dir,
+                "logs_dir": logs_dir,
+                "state_dir": logs_dir,
+            },  # the daemon's key file goes there
         }
     )
 

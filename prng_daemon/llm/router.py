@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from ..apikey import KeyFileError, key_file, read_key
 from ..config import Config, ServerConfig, load_config
 from ..config import config_path as resolve_config_path
 from ..errors import ConfigError, LLMUnavailable
@@ -63,13 +64,16 @@ def base_url(server: ServerConfig) -> str:
     return f"http://[{host}]:{server.port}" if ":" in host else f"http://{host}:{server.port}"
 
 
-def read_api_key(name: str, server: ServerConfig) -> str | None:
-    if server.api_key_file is None:
+def read_api_key(config: Config, name: str) -> str | None:
+    """The key server `name` wants, from apikey.key_file (None: no key to send)."""
+    path = key_file(config, name)
+    if path is None:
         return None
     try:
-        return server.api_key_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"config: {name}.api_key_file: cannot read: {exc}"]) from None
+        return read_key(path)
+    except KeyFileError as exc:
+        what = ".api_key_file" if config.server(name).api_key_file else ": the daemon's key file"
+        raise ConfigError([f"config: {name}{what}: cannot read: {exc}"]) from None
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class AsyncRouter:
             name: LlamaClient(
                 base_url(config.server(name)),
                 timeout=config.routing.request_timeout_seconds,
-                api_key=read_api_key(name, config.server(name)),
+                api_key=read_api_key(config, name),
                 transport=transport,
             )
             for name in ENDPOINTS
