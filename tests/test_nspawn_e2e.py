@@ -147,8 +147,14 @@ def container(tmp_path: Path) -> Iterator[Container]:
         log.close()
 
 
-def install(box: Container) -> None:
-    """systemd/README.md steps 3, 4 and 7, with the drop-in that runs the checkout."""
+def install(
+    box: Container,
+    agents: dict[str, object] | None = None,
+    launcher: str = "local",
+    drop_in: str = "",
+) -> None:
+    """systemd/README.md steps 3, 4 and 7, with the drop-in that runs the checkout (plus
+    `drop_in`); every agent sleeps unless `agents` says otherwise."""
     box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.sysusers",
             f"/usr/lib/sysusers.d/{UNIT}.conf")  # fmt: skip
     box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.tmpfiles",
@@ -156,15 +162,17 @@ def install(box: Container) -> None:
     box.run("systemd-sysusers")
     box.run("systemd-tmpfiles", "--create", f"{UNIT}.conf")
     box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.service", "/etc/systemd/system/")
-    box.write(f"/etc/systemd/system/{UNIT}.service.d/checkout.conf", DROP_IN)
+    box.write(f"/etc/systemd/system/{UNIT}.service.d/checkout.conf", DROP_IN + drop_in)
     box.run("systemd-run", "--unit=fake-llama", "--collect", f"--setenv=PYTHONUSERBASE={VENV}",
             f"--setenv=PYTHONPATH={REPO}", f"/usr/bin/{PY}", "-c", FAKE_LLAMA)  # fmt: skip
     port = wait_until(lambda: box.run("cat", "/run/fake-llama.port", check=False), 15)
     server = {"model": "fake.gguf", "port": int(port), "managed": False}
     # Every agent sleeps: what is still running shows what systemd's cgroup does with agents.
-    agents = {row.agent: {"argv": ["/bin/sleep", "600"]} for row in PIPELINE}
+    if agents is None:
+        agents = {row.agent: {"argv": ["/bin/sleep", "600"]} for row in PIPELINE}
     config = {"orchestrator": server, "math": server, "agents": agents,
               "daemon": {"results_dir": RESULTS, "state_dir": "/var/lib/prng-llm-daemon",
+                         "launcher": launcher,
                          "logs_dir": "/var/log/prng-llm-daemon",
                          "models_dir": "/var/lib/prng-llm-daemon/models"},
               "policy": {"confidence_threshold": 0.1}}  # fmt: skip
