@@ -31,6 +31,7 @@ from typing import Any
 from .config import DaemonSettings
 from .errors import AgentFailed, ConfigError, DaemonError
 from .handlers.act import (
+    SYSTEMD_ONLY,
     AgentLauncher,
     AgentRun,
     AlreadyLaunched,
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 UNIT_PREFIX = "prng-agent-"
-POLL_SECONDS = 2.0
+POLL_SECONDS = 5.0
 """How often the running agents' units are looked at (one `systemctl show` for all)."""
 SYSTEMCTL_TIMEOUT_SECONDS = 30.0
 """systemd-run and systemctl wait this long for PID 1 at most (its own bus timeout is 25 s)."""
@@ -133,10 +134,16 @@ def show_units(units: list[str], props: tuple[str, ...]) -> dict[str, dict[str, 
     done = subprocess.run(
         ["systemctl", "show", f"--property=Id,{','.join(props)}", "--", *units],
         capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_SECONDS, check=False,
+        env=_tool_env(),
     )  # fmt: skip
     if done.returncode != 0:
         raise OSError(f"systemctl show: {done.stderr.strip() or done.returncode}")
     return _parse_show(done.stdout)
+
+
+def _tool_env() -> dict[str, str]:
+    """systemd-run's and systemctl's environment: the daemon's, less its own systemd handles."""
+    return {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
 
 
 def _parse_show(text: str) -> dict[str, dict[str, str]]:
@@ -156,7 +163,9 @@ def stop_unit(run_id: str) -> str | None:
     unit = unit_name(run_id)
     if show_units([unit], ("LoadState",)).get(unit, {}).get("LoadState") != "loaded":
         return None
-    done = subprocess.run(["systemctl", "stop", "--", unit], capture_output=True, text=True)
+    done = subprocess.run(
+        ["systemctl", "stop", "--", unit], capture_output=True, text=True, env=_tool_env()
+    )
     if done.returncode != 0:
         raise DaemonError(f"systemctl stop {unit}: {done.stderr.strip()}")
     return unit
@@ -330,8 +339,9 @@ def _description(run: AgentRun) -> str:
 
 async def _run(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=_tool_env(),
+    )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(proc.communicate(), SYSTEMCTL_TIMEOUT_SECONDS)
     except TimeoutError:

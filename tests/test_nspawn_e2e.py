@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,10 +81,12 @@ class Container:
     def __init__(self, pid1: int) -> None:
         self.pid1 = pid1
 
-    def run(self, *argv: str, stdin: str | None = None, check: bool = True) -> str:
+    def run(
+        self, *argv: str, stdin: str | None = None, check: bool = True, timeout: float = 30
+    ) -> str:
         done = subprocess.run(
             ["nsenter", "-t", str(self.pid1), "-a", *argv],
-            input=stdin, capture_output=True, text=True, timeout=30,
+            input=stdin, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         if check and done.returncode != 0:
             raise AssertionError(f"{argv} exited {done.returncode}: {done.stderr}{done.stdout}")
@@ -115,9 +118,10 @@ def _pid1(nspawn: subprocess.Popen[bytes]) -> int | None:
         return None
 
 
-@pytest.fixture
-def container(tmp_path: Path) -> Iterator[Container]:
-    log = open(tmp_path / "nspawn.log", "wb")  # noqa: SIM115 - closed below
+@contextmanager
+def booted(log_path: Path) -> Iterator[Container]:
+    """Boot the container (nspawn's output to `log_path`); powered off on exit."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
     # --volatile=overlay: every boot starts from the cached root; writes go to a tmpfs.
     nspawn = subprocess.Popen(
         ["systemd-nspawn", "-D", str(ROOT), "-b", "--volatile=overlay", "--register=no",
@@ -133,10 +137,7 @@ def container(tmp_path: Path) -> Iterator[Container]:
             in ("running", "degraded"),
             30, interval=0.1, what="the container to boot",
         )  # fmt: skip
-        try:
-            yield box
-        finally:  # shown when the test fails
-            print("\n".join(box.journal(check=False)[-60:]))
+        yield box
     finally:
         nspawn.send_signal(signal.SIGTERM)  # powers the container off cleanly
         try:
@@ -145,6 +146,15 @@ def container(tmp_path: Path) -> Iterator[Container]:
             nspawn.kill()
             nspawn.wait()
         log.close()
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Iterator[Container]:
+    with booted(tmp_path / "nspawn.log") as box:
+        try:
+            yield box
+        finally:  # shown when the test fails
+            print("\n".join(box.journal(check=False)[-60:]))
 
 
 def install(

@@ -11,7 +11,7 @@ import pytest
 from prng_daemon.pipeline import PIPELINE
 
 from .helpers import wait_until
-from .test_nspawn_e2e import MISSING, PY, RESULTS, UNIT, VENV, Container, drop, install
+from .test_nspawn_e2e import MISSING, PY, UNIT, VENV, Container, drop, install
 from .test_nspawn_e2e import container as container  # the fixture
 from .workspace import result_document, run_id
 

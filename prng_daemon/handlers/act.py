@@ -29,6 +29,7 @@ from ..errors import AgentFailed
 from ..log import get_logger
 
 __all__ = [
+    "SYSTEMD_ONLY",
     "AgentLauncher",
     "AgentRun",
     "AlreadyLaunched",
