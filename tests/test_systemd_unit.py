@@ -159,7 +159,7 @@ def test_the_polkit_rule_lets_the_daemon_user_start_and_stop_its_agent_units_onl
         (manage, "prng-llm", "sshd.service", "start"): "not_handled",
         (manage, "prng-llm", "prng-agent-x.service.d/../../evil.service", "start"): "not_handled",
         (manage, "prng-llm", "prng-agent-x.timer", "start"): "not_handled",
-        (manage, "prng-llm", None, "start"): "not_handled",  # systemd < 257's transient start
+        (manage, "prng-llm", None, "start"): "not_handled",  # a transient start on systemd 252/255
         (manage, "alice", unit, "start"): "not_handled",
         ("org.freedesktop.systemd1.manage-unit-files", "prng-llm", unit, "start"): "not_handled",
     }
