@@ -346,8 +346,9 @@ class Engine:
         """At start: rebuild a new ledger from the decision records, watch agents launched
         before the restart again, settle the launch intents their markers prove.
 
-        Agents launched before the restart are watched again if they still run, and reported
-        lost if they ended unseen (their results, if any, arrive as files like any other).
+        Agents launched before the restart are watched again if they still run (or, units,
+        if their exit was recorded), and reported lost if they ended unseen (their results, if
+        any, arrive as files like any other).
         Launch intents with no marker are resumed by `sweep(at_start=True)`, like every other
         row left mid-way.
         """

@@ -87,11 +87,16 @@ def _literal(arg: str) -> str:
 
 
 def running_under_systemd(env: dict[str, str] | None = None) -> str | None:
-    """Why the systemd launcher cannot be used here, or None when it can: the daemon runs as a
-    systemd service (INVOCATION_ID), on a systemd host, with systemd-run and systemctl."""
+    """Why the systemd launcher cannot be used here, or None when it can: the daemon is the
+    process systemd started for a service, on a systemd host, with systemd-run and systemctl.
+
+    $SYSTEMD_EXEC_PID (systemd >= 248) must be our pid: a test run or a demo started from inside
+    some other service (a CI runner) inherits its $INVOCATION_ID, and must stay local."""
     env = dict(os.environ) if env is None else env
     if "INVOCATION_ID" not in env:
         return "not started by systemd (no INVOCATION_ID)"
+    if env.get("SYSTEMD_EXEC_PID") != str(os.getpid()):
+        return "not the process systemd started (SYSTEMD_EXEC_PID is not our pid)"
     if not Path("/run/systemd/system").is_dir():
         return "systemd is not the init system"
     for tool in ("systemd-run", "systemctl"):
@@ -237,7 +242,10 @@ class SystemdLauncher:
         done = await _run(command)
         if done.returncode != 0:
             await self._refused(run, unit, done.stderr.decode(errors="replace").strip())
-        shown = await asyncio.to_thread(show_units, [unit], ("MainPID",))
+        try:
+            shown = await asyncio.to_thread(show_units, [unit], ("MainPID",))
+        except (OSError, subprocess.TimeoutExpired):  # it runs all the same: watched, pid unknown
+            shown = {}
         pid = int(shown.get(unit, {}).get("MainPID") or 0)
         self._watch(unit, _Watched(run, pid, time.monotonic()))
         return pid
@@ -246,7 +254,10 @@ class SystemdLauncher:
         """systemd-run failed: raise AlreadyLaunched if the unit is this launch's, else
         AgentFailed; a launch whose agent never ran stays launchable (like a failed exec)."""
         last = error.splitlines()[-1] if error else "no message"
-        shown = await asyncio.to_thread(show_units, [unit], ("Description", "ActiveState"))
+        try:
+            shown = await asyncio.to_thread(show_units, [unit], ("Description", "ActiveState"))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise AgentFailed(f"agent {run.agent}: systemd-run {unit}: {last}; {exc}") from None
         state = shown.get(unit, {})
         if "already" in error:  # "Unit ... was already loaded or has a fragment file."
             if state.get("Description") == _description(run):
@@ -300,16 +311,16 @@ class SystemdLauncher:
             units = list(self._watched)
             try:
                 states = await asyncio.to_thread(show_units, units, ("LoadState", "ActiveState"))
-            except (OSError, subprocess.TimeoutExpired) as exc:
+                for unit in units:
+                    state = states.get(unit, {})
+                    if state.get("LoadState") != "loaded" or state.get("ActiveState") in _GONE:
+                        self._ended(unit)
+            except Exception as exc:  # said once; the next poll tries again
                 if not failing:
-                    get_logger().error("agent.poll_failed", error=str(exc), units=len(units))
+                    get_logger().error("agent.poll_failed", error=repr(exc), units=len(units))
                 failing = True
                 continue
             failing = False
-            for unit in units:
-                state = states.get(unit, {})
-                if state.get("LoadState") != "loaded" or state.get("ActiveState") in _GONE:
-                    self._ended(unit)
 
     def _ended(self, unit: str) -> None:
         watched = self._watched.pop(unit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from prng_daemon.cli import main
 from prng_daemon.config import AgentConfig, DaemonSettings
 from prng_daemon.errors import AgentFailed, ConfigError
 from prng_daemon.handlers.act import AgentRun, Launch, LocalLauncher
-from prng_daemon.units import make_launcher, read_exit, unit_name
+from prng_daemon.units import make_launcher, read_exit, running_under_systemd, unit_name
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
@@ -91,6 +92,15 @@ def test_auto_is_local_outside_systemd_and_systemd_is_refused_there(
     assert refused.value.problems == [
         "config: daemon.launcher: systemd cannot be used: not started by systemd (no INVOCATION_ID)"
     ]
+
+
+def test_a_process_that_merely_inherited_a_services_environment_is_not_the_service() -> None:
+    """A test run inside a CI runner's unit has its INVOCATION_ID, not its SYSTEMD_EXEC_PID."""
+    inherited = {"INVOCATION_ID": "0123", "SYSTEMD_EXEC_PID": str(os.getppid())}
+    assert running_under_systemd(inherited) == (
+        "not the process systemd started (SYSTEMD_EXEC_PID is not our pid)"
+    )
+    assert running_under_systemd({}) == "not started by systemd (no INVOCATION_ID)"
 
 
 def test_the_local_launcher_refuses_a_user_it_cannot_switch_to(tmp_path: Path) -> None:

@@ -46,7 +46,9 @@ OnExit = Callable[[int, int, int | None, float], None]
 """(launch id, pid, exit code — None when not the daemon's child to reap —, seconds watched)."""
 
 KILL_GRACE_SECONDS = 10.0
-SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID"})
+SYSTEMD_ONLY = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID", "SYSTEMD_EXEC_PID"}
+)
 
 
 class AlreadyLaunched(AgentFailed):
