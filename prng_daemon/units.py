@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,8 @@ _RECORD_EXIT = (
 _GONE = frozenset({"inactive", "failed"})
 _SETUP_FAILED = range(200, 250)
 """systemd's exit codes for a unit whose process failed before exec (systemd.exec(5))."""
+_SETUP_NAMES = {200: "CHDIR: no such cwd", 203: "EXEC: cannot execute the program",
+                216: "GROUP: no such group", 217: "USER: no such user"}  # fmt: skip
 
 
 def unit_name(run_id: str) -> str:
@@ -233,6 +236,10 @@ class SystemdLauncher:
             *(f"--property={p}" for p in config.properties),
         ]  # fmt: skip
         if config.user is not None:
+            try:  # here rather than as a unit that fails with status 217/USER and no message
+                pwd.getpwnam(config.user)
+            except KeyError:
+                raise AgentFailed(f"agent {run.agent}: no such user: {config.user}") from None
             command.append(f"--uid={config.user}")
         if config.group is not None:
             command.append(f"--gid={config.group}")
@@ -253,7 +260,7 @@ class SystemdLauncher:
     async def _refused(self, run: AgentRun, unit: str, error: str) -> None:
         """systemd-run failed: raise AlreadyLaunched if the unit is this launch's, else
         AgentFailed; a launch whose agent never ran stays launchable (like a failed exec)."""
-        last = error.splitlines()[-1] if error else "no message"
+        last = error.splitlines()[-1] if error else "failed"
         try:
             shown = await asyncio.to_thread(show_units, [unit], ("Description", "ActiveState"))
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -276,7 +283,11 @@ class SystemdLauncher:
                 "; the daemon's user may not start units: install the polkit rule"
                 " (systemd/README.md) or set daemon.launcher to local"
             )
-        raise AgentFailed(f"agent {run.agent}: systemd-run {unit}: {last}{hint}")
+        if not error and code is not None:  # --quiet: a failed start job says nothing itself
+            last = f"exit status {code} ({_SETUP_NAMES.get(code, 'see systemd.exec(5)')})"
+        raise AgentFailed(
+            f"agent {run.agent}: systemd-run {unit}: {last}; journalctl -u {unit}{hint}"
+        )
 
     def adopt(self, run: AgentRun, pid: int, timeout: float) -> bool:
         """Watch a unit started before a restart; one that ended meanwhile is reported with

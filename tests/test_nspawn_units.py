@@ -6,6 +6,8 @@ this test (a drop-in), its sandbox otherwise as shipped. The agents run as their
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from prng_daemon.pipeline import PIPELINE
@@ -30,6 +32,45 @@ AGENT_CONFIG = {
     "properties": ["MemoryMax=256M", "CPUQuota=50%"],
 }
 AS_ROOT = "User=root\n"
+
+
+# SystemdLauncher by itself, in the container: the same launch twice, the same launch whose marker
+# is not there yet (the unit still is), a user that does not exist, and arguments systemd must
+# pass on unchanged.
+LAUNCHER = """
+import asyncio, json, pathlib, subprocess, sys, tempfile
+from prng_daemon.config import AgentConfig
+from prng_daemon.errors import AgentFailed
+from prng_daemon.handlers.act import AgentRun, Launch
+from prng_daemon.units import SystemdLauncher
+
+async def main():
+    launcher = SystemdLauncher(pathlib.Path(tempfile.mkdtemp(dir="/var/lib")), lambda *a: None)
+    said = {}
+    argv = ("/bin/sh", "-c", 'echo "[$1] [$2]"; exec sleep 600', "sh", "a$HOME${{X}}$$", "%n %%")
+    launch = Launch(AgentRun(1, "k" * 32, "step9_x", "a"), AgentConfig(argv=argv), {})
+    said["pid"] = await launcher.start(launch)
+    for attempt in ("again", "no marker"):
+        if attempt == "no marker":
+            launcher.marker("k" * 32).rmdir()
+        try:
+            await launcher.start(launch)
+        except AgentFailed as exc:
+            said[attempt] = [type(exc).__name__, str(exc)]
+    bad = pathlib.Path("/var/lib/bad-agent")
+    bad.write_text("#!/nonexistent\\n")
+    bad.chmod(0o755)
+    for name, config in {"no user": AgentConfig(argv=("/bin/true",), user="nosuchuser"),
+                         "bad exec": AgentConfig(argv=(str(bad),))}.items():
+        try:
+            await launcher.start(Launch(AgentRun(2, "u" * 32, "step9_y", "a"), config, {}))
+        except AgentFailed as exc:
+            said[name] = [type(exc).__name__, str(exc), launcher.was_launched("u" * 32)]
+    await launcher.stop()
+    print(json.dumps(said))
+
+asyncio.run(main())
+"""
 
 
 def agent_unit(rid: str) -> str:
@@ -131,3 +172,26 @@ def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
     launched = [e["run_id"] for e in box.events() if e["event"] == "agent.started"]
     assert launched == [rid, rid3, rid4], "each launch once, across two restarts"
     print("\n".join(box.journal()[-40:]))
+
+
+def test_the_systemd_launcher_recognises_its_own_launch_and_leaves_failed_ones_launchable(
+    container: Container,
+) -> None:
+    box = container
+    out = box.run("env", f"PYTHONUSERBASE={VENV}", f"/usr/bin/{PY}", "-c", LAUNCHER)
+    said = json.loads(out.splitlines()[-1])
+    assert said["pid"] > 0
+    assert said["again"] == ["AlreadyLaunched", "the launch for this file version already"
+                             " happened; not starting it twice"]  # fmt: skip
+    assert said["no marker"] == ["AlreadyLaunched",
+                                 "already launched as prng-agent-step9_x.service"]  # fmt: skip
+    assert said["no user"] == ["AgentFailed", "agent a: no such user: nosuchuser", False]
+    assert said["bad exec"] == [
+        "AgentFailed",
+        "agent a: systemd-run prng-agent-step9_y.service: exit status 203 (EXEC: cannot execute"
+        " the program); journalctl -u prng-agent-step9_y.service",
+        False,
+    ], "a unit whose agent never ran leaves the launch launchable (its marker removed)"
+    logged = box.run("journalctl", "-u", "prng-agent-step9_x", "-o", "cat", "--no-pager")
+    assert "[a$HOME${X}$$] [%n %%]" in logged, logged
+    box.run("systemctl", "stop", "prng-agent-step9_x.service")
