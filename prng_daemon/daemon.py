@@ -524,7 +524,6 @@ class Daemon:
                 },
                 "queued": self._queue.qsize(),
                 "agents_running": self.engine.launcher.running,
-                "launcher": self.engine.launcher.kind,
                 "agents": self.engine.launcher.agents(),
             },
         )
