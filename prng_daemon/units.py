@@ -296,7 +296,7 @@ class SystemdLauncher:
         try:
             loaded = show_units([unit], ("LoadState",)).get(unit, {}).get("LoadState")
         except (OSError, subprocess.TimeoutExpired) as exc:
-            get_logger(unit=unit).error("agent.unit_unknown", error=str(exc))
+            get_logger(agent_unit=unit).error("agent.unit_unknown", error=str(exc))
             loaded = None
         if loaded != "loaded" and not self.exit_file(run.key).exists():
             return False
@@ -338,7 +338,7 @@ class SystemdLauncher:
         run = watched.run
         result, code = read_exit(self.exit_file(run.key))
         if result == "timeout":
-            get_logger(agent=run.agent, unit=unit, launch_id=run.launch_id).error(
+            get_logger(agent=run.agent, agent_unit=unit, launch_id=run.launch_id).error(
                 "agent.timeout", reason="RuntimeMaxSec= reached: systemd stopped the unit"
             )
         self._on_exit(run.launch_id, watched.pid, code, time.monotonic() - watched.started)

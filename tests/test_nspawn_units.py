@@ -35,7 +35,8 @@ AS_ROOT = "User=root\n"
 
 
 # SystemdLauncher by itself, in the container: the same launch twice, the same launch whose marker
-# is not there yet (the unit still is), a user that does not exist, and arguments systemd must
+# is not there yet (the unit still is), a user that does not exist, a program that cannot be
+# executed, a timeout (RuntimeMaxSec=), and arguments systemd must
 # pass on unchanged.
 LAUNCHER = """
 import asyncio, json, pathlib, subprocess, sys, tempfile
@@ -67,6 +68,13 @@ async def main():
         except AgentFailed as exc:
             said[name] = [type(exc).__name__, str(exc), launcher.was_launched("u" * 32)]
     await launcher.stop()
+    # timeout_seconds is the unit's RuntimeMaxSec=: systemd stops it, its exit file says so.
+    ended = asyncio.get_running_loop().create_future()
+    timed = SystemdLauncher(launcher.marker("t").parent, lambda *a: ended.set_result(a), 0.2)
+    hung = AgentConfig(argv=("/bin/sleep", "600"), timeout_seconds=1)
+    await timed.start(Launch(AgentRun(3, "t" * 32, "step9_z", "a"), hung, {}))
+    _, _, said["timeout"], seconds = await asyncio.wait_for(ended, 20)
+    said["timeout_result"] = (timed.exit_file("t" * 32).read_text().split()[0], seconds < 5)
     print(json.dumps(said))
 
 asyncio.run(main())
@@ -174,7 +182,7 @@ def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
     print("\n".join(box.journal()[-40:]))
 
 
-def test_the_systemd_launcher_recognises_its_own_launch_and_leaves_failed_ones_launchable(
+def test_the_systemd_launcher_knows_its_own_launch_undoes_a_failed_one_and_times_out(
     container: Container,
 ) -> None:
     box = container
@@ -192,6 +200,7 @@ def test_the_systemd_launcher_recognises_its_own_launch_and_leaves_failed_ones_l
         " the program); journalctl -u prng-agent-step9_y.service",
         False,
     ], "a unit whose agent never ran leaves the launch launchable (its marker removed)"
+    assert said["timeout"] == -15 and said["timeout_result"] == ["timeout", True]
     logged = box.run("journalctl", "-u", "prng-agent-step9_x", "-o", "cat", "--no-pager")
     assert "[a$HOME${X}$$] [%n %%]" in logged, logged
     box.run("systemctl", "stop", "prng-agent-step9_x.service")
