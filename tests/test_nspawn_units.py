@@ -36,8 +36,7 @@ AS_ROOT = "User=root\n"
 
 # SystemdLauncher by itself, in the container: the same launch twice, the same launch whose marker
 # is not there yet (the unit still is), a user that does not exist, a program that cannot be
-# executed, a timeout (RuntimeMaxSec=), and arguments systemd must
-# pass on unchanged.
+# executed, a timeout (RuntimeMaxSec=), and arguments systemd must pass on unchanged.
 LAUNCHER = """
 import asyncio, json, pathlib, subprocess, sys, tempfile
 from prng_daemon.config import AgentConfig
