@@ -245,7 +245,7 @@ PHASES = {
     "decide (prompt + HTTP + checks)": ("prng_daemon.llm.decision", "DecisionEngine.decide"),
     "HTTP /completion (client)": ("prng_daemon.llm.client", "LlamaClient.complete"),
     "write_json_atomic (params, record)": ("prng_daemon.engine", "write_json_atomic"),
-    "launcher.start (posix_spawn until exec)": ("prng_daemon.handlers.act", "Launcher.start"),
+    "launcher.start (posix_spawn until exec)": ("prng_daemon.handlers.act", "LocalLauncher.start"),
     "structlog (render + write a line)": ("structlog._base", "BoundLoggerBase._proxy_to_logger"),
 }
 

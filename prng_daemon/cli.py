@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, status
+from . import __version__, status, units
 from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from .daemon import Daemon
 from .errors import ConfigError, DaemonError, LedgerCorrupt, ResultRejected
+from .handlers.act import stop_local_agent
 from .handlers.validate import Loaded, load_result
 from .journal import JOURNAL_SOCKET
 from .ledger import Ledger
@@ -193,6 +194,31 @@ def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
     return answer
 
 
+def cmd_stop_agent(args: argparse.Namespace) -> int:
+    """Stop a running agent: its unit (`systemctl stop`), or a local agent's process group.
+    The daemon, running or started later, records its end as for any agent."""
+    config = read_config(args)
+    if not config.daemon.ledger_path.exists():
+        print(f"{args.run_id}: no ledger at {config.daemon.ledger_path}", file=sys.stderr)
+        return EXIT_INVALID
+    ledger = Ledger(config.daemon.ledger_path, readonly=True)
+    try:
+        running = [e for e in ledger.agents_unaccounted() if e.run_id == args.run_id]
+    finally:
+        ledger.close()
+    for entry in running:
+        assert entry.pid is not None
+        unit = units.stop_unit(args.run_id)
+        if unit is not None:
+            print(f"{args.run_id}: stopped {unit}")
+            return EXIT_OK
+        if stop_local_agent(entry.id, entry.pid):
+            print(f"{args.run_id}: sent SIGTERM to agent {entry.agent} (pid {entry.pid})")
+            return EXIT_OK
+    print(f"{args.run_id}: no running agent", file=sys.stderr)
+    return EXIT_INVALID
+
+
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     from . import fetch
 
@@ -286,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retry", action="store_true", help="run the step again instead")
     rj = with_config(verb("reject", _command("reject"), "stop an escalated run here"))
     rj.add_argument("run_id", metavar="RUN_ID")
+    sa = with_config(verb("stop-agent", cmd_stop_agent, "stop the running agent of RUN_ID"))
+    sa.add_argument("run_id", metavar="RUN_ID")
     d = with_config(verb("decide", cmd_decide, "ask the LLMs about one result; act on nothing"))
     d.add_argument("file", metavar="FILE")
     d.add_argument("--json", action="store_true", help="print the decision as JSON")

@@ -28,6 +28,7 @@ __all__ = [
     "PolicyConfig",
     "RoutingConfig",
     "ServerConfig",
+    "UNIT_PROPERTIES",
     "config_path",
     "format_validation_error",
     "load_config",
@@ -127,6 +128,9 @@ class DaemonSettings(_Section):
     """A file untouched this long mid-way (seen, decided, launching) is resumed or settled."""
     child_log_max_bytes: Annotated[int, Field(ge=4096)] = 10 << 20
     child_log_backups: Annotated[int, Field(ge=0, le=100)] = 3
+    launcher: Literal["auto", "local", "systemd"] = "auto"
+    """How agents are started: "systemd" as transient units, "local" as the daemon's children;
+    "auto" picks systemd when the daemon runs as a systemd service (README "Agents")."""
 
     _paths = field_validator("results_dir", "state_dir", "logs_dir", "models_dir")(
         _relative_to_config
@@ -140,6 +144,19 @@ class DaemonSettings(_Section):
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
 
+
+UNIT_PROPERTIES = frozenset(
+    {"MemoryMax", "MemoryHigh", "MemoryLow", "MemorySwapMax", "CPUQuota", "CPUWeight",
+     "AllowedCPUs", "AllowedMemoryNodes", "TasksMax", "IOWeight", "DevicePolicy", "DeviceAllow",
+     "Nice", "OOMScoreAdjust", "LimitNOFILE", "LimitNPROC", "LimitCORE", "LimitMEMLOCK",
+     "UMask", "SupplementaryGroups", "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths",
+     "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateNetwork",
+     "NoNewPrivileges", "TimeoutStopSec", "KillSignal"}
+)  # fmt: skip
+"""Unit properties an agent's config may set: resources and sandboxing. What it runs, as whom,
+where its output and exit status go, and its timeout are the daemon's (argv, user, env, cwd,
+timeout_seconds), so Exec*=, User=, Environment=, StandardOutput=, RuntimeMaxSec=... are
+refused."""
 
 AGENT_PLACEHOLDERS = frozenset(
     {"parent_run_id", "step", "retry_count", "params_file", "result_file", "results_dir",
@@ -158,8 +175,27 @@ class AgentConfig(_Section):
     cwd: Path | None = None
     env: dict[str, str] = Field(default_factory=dict)
     timeout_seconds: Seconds = 24 * 3600.0
+    user: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}\$?$")] | None = None
+    """The systemd launcher runs the agent's unit as this user (User=); None: the daemon's."""
+    group: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] | None = None
+    properties: tuple[str, ...] = ()
+    """Unit properties for the systemd launcher, "Key=Value" with Key in UNIT_PROPERTIES."""
 
     _paths = field_validator("cwd")(_relative_to_config)
+
+    @field_validator("properties")
+    @classmethod
+    def _allowed_properties(cls, properties: tuple[str, ...]) -> tuple[str, ...]:
+        for item in properties:
+            key, eq, value = item.partition("=")
+            if not eq or key not in UNIT_PROPERTIES:
+                raise ValueError(
+                    f"{item!r}: not an allowed unit property (Key=Value, Key one of"
+                    f" {', '.join(sorted(UNIT_PROPERTIES))})"
+                )
+            if any(c in value for c in "\n\r\0"):
+                raise ValueError(f"{key}: the value holds a line break or NUL")
+        return properties
 
     @field_validator("argv")
     @classmethod

@@ -22,7 +22,6 @@ from .config import Config
 from .engine import Engine
 from .errors import ConfigError, DaemonError
 from .gpu import where
-from .handlers.act import Launcher
 from .handlers.record import write_json_atomic
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
 from .llm.decision import Decision, DecisionEngine
@@ -32,6 +31,7 @@ from .metadata import AgentMetadata
 from .supervisor import ChildState, ChildStatus, Supervisor
 from .systemd import Notifier
 from .tasks import Tasks
+from .units import make_launcher
 from .watcher import Watcher
 
 __all__ = ["EXIT_TASK_FAILED", "Daemon", "lock_state_dir", "status_path"]
@@ -144,9 +144,7 @@ class Daemon:
             config,
             self.ledger,
             self._decide,
-            lambda on_exit: Launcher(
-                settings.state_dir / "launches", settings.logs_dir / "agents", on_exit
-            ),
+            lambda on_exit: make_launcher(settings, on_exit),
             on_change=self._changed,
         )
 
@@ -538,5 +536,6 @@ class Daemon:
                 },
                 "queued": self._queue.qsize(),
                 "agents_running": self.engine.launcher.running,
+                "agents": self.engine.launcher.agents(),
             },
         )

@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import AgentConfig, Config
 from .errors import AgentFailed, LLMUnavailable, ResultRejected
-from .handlers.act import Launch, Launcher, OnExit, launch_key
+from .handlers.act import AgentLauncher, AgentRun, AlreadyLaunched, Launch, OnExit, launch_key
 from .handlers.record import record_name, write_json_atomic
 from .handlers.validate import Loaded, load_result
 from .ledger import RESUMABLE, SETTLED, Entry, Ledger, State
@@ -54,7 +54,7 @@ class Engine:
         config: Config,
         ledger: Ledger,
         decide: Decider,
-        launcher_factory: Callable[[OnExit], Launcher],
+        launcher_factory: Callable[[OnExit], AgentLauncher],
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
@@ -225,13 +225,15 @@ class Engine:
         else:
             retry = decision.action == "retry"
             agent = row.agent if retry else row.follow_up_agent
-            entry, final, reason, pid = self._launch(entry, loaded, decision, agent, retry, log)
+            entry, final, reason, pid = await self._launch(
+                entry, loaded, decision, agent, retry, log
+            )
         record = self._record(entry, decision, agent, pid, approved_by, final, reason)
         # fsync off the event loop: LLM slots and other files keep moving meanwhile.
         await asyncio.to_thread(write_json_atomic, self._record_path(entry), record)
         self.ledger.update(entry, final, reason=reason, pid=pid)
 
-    def _launch(
+    async def _launch(
         self, entry: Entry, loaded: Loaded, decision: Decision, agent: str, retry: bool, log: Any
     ) -> tuple[Entry, State, str | None, int | None]:
         """Start `agent` for `entry` at most once: (entry, final state, reason, pid)."""
@@ -252,13 +254,16 @@ class Engine:
         if config is None:  # launched before a restart, removed from the config since
             return entry, State.ACTED, "launched before a restart", None
         try:
-            pid = self.launcher.start(self._launch_for(entry, loaded, decision, config, retry))
+            launch = self._launch_for(entry, loaded, decision, config, retry)
+            pid = await self.launcher.start(launch)
         except AgentFailed as exc:
-            if self.launcher.was_launched(key):  # the marker says it already ran
+            # The marker (or its unit) says it already ran.
+            if isinstance(exc, AlreadyLaunched) or self.launcher.was_launched(key):
                 return entry, State.ACTED, str(exc), None
             log.error("agent.failed", agent=agent, reason=str(exc))
             return entry, State.FAILED, str(exc), None
-        log.info("agent.started", agent=agent, pid=pid, decision=decision.action)
+        log.info("agent.started", agent=agent, pid=pid, decision=decision.action,
+                 launcher=self.launcher.kind)  # fmt: skip
         return entry, State.ACTED, None, pid
 
     def _launch_for(
@@ -279,9 +284,7 @@ class Engine:
             "decision": decision.action,
             "decision_file": str(decisions / record_name(path, sha256, "decision")),
         }
-        key = launch_key(entry.path, entry.sha256)
-        assert entry.agent is not None
-        return Launch(entry.id, key, entry.agent, agent, values)
+        return Launch(_agent_run(entry), agent, values)
 
     def _agent_exited(self, launch_id: int, pid: int, code: int | None, duration: float) -> None:
         entry = self.ledger.get(launch_id)
@@ -343,8 +346,9 @@ class Engine:
         """At start: rebuild a new ledger from the decision records, watch agents launched
         before the restart again, settle the launch intents their markers prove.
 
-        Agents launched before the restart are watched again if they still run, and reported
-        lost if they ended unseen (their results, if any, arrive as files like any other).
+        Agents launched before the restart are watched again if they still run (or, units,
+        if their exit was recorded), and reported lost if they ended unseen (their results, if
+        any, arrive as files like any other).
         Launch intents with no marker are resumed by `sweep(at_start=True)`, like every other
         row left mid-way.
         """
@@ -353,11 +357,10 @@ class Engine:
         for entry in self.ledger.agents_unaccounted():
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
             assert entry.pid is not None and entry.agent is not None
-            if self.launcher.is_running(entry.id, entry.pid):
-                agent = self.config.agents.get(entry.agent)
-                timeout = agent.timeout_seconds if agent else ADOPTED_TIMEOUT_SECONDS
-                remaining = max(1.0, timeout - (time.time() - entry.updated))
-                self.launcher.adopt(entry.id, entry.agent, entry.pid, remaining)
+            agent = self.config.agents.get(entry.agent)
+            timeout = agent.timeout_seconds if agent else ADOPTED_TIMEOUT_SECONDS
+            remaining = max(1.0, timeout - (time.time() - entry.updated))
+            if self.launcher.adopt(_agent_run(entry), entry.pid, remaining):
                 log.info("agent.adopted", agent=entry.agent, pid=entry.pid)
             else:
                 reason = "its agent ended while the daemon was not running; exit status unknown"
@@ -577,6 +580,12 @@ def _from_record(record: dict[str, Any]) -> tuple[str, str, State, dict[str, Any
         "ended": time.time() if record["pid"] else None,
     }
     return Path(record["result_file"]).name, str(record["sha256"]), state, fields
+
+
+def _agent_run(entry: Entry) -> AgentRun:
+    """The launch of a ledger row (one in LAUNCHING or later, so its agent is known)."""
+    assert entry.agent is not None
+    return AgentRun(entry.id, launch_key(entry.path, entry.sha256), entry.run_id or "", entry.agent)
 
 
 def derived_run_id(path: Path, step_number: int, sha256: str) -> str:

@@ -18,9 +18,9 @@ from .watcher import Watcher
 
 __all__ = ["RESTART_ONLY", "Parts", "build", "restart_only_changes", "servers_to_restart"]
 
-RESTART_ONLY = ("state_dir", "logs_dir")
-"""daemon.* keys a reload cannot apply: the ledger, lock and launch markers, and the log files
-of running agents and servers, are opened once."""
+RESTART_ONLY = ("state_dir", "logs_dir", "launcher")
+"""daemon.* keys a reload cannot apply: the ledger, lock and launch markers, the log files of
+running agents and servers, and the launcher watching the agents, are made once."""
 SERVER_LAUNCH = ("llama_server", "models_dir", "child_log_max_bytes", "child_log_backups")
 """daemon.* keys that change how every managed llama-server is started."""
 

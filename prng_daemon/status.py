@@ -64,6 +64,8 @@ def collect(config: Config) -> dict[str, Any]:
             pid=published["pid"], servers=published["servers"], status=published["status"],
             heartbeat=published["heartbeat"],
         )  # fmt: skip
+    # What the daemon watches: only while it runs (a stopped one's list is history).
+    report["agents"] = published.get("agents", []) if published and state != "not running" else []
     for name in ("orchestrator", "math"):
         server = config.server(name)
         if not server.managed:  # someone else runs it: the daemon only knows where it is
@@ -135,6 +137,12 @@ def render(report: dict[str, Any]) -> str:
             f" (pid {s['pid']}, restarts {s['restarts']}{exit_note})"
             + (f" — {s['message']}" if s["message"] else "")
         )
+    lines.append(f"agents running: {len(report['agents'])}")
+    for a in report["agents"]:
+        runs_as = f"unit {a['unit']}" if a.get("unit") else f"pid {a['pid']}"
+        lines.append(f"  {a['run_id']}  {a['agent']}  {runs_as}")
+    if report["agents"]:
+        lines.append("  stop one with: prng-llm-daemon stop-agent RUN_ID")
     lines.append(f"pending escalations: {len(report['escalations'])}")
     for e in report["escalations"]:
         lines.append(f"  {e['run_id']}  step {e['step']}  {e['file']}: {e['reason']}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prng_daemon.config import load_config
 from prng_daemon.engine import Engine
-from prng_daemon.handlers.act import Launcher
+from prng_daemon.handlers.act import LocalLauncher
 from prng_daemon.ledger import Ledger
 from prng_daemon.llm.decision import Decision
 from prng_daemon.metadata import MAX_FILES, AgentMetadata
@@ -43,7 +43,7 @@ def test_a_huge_file_is_checked_while_the_loop_keeps_turning(tmp_path: Path) -> 
             config,
             ledger,
             never,
-            lambda on_exit: Launcher(config.daemon.state_dir / "launches", tmp_path, on_exit),
+            lambda on_exit: LocalLauncher(config.daemon.state_dir / "launches", tmp_path, on_exit),
         )
         ticks = 0
 

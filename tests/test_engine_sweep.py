@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from prng_daemon.config import load_config
 from prng_daemon.engine import MAX_RESUMES, Engine
-from prng_daemon.handlers.act import Launcher, launch_key
+from prng_daemon.handlers.act import LocalLauncher, launch_key
 from prng_daemon.handlers.record import record_name
 from prng_daemon.ledger import Ledger, State
 from prng_daemon.llm.decision import Decision
@@ -43,7 +43,7 @@ def _engine(ws: Workspace, action: str) -> Engine:
         config,
         Ledger(settings.ledger_path),
         decide,
-        lambda on_exit: Launcher(settings.state_dir / "launches", settings.logs_dir, on_exit),
+        lambda on_exit: LocalLauncher(settings.state_dir / "launches", settings.logs_dir, on_exit),
     )
 
 

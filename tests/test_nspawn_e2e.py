@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,10 +81,12 @@ class Container:
     def __init__(self, pid1: int) -> None:
         self.pid1 = pid1
 
-    def run(self, *argv: str, stdin: str | None = None, check: bool = True) -> str:
+    def run(
+        self, *argv: str, stdin: str | None = None, check: bool = True, timeout: float = 30
+    ) -> str:
         done = subprocess.run(
             ["nsenter", "-t", str(self.pid1), "-a", *argv],
-            input=stdin, capture_output=True, text=True, timeout=30,
+            input=stdin, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         if check and done.returncode != 0:
             raise AssertionError(f"{argv} exited {done.returncode}: {done.stderr}{done.stdout}")
@@ -115,9 +118,10 @@ def _pid1(nspawn: subprocess.Popen[bytes]) -> int | None:
         return None
 
 
-@pytest.fixture
-def container(tmp_path: Path) -> Iterator[Container]:
-    log = open(tmp_path / "nspawn.log", "wb")  # noqa: SIM115 - closed below
+@contextmanager
+def booted(log_path: Path) -> Iterator[Container]:
+    """Boot the container (nspawn's output to `log_path`); powered off on exit."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
     # --volatile=overlay: every boot starts from the cached root; writes go to a tmpfs.
     nspawn = subprocess.Popen(
         ["systemd-nspawn", "-D", str(ROOT), "-b", "--volatile=overlay", "--register=no",
@@ -133,10 +137,7 @@ def container(tmp_path: Path) -> Iterator[Container]:
             in ("running", "degraded"),
             30, interval=0.1, what="the container to boot",
         )  # fmt: skip
-        try:
-            yield box
-        finally:  # shown when the test fails
-            print("\n".join(box.journal(check=False)[-60:]))
+        yield box
     finally:
         nspawn.send_signal(signal.SIGTERM)  # powers the container off cleanly
         try:
@@ -147,8 +148,23 @@ def container(tmp_path: Path) -> Iterator[Container]:
         log.close()
 
 
-def install(box: Container) -> None:
-    """systemd/README.md steps 3, 4 and 7, with the drop-in that runs the checkout."""
+@pytest.fixture
+def container(tmp_path: Path) -> Iterator[Container]:
+    with booted(tmp_path / "nspawn.log") as box:
+        try:
+            yield box
+        finally:  # shown when the test fails
+            print("\n".join(box.journal(check=False)[-60:]))
+
+
+def install(
+    box: Container,
+    agents: dict[str, object] | None = None,
+    launcher: str = "local",
+    drop_in: str = "",
+) -> None:
+    """systemd/README.md steps 3, 4 and 7, with the drop-in that runs the checkout (plus
+    `drop_in`); every agent sleeps unless `agents` says otherwise."""
     box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.sysusers",
             f"/usr/lib/sysusers.d/{UNIT}.conf")  # fmt: skip
     box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.tmpfiles",
@@ -156,15 +172,17 @@ def install(box: Container) -> None:
     box.run("systemd-sysusers")
     box.run("systemd-tmpfiles", "--create", f"{UNIT}.conf")
     box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.service", "/etc/systemd/system/")
-    box.write(f"/etc/systemd/system/{UNIT}.service.d/checkout.conf", DROP_IN)
+    box.write(f"/etc/systemd/system/{UNIT}.service.d/checkout.conf", DROP_IN + drop_in)
     box.run("systemd-run", "--unit=fake-llama", "--collect", f"--setenv=PYTHONUSERBASE={VENV}",
             f"--setenv=PYTHONPATH={REPO}", f"/usr/bin/{PY}", "-c", FAKE_LLAMA)  # fmt: skip
     port = wait_until(lambda: box.run("cat", "/run/fake-llama.port", check=False), 15)
     server = {"model": "fake.gguf", "port": int(port), "managed": False}
     # Every agent sleeps: what is still running shows what systemd's cgroup does with agents.
-    agents = {row.agent: {"argv": ["/bin/sleep", "600"]} for row in PIPELINE}
+    if agents is None:
+        agents = {row.agent: {"argv": ["/bin/sleep", "600"]} for row in PIPELINE}
     config = {"orchestrator": server, "math": server, "agents": agents,
               "daemon": {"results_dir": RESULTS, "state_dir": "/var/lib/prng-llm-daemon",
+                         "launcher": launcher,
                          "logs_dir": "/var/log/prng-llm-daemon",
                          "models_dir": "/var/lib/prng-llm-daemon/models"},
               "policy": {"confidence_threshold": 0.1}}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -129,3 +130,42 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
         assert (info.st_uid, str(info.st_gid)) == (0, user[3])
     models = (root / "var/lib/prng-llm-daemon/models").stat()
     assert (str(models.st_uid), str(models.st_gid)) == (user[2], user[3])
+
+
+RULES = REPO / "systemd" / "prng-llm-daemon.rules"
+# polkit's JavaScript API as polkitd gives it to a rule (polkit(8) "AUTHORIZATION RULES"); the
+# container has no polkitd, so node runs the shipped rule against these calls.
+POLKIT_HARNESS = """
+const rules = [];
+const polkit = {Result: {YES: "yes", NOT_HANDLED: "not_handled"},
+                addRule: (f) => rules.push(f)};
+new Function("polkit", require("fs").readFileSync(process.argv[1], "utf8"))(polkit);
+const answers = JSON.parse(process.argv[2]).map(([id, user, details]) =>
+    rules[0]({id, lookup: (k) => details[k]}, {user}));
+console.log(JSON.stringify(answers));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
+def test_the_polkit_rule_lets_the_daemon_user_start_and_stop_its_agent_units_only() -> None:
+    manage = "org.freedesktop.systemd1.manage-units"
+    unit = "prng-agent-step3_20261125_193000_abc123.service"
+    cases = {
+        (manage, "prng-llm", unit, "start"): "yes",
+        (manage, "prng-llm", unit, "stop"): "yes",
+        (manage, "prng-llm", r"prng-agent-a\x2db.service", "start"): "yes",
+        (manage, "prng-llm", unit, "restart"): "not_handled",
+        (manage, "prng-llm", "prng-llm-daemon.service", "stop"): "not_handled",
+        (manage, "prng-llm", "sshd.service", "start"): "not_handled",
+        (manage, "prng-llm", "prng-agent-x.service.d/../../evil.service", "start"): "not_handled",
+        (manage, "prng-llm", "prng-agent-x.timer", "start"): "not_handled",
+        (manage, "prng-llm", None, "start"): "not_handled",  # a transient start on systemd 252/255
+        (manage, "alice", unit, "start"): "not_handled",
+        ("org.freedesktop.systemd1.manage-unit-files", "prng-llm", unit, "start"): "not_handled",
+    }
+    calls = [[a, u, {"unit": n, "verb": v} if n else {"verb": v}] for a, u, n, v in cases]
+    done = subprocess.run(
+        ["node", "-e", POLKIT_HARNESS, str(RULES), json.dumps(calls)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert dict(zip(cases, json.loads(done.stdout), strict=True)) == cases

@@ -1,6 +1,9 @@
 """Start follow-up agents: configured argv only, no shell, one launch per result file.
 
-Each launch is guarded by a marker file that the *child* creates with O_EXCL during
+`AgentLauncher` is what the engine needs of a launcher; `LocalLauncher` (here) starts agents as
+the daemon's own children, `units.SystemdLauncher` as transient systemd units.
+
+Each local launch is guarded by a marker file that the *child* creates with O_EXCL during
 posix_spawn, before it execs the agent. After a crash, a marker on disk proves the launch
 happened, and a second spawn of the same launch fails in the kernel instead of running twice.
 Markers are named after the file version (name + content hash), not a ledger row: a rebuilt
@@ -19,32 +22,106 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import AgentConfig
 from ..errors import AgentFailed
 from ..log import get_logger
 
-__all__ = ["Launch", "Launcher", "OnExit", "launch_key"]
+__all__ = [
+    "SYSTEMD_ONLY",
+    "AgentLauncher",
+    "AgentRun",
+    "AlreadyLaunched",
+    "Launch",
+    "LocalLauncher",
+    "OnExit",
+    "agent_env",
+    "is_agent",
+    "launch_key",
+    "stop_local_agent",
+]
 
 OnExit = Callable[[int, int, int | None, float], None]
 """(launch id, pid, exit code — None when not the daemon's child to reap —, seconds watched)."""
 
 KILL_GRACE_SECONDS = 10.0
-SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID"})
+SYSTEMD_ONLY = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID", "SYSTEMD_EXEC_PID"}
+)
+
+
+class AlreadyLaunched(AgentFailed):
+    """This launch happened before (its marker, or its unit, exists): it is not made twice."""
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    """One launch as the ledger knows it: enough to find its agent again after a restart."""
+
+    launch_id: int
+    key: str
+    """The marker's name: `launch_key` of the result file that asked for this launch."""
+    run_id: str
+    """The run id of that result file (a systemd unit is named after it)."""
+    agent: str
 
 
 @dataclass(frozen=True)
 class Launch:
     """What to start: the agent's config, filled-in placeholders and daemon-made environment."""
 
-    launch_id: int
-    key: str
-    """The marker's name: `launch_key` of the result file that asked for this launch."""
-    agent: str
+    run: AgentRun
     config: AgentConfig
     values: Mapping[str, str]
     """Placeholder values; also exported as PRNG_<NAME> in the agent's environment."""
+
+    @property
+    def argv(self) -> list[str]:
+        return [item.format_map(self.values) for item in self.config.argv]
+
+
+class AgentLauncher(Protocol):
+    """What the engine needs of a launcher; `on_exit` (given at construction) reports ends."""
+
+    kind: str
+    """"local" or "systemd": said in `launcher.selected` and `status`."""
+
+    @property
+    def running(self) -> int:
+        """How many agents are being watched."""
+        ...
+
+    def was_launched(self, key: str) -> bool:
+        """Whether the launch with this key ever happened (its durable marker exists)."""
+        ...
+
+    async def start(self, launch: Launch) -> int:
+        """Start the agent; its pid. AlreadyLaunched if it was before, AgentFailed if it
+        cannot start."""
+        ...
+
+    def adopt(self, run: AgentRun, pid: int, timeout: float) -> bool:
+        """After a restart: watch the agent again if it still runs, or report its end if it is
+        known; False when neither (it ended unseen and its exit is lost)."""
+        ...
+
+    def agents(self) -> list[dict[str, Any]]:
+        """The running agents, for `status`: run_id, agent, pid and, for units, unit."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop watching; agents keep running (they may be days of GPU work)."""
+        ...
+
+
+def agent_env(launch: Launch) -> dict[str, str]:
+    """What the daemon adds to an agent's environment: the config's env, the placeholders as
+    PRNG_<NAME>, and PRNG_LAUNCH_ID (how a still-running agent is recognised)."""
+    env = dict(launch.config.env)
+    env.update({f"PRNG_{k.upper()}": v for k, v in launch.values.items()})
+    env["PRNG_LAUNCH_ID"] = str(launch.run.launch_id)
+    return env
 
 
 def launch_key(path: str, sha256: str) -> str:
@@ -52,7 +129,11 @@ def launch_key(path: str, sha256: str) -> str:
     return hashlib.sha256(os.fsencode(path) + b"\0" + sha256.encode()).hexdigest()[:32]
 
 
-class Launcher:
+class LocalLauncher:
+    """Agents as the daemon's own children, each in its own session; output to a log file."""
+
+    kind = "local"
+
     def __init__(
         self,
         markers_dir: Path,
@@ -63,6 +144,7 @@ class Launcher:
         self._logs = logs_dir
         self._on_exit = on_exit
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._agents: dict[int, tuple[AgentRun, int]] = {}
         markers_dir.mkdir(parents=True, exist_ok=True)
         logs_dir.mkdir(parents=True, exist_ok=True)
 
@@ -76,24 +158,25 @@ class Launcher:
     def running(self) -> int:
         return len(self._running)
 
-    def start(self, launch: Launch) -> int:
+    async def start(self, launch: Launch) -> int:
         """Spawn the agent; return its pid. Raise AgentFailed if it cannot start."""
-        argv = [item.format_map(launch.values) for item in launch.config.argv]
+        name = launch.run.agent
+        if launch.config.user is not None:
+            raise AgentFailed(f"agent {name}: `user` needs the systemd launcher (daemon.launcher)")
+        argv = launch.argv
         program = shutil.which(argv[0])
         if program is None:
-            raise AgentFailed(f"agent {launch.agent}: program not found: {argv[0]}")
+            raise AgentFailed(f"agent {name}: program not found: {argv[0]}")
         if launch.config.cwd is not None:
             # posix_spawn has no chdir action in Python: env(1) changes directory, then execs.
             argv = ["env", f"--chdir={launch.config.cwd}", "--", *argv]
             program = shutil.which("env") or "/usr/bin/env"
         # The daemon's own systemd handles are not the agent's to use.
         env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
-        env.update(launch.config.env)
-        env.update({f"PRNG_{k.upper()}": v for k, v in launch.values.items()})
-        env["PRNG_LAUNCH_ID"] = str(launch.launch_id)
-        log_path = self._logs / f"{launch.values.get('parent_run_id', 'run')}.{launch.agent}.log"
+        env.update(agent_env(launch))
+        log_path = self._logs / f"{launch.values.get('parent_run_id', 'run')}.{name}.log"
         flags = os.O_WRONLY | os.O_CREAT
-        marker = self.marker(launch.key)
+        marker = self.marker(launch.run.key)
         try:
             pid = os.posix_spawn(
                 program,
@@ -115,7 +198,7 @@ class Launcher:
                 setsid=True,
             )
         except FileExistsError:
-            raise AgentFailed(
+            raise AlreadyLaunched(
                 "the launch for this file version already happened; not starting it twice"
             ) from None
         except OSError as exc:
@@ -128,28 +211,40 @@ class Launcher:
             if exc.errno == errno.ENOENT and os.path.exists(program):
                 code += ": the program is there, its #! interpreter is not?"
             raise AgentFailed(
-                f"agent {launch.agent}: cannot start {argv[0]}: {exc.strerror} ({code})"
+                f"agent {name}: cannot start {argv[0]}: {exc.strerror} ({code})"
             ) from None
+        if launch.config.properties:
+            get_logger(agent=name, pid=pid).warning(
+                "agent.properties_ignored", reason="unit properties need the systemd launcher"
+            )
         timeout = launch.config.timeout_seconds
-        self._track(launch.launch_id, self._watch(launch.launch_id, launch.agent, pid, timeout))
+        self._track(launch.run, pid, self._watch(launch.run.launch_id, name, pid, timeout))
         return pid
 
-    def is_running(self, launch_id: int, pid: int) -> bool:
-        """Whether `pid` is still the agent of this launch (not a reused pid)."""
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            return False
-        return f"PRNG_LAUNCH_ID={launch_id}".encode() in environ.split(b"\0")
-
-    def adopt(self, launch_id: int, agent: str, pid: int, timeout: float) -> None:
+    def adopt(self, run: AgentRun, pid: int, timeout: float) -> bool:
         """Watch an agent started before a restart: its end is seen, its exit code is not."""
-        self._track(launch_id, self._watch(launch_id, agent, pid, timeout, own_child=False))
+        if not is_agent(run.launch_id, pid):
+            return False
+        watch = self._watch(run.launch_id, run.agent, pid, timeout, own_child=False)
+        self._track(run, pid, watch)
+        return True
 
-    def _track(self, launch_id: int, watch: Coroutine[Any, Any, None]) -> None:
+    def agents(self) -> list[dict[str, Any]]:
+        return [
+            {"run_id": run.run_id, "agent": run.agent, "pid": pid}
+            for run, pid in self._agents.values()
+        ]
+
+    def _track(self, run: AgentRun, pid: int, watch: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(watch)
-        self._running[launch_id] = task
-        task.add_done_callback(lambda _: self._running.pop(launch_id, None))
+        self._running[run.launch_id] = task
+        self._agents[run.launch_id] = (run, pid)
+
+        def done(_: object) -> None:
+            self._running.pop(run.launch_id, None)
+            self._agents.pop(run.launch_id, None)
+
+        task.add_done_callback(done)
 
     async def _watch(
         self, launch_id: int, agent: str, pid: int, timeout: float, own_child: bool = True
@@ -197,6 +292,23 @@ class Launcher:
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+
+def is_agent(launch_id: int, pid: int) -> bool:
+    """Whether `pid` is still the agent of this launch (not a reused pid)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"PRNG_LAUNCH_ID={launch_id}".encode() in environ.split(b"\0")
+
+
+def stop_local_agent(launch_id: int, pid: int) -> bool:
+    """SIGTERM to the process group of this launch's agent; False if it no longer runs."""
+    if not is_agent(launch_id, pid):
+        return False
+    _killpg(pid, signal.SIGTERM)
+    return True
 
 
 def _killpg(pid: int, sig: signal.Signals) -> None:

@@ -1,0 +1,205 @@
+"""Agents as transient units under a real systemd (the container of test_nspawn_e2e).
+
+The container has no polkitd, so only root may start units there: the daemon runs as root in
+this test (a drop-in), its sandbox otherwise as shipped. The agents run as their own user.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prng_daemon.pipeline import PIPELINE
+
+from .helpers import wait_until
+from .test_nspawn_e2e import MISSING, PY, UNIT, VENV, Container, drop, install
+from .test_nspawn_e2e import container as container  # the fixture
+from .workspace import result_document, run_id
+
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+OUT = "/srv/agent-out"
+# The agent: says who it is, writes outside the daemon's ReadWritePaths, waits for its go file,
+# exits 7. "$1" and "$(id -un)" reach the shell as written: systemd does not expand them.
+AGENT = (
+    'echo "agent $1 as $(id -un)"; touch "/srv/agent-out/$1";'
+    ' while [ ! -e "/srv/agent-out/$1.go" ]; do sleep 0.1; done; exit 7'
+)
+AGENT_CONFIG = {
+    "argv": ["/bin/sh", "-c", AGENT, "agent", "{parent_run_id}"],
+    "user": "prng-agent",
+    "properties": ["MemoryMax=256M", "CPUQuota=50%"],
+}
+AS_ROOT = "User=root\n"
+
+
+# SystemdLauncher by itself, in the container: the same launch twice, the same launch whose marker
+# is not there yet (the unit still is), a user that does not exist, a program that cannot be
+# executed, a timeout (RuntimeMaxSec=), and arguments systemd must pass on unchanged.
+LAUNCHER = """
+import asyncio, json, pathlib, subprocess, sys, tempfile
+from prng_daemon.config import AgentConfig
+from prng_daemon.errors import AgentFailed
+from prng_daemon.handlers.act import AgentRun, Launch
+from prng_daemon.units import SystemdLauncher
+
+async def main():
+    launcher = SystemdLauncher(pathlib.Path(tempfile.mkdtemp(dir="/var/lib")), lambda *a: None)
+    said = {}
+    argv = ("/bin/sh", "-c", 'echo "[$1] [$2]"; exec sleep 600', "sh", "a$HOME${{X}}$$", "%n %%")
+    launch = Launch(AgentRun(1, "k" * 32, "step9_x", "a"), AgentConfig(argv=argv), {})
+    said["pid"] = await launcher.start(launch)
+    for attempt in ("again", "no marker"):
+        if attempt == "no marker":
+            launcher.marker("k" * 32).rmdir()
+        try:
+            await launcher.start(launch)
+        except AgentFailed as exc:
+            said[attempt] = [type(exc).__name__, str(exc)]
+    bad = pathlib.Path("/var/lib/bad-agent")
+    bad.write_text("#!/nonexistent\\n")
+    bad.chmod(0o755)
+    for name, config in {"no user": AgentConfig(argv=("/bin/true",), user="nosuchuser"),
+                         "bad exec": AgentConfig(argv=(str(bad),))}.items():
+        try:
+            await launcher.start(Launch(AgentRun(2, "u" * 32, "step9_y", "a"), config, {}))
+        except AgentFailed as exc:
+            said[name] = [type(exc).__name__, str(exc), launcher.was_launched("u" * 32)]
+    await launcher.stop()
+    # timeout_seconds is the unit's RuntimeMaxSec=: systemd stops it, its exit file says so.
+    ended = asyncio.get_running_loop().create_future()
+    timed = SystemdLauncher(launcher.marker("t").parent, lambda *a: ended.set_result(a), 0.2)
+    hung = AgentConfig(argv=("/bin/sleep", "600"), timeout_seconds=1)
+    await timed.start(Launch(AgentRun(3, "t" * 32, "step9_z", "a"), hung, {}))
+    _, _, said["timeout"], seconds = await asyncio.wait_for(ended, 20)
+    said["timeout_result"] = (timed.exit_file("t" * 32).read_text().split()[0], seconds < 5)
+    print(json.dumps(said))
+
+asyncio.run(main())
+"""
+
+
+def agent_unit(rid: str) -> str:
+    return f"prng-agent-{rid}.service"
+
+
+def unit_state(box: Container, unit: str) -> str:
+    return box.run("systemctl", "show", unit, "-p", "ActiveState", "--value").strip()
+
+
+def exited(box: Container, rid: str) -> list[dict[str, object]]:
+    return [e for e in box.events() if e["event"] == "agent.exited" and e.get("run_id") == rid]
+
+
+def started(box: Container, rid: str) -> None:
+    wait_until(
+        lambda: any(e["event"] == "agent.started" and e.get("run_id") == rid
+                    for e in box.events()),
+        20, interval=0.2, what=f"agent.started for {rid}",
+    )  # fmt: skip
+
+
+def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
+    container: Container,
+) -> None:
+    box = container
+    box.run("systemd-sysusers", "--inline", 'u prng-agent - "an agent"')
+    box.run("install", "-d", "-o", "prng-agent", "-m", "0755", OUT)
+    install(box, {row.agent: AGENT_CONFIG for row in PIPELINE}, "auto", AS_ROOT)
+    box.run("systemctl", "start", UNIT)
+    assert any(
+        e["event"] == "launcher.selected" and e["launcher"] == "systemd" for e in box.events()
+    ), "auto picks systemd under systemd"
+
+    # One result file: exactly one unit, named after the run, as its user, logged, limited.
+    rid = run_id(2, 1)
+    drop(box, "r.json", result_document(2, rid))
+    started(box, rid)
+    unit = agent_unit(rid)
+    wait_until(lambda: box.run("test", "-e", f"{OUT}/{rid}", check=False) == "" and
+               box.run("stat", "-c", "%U", f"{OUT}/{rid}", check=False).strip(), 10,
+               interval=0.1, what="the agent's file")  # fmt: skip
+    assert box.run("stat", "-c", "%U", f"{OUT}/{rid}").strip() == "prng-agent"
+    listed = box.run("systemctl", "list-units", "--plain", "--no-legend", "prng-agent-*")
+    assert [line.split()[0] for line in listed.splitlines()] == [unit]
+    assert unit_state(box, unit) == "active"
+    shown = box.run("systemctl", "show", unit, "-p", "MemoryMax", "-p", "CPUQuotaPerSecUSec",
+                    "-p", "User", "-p", "RuntimeMaxUSec")  # fmt: skip
+    assert "MemoryMax=268435456" in shown and "CPUQuotaPerSecUSec=500ms" in shown, shown
+    assert "User=prng-agent" in shown and "RuntimeMaxUSec=1d" in shown, shown
+    wait_until(lambda: f"agent {rid} as prng-agent" in box.run(
+        "journalctl", "-u", unit, "-o", "cat", "--no-pager"), 10, interval=0.2)  # fmt: skip
+
+    # The same content under another name: the same run, its unit exists; no second agent.
+    drop(box, "r-copy.json", result_document(2, rid))
+    wait_until(lambda: any(e["event"] == "agent.failed" for e in box.events()), 15,
+               interval=0.2, what="the second launch refused")  # fmt: skip
+    assert box.run("pgrep", "-c", "-u", "prng-agent", "-x", "sh").strip() == "1"
+    status = box.run(
+        "env", f"PYTHONUSERBASE={VENV}", f"/usr/bin/{PY}", "-m", "prng_daemon", "status",
+        "--config", "/etc/prng-llm-daemon/config.json", check=False,
+    )  # fmt: skip
+    assert f"{rid}  full_scoring_agent  unit {unit}" in status, status
+
+    # A restart of the daemon: the unit runs on, is adopted, its end reported with its exit.
+    pid = box.run("systemctl", "show", unit, "-p", "MainPID", "--value").strip()
+    box.run("systemctl", "restart", UNIT)
+    assert unit_state(box, unit) == "active"
+    assert box.run("systemctl", "show", unit, "-p", "MainPID", "--value").strip() == pid
+    assert any(e["event"] == "agent.adopted" and e.get("run_id") == rid for e in box.events())
+    box.run("touch", f"{OUT}/{rid}.go")
+    wait_until(lambda: exited(box, rid), 15, interval=0.2, what="agent.exited after restart")
+    assert exited(box, rid)[0]["exit_code"] == 7
+
+    # An agent that ends while the daemon is stopped: its real exit at the next start.
+    rid3 = run_id(3, 1)
+    drop(box, "r3.json", result_document(3, rid3, parent_run_id=rid))
+    started(box, rid3)
+    box.run("systemctl", "stop", UNIT)
+    assert unit_state(box, agent_unit(rid3)) == "active", "stopping the daemon stops no agent"
+    box.run("touch", f"{OUT}/{rid3}.go")
+    wait_until(lambda: unit_state(box, agent_unit(rid3)) == "inactive", 10, interval=0.1)
+    box.run("systemctl", "start", UNIT)
+    wait_until(lambda: exited(box, rid3), 15, interval=0.2, what="the exit recorded while down")
+    assert exited(box, rid3)[0]["exit_code"] == 7
+    assert not any(e["event"] == "agent.lost" for e in box.events())
+
+    # stop-agent: systemctl stop of its unit; the daemon records the signal.
+    rid4 = run_id(4, 1)
+    drop(box, "r4.json", result_document(4, rid4, parent_run_id=rid3))
+    started(box, rid4)
+    said = box.run(
+        "env", f"PYTHONUSERBASE={VENV}", f"/usr/bin/{PY}", "-m", "prng_daemon", "stop-agent",
+        rid4, "--config", "/etc/prng-llm-daemon/config.json",
+    )  # fmt: skip
+    assert said.strip() == f"{rid4}: stopped {agent_unit(rid4)}"
+    wait_until(lambda: exited(box, rid4), 15, interval=0.2, what="agent.exited after stop")
+    assert exited(box, rid4)[0]["exit_code"] == -15
+    launched = [e["run_id"] for e in box.events() if e["event"] == "agent.started"]
+    assert launched == [rid, rid3, rid4], "each launch once, across two restarts"
+    print("\n".join(box.journal()[-40:]))
+
+
+def test_the_systemd_launcher_knows_its_own_launch_undoes_a_failed_one_and_times_out(
+    container: Container,
+) -> None:
+    box = container
+    out = box.run("env", f"PYTHONUSERBASE={VENV}", f"/usr/bin/{PY}", "-c", LAUNCHER)
+    said = json.loads(out.splitlines()[-1])
+    assert said["pid"] > 0
+    assert said["again"] == ["AlreadyLaunched", "the launch for this file version already"
+                             " happened; not starting it twice"]  # fmt: skip
+    assert said["no marker"] == ["AlreadyLaunched",
+                                 "already launched as prng-agent-step9_x.service"]  # fmt: skip
+    assert said["no user"] == ["AgentFailed", "agent a: no such user: nosuchuser", False]
+    assert said["bad exec"] == [
+        "AgentFailed",
+        "agent a: systemd-run prng-agent-step9_y.service: exit status 203 (EXEC: cannot execute"
+        " the program); journalctl -u prng-agent-step9_y.service",
+        False,
+    ], "a unit whose agent never ran leaves the launch launchable (its marker removed)"
+    assert said["timeout"] == -15 and said["timeout_result"] == ["timeout", True]
+    logged = box.run("journalctl", "-u", "prng-agent-step9_x", "-o", "cat", "--no-pager")
+    assert "[a$HOME${X}$$] [%n %%]" in logged, logged
+    box.run("systemctl", "stop", "prng-agent-step9_x.service")
