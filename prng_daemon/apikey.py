@@ -36,14 +36,31 @@ def _uses_own_key(config: Config, name: str) -> bool:
     return server.managed and server.api_key_file is None
 
 
+def _child_at_same_address(config: Config, name: str) -> str | None:
+    """The managed server that unmanaged server `name` points at, if any: one llama-server
+    serving both roles (the demo, a one-model CPU box) is that child, and wants its key."""
+    server = config.server(name)
+    if server.managed:
+        return None
+    for other in SERVER_NAMES:
+        peer = config.server(other)
+        if other != name and peer.managed and (peer.host, peer.port) == (server.host, server.port):
+            return other
+    return None
+
+
 def key_file(config: Config, name: str) -> Path | None:
     """The key file of server `name`: its `api_key_file`, else the daemon's own key for a
-    managed server. None for an unmanaged one without a key (someone else runs it open), and
-    while the daemon's own key is not made yet: no daemon has run, so no child of it listens
-    (the supervisor makes it before any launch; check-config and agents never do)."""
+    managed server (or an unmanaged role pointed at one). None for an unmanaged one without a
+    key (someone else runs it open), and while the daemon's own key is not made yet: no daemon
+    has run, so no child of it listens (the supervisor makes it before any launch;
+    check-config and agents never do)."""
     server = config.server(name)
     if server.api_key_file is not None:
         return server.api_key_file
+    child = _child_at_same_address(config, name)
+    if child is not None:
+        return key_file(config, child)
     own = own_key_file(config)
     return own if _uses_own_key(config, name) and own.exists() else None
 

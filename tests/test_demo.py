@@ -9,7 +9,8 @@ import io
 import json
 from pathlib import Path
 
-from prng_daemon.demo import run_demo
+from prng_daemon.apikey import key_file, make_key, own_key_file
+from prng_daemon.demo import demo_config, run_demo
 
 
 def test_tiny_demo_completes_steps_1_to_6(tmp_path: Path) -> None:
@@ -26,3 +27,14 @@ def test_tiny_demo_completes_steps_1_to_6(tmp_path: Path) -> None:
     last = max((json.loads(r.read_text()) for r in records), key=lambda r: r["pipeline_step"])
     assert last["pipeline_step"] == 6 and last["decision"] == "proceed"
     assert "ready" in text and "pipeline complete" in text and "seed 2: step" in text
+
+
+def test_the_real_model_demo_sends_the_childs_key_for_both_roles(tmp_path: Path) -> None:
+    """One llama-server serves both roles on the real model: the math role, unmanaged at the
+    child's address, must send the child's key, or every math decision gets 401 and falls
+    back to the rules (what the demo did for a while, looking autonomous)."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    config = demo_config(tmp_path, "/bin/true", 1, model)
+    make_key(config)
+    assert key_file(config, "math") == key_file(config, "orchestrator") == own_key_file(config)

@@ -297,6 +297,34 @@ def test_children_refuse_requests_without_the_daemons_key(
     assert mode == 0o640, oct(mode)
 
 
+def test_one_child_serving_both_roles_gets_its_key_from_both(
+    llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The demo's CPU set-up: math is an unmanaged role at the managed orchestrator's address,
+    so it is that child and must send its key (it sent none: every math request got 401 and
+    every math-primary decision fell back to the rules)."""
+    orchestrator = server_section(tiny_model.name)
+    config = make_config(
+        llama_server_bin, tiny_model.parent, tmp_path, orchestrator,
+        {**orchestrator, "managed": False},
+    )  # fmt: skip
+
+    async def body() -> None:
+        async with supervising(config) as sup:
+            await until(lambda: sup.is_ready("orchestrator"), 30, "orchestrator ready")
+            router = AsyncRouter(config)
+            try:
+                routed = await router.chat(
+                    [{"role": "user", "content": "hi"}], endpoint="math", temperature=0.0,
+                    seed=1, max_tokens=2, grammar=None, n_probs=0, query_type="statistical",
+                )  # fmt: skip
+            finally:
+                await router.aclose()
+        assert (routed.endpoint, routed.degraded) == ("math", False)
+
+    run(body)
+
+
 def test_the_key_is_made_once_and_a_configured_key_file_is_used_instead(tmp_path: Path) -> None:
     def config(state: str, **server: Any) -> Config:
         return parse_config(json.dumps(
