@@ -22,6 +22,8 @@ def verdict(o: DemoOutcome) -> str:
     if not o.completed:
         return "did not reach step 6"
     person = o.scenario.person_step
+    if any(path == "rules" for _, _, path in o.decisions):
+        return "the rules decided (no model answer)"
     if o.unwarranted_escalations:
         return "needless escalation"
     if person is not None and person not in [s for s, _ in o.escalations]:
@@ -44,6 +46,7 @@ def report(outcomes: list[DemoOutcome], tiny: bool) -> None:
             ", ".join(f"{s}" for s, _ in o.escalations) or "-",
             needless_retries(o) if o.scenario.person_step else "-",
             len(o.decisions),
+            sum(1 for _, _, path in o.decisions if path.startswith("llm")),
             f"{mean(o.decision_seconds):.1f}" if o.decision_seconds else "-",
             f"{o.seconds:.0f}",
             verdict(o),
@@ -51,7 +54,7 @@ def report(outcomes: list[DemoOutcome], tiny: bool) -> None:
         for o in outcomes
     ]
     headers = ["seed", "fails once", "needs a person", "escalated at", "reruns of it",
-               "decisions", "LLM s/decision", "wall s", "outcome"]  # fmt: skip
+               "decisions", "by the model", "LLM s/decision", "wall s", "outcome"]  # fmt: skip
     clean = [o for o in outcomes if o.scenario.person_step is None]
     person = [o for o in outcomes if o.scenario.person_step is not None]
     autonomous = [o for o in clean if verdict(o) == "autonomous"]
