@@ -44,6 +44,7 @@ from prng_daemon.llm.claims import stated_claims
         # Nothing found, or parts missing.
         ("Success: 0 bidirectional survivors.", {"zero": False}),
         ("no survivors were lost in the rerun", {}),
+        ("its sha256 no longer matches the one logged", {}),
         ("52 shards planned, 31 returned, 21 missing.", {"missing": False}),
         ("0 failed shards; rig-6600 unreachable for an hour, then back.", {}),
         # A count against a percentage compares nothing; a fraction against one does.

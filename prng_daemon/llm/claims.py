@@ -60,9 +60,10 @@ _HOLDOUT = re.compile(
     rf"\b(?:hold-?out|validation|test)\b{_METRIC_WORDS}[:=]?\s+{NUMBER}", re.IGNORECASE
 )
 _AUC = re.compile(rf"\bAUC\s+(?:of\s+)?{NUMBER}", re.IGNORECASE)
-# What the step exists to find, counted as none; not "no survivors were lost".
+# What the step exists to find, counted as none; not "no survivors were lost", nor "its hash
+# no longer matches".
 _ZERO = re.compile(
-    r"\b(?:0|zero|no)\s+(?:[a-z-]+\s+){0,2}?(?:survivors|matches|hits|predictions)\b"
+    r"\b(?:0|zero|no)\s+(?:(?!longer\b)[a-z-]+\s+){0,2}?(?:survivors|matches|hits|predictions)\b"
     r"(?!(?:\s+\w+)?\s+(?:lost|dropped|failed|missing|skipped|discarded))",
     re.IGNORECASE,
 )
