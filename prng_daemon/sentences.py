@@ -86,6 +86,8 @@ _TEMPLATES: dict[str, Callable[[Facts], str]] = {
     "escalation.rejected": _template("escalation rejected by the operator: the run stops here"),
     "escalation.kept": _template("escalation still pending: {reason}"),
     "escalation.unknown": _plain("{run_id}: no pending escalation ({state})"),
+    "command.applied": _plain("operator: {message}"),
+    "command.refused": _plain("operator command refused: {message}"),
     "server.ready": _plain("llama-server {server} ready on port {port} (pid {pid})"),
     "server.failed": _plain("llama-server {server} failed: {reason}"),
     "server.exited": _plain("llama-server {server} exited ({returncode}): {reason}"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from prng_daemon.journal import field_name
 from prng_daemon.log import configure_logging, is_journal, pick_format
 
 
@@ -85,6 +86,12 @@ def test_native_journal_entries_carry_fields(tmp_path: Path) -> None:
     assert entry["MESSAGE"] == "step 3/6 full_scoring: escalated to the operator: low confidence"
 
 
+def test_field_names_are_sanitised_and_never_take_the_journals_own() -> None:
+    assert field_name("run_id") == "RUN_ID" and field_name("_sd-x.y") == "SD_X_Y"
+    assert field_name("message") == "PRNG_MESSAGE" and field_name("unit") == "PRNG_UNIT"
+    assert field_name("priority") == "PRNG_PRIORITY" and field_name("") == "FIELD"
+
+
 def test_journal_messages_are_sentences_a_person_scans(tmp_path: Path) -> None:
     """A file's story reads as sentences; a hostile name stays one escaped line; an event with
     no template, or one missing a fact its template wants, still reads `event key=value`; a
@@ -104,13 +111,14 @@ def test_journal_messages_are_sentences_a_person_scans(tmp_path: Path) -> None:
             "result.rejected", file="evil\n\x1b[31m.json", reason="bad", pointer="/x"
         )
         structlog.get_logger().info("watcher.overflow", dropped=3)
+        structlog.get_logger().info("command.applied", message="approved: x -> started a")
         structlog.get_logger().info("decision.made", step=2)  # no decision: the generic form
         try:
             raise ValueError("boom")
         except ValueError:
             structlog.get_logger().exception("task.crashed", task="engine", error="boom",
                                              crashes=1)  # fmt: skip
-        entries = [_journal_entry(journal.recv(65536)) for _ in range(8)]
+        entries = [_journal_entry(journal.recv(65536)) for _ in range(9)]
     assert [e["MESSAGE"] for e in entries[:-1]] == [
         f"step 3/6 full_scoring: r.json validated, run {rid}",
         "step 3/6 full_scoring: proceed (llm, 82 %)",
@@ -118,11 +126,13 @@ def test_journal_messages_are_sentences_a_person_scans(tmp_path: Path) -> None:
         "step 3/6 full_scoring: ml_meta_agent failed (exit 3) after 1.5 s",
         "evil\\n\\x1b[31m.json rejected: bad (at /x)",
         "watcher.overflow dropped=3",
+        "operator: approved: x -> started a",
         "decision.made step=2",
     ]
     crashed = entries[-1]
     assert crashed["MESSAGE"] == "task engine crashed (1x): boom"
     assert crashed["EXCEPTION"].startswith("Traceback") and "\n" in crashed["EXCEPTION"]
+    assert entries[6]["PRNG_MESSAGE"] == "approved: x -> started a", "kept, not the sentence"
     assert entries[4]["FILE"] == "evil\n\x1b[31m.json", "the field keeps the name as it is"
 
 
