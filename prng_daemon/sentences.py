@@ -52,8 +52,10 @@ def _agent_started(f: Facts) -> str:
 
 def _agent_exited(f: Facts) -> str:
     code = f.get("exit_code")
-    if code is None or code < 0:
-        how = "was killed" if code is None else f"was killed by signal {-code}"
+    if code is None:
+        how = "ended, exit status unknown"
+    elif code < 0:
+        how = f"was killed by signal {-code}"
     else:
         how = "succeeded" if code == 0 else f"failed (exit {code})"
     return f"{_step(f)}: {f['agent']} {how} after {f['duration_s']} s"

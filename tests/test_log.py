@@ -12,6 +12,7 @@ import structlog
 
 from prng_daemon.journal import field_name
 from prng_daemon.log import configure_logging, is_journal, pick_format
+from prng_daemon.sentences import sentence
 
 
 def test_json_lines_carry_level_and_fields() -> None:
@@ -165,3 +166,12 @@ def test_console_lines_escape_control_characters_but_keep_traceback_lines() -> N
     assert "file=evil\\n\\x1b[31mred.json" in first and "reason=bad\\rline" in first
     assert "x\\x1b.json" in rest[0]
     assert any(line.startswith("Traceback") for line in rest), "the traceback keeps its lines"
+
+
+def test_an_agents_end_reads_as_what_happened() -> None:
+    ended = {"event": "agent.exited", "agent": "prediction_agent", "step": 6, "duration_s": 2.5}
+    assert [sentence({**ended, "exit_code": code}) for code in (0, -15, None)] == [
+        "step 6/6 prediction: prediction_agent succeeded after 2.5 s",
+        "step 6/6 prediction: prediction_agent was killed by signal 15 after 2.5 s",
+        "step 6/6 prediction: prediction_agent ended, exit status unknown after 2.5 s",
+    ]
