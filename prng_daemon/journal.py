@@ -17,11 +17,20 @@ __all__ = ["JOURNAL_SOCKET", "JournalSender", "encode_entry", "field_name"]
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 
 _INVALID = re.compile(r"[^A-Z0-9_]")
+# Fields the journal or journalctl give a meaning (systemd.journal-fields(7)): an event's own
+# `message=` or `unit=` must not replace the sentence or pose as systemd's.
+_RESERVED = frozenset(
+    "MESSAGE MESSAGE_ID PRIORITY CODE_FILE CODE_LINE CODE_FUNC ERRNO INVOCATION_ID TID"
+    " SYSLOG_FACILITY SYSLOG_IDENTIFIER SYSLOG_PID SYSLOG_TIMESTAMP SYSLOG_RAW DOCUMENTATION"
+    " UNIT USER_UNIT USER_INVOCATION_ID".split()
+)
 
 
 def field_name(key: str) -> str:
-    """`run_id` -> `RUN_ID`: upper case, letters, digits and `_`, not starting with `_`."""
-    return _INVALID.sub("_", key.upper()).lstrip("_")[:64] or "FIELD"
+    """`run_id` -> `RUN_ID`: upper case, letters, digits and `_`, not starting with `_`; a name
+    the journal reserves gets a `PRNG_` prefix (`message` -> `PRNG_MESSAGE`)."""
+    name = _INVALID.sub("_", key.upper()).lstrip("_")[:64] or "FIELD"
+    return f"PRNG_{name}" if name in _RESERVED or name.startswith("OBJECT_") else name
 
 
 def encode_entry(fields: Mapping[str, str]) -> bytes:

@@ -13,6 +13,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .journal import JournalSender, field_name
 from .names import printable
+from .sentences import sentence
 
 __all__ = ["SYSLOG_PRIORITY", "configure_logging", "get_logger", "is_journal", "pick_format"]
 
@@ -45,8 +46,9 @@ def pick_format(stream: TextIO, journal_stream: str | None) -> LogFormat:
 class _PriorityPrefix:
     """Render as JSON, prefixed with the syslog priority journald reads.
 
-    With a native journal sender, the entry goes to journald with its fields (RUN_ID=, FILE=,
-    EVENT=, ...) instead, and the prefixed stderr line is only the fallback.
+    With a native journal sender, the entry goes to journald instead: MESSAGE a sentence a person
+    reads (sentences.py), every field as a field of its own (RUN_ID=, FILE=, EVENT=, ...); the
+    prefixed stderr line is only the fallback when the socket does not take it.
     """
 
     def __init__(self, sender: JournalSender | None = None) -> None:
@@ -55,8 +57,6 @@ class _PriorityPrefix:
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
         priority = SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6)
-        rendered = self._json(logger, name, event_dict)
-        text = rendered.decode() if isinstance(rendered, bytes) else rendered
         if self._sender is not None:
             fields = {
                 field_name(k): str(v)
@@ -64,13 +64,15 @@ class _PriorityPrefix:
                 if k not in ("level", "timestamp") and v is not None
             }
             fields.update(
-                MESSAGE=text,
+                MESSAGE=sentence(event_dict),
                 PRIORITY=str(priority),
                 SYSLOG_IDENTIFIER="prng-llm-daemon",
                 EVENT=str(event_dict.get("event", "")),
             )
             if self._sender.send(fields):
                 raise structlog.DropEvent
+        rendered = self._json(logger, name, event_dict)
+        text = rendered.decode() if isinstance(rendered, bytes) else rendered
         return f"<{priority}>{text}"
 
 

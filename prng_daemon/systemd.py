@@ -8,6 +8,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+import sdnotify
+
 from .log import get_logger
 
 __all__ = ["Notifier"]
@@ -26,6 +28,38 @@ def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
     return usec / 2 / 1e6 if usec > 0 else None
 
 
+class _Transport(sdnotify.SystemdNotifier):  # type: ignore[misc]  # sdnotify has no types
+    """sdnotify's notifier, connected to the Notifier's own address, never blocking.
+
+    sdnotify's own __init__ reads $NOTIFY_SOCKET from os.environ; this one takes the address
+    the Notifier read from its environment (a test's, a child's) and connects the same way.
+    `debug=True`: a failed connect or send raises (sdnotify otherwise swallows it, and after a
+    failed connect never connects again), so the Notifier says so and the next call starts
+    afresh.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.debug = True
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            # Non-blocking: a full notify queue must cost a lost ping, never a stalled loop.
+            self.socket.setblocking(False)
+            # "@name" is an abstract-namespace socket: its kernel name starts with a NUL byte.
+            self.socket.connect("\0" + address[1:] if address.startswith("@") else address)
+        except OSError:
+            self.socket.close()
+            raise
+
+    def send(self, text: str) -> None:
+        # sdnotify encodes as Latin-1; systemd wants UTF-8 (it ignores a STATUS= that is not):
+        # hand it the UTF-8 bytes as the Latin-1 characters that encode back to them. A lone
+        # surrogate (a name's undecodable byte) is written as an escape, not raised.
+        self.notify(text.encode("utf-8", "backslashreplace").decode("latin-1"))
+
+    def close(self) -> None:
+        self.socket.close()
+
+
 def _one_line(text: str) -> str:
     # A newline ends the assignment: a result file named "x\nMAINPID=1" must not become one.
     return " ".join(text.splitlines())
@@ -34,9 +68,8 @@ def _one_line(text: str) -> str:
 class Notifier:
     """Talks to the service manager over $NOTIFY_SOCKET; every call is silent without one.
 
-    The `sdnotify` package is not used: it reads the address from os.environ only, connects
-    once (a failed connect is never retried) and hides send errors unless it also leaks its
-    socket. This is the same dozen lines libsystemd's sd_notify() runs: one datagram per call.
+    One datagram per call through the `sdnotify` package (`_Transport`), a fresh notifier each
+    time, so a failed send is retried by the next call. Never raises, never blocks.
     """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -113,16 +146,14 @@ class Notifier:
     def _send(self, lines: list[str]) -> None:
         if not self.enabled:
             return
-        address = self._address
-        # "@name" is an abstract-namespace socket: its kernel name starts with a NUL byte.
-        if address.startswith("@"):
-            address = "\0" + address[1:]
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                # Non-blocking: a full notify queue must cost a lost ping, never a stalled loop.
-                sock.setblocking(False)
-                sock.connect(address)
-                sock.sendall("\n".join(lines).encode())
+            # A fresh notifier per call, as libsystemd's sd_notify() does: one whose send failed
+            # is never reused, and no descriptor is held between calls.
+            transport = _Transport(self._address)
+            try:
+                transport.send("\n".join(lines))
+            finally:
+                transport.close()
         except OSError as exc:
             # Once per failing streak: a daemon that cannot notify must keep working, and must
             # not fill the journal with one warning per watchdog ping.

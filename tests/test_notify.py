@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,47 @@ def test_blocked_event_loop_stops_the_pings(notify_socket: socket.socket) -> Non
     during, after = asyncio.run(main())
     assert during == []
     assert len(after) == 2
+
+
+def test_status_is_sent_as_utf8(notify_socket: socket.socket) -> None:
+    """sdnotify encodes Latin-1; systemd ignores a STATUS= that is not UTF-8, and a character
+    beyond Latin-1 would raise. The status line has `·` and file names have anything."""
+    n = notifier(notify_socket)
+    n.status("idle · ré→sumé.json")
+    n.status("deciding bad\udcff.json")  # a name's undecodable byte, as os.fsdecode keeps it
+
+    assert received(notify_socket) == [
+        "STATUS=idle · ré→sumé.json",
+        "STATUS=deciding bad\\udcff.json",
+    ]
+
+
+def test_a_failed_send_is_retried_by_the_next_call(tmp_path: Path) -> None:
+    """systemd's socket was not there, then it is: the next call reaches it (sdnotify alone
+    would keep its failed connection forever); a new failing streak is said again."""
+    path = tmp_path / "notify"
+    n = Notifier({"NOTIFY_SOCKET": str(path)})
+    with capture_logs() as logs:
+        n.watchdog()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(str(path))
+            sock.setblocking(False)
+            n.watchdog()
+            assert received(sock) == ["WATCHDOG=1"]
+        path.unlink()
+        n.watchdog()
+
+    assert [e["event"] for e in logs] == ["notify.failed", "notify.failed"]
+
+
+def test_a_full_notify_queue_never_blocks(notify_socket: socket.socket) -> None:
+    """Nobody reads the socket (systemd stuck): the sends fail at once, the caller goes on."""
+    n = notifier(notify_socket)
+    with capture_logs() as logs:
+        pinger = threading.Thread(target=lambda: [n.watchdog() for _ in range(5000)])
+        pinger.start()
+        pinger.join(timeout=30)  # a deadline for a blocked send, not synchronisation
+
+    assert not pinger.is_alive(), "a send blocked on the full queue"
+    assert [e["event"] for e in logs] == ["notify.failed"]
+    assert "unavailable" in logs[0]["error"]

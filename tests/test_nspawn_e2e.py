@@ -102,11 +102,15 @@ class Container:
         return self.run("systemctl", "show", UNIT, "-p", prop, "--value").strip()
 
     def journal(self, *args: str, check: bool = True) -> list[str]:
+        """The unit's messages, as a person reads them (`-o cat`)."""
         argv = ("journalctl", "-u", UNIT, "-o", "cat", "--no-pager", *args)
         return self.run(*argv, check=check).splitlines()
 
     def events(self, *args: str) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.journal(*args) if line.startswith("{")]
+        """The daemon's events with their native fields (`-o json`), keys in lower case."""
+        argv = ("journalctl", "-u", UNIT, "-o", "json", "--no-pager", *args)
+        entries = [json.loads(line) for line in self.run(*argv).splitlines()]
+        return [{k.lower(): v for k, v in e.items()} for e in entries if "EVENT" in e]
 
 
 def _pid1(nspawn: subprocess.Popen[bytes]) -> int | None:
@@ -204,7 +208,9 @@ def test_the_unit_under_systemd_notifies_logs_restarts_on_watchdog_and_stops_its
     assert box.show("ActiveState") == "active"
     story = box.journal()
     started = next(i for i, line in enumerate(story) if line.startswith("Started "))
-    assert any('"daemon.started"' in line for line in story[:started]), "active before READY"
+    assert any(line.startswith("daemon started, watching ") for line in story[:started]), (
+        "active before READY"
+    )
     assert box.show("StatusText").startswith("orchestrator unmanaged, math unmanaged · idle · ")
 
     rid = run_id(2, 1)
@@ -213,8 +219,15 @@ def test_the_unit_under_systemd_notifies_logs_restarts_on_watchdog_and_stops_its
                interval=0.2, what="agent.started in the journal")  # fmt: skip
     mine = [e for e in box.events() if e.get("run_id") == rid]
     assert [e["event"] for e in mine] == ["result.validated", "decision.made", "agent.started"]
-    by_field = [json.loads(line)["event"] for line in box.journal(f"RUN_ID={rid}")]
+    by_field = [e["event"] for e in box.events(f"RUN_ID={rid}")]
     assert by_field == ["result.validated", "decision.made", "agent.started"], "native fields"
+    assert mine[1]["step"] == "2" and mine[1]["file"] == "r.json" and mine[1]["decision"]
+    # The same story as a person reads it: one sentence per event, the facts in words.
+    said = box.journal(f"RUN_ID={rid}")
+    assert [line.split(": ", 1)[0] for line in said] == ["step 2/6 scorer_meta_optimizer"] * 3
+    assert said[0] == f"step 2/6 scorer_meta_optimizer: r.json validated, run {rid}"
+    assert said[1].startswith(f"step 2/6 scorer_meta_optimizer: {mine[1]['decision']} (")
+    assert " -> full_scoring_agent started as pid " in said[2]
     wait_until(lambda: "1 decided" in box.show("StatusText"), 5, interval=0.2)
     status = box.run("systemctl", "status", UNIT, "--no-pager", "-l", "-n", "5", check=False)
     assert 'Status: "' in status and "1 decided" in status
@@ -222,8 +235,9 @@ def test_the_unit_under_systemd_notifies_logs_restarts_on_watchdog_and_stops_its
 
     box.write(f"{RESULTS}/bad.json", "{not json")
     wait_until(lambda: box.journal("-p", "err"), 10, interval=0.2, what="an error line")
-    errors = [json.loads(line)["event"] for line in box.journal("-p", "err")]
+    errors = [e["event"] for e in box.events("-p", "err")]
     assert errors == ["result.rejected"], "-p err keeps error lines only"
+    assert box.journal("-p", "err")[0].startswith("bad.json rejected: ")
 
     # A stopped process stops pinging: the watchdog kills it (SIGABRT) and systemd restarts it.
     main_pid = int(box.show("MainPID"))

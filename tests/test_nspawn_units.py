@@ -150,7 +150,7 @@ def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
     assert any(e["event"] == "agent.adopted" and e.get("run_id") == rid for e in box.events())
     box.run("touch", f"{OUT}/{rid}.go")
     wait_until(lambda: exited(box, rid), 15, interval=0.2, what="agent.exited after restart")
-    assert exited(box, rid)[0]["exit_code"] == 7
+    assert exited(box, rid)[0]["exit_code"] == "7"
 
     # An agent that ends while the daemon is stopped: its real exit at the next start.
     rid3 = run_id(3, 1)
@@ -162,7 +162,7 @@ def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
     wait_until(lambda: unit_state(box, agent_unit(rid3)) == "inactive", 10, interval=0.1)
     box.run("systemctl", "start", UNIT)
     wait_until(lambda: exited(box, rid3), 15, interval=0.2, what="the exit recorded while down")
-    assert exited(box, rid3)[0]["exit_code"] == 7
+    assert exited(box, rid3)[0]["exit_code"] == "7"
     assert not any(e["event"] == "agent.lost" for e in box.events())
 
     # stop-agent: systemctl stop of its unit; the daemon records the signal.
@@ -175,7 +175,7 @@ def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
     )  # fmt: skip
     assert said.strip() == f"{rid4}: stopped {agent_unit(rid4)}"
     wait_until(lambda: exited(box, rid4), 15, interval=0.2, what="agent.exited after stop")
-    assert exited(box, rid4)[0]["exit_code"] == -15
+    assert exited(box, rid4)[0]["exit_code"] == "-15"
     launched = [e["run_id"] for e in box.events() if e["event"] == "agent.started"]
     assert launched == [rid, rid3, rid4], "each launch once, across two restarts"
     print("\n".join(box.journal()[-40:]))
