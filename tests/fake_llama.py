@@ -72,6 +72,8 @@ class FakeLlama:
         self._busy = 0
         self._last_prompt = ""
         self._connections: set[socket.socket] = set()
+        self.connections = 0
+        """TCP connections accepted so far: a client that keeps its connection opens one."""
         self._stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         # Request threads are joined on close; everything that waits also watches `_stopping`.
@@ -115,6 +117,7 @@ class FakeLlama:
             def setup(self) -> None:
                 super().setup()
                 with fake._lock:
+                    fake.connections += 1
                     fake._connections.add(self.connection)
                     if fake._stopping.is_set():  # accepted after __exit__ ended the others
                         self.connection.shutdown(socket.SHUT_RDWR)
