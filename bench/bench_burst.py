@@ -109,9 +109,9 @@ body = json.loads(open(sys.argv[2]).read())
 workers, total = int(sys.argv[3]), int(sys.argv[4])
 async def worker(client, n):
     for _ in range(n):
-        await client.complete(body["prompt"], n_predict=body["n_predict"],
-            temperature=body["temperature"], stop=body["stop"], json_schema=body.get("json_schema"),
-            n_probs=body.get("n_probs", 0))
+        await client.chat(body["messages"], n_predict=body["max_tokens"],
+            temperature=body["temperature"], seed=body.get("seed"), grammar=body.get("grammar"),
+            n_probs=body.get("top_logprobs", 0))
 async def main():
     client = LlamaClient(sys.argv[1], timeout=60)
     start = time.perf_counter()

@@ -1,5 +1,7 @@
-"""Event -> agent start latency: the daemon against `watchmedo shell-command` and a bare
-`inotifywait -m` loop (the floor), on the same events, with the same agent, in one run."""
+"""Event -> agent start latency: the daemon against the comparable floor (an `inotifywait -m`
+loop feeding a bare client that asks the same fake LLM the same requests over a kept-alive
+connection, then spawns the agent), `watchmedo shell-command` and a bare `inotifywait -m` bash
+loop (no LLM at all), on the same events, with the same agent, in one run."""
 
 from __future__ import annotations
 
@@ -40,15 +42,16 @@ LAUNCH_TIMEOUT = 10.0
 
 
 class StampedLlama(FakeLlama):
-    """A zero-latency FakeLlama that notes when each /completion is answered."""
+    """A zero-latency FakeLlama that notes when each /v1/chat/completions is answered."""
 
     def __init__(self) -> None:
         super().__init__()
         self.answered: list[int] = []
 
-    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        answer = super()._chat(body)
         self.answered.append(time.monotonic_ns())
-        return super()._completion(body)
+        return answer
 
 
 @dataclass
@@ -59,6 +62,9 @@ class Tool:
     proc: subprocess.Popen[bytes] | None = None
     latencies: list[float] = field(default_factory=list)
     to_llm: list[float] = field(default_factory=list)
+    """File complete -> the fake answered the first request (daemon only)."""
+    from_llm: list[float] = field(default_factory=list)
+    """The fake answered the last request -> the agent started (daemon only)."""
     written: list[int] = field(default_factory=list)
     missed: int = 0
 
@@ -73,9 +79,45 @@ def inotifywait_loop(agent: list[str], results: Path, markers: Path) -> str:
     )
 
 
+FLOOR = """\
+import http.client, json, os, signal, sys
+port, bodies, results, markers, *agent = sys.argv[1:]
+asks = None  # read at the first event: written once the daemon's warm-up is done
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the agents
+llm = http.client.HTTPConnection("127.0.0.1", int(port))
+for line in sys.stdin:
+    name = line.rstrip("\\n")
+    if name.startswith(".") or not name.endswith(".json"):
+        continue
+    with open(os.path.join(results, name), "rb") as f:
+        json.loads(f.read())
+    if asks is None:
+        asks = [(path, json.dumps(body).encode()) for path, body in json.load(open(bodies))]
+    for path, body in asks:
+        llm.request("POST", path, body, {"Content-Type": "application/json"})
+        json.loads(llm.getresponse().read())
+    os.posix_spawn(agent[0], [*agent, markers, name], os.environ)
+"""
+"""The comparable floor: read and parse the file, send the daemon's requests for one file
+(recorded from its warm-up) over one kept-alive connection, parse each answer, spawn the agent."""
+
+
+def floor_loop(agent: list[str], tool: Tool, port: int, bodies: Path) -> str:
+    script = tool.results.parent / "floor.py"
+    script.write_text(FLOOR)
+    args = (sys.executable, "-I", script, port, bodies, tool.results, tool.markers, *agent)
+    return (
+        f"inotifywait -m -q -e close_write,moved_to --format '%f' '{tool.results}' | "
+        + " ".join(f"'{a}'" for a in args)
+    )
+
+
 def document(n: int) -> str:
     # Step 2's primary LLM is the math server alone: one /completion per decision.
     return json.dumps(result_document(2, run_id(2, n)))
+
+
+ASKED_AT = "/v1/chat/completions"
 
 
 def drop_and_time(tool: Tool, n: int, text: str) -> int | None:
@@ -97,6 +139,10 @@ def drop_and_time(tool: Tool, n: int, text: str) -> int | None:
     return written
 
 
+FLOOR_NAME = "floor: inotifywait + kept-alive client"
+BASELINES = (FLOOR_NAME, "watchmedo", "inotifywait (no LLM)")
+
+
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     agent, agent_kind = build_agent(tmp)
     with StampedLlama() as fake:
@@ -112,23 +158,28 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             daemon.proc = ws.start()
         tools = [daemon]
         if not args.profile:
-            for name in ("watchmedo", "inotifywait"):
-                (tmp / name / "results").mkdir(parents=True)
-                (tmp / name / "markers").mkdir()
-                tools.append(Tool(name, tmp / name / "results", tmp / name / "markers"))
-        skipped = {}
+            for n, name in enumerate(BASELINES):
+                (tmp / f"tool{n}" / "results").mkdir(parents=True)
+                (tmp / f"tool{n}" / "markers").mkdir()
+                tools.append(Tool(name, tmp / f"tool{n}" / "results", tmp / f"tool{n}" / "markers"))
+        skipped: dict[str, str] = {}
+        bodies = tmp / "bodies.json"
         try:
             wait_ready(ws, 60)
             for tool in tools[1:]:
-                tool.proc = start_baseline(tool, agent, skipped)
+                tool.proc = start_baseline(tool, agent, skipped, fake.port, bodies)
             tools = [t for t in tools if t.name not in skipped]
-            for tool in tools:
+            for tool in tools:  # the daemon first: its requests are what the floor sends
                 # Also the readiness check of the baselines: their first events come back.
                 for n in range(WARMUP):
+                    asked = len(fake.requests)
                     drop_and_time(tool, n, document(n))
                     time.sleep(GAP_SECONDS)
                 if tool.missed:
                     raise SystemExit(f"{tool.name}: no agent launched for the warm-up files")
+                if tool is daemon:  # what the floor asks for each file: the daemon's requests
+                    asks = [[ASKED_AT, body] for body in fake.requests[asked:]]
+                    bodies.write_text(json.dumps(asks))
                 tool.latencies.clear()
                 tool.written.clear()
             # Interleaved, so that load from elsewhere on the machine hits every tool alike.
@@ -138,7 +189,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     asked = len(fake.answered)
                     written = drop_and_time(tool, i, text)
                     if tool is daemon and written and len(fake.answered) > asked:
+                        started = written + round(daemon.latencies[-1] * 1e9)
                         daemon.to_llm.append((fake.answered[asked] - written) / 1e9)
+                        daemon.from_llm.append((started - fake.answered[-1]) / 1e9)
                     time.sleep(GAP_SECONDS)
         finally:
             for tool in tools:
@@ -147,37 +200,52 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         requests = len(fake.requests)
         round_trip = http_round_trip(fake, tmp)
     result = {"agent": agent_kind, "tools": tools, "skipped": skipped, "requests": requests,
-              "round_trip": round_trip}  # fmt: skip
+              "round_trip": round_trip, "asks": len(json.loads(bodies.read_text()))}  # fmt: skip
     if args.profile:
         result["timers"] = json.loads(timers.read_text())
     return result
 
 
 ROUND_TRIP = """\
-import json, sys, time, httpx
-body = json.loads(open(sys.argv[2]).read())
-spent = []
-with httpx.Client(base_url=sys.argv[1]) as client:
-    for _ in range(int(sys.argv[3])):
+import asyncio, http.client, json, sys, time
+from prng_daemon.llm.client import LlamaClient
+url, body, n = sys.argv[1], json.loads(open(sys.argv[2]).read()), int(sys.argv[3])
+bare = http.client.HTTPConnection(url.removeprefix("http://"))
+spent = {"http.client": [], "LlamaClient.chat": []}
+for _ in range(n):
+    start = time.perf_counter()
+    bare.request("POST", "/v1/chat/completions", json.dumps(body).encode())
+    json.loads(bare.getresponse().read())
+    spent["http.client"].append(time.perf_counter() - start)
+async def ours():
+    client = LlamaClient(url, timeout=60)
+    for _ in range(n):
         start = time.perf_counter()
-        client.post("/completion", json=body).raise_for_status()
-        spent.append(time.perf_counter() - start)
+        await client.chat(body["messages"], n_predict=body["max_tokens"],
+            temperature=body["temperature"], seed=body.get("seed"), grammar=body.get("grammar"),
+            n_probs=body.get("top_logprobs", 0))
+        spent["LlamaClient.chat"].append(time.perf_counter() - start)
+    await client.aclose()
+asyncio.run(ours())
 print(json.dumps(spent))
 """
 
 
-def http_round_trip(fake: FakeLlama, tmp: Path, n: int = 100) -> list[float]:
-    """The daemon's last /completion body sent again from a bare httpx client: the share of
-    the daemon's latency that is the loopback HTTP exchange with the fake."""
+def http_round_trip(fake: FakeLlama, tmp: Path, n: int = 100) -> dict[str, list[float]]:
+    """The daemon's first request for a file sent again, n times over one kept-alive
+    connection, from a bare http.client and from the daemon's own async client: what the HTTP
+    exchange with the fake costs each."""
     body = tmp / "body.json"
-    body.write_text(json.dumps(fake.requests[-1]))
+    body.write_text(json.dumps(json.loads((tmp / "bodies.json").read_text())[0][1]))
     out = subprocess.run([sys.executable, "-c", ROUND_TRIP, fake.url, str(body), str(n)],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-    spent: list[float] = json.loads(out)
+    spent: dict[str, list[float]] = json.loads(out)
     return spent
 
 
-def start_baseline(tool: Tool, agent: list[str], skipped: dict[str, str]) -> Any:
+def start_baseline(
+    tool: Tool, agent: list[str], skipped: dict[str, str], port: int, bodies: Path
+) -> Any:
     if tool.name == "watchmedo":
         watchmedo = Path(sys.executable).parent / "watchmedo"
         if not watchmedo.exists():
@@ -191,7 +259,10 @@ def start_baseline(tool: Tool, agent: list[str], skipped: dict[str, str]) -> Any
     if shutil.which("inotifywait") is None:
         skipped[tool.name] = "inotifywait not installed (apt-get install inotify-tools)"
         return None
-    loop = inotifywait_loop(agent, tool.results, tool.markers)
+    if tool.name == FLOOR_NAME:
+        loop = floor_loop(agent, tool, port, bodies)
+    else:
+        loop = inotifywait_loop(agent, tool.results, tool.markers)
     return subprocess.Popen(["bash", "-c", loop], start_new_session=True)
 
 
@@ -218,36 +289,45 @@ def main() -> None:
         result = measure(args, Path(tmp))
     tools: list[Tool] = result["tools"]
     stats = {t.name: summary_ms(t.latencies) for t in tools if t.latencies}
-    floor = stats.get("inotifywait")
+    floor = stats.get(FLOOR_NAME)
     watchmedo = stats.get("watchmedo")
+
+    def ratio(s: dict[str, float], base: dict[str, float] | None, key: str) -> str:
+        return f"{s[key] / base[key]:.2f}x" if base else "-"
+
     rows = []
     for t in tools:
         s = stats[t.name]
         rows.append([
             t.name, s["n"], t.missed, s["median_ms"], s["p99_ms"], s["max_ms"],
-            f"{s['median_ms'] / floor['median_ms']:.2f}x" if floor else "-",
-            f"{s['median_ms'] / watchmedo['median_ms']:.2f}x" if watchmedo else "-",
+            ratio(s, floor, "median_ms"), ratio(s, floor, "p99_ms"),
+            ratio(s, watchmedo, "median_ms"),
         ])  # fmt: skip
     headers = ["tool", "files", "missed", "median ms", "p99 ms", "max ms",
-               "median / inotifywait", "median / watchmedo"]  # fmt: skip
+               "median / floor", "p99 / floor", "median / watchmedo"]  # fmt: skip
     title = f"Event -> agent start latency ({args.files} sequential files per tool)"
     tables = {title: table(headers, rows)}
     daemon = tools[0]
     if daemon.to_llm and len(daemon.to_llm) == len(daemon.latencies):
-        to_llm = summary_ms(daemon.to_llm)
-        after = summary_ms([t - u for t, u in zip(daemon.latencies, daemon.to_llm, strict=True)])
+        to_llm, after = summary_ms(daemon.to_llm), summary_ms(daemon.from_llm)
+        phases = zip(daemon.latencies, daemon.to_llm, daemon.from_llm, strict=True)
+        between = summary_ms([t - u - v for t, u, v in phases])
         stats["daemon_event_to_llm"], stats["daemon_llm_to_agent"] = to_llm, after
+        stats["daemon_between_answers"] = between
         tables["Where the daemon's latency goes"] = table(
             ["phase", "median ms", "p99 ms", "max ms"],
             [
-                ["file complete -> fake LLM answers (watch, validate, ledger, prompt, HTTP)",
-                 to_llm["median_ms"], to_llm["p99_ms"], to_llm["max_ms"]],
-                ["fake LLM answers -> agent running (parse, ledger, params file, spawn, exec)",
-                 after["median_ms"], after["p99_ms"], after["max_ms"]],
+                ["file complete -> fake answers the finding (watch, validate, ledger, prompt,"
+                 " HTTP)", to_llm["median_ms"], to_llm["p99_ms"], to_llm["max_ms"]],
+                ["finding answered -> explanation answered (parse, prompt, HTTP)",
+                 between["median_ms"], between["p99_ms"], between["max_ms"]],
+                ["explanation answered -> agent running (parse, ledger, params file, spawn,"
+                 " exec)", after["median_ms"], after["p99_ms"], after["max_ms"]],
             ],
         )  # fmt: skip
     notes = [
-        f"agent: {result['agent']}; zero-latency fake LLM ({result['requests']} requests);",
+        f"agent: {result['agent']}; zero-latency fake LLM, HTTP/1.1 keep-alive"
+        f" ({result['requests']} requests, {result['asks']} per file);",
         f"files interleaved across tools, {GAP_SECONDS * 1000:.0f} ms pause after each launch",
     ]
     notes += [f"{name} skipped: {why}" for name, why in result["skipped"].items()]
@@ -266,10 +346,10 @@ def main() -> None:
             profile["file complete -> Engine.process entered"] = hop
             notes.append(f"file complete -> Engine.process entered: median {hop['median_ms']} ms,"
                          f" p99 {hop['p99_ms']} ms (watchdog thread + asyncio queue)")  # fmt: skip
-    trip = summary_ms(result["round_trip"])
-    stats["bare_httpx_round_trip_to_fake"] = trip
-    notes.append(f"the same /completion from a bare httpx client: median {trip['median_ms']} ms,"
-                 f" p99 {trip['p99_ms']} ms (the fake's share of the daemon's time)")  # fmt: skip
+    for client, spent in result["round_trip"].items():
+        trip = stats[f"round_trip_{client}"] = summary_ms(spent)
+        notes.append(f"the daemon's first request for a file again, kept-alive, from {client}:"
+                     f" median {trip['median_ms']} ms, p99 {trip['p99_ms']} ms")  # fmt: skip
     print("\n".join(notes))
     save(
         "latency_profile" if args.profile else "latency",

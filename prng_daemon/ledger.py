@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -311,20 +311,22 @@ class Ledger:
             raise StateConflict(
                 f"ledger row {entry.id} ({entry.path}): no move from {entry.state} to {state}"
             )
-        if fields.get("decision") is not None:
-            fields["decision"] = json.dumps(fields["decision"])
         if touch:
             fields["updated"] = time.time()
-        columns = "".join(f", {name} = ?" for name in fields)
+        values = dict(fields)
+        if fields.get("decision") is not None:
+            values["decision"] = json.dumps(fields["decision"])
+        columns = "".join(f", {name} = ?" for name in values)
         sql = f"UPDATE files SET state = ?{columns} WHERE id = ? AND state = ?"
-        cur = self._query(sql, (state, *fields.values(), entry.id, entry.state))
+        cur = self._query(sql, (state, *values.values(), entry.id, entry.state))
         if cur.rowcount != 1:
             now = self.get(entry.id).state
             raise StateConflict(
                 f"ledger row {entry.id} ({entry.path}) is {now}, not {entry.state}:"
                 f" not moved to {state}"
             )
-        return self.get(entry.id)
+        # The row is now exactly `entry` with these changes: no need to read it back.
+        return replace(entry, state=state, **fields)
 
     def known_paths(self) -> set[str]:
         """Every file name the ledger has a record of: what a catch-up scan skips.

@@ -1,10 +1,17 @@
-"""A fake llama-server on loopback: faults a real one will not produce on demand, and benchmarks."""
+"""A fake llama-server on loopback: faults a real one will not produce on demand, and benchmarks.
+
+It speaks HTTP/1.1 with keep-alive, as llama-server does: a client keeps its connections and
+sends request after request on them (a benchmark that opened a connection per request would
+time connects, not the daemon). An exchange cut short (a hang, a drip, a client gone) closes
+its connection, as a real server's would be closed.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -64,6 +71,9 @@ class FakeLlama:
         self._slot_free = threading.Condition(self._lock)
         self._busy = 0
         self._last_prompt = ""
+        self._connections: set[socket.socket] = set()
+        self.connections = 0
+        """TCP connections accepted so far: a client that keeps its connection opens one."""
         self._stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         # Request threads are joined on close; everything that waits also watches `_stopping`.
@@ -83,6 +93,13 @@ class FakeLlama:
         self._stopping.set()
         with self._lock:
             self._slot_free.notify_all()
+            # Kept-alive connections wait in a read for the client's next request: end them,
+            # or the join of their threads below waits for every client to hang up.
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -91,8 +108,24 @@ class FakeLlama:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: every answer carries Content-Length
+            disable_nagle_algorithm = True  # headers and body are two writes: send both now
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with fake._lock:
+                    fake.connections += 1
+                    fake._connections.add(self.connection)
+                    if fake._stopping.is_set():  # accepted after __exit__ ended the others
+                        self.connection.shutdown(socket.SHUT_RDWR)
+
+            def finish(self) -> None:
+                with fake._lock:
+                    fake._connections.discard(self.connection)
+                super().finish()
 
             def do_GET(self) -> None:
                 if self.path != "/health":
@@ -106,18 +139,21 @@ class FakeLlama:
                 try:
                     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 except ValueError:
-                    return  # a cut-off body: the client went away mid-request (kill -9)
+                    self.close_connection = True  # a cut-off body: the client went away (kill -9)
+                    return
                 with fake._lock:
                     fake.requests.append(body)
                 if fake.mode == "loading":
                     self._send(503, LOADING_BODY)
                     return
                 if not fake._take_slot():
+                    self.close_connection = True  # stopping: no answer
                     return
                 try:
                     fake._stopping.wait(fake.latency)
                     if fake.mode == "hang":
                         fake._stopping.wait()
+                        self.close_connection = True
                     elif fake.mode == "http500":
                         self._send(500, {"error": {"code": 500, "message": "fake failure"}})
                     elif fake.mode == "bad_body":
@@ -144,9 +180,10 @@ class FakeLlama:
                         self.wfile.write(data[i : i + 1])
                         self.wfile.flush()
                         if fake._stopping.wait(fake.drip_seconds):
+                            self.close_connection = True
                             return
                 except OSError:
-                    pass  # the client gave up: that is what the test wants
+                    self.close_connection = True  # the client gave up: what the test wants
 
             def _send_raw(self, status: int, data: bytes) -> None:
                 try:
@@ -156,7 +193,7 @@ class FakeLlama:
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:
-                    pass  # the client gave up (a timeout test): nothing to answer
+                    self.close_connection = True  # the client gave up (a timeout test)
 
         return Handler
 

@@ -69,6 +69,24 @@ def test_tokens_cached_counts_prompt_tokens_reused_not_the_whole_slot() -> None:
     assert again.tokens_cached == 1
 
 
+def test_requests_share_one_kept_alive_connection_as_with_llama_server() -> None:
+    """The fake keeps connections alive like llama-server, and the client reuses its own: the
+    benchmarks time the daemon's requests, not a TCP connect for each."""
+
+    async def ask(url: str, times: int) -> None:
+        client = LlamaClient(url, timeout=5)
+        try:
+            for _ in range(times):
+                await client.complete("Answer:", n_predict=4, temperature=0.0)
+        finally:
+            await client.aclose()
+
+    with FakeLlama() as fake:
+        asyncio.run(ask(fake.url, 10))
+        assert len(fake.requests) == 10
+        assert fake.connections == 1
+
+
 @pytest.mark.parametrize(
     ("mode", "error", "says"),
     [

@@ -30,11 +30,16 @@ def _open_dir(directory: Path) -> int:
     Only its last component is checked: the configured paths above it are the operator's.
     """
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        pass  # a dangling link or a file in its place: the open below says so
-    try:
-        return os.open(directory, _DIR_FLAGS)
+        try:
+            return os.open(directory, _DIR_FLAGS)
+        except FileNotFoundError:
+            # Created only when missing: mkdir(exist_ok) on every write costs two more
+            # system calls and an exception, on the launch path.
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                pass  # a dangling link or a file in its place: the open below says so
+            return os.open(directory, _DIR_FLAGS)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise UnsafePath(
