@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -281,11 +282,21 @@ def test_children_refuse_requests_without_the_daemons_key(
                     evil = await http.post(
                         "/completion", json=body, headers={"Origin": "http://evil.example"}
                     )
-                    keyed = await http.post(
-                        "/completion", json=body, headers={"Authorization": f"Bearer {key}"}
-                    )
-                # Two generation probes at 0.4 s: both sent the key, or it would be unhealthy.
-                await asyncio.sleep(1.0)
+                    auth = {"Authorization": f"Bearer {key}"}
+                    keyed = await http.post("/completion", json=body, headers=auth)
+
+                    async def last_task() -> int:
+                        slots = (await http.get("/slots", headers=auth)).json()
+                        return max(s["id_task"] or 0 for s in slots)
+
+                    # Two more generation requests reach the child: the supervisor's probes
+                    # (nothing else talks to it), sent with the key or they would be refused.
+                    seen = [await last_task()]
+                    deadline = time.monotonic() + 10
+                    while len(set(seen)) < 3 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.02)  # the poll's interval
+                        seen.append(await last_task())
+                    assert len(set(seen)) == 3, f"no two generation probes in 10 s: {seen}"
                 assert sup.is_ready("orchestrator")
         assert bare.status_code == 401 and evil.status_code == 401
         assert evil.headers["Access-Control-Allow-Origin"] == url

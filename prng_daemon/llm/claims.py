@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from ..names import printable
@@ -162,8 +163,10 @@ def _kind(words: str, before: str, operator_under: bool | None) -> tuple[Finding
     return None
 
 
-def stated_claims(report: str) -> list[Claim]:
-    """The comparisons `report` states, each checked; one per finding and span of text."""
+@lru_cache(maxsize=64)
+def stated_claims(report: str) -> tuple[Claim, ...]:
+    """The comparisons `report` states, each checked; one per finding and span of text.
+    Cached: one decision asks three times (what is settled, what stays open, what to quote)."""
     claims: list[Claim] = []
     taken: list[tuple[Finding, int, int]] = []
 
@@ -214,4 +217,4 @@ def stated_claims(report: str) -> list[Claim]:
     for pattern, finding in ((_ZERO, "zero"), (_MISSING, "missing")):
         for m in pattern.finditer(report):
             add(Claim(finding, False, _quote(m[0])), m.span())
-    return claims
+    return tuple(claims)

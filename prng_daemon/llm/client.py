@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,6 +17,9 @@ __all__ = ["Completion", "Health", "LlamaClient", "TokenProbability", "TopLogpro
 
 # llama-server answers 503 with this message until the model is loaded (503 also means "busy").
 LOADING_MESSAGE = "Loading model"
+
+
+_Shape = TypeVar("_Shape", bound=BaseModel)
 
 
 class Health(StrEnum):
@@ -186,12 +189,7 @@ class LlamaClient:
             body["json_schema"] = json_schema
         if n_probs:
             body["n_probs"] = n_probs
-        response = await self._post("/completion", body)
-        where = f"{self.base_url}/completion"
-        try:
-            parsed = _Body.model_validate_json(response.content)
-        except ValidationError as exc:
-            raise LLMBadAnswer(f"{where}: malformed body: {exc.errors()[0]['msg']}") from None
+        parsed = await self._post("/completion", body, _Body)
         return Completion(
             content=parsed.content,
             tokens_predicted=parsed.tokens_predicted,
@@ -232,12 +230,7 @@ class LlamaClient:
         if n_probs:
             body["logprobs"] = True
             body["top_logprobs"] = n_probs
-        response = await self._post("/v1/chat/completions", body)
-        where = f"{self.base_url}/v1/chat/completions"
-        try:
-            parsed = _ChatBody.model_validate_json(response.content)
-        except ValidationError as exc:
-            raise LLMBadAnswer(f"{where}: malformed body: {exc.errors()[0]['msg']}") from None
+        parsed = await self._post("/v1/chat/completions", body, _ChatBody)
         choice = parsed.choices[0]
         content = choice.message.content
         if messages and messages[-1]["role"] == "assistant":
@@ -252,9 +245,9 @@ class LlamaClient:
             probabilities=choice.logprobs.content if choice.logprobs else [],
         )
 
-    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """POST `body`; a 200 answer, else LLMUnavailable (no answer, busy, loading) or
-        LLMBadAnswer (any other failure)."""
+    async def _post(self, path: str, body: dict[str, Any], shape: type[_Shape]) -> _Shape:
+        """POST `body`; a 200 answer parsed as `shape`, else LLMUnavailable (no answer, busy,
+        loading) or LLMBadAnswer (any other failure, a malformed body included)."""
         where = f"{self.base_url}{path}"
         try:
             response = await self._http.post(path, json=body)
@@ -270,7 +263,10 @@ class LlamaClient:
             raise LLMUnavailable(f"{where}: HTTP 503: {state}")
         if response.status_code != 200:
             raise LLMBadAnswer(f"{where}: HTTP {response.status_code}: {_error_message(response)}")
-        return response
+        try:
+            return shape.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise LLMBadAnswer(f"{where}: malformed body: {exc.errors()[0]['msg']}") from None
 
     async def aclose(self) -> None:
         await self._http.aclose()
