@@ -25,16 +25,21 @@ def test_candidate_names() -> None:
         assert not is_candidate(name), name
 
 
-async def _collect(directory: Path, action: object, settle: float = 0.5) -> tuple[list, list]:
+SENTINEL = "zz_sentinel.json"
+
+
+async def _collect(directory: Path, action: object) -> tuple[list, list]:
+    """What the watcher reports for `action`: a sentinel file written after it is reported
+    after everything the action caused (inotify keeps order), so its arrival ends the wait."""
     loop = asyncio.get_running_loop()
     seen: list[tuple[str, str]] = []
     overflows: list[bool] = []
     with Watcher(directory, loop, lambda p, s: seen.append((p.name, s)),
                  lambda: overflows.append(True)):  # fmt: skip
         await loop.run_in_executor(None, action)  # type: ignore[arg-type]
-        deadline = loop.time() + settle
-        while loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        (directory / SENTINEL).write_text("{}")
+        await until(lambda: (SENTINEL, "closed") in seen, 10, "the sentinel's event")
+    seen.remove((SENTINEL, "closed"))
     return seen, overflows
 
 
