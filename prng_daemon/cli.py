@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, status, units
+from . import __version__, slurm, status, units
 from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from .daemon import Daemon
 from .errors import ConfigError, DaemonError, LedgerCorrupt, ResultRejected
-from .handlers.act import stop_local_agent
+from .handlers.act import launch_key, stop_local_agent
 from .handlers.validate import Loaded, load_result
 from .journal import JOURNAL_SOCKET
 from .ledger import Ledger
@@ -195,8 +195,9 @@ def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
 
 
 def cmd_stop_agent(args: argparse.Namespace) -> int:
-    """Stop a running agent: its unit (`systemctl stop`), or a local agent's process group.
-    The daemon, running or started later, records its end as for any agent."""
+    """Stop a running agent: its Slurm job (`scancel`), its unit (`systemctl stop`), or a local
+    agent's process group. The daemon, running or started later, records its end as for any
+    agent."""
     config = read_config(args)
     if not config.daemon.ledger_path.exists():
         print(f"{args.run_id}: no ledger at {config.daemon.ledger_path}", file=sys.stderr)
@@ -208,6 +209,11 @@ def cmd_stop_agent(args: argparse.Namespace) -> int:
         ledger.close()
     for entry in running:
         assert entry.pid is not None
+        job = slurm.cancel_job(config.daemon.state_dir / "launches",
+                               launch_key(entry.path, entry.sha256))  # fmt: skip
+        if job is not None:
+            print(f"{args.run_id}: cancelled Slurm job {job}")
+            return EXIT_OK
         unit = units.stop_unit(args.run_id)
         if unit is not None:
             print(f"{args.run_id}: stopped {unit}")

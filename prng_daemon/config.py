@@ -15,6 +15,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .errors import ConfigError
@@ -27,7 +28,9 @@ __all__ = [
     "HealthConfig",
     "PolicyConfig",
     "RoutingConfig",
+    "SBATCH_OPTIONS",
     "ServerConfig",
+    "SlurmOptions",
     "UNIT_PROPERTIES",
     "config_path",
     "format_validation_error",
@@ -158,6 +161,51 @@ where its output and exit status go, and its timeout are the daemon's (argv, use
 timeout_seconds), so Exec*=, User=, Environment=, StandardOutput=, RuntimeMaxSec=... are
 refused."""
 
+SBATCH_OPTIONS = frozenset(
+    {"qos", "constraint", "mem", "mem-per-cpu", "mem-per-gpu", "cpus-per-task", "cpus-per-gpu",
+     "gpus-per-node", "gpus-per-task", "gres-flags", "nodes", "ntasks", "ntasks-per-node",
+     "exclusive", "reservation", "nodelist", "exclude", "licenses", "nice", "comment",
+     "mail-type", "mail-user", "tmp", "hint", "cluster-constraint", "wckey"}
+)  # fmt: skip
+"""sbatch options an agent's `slurm.sbatch_options` may add: resources and placement. What runs,
+its name (the launch's key), output, working directory, environment, time limit and requeueing
+are the daemon's, so --job-name, --output, --wrap, --chdir, --export, --time, --array,
+--requeue... are refused."""
+_SLURM_VALUE = r"^[A-Za-z0-9_.,:=/+@-]{1,200}$"
+
+
+class SlurmOptions(_Section):
+    """Where and how a Slurm agent's job is submitted (README "Agents on a Slurm cluster")."""
+
+    partition: Annotated[str, Field(pattern=_SLURM_VALUE)] | None = None
+    account: Annotated[str, Field(pattern=_SLURM_VALUE)] | None = None
+    gpus: Annotated[str, Field(pattern=_SLURM_VALUE)] | None = None
+    """sbatch --gpus: "1", "a100:2"."""
+    gres: Annotated[str, Field(pattern=_SLURM_VALUE)] | None = None
+    """sbatch --gres: "gpu:1", "gpu:a100:2"."""
+    job_dir: Path | None = None
+    """Where the job writes its output, launch marker and exit record: the same path on the
+    daemon's host and every node (a shared filesystem). None: <state_dir>/slurm."""
+    sbatch_options: tuple[str, ...] = ()
+    """More sbatch options, each "--name=value" or "--flag" with name in SBATCH_OPTIONS."""
+
+    _paths = field_validator("job_dir")(_relative_to_config)
+
+    @field_validator("sbatch_options")
+    @classmethod
+    def _allowed_options(cls, options: tuple[str, ...]) -> tuple[str, ...]:
+        for item in options:
+            name, _, value = item.removeprefix("--").partition("=")
+            if not item.startswith("--") or name not in SBATCH_OPTIONS:
+                raise ValueError(
+                    f"{item!r}: not an allowed sbatch option (--name=value, name one of"
+                    f" {', '.join(sorted(SBATCH_OPTIONS))})"
+                )
+            if any(c in value for c in "\n\r\0"):
+                raise ValueError(f"--{name}: the value holds a line break or NUL")
+        return options
+
+
 AGENT_PLACEHOLDERS = frozenset(
     {"parent_run_id", "step", "retry_count", "params_file", "result_file", "results_dir",
      "decision", "decision_file"}
@@ -180,8 +228,29 @@ class AgentConfig(_Section):
     group: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] | None = None
     properties: tuple[str, ...] = ()
     """Unit properties for the systemd launcher, "Key=Value" with Key in UNIT_PROPERTIES."""
+    launcher: Literal["daemon", "slurm"] = "daemon"
+    """"daemon": started by daemon.launcher on this host; "slurm": submitted as a Slurm job."""
+    slurm: SlurmOptions | None = None
+    """The job's partition, account, GPUs...; only with launcher "slurm"."""
 
     _paths = field_validator("cwd")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def _slurm_settings(self) -> AgentConfig:
+        if self.launcher != "slurm":
+            if self.slurm is not None:
+                raise ValueError('`slurm` settings need launcher: "slurm"')
+            return self
+        if self.user is not None or self.group is not None or self.properties:
+            raise ValueError(
+                "a Slurm job runs as the daemon's user, under the cluster's limits: `user`,"
+                " `group` and `properties` are for the systemd launcher (use slurm.sbatch_options)"
+            )
+        taken = sorted(k for k in self.env if k.startswith(("SLURM_", "SBATCH_")))
+        if taken:
+            raise ValueError(f"env {taken[0]}: SLURM_/SBATCH_ variables would change the job;"
+                             " use slurm.sbatch_options")  # fmt: skip
+        return self
 
     @field_validator("properties")
     @classmethod

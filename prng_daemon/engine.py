@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import AgentConfig, Config
-from .errors import AgentFailed, LLMUnavailable, ResultRejected
+from .errors import AgentFailed, LaunchUnavailable, LLMUnavailable, ResultRejected
 from .handlers.act import AgentLauncher, AgentRun, AlreadyLaunched, Launch, OnExit, launch_key
 from .handlers.record import record_name, write_json_atomic
 from .handlers.validate import Loaded, load_result
@@ -261,9 +261,12 @@ class Engine:
             if isinstance(exc, AlreadyLaunched) or self.launcher.was_launched(key):
                 return entry, State.ACTED, str(exc), None
             log.error("agent.failed", agent=agent, reason=str(exc))
+            if isinstance(exc, LaunchUnavailable):  # a person fixes the cluster, then approves
+                return entry, State.ESCALATED, f"{exc}; approve once fixed, or reject", None
             return entry, State.FAILED, str(exc), None
+        kind = "slurm" if config.launcher == "slurm" else self.launcher.kind
         log.info("agent.started", agent=agent, pid=pid, decision=decision.action,
-                 launcher=self.launcher.kind)  # fmt: skip
+                 launcher=kind)  # fmt: skip
         return entry, State.ACTED, None, pid
 
     def _launch_for(
@@ -286,16 +289,25 @@ class Engine:
         }
         return Launch(_agent_run(entry), agent, values)
 
-    def _agent_exited(self, launch_id: int, pid: int, code: int | None, duration: float) -> None:
+    def _agent_exited(
+        self, launch_id: int, pid: int, code: int | None, duration: float,
+        job_state: str | None = None, /,
+    ) -> None:  # fmt: skip
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+        fields: dict[str, Any] = {"exit_code": code, "ended": time.time()}
+        if job_state is not None:
+            fields["reason"] = f"Slurm job {pid}: {job_state}"
         try:
-            self.ledger.update(entry, entry.state, touch=False, exit_code=code, ended=time.time())
+            self.ledger.update(entry, entry.state, touch=False, **fields)
         except OSError as exc:  # a full disk: said here; the next start reports the agent lost
             log.error("agent.exit_unrecorded", agent=entry.agent, pid=pid, error=str(exc))
         event = log.info if code == 0 else log.error if code is not None else log.warning
+        if job_state is not None:  # a job that did not complete failed (NODE_FAIL exits 0)
+            event = log.info if job_state == "COMPLETED" and code == 0 else log.error
         event("agent.exited", agent=entry.agent, pid=pid, exit_code=code,
-              duration_s=round(duration, 3))  # fmt: skip
+              duration_s=round(duration, 3),
+              **({"job_state": job_state} if job_state else {}))  # fmt: skip
         self._on_change()
 
     def _record_path(self, entry: Entry) -> Path:

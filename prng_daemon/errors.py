@@ -10,6 +10,7 @@ __all__ = [
     "LLMBadAnswer",
     "LLMError",
     "LLMUnavailable",
+    "LaunchUnavailable",
     "LedgerCorrupt",
     "ResultRejected",
     "UnsafePath",
@@ -69,6 +70,11 @@ class LLMBadAnswer(LLMError):
 
 class AgentFailed(DaemonError):
     """A follow-up agent could not be started or exited badly."""
+
+
+class LaunchUnavailable(AgentFailed):
+    """What starts agents cannot be used now (a Slurm controller down, sbatch missing, a job
+    refused): the launch is escalated, to be approved once it is fixed."""
 
 
 class UnsafePath(DaemonError):

@@ -140,6 +140,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"agents running: {len(report['agents'])}")
     for a in report["agents"]:
         runs_as = f"unit {a['unit']}" if a.get("unit") else f"pid {a['pid']}"
+        if a.get("job_id"):
+            runs_as = f"Slurm job {a['job_id']} {a['state'] or '?'} on {a['node'] or '-'}"
         lines.append(f"  {a['run_id']}  {a['agent']}  {runs_as}")
     if report["agents"]:
         lines.append("  stop one with: prng-llm-daemon stop-agent RUN_ID")

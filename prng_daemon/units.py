@@ -42,6 +42,7 @@ from .handlers.act import (
     agent_env,
 )
 from .log import get_logger
+from .slurm import SlurmLauncher, WithSlurm
 
 __all__ = [
     "SystemdLauncher",
@@ -109,18 +110,20 @@ def running_under_systemd(env: dict[str, str] | None = None) -> str | None:
 
 
 def make_launcher(settings: DaemonSettings, on_exit: OnExit) -> AgentLauncher:
-    """The launcher `daemon.launcher` asks for ("auto": systemd when it can be used)."""
+    """The launcher `daemon.launcher` asks for ("auto": systemd when it can be used), with
+    Slurm beside it for the agents whose config says `launcher: "slurm"`."""
     launches = settings.state_dir / "launches"
     why_not = running_under_systemd()
     log = get_logger()
     if settings.launcher == "systemd" and why_not is not None:
         raise ConfigError([f"config: daemon.launcher: systemd cannot be used: {why_not}"])
+    slurm = SlurmLauncher(launches, settings.state_dir / "slurm", on_exit)
     if settings.launcher == "local" or why_not is not None:
         reason = "configured" if settings.launcher == "local" else why_not
         log.info("launcher.selected", launcher="local", reason=reason)
-        return LocalLauncher(launches, settings.logs_dir / "agents", on_exit)
+        return WithSlurm(LocalLauncher(launches, settings.logs_dir / "agents", on_exit), slurm)
     log.info("launcher.selected", launcher="systemd", setting=settings.launcher)
-    return SystemdLauncher(launches, on_exit)
+    return WithSlurm(SystemdLauncher(launches, on_exit), slurm)
 
 
 def read_exit(path: Path) -> tuple[str | None, int | None]:

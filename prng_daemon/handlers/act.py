@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,8 +42,17 @@ __all__ = [
     "stop_local_agent",
 ]
 
-OnExit = Callable[[int, int, int | None, float], None]
-"""(launch id, pid, exit code — None when not the daemon's child to reap —, seconds watched)."""
+
+class OnExit(Protocol):
+    """How a launcher reports an agent's end."""
+
+    def __call__(
+        self, launch_id: int, pid: int, code: int | None, duration: float,
+        job_state: str | None = None, /,
+    ) -> None:  # fmt: skip
+        """(launch id, pid — a Slurm agent's job id —, exit code — None when not known, e.g.
+        not the daemon's child to reap —, seconds watched, a Slurm job's final state)."""
+
 
 KILL_GRACE_SECONDS = 10.0
 SYSTEMD_ONLY = frozenset(
@@ -85,7 +94,7 @@ class AgentLauncher(Protocol):
     """What the engine needs of a launcher; `on_exit` (given at construction) reports ends."""
 
     kind: str
-    """"local" or "systemd": said in `launcher.selected` and `status`."""
+    """"local", "systemd" or "slurm": said in `launcher.selected` and `status`."""
 
     @property
     def running(self) -> int:
@@ -107,7 +116,8 @@ class AgentLauncher(Protocol):
         ...
 
     def agents(self) -> list[dict[str, Any]]:
-        """The running agents, for `status`: run_id, agent, pid and, for units, unit."""
+        """The running agents, for `status`: run_id, agent, pid and, for units, unit; for
+        Slurm jobs job_id, node and state."""
         ...
 
     async def stop(self) -> None:
