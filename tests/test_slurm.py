@@ -4,6 +4,8 @@ mapping need no cluster."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -16,13 +18,13 @@ from typing import Any
 import pytest
 
 from prng_daemon.cli import main
-from prng_daemon.handlers.act import launch_key
+from prng_daemon.handlers.act import AgentRun, launch_key
 from prng_daemon.ledger import Ledger, State
-from prng_daemon.slurm import exit_code, job_name
+from prng_daemon.slurm import SlurmLauncher, exit_code, job_name
 
 from .fake_llama import FakeLlama
-from .helpers import free_port, wait_until
-from .workspace import Workspace, drop, make_workspace, result_document, run_id, running, stop
+from .helpers import free_port, until, wait_until
+from .workspace import Workspace, drop, make_workspace, result_document, run_id, running
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "slurm"
@@ -110,8 +112,6 @@ def events(ws: Workspace, name: str, rid: str) -> list[dict[str, Any]]:
 
 def name_of(file: str, document: dict[str, Any]) -> str:
     """The job name of the launch for this file version."""
-    import hashlib
-
     sha = hashlib.sha256(json.dumps(document).encode()).hexdigest()
     return job_name(launch_key(file, sha))
 
@@ -185,6 +185,10 @@ def test_a_daemon_killed_right_after_sbatch_submits_no_second_job(
     with running(ws):
         [found] = wait_until(lambda: events(ws, "agent.job_found", rid), 20)
         assert found["job_id"] == job
+    # A plain restart: the job, still running, is adopted (its id is the ledger's pid).
+    with running(ws):
+        [adopted] = wait_until(lambda: events(ws, "agent.adopted", rid), 20)
+        assert adopted["pid"] == job
         wait_until(lambda: "RUNNING on" in cli(capsys, ws, "status")[1], 15, interval=0.5)
         assert cli(capsys, ws, "stop-agent", rid) == (0, f"{rid}: cancelled Slurm job {job}\n")
         [ended] = wait_until(lambda: events(ws, "agent.exited", rid), 20)
@@ -295,9 +299,6 @@ def test_exit_codes_from_scontrol_as_this_cluster_prints_them(
 def test_a_launch_record_without_a_job_id_is_not_a_launch(tmp_path: Path) -> None:
     """The crash window: the record is written before sbatch; only a job id or the job's
     marker makes it launched (else a failed sbatch would count as a launch)."""
-    from prng_daemon.handlers.act import AgentRun
-    from prng_daemon.slurm import SlurmLauncher
-
     launcher = SlurmLauncher(tmp_path / "launches", tmp_path / "jobs", lambda *_: None)
     run = AgentRun(1, "k" * 32, "step2_x", "a")
     assert not launcher.was_launched(run.key)
@@ -309,3 +310,27 @@ def test_a_launch_record_without_a_job_id_is_not_a_launch(tmp_path: Path) -> Non
     (tmp_path / "jobs" / f"{run.key}.launched").rmdir()
     launcher._save(run, tmp_path / "jobs", 42)  # noqa: SLF001
     assert launcher.was_launched(run.key)
+
+
+@needs_slurm
+def test_a_job_slurmctld_forgot_is_reported_from_its_exit_record(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """A job that ended while the daemon was down for longer than MinJobAge: squeue no longer
+    knows it (a job id it never had stands in for it), its batch script's exit record says 3."""
+
+    async def main() -> tuple[Any, ...]:
+        ended: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
+        launcher = SlurmLauncher(tmp_path / "launches", tmp_path / "jobs", lambda *a:
+                                 ended.set_result(a), poll_seconds=0.05)  # fmt: skip
+        run = AgentRun(7, "f" * 32, "step2_x", "a")
+        launcher._save(run, tmp_path / "jobs", 999999)  # noqa: SLF001 - as a submission does
+        (tmp_path / "jobs").mkdir()
+        (tmp_path / "jobs" / f"{run.key}.exit").write_text("3\n")
+        assert launcher.adopt(run, 999999, 60.0)
+        await until(ended.done, 20, "the end")
+        await launcher.stop()
+        return ended.result()
+
+    launch_id, job, code, _, state = asyncio.run(main())
+    assert (launch_id, job, code, state) == (7, 999999, 3, "FAILED")
