@@ -62,9 +62,11 @@ POLL_SECONDS = 5.0
 COMMAND_TIMEOUT_SECONDS = 60.0
 """A Slurm command is given up after this long (sbatch itself gives up on a controller that
 does not answer after about 10 s, MessageTimeout)."""
-SUBMIT_ATTEMPTS = 6
-"""Submissions tried while the controller cannot be reached (2, 4, ... 60 s apart, about three
-minutes in all) before the launch is escalated."""
+SUBMIT_RETRIES = 6
+"""Submissions tried again while the controller cannot be reached (2, 4, ... 60 s apart, about
+three minutes in all with sbatch's own waits) before the launch is escalated."""
+RETRY_SECONDS = (2.0, 60.0)
+"""The first wait before a submission is tried again, and the longest."""
 ALREADY_RAN = 97
 """The batch script's exit status when the launch marker exists: the agent did not run."""
 ENDED = frozenset(
@@ -133,13 +135,11 @@ class SlurmLauncher:
         job_dir: Path,
         on_exit: OnExit,
         poll_seconds: float = POLL_SECONDS,
-        retry_seconds: float = 2.0,
     ) -> None:
         self._dir = launches_dir
         self._job_dir = job_dir
         self._on_exit = on_exit
         self._poll_seconds = poll_seconds
-        self._retry_seconds = retry_seconds
         self._jobs: dict[int, _Job] = {}
         self._poller: asyncio.Task[None] | None = None
         launches_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ class SlurmLauncher:
         log = get_logger(
             run_id=run.run_id, agent=run.agent, launch_id=run.launch_id, job_name=job_name(run.key)
         )
-        budget = RestartBudget(SUBMIT_ATTEMPTS, math.inf, self._retry_seconds, 60.0, math.inf)
+        budget = RestartBudget(SUBMIT_RETRIES, math.inf, *RETRY_SECONDS, math.inf)
         look_first = record is not None
         while True:
             try:
@@ -201,7 +201,7 @@ class SlurmLauncher:
                 if delay is None:
                     raise LaunchUnavailable(
                         f"agent {run.agent}: the Slurm controller did not answer"
-                        f" {SUBMIT_ATTEMPTS + 1} submissions: {exc}"
+                        f" {SUBMIT_RETRIES + 1} submissions: {exc}"
                     ) from None
                 log.error("slurm.unreachable", error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)

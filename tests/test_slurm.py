@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from prng_daemon.cli import main
-from prng_daemon.handlers.act import AgentRun, launch_key
+from prng_daemon.config import AgentConfig
+from prng_daemon.errors import LaunchUnavailable
+from prng_daemon.handlers.act import AgentRun, Launch, launch_key
 from prng_daemon.ledger import Ledger, State
 from prng_daemon.slurm import SlurmLauncher, exit_code, job_name
 
@@ -334,3 +336,20 @@ def test_a_job_slurmctld_forgot_is_reported_from_its_exit_record(
 
     launch_id, job, code, _, state = asyncio.run(main())
     assert (launch_id, job, code, state) == (7, 999999, 3, "FAILED")
+
+
+def test_no_sbatch_is_one_clear_error_and_nothing_launched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs everywhere: a host without the Slurm client."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    launcher = SlurmLauncher(tmp_path / "launches", tmp_path / "jobs", lambda *_: None)
+    config = AgentConfig(argv=("/bin/true",), launcher="slurm")
+    launch = Launch(AgentRun(1, "n" * 32, "step2_x", "a"), config, {})
+    with pytest.raises(LaunchUnavailable) as refused:
+        asyncio.run(launcher.start(launch))
+    assert str(refused.value) == (
+        "sbatch not found on the daemon's PATH: install the Slurm client commands (slurm-client)"
+        " and munge, or set the agent's launcher to daemon"
+    )
+    assert not launcher.was_launched("n" * 32)
