@@ -45,6 +45,8 @@ def _agent_started(f: Facts) -> str:
         from .units import unit_name
 
         where = f"as {unit_name(str(f['run_id']))}"
+    elif f.get("launcher") == "slurm":
+        where = f"as Slurm job {f['pid']}"
     else:
         where = f"as pid {f['pid']}"
     return f"{_step(f)}: {f['decision']} -> {f['agent']} started {where}"
@@ -58,6 +60,8 @@ def _agent_exited(f: Facts) -> str:
         how = f"was killed by signal {-code}"
     else:
         how = "succeeded" if code == 0 else f"failed (exit {code})"
+    if f.get("job_state"):
+        how = f"ended: Slurm job {f['pid']} {f['job_state']} (exit {code})"
     return f"{_step(f)}: {f['agent']} {how} after {f['duration_s']} s"
 
 

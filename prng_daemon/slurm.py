@@ -164,11 +164,11 @@ class SlurmLauncher:
         return self.record_path(key).exists()
 
     def was_launched(self, key: str) -> bool:
-        """A job id was recorded, or the job made its marker (it ran, whoever submitted it)."""
+        """A job id was recorded. A record without one (sbatch was under way) is not: the
+        launch is resumed, and `start` looks its job up by name before it submits again, so
+        the job is watched, not only known to exist."""
         record = self.read_record(key)
-        if record is None:
-            return False
-        return record["job_id"] is not None or _marker(Path(record["job_dir"]), key).exists()
+        return record is not None and record["job_id"] is not None
 
     @property
     def running(self) -> int:
@@ -452,7 +452,7 @@ def _field(shown: str, name: str) -> str:
 
 async def _slurm(argv: list[str], env: dict[str, str] | None, what: str) -> str:
     """Run a Slurm command: its stdout. _Unreachable when the controller does not answer,
-    LaunchUnavailable when the command is missing, DaemonError for any other refusal."""
+    LaunchUnavailable when the command is missing or refuses."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -474,7 +474,5 @@ async def _slurm(argv: list[str], env: dict[str, str] | None, what: str) -> str:
         error = lines[-1] if lines else f"exit status {proc.returncode}"
         if _UNREACHABLE.search(error):
             raise _Unreachable(error)
-        if argv[0] == "sbatch":
-            raise LaunchUnavailable(f"{what}: {error}")
-        raise DaemonError(f"{what}: {error}")
+        raise LaunchUnavailable(f"{what}: {error}")
     return out.decode(errors="replace")

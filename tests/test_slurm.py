@@ -22,6 +22,7 @@ from prng_daemon.config import AgentConfig
 from prng_daemon.errors import LaunchUnavailable
 from prng_daemon.handlers.act import AgentRun, Launch, launch_key
 from prng_daemon.ledger import Ledger, State
+from prng_daemon.sentences import sentence
 from prng_daemon.slurm import SlurmLauncher, exit_code, job_name
 
 from .fake_llama import FakeLlama
@@ -112,10 +113,14 @@ def events(ws: Workspace, name: str, rid: str) -> list[dict[str, Any]]:
     return [e for e in ws.events(name) if e.get("run_id") == rid]
 
 
+def key_of(file: str, document: dict[str, Any]) -> str:
+    """The launch key of this file version, as `drop` writes it."""
+    return launch_key(file, hashlib.sha256(json.dumps(document).encode()).hexdigest())
+
+
 def name_of(file: str, document: dict[str, Any]) -> str:
     """The job name of the launch for this file version."""
-    sha = hashlib.sha256(json.dumps(document).encode()).hexdigest()
-    return job_name(launch_key(file, sha))
+    return job_name(key_of(file, document))
 
 
 def cli(capsys: pytest.CaptureFixture[str], ws: Workspace, *args: str) -> tuple[int, str]:
@@ -183,6 +188,8 @@ def test_a_daemon_killed_right_after_sbatch_submits_no_second_job(
     assert proc.wait(30) == -signal.SIGKILL
     [(job, _)] = cluster.jobs(name_of("r.json", doc))
     assert not events(ws, "agent.started", rid), "killed before it heard the job id"
+    marker = ws.root / "state" / "slurm" / f"{key_of('r.json', doc)}.launched"
+    wait_until(marker.exists, 20, what="the job running (its marker made)")
 
     with running(ws):
         [found] = wait_until(lambda: events(ws, "agent.job_found", rid), 20)
@@ -299,8 +306,8 @@ def test_exit_codes_from_scontrol_as_this_cluster_prints_them(
 
 
 def test_a_launch_record_without_a_job_id_is_not_a_launch(tmp_path: Path) -> None:
-    """The crash window: the record is written before sbatch; only a job id or the job's
-    marker makes it launched (else a failed sbatch would count as a launch)."""
+    """The crash window: the record is written before sbatch; only a job id makes it launched
+    (else a failed sbatch would count as a launch); without one, `start` looks the job up."""
     launcher = SlurmLauncher(tmp_path / "launches", tmp_path / "jobs", lambda *_: None)
     run = AgentRun(1, "k" * 32, "step2_x", "a")
     assert not launcher.was_launched(run.key)
@@ -308,8 +315,7 @@ def test_a_launch_record_without_a_job_id_is_not_a_launch(tmp_path: Path) -> Non
     assert launcher.knows(run.key) and not launcher.was_launched(run.key)
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / f"{run.key}.launched").mkdir()
-    assert launcher.was_launched(run.key), "its job ran"
-    (tmp_path / "jobs" / f"{run.key}.launched").rmdir()
+    assert not launcher.was_launched(run.key), "its job ran: found by `start`, then watched"
     launcher._save(run, tmp_path / "jobs", 42)  # noqa: SLF001
     assert launcher.was_launched(run.key)
 
@@ -353,3 +359,16 @@ def test_no_sbatch_is_one_clear_error_and_nothing_launched(
         " and munge, or set the agent's launcher to daemon"
     )
     assert not launcher.was_launched("n" * 32)
+
+
+def test_journal_sentences_name_the_job_and_its_state() -> None:
+    started = {"event": "agent.started", "step": 2, "decision": "proceed", "agent": "a",
+               "pid": 7, "launcher": "slurm"}  # fmt: skip
+    assert sentence(started) == (
+        "step 2/6 scorer_meta_optimizer: proceed -> a started as Slurm job 7"
+    )
+    ended = {"event": "agent.exited", "step": 2, "agent": "a", "pid": 7, "exit_code": -15,
+             "duration_s": 3.0, "job_state": "CANCELLED"}  # fmt: skip
+    assert sentence(ended) == (
+        "step 2/6 scorer_meta_optimizer: a ended: Slurm job 7 CANCELLED (exit -15) after 3.0 s"
+    )
