@@ -239,7 +239,10 @@ class SlurmLauncher:
         env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
         env.update(agent_env(launch))
         out = await _slurm(command, env, f"agent {run.agent}: sbatch refused the job")
-        job_id = int(out.split(";")[0])
+        try:
+            job_id = int(out.split(";")[0])
+        except ValueError:  # the job may exist all the same: the record stays, without an id
+            raise LaunchUnavailable(f"agent {run.agent}: sbatch answered {out[:80]!r}") from None
         self._save(run, job_dir, job_id)
         log.info("agent.submitted", job_id=job_id,
                  output=str(output).replace("%j", str(job_id)),
