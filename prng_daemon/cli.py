@@ -22,6 +22,7 @@ from .journal import JOURNAL_SOCKET
 from .ledger import Ledger
 from .llm import AsyncRouter, Decision, DecisionEngine
 from .log import configure_logging, pick_format
+from .metadata import MAX_RESULT_BYTES
 from .names import printable
 from .preflight import environment_problems
 from .systemd import Notifier
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = verb("validate", cmd_validate, "check result files against agent_metadata schema v1.0.4")
     v.add_argument("files", nargs="+", metavar="FILE")
     v.add_argument("--json", action="store_true", help="print a JSON report")
-    v.add_argument("--max-bytes", type=int, default=16 << 20, help="size limit per file")
+    v.add_argument("--max-bytes", type=int, default=MAX_RESULT_BYTES, help="size limit per file")
     return parser
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from . import reload
-from .config import SERVER_NAMES as SERVERS
 from .config import Config
 from .engine import Engine
 from .errors import ConfigError, DaemonError
@@ -28,6 +27,7 @@ from .llm.decision import Decision, DecisionEngine
 from .llm.router import AsyncRouter
 from .log import get_logger
 from .metadata import AgentMetadata
+from .pipeline import SERVER_NAMES, ServerName
 from .supervisor import ChildState, ChildStatus, Supervisor
 from .systemd import Notifier
 from .tasks import Tasks
@@ -91,7 +91,7 @@ def work_deadline(config: Config) -> float:
     """The longest a healthy worker may spend on one file (or the command loop on a reload):
     the models loading, then waiting for an LLM slot and every request of one decision
     (two models, each with its fallback and answer attempts) at the request timeout."""
-    loading = max(config.server(n).startup_timeout_seconds for n in SERVERS)
+    loading = max(config.server(n).startup_timeout_seconds for n in SERVER_NAMES)
     decision = config.routing.request_timeout_seconds * config.policy.answer_attempts * 4
     return loading + 2 * decision + 60.0
 
@@ -126,7 +126,7 @@ class Daemon:
         self._reload_requested = False
         self._status_dirty = True
         self._started = time.time()
-        self._slot_count = sum(config.server(n).parallel for n in SERVERS)
+        self._slot_count = sum(config.server(n).parallel for n in SERVER_NAMES)
         self._llm_slots = asyncio.Semaphore(self._slot_count)
         self._workers = max(4, 2 * self._slot_count)
         self._busy: set[asyncio.Task[Any]] = set()
@@ -168,7 +168,7 @@ class Daemon:
         if ChildState.READY not in states and {ChildState.STARTING, ChildState.STOPPED} & states:
             # Models still loading are not models that are down: wait for them rather than let
             # the rules policy decide every file that was waiting at start-up (or at a reload).
-            longest = max(self.config.server(n).startup_timeout_seconds for n in SERVERS)
+            longest = max(self.config.server(n).startup_timeout_seconds for n in SERVER_NAMES)
             await self.supervisor.wait_ready(longest)
         async with self._llm_slots:
             return await self._decisions.decide(meta)
@@ -415,7 +415,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         return Watcher(directory, loop, self.enqueue, self._rescan_now.set)
 
-    async def _swap(self, new: Config, parts: reload.Parts) -> list[str]:
+    async def _swap(self, new: Config, parts: reload.Parts) -> list[ServerName]:
         """Put the new parts in place; close the old ones. Returns the servers restarted.
 
         Holding every LLM slot first means no decision is in flight on the router being closed
@@ -432,7 +432,7 @@ class Daemon:
                 log.info("servers.restarting", servers=restart, reason="config reloaded")
             await self.supervisor.reconfigure(new, restart)
             self.router, self._decisions = parts.router, parts.decisions
-            self._slot_count = sum(new.server(n).parallel for n in SERVERS)
+            self._slot_count = sum(new.server(n).parallel for n in SERVER_NAMES)
             self._llm_slots = asyncio.Semaphore(self._slot_count)
             self.config = self.engine.config = new
             if parts.watcher is not None:
@@ -466,7 +466,7 @@ class Daemon:
         servers = ", ".join(
             _server_line(name, states[name]) if name in states
             else f"{name} {'starting' if self.config.server(name).managed else 'unmanaged'}"
-            for name in ("orchestrator", "math")
+            for name in SERVER_NAMES
         )  # fmt: skip
         counts = self.ledger.counts()
         decided = sum(counts.get(s, 0) for s in OUTCOMES)

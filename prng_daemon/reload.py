@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .apikey import make_key
-from .config import SERVER_NAMES, Config
+from .config import Config
 from .llm.decision import DecisionEngine
 from .llm.router import AsyncRouter, read_api_key
+from .pipeline import SERVER_NAMES, ServerName
 from .watcher import Watcher
 
 __all__ = ["RESTART_ONLY", "Parts", "build", "restart_only_changes", "servers_to_restart"]
@@ -30,7 +31,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     return [f"daemon.{k}" for k in RESTART_ONLY if getattr(old.daemon, k) != getattr(new.daemon, k)]
 
 
-def servers_to_restart(old: Config, new: Config) -> list[str]:
+def servers_to_restart(old: Config, new: Config) -> list[ServerName]:
     """The managed llama-servers whose launch settings differ between `old` and `new`."""
     shared = any(getattr(old.daemon, k) != getattr(new.daemon, k) for k in SERVER_LAUNCH)
     return [
@@ -53,7 +54,7 @@ class Parts:
 async def build(
     old: Config,
     new: Config,
-    is_ready: Callable[[str], bool],
+    is_ready: Callable[[ServerName], bool],
     watch: Callable[[Path], Watcher],
 ) -> Parts:
     """Make every config-dependent part from `new`; the running ones are not touched.

@@ -14,8 +14,8 @@ from .daemon import HEARTBEAT_SECONDS, status_path
 from .errors import DaemonError
 from .gpu import where
 from .ledger import Ledger, State
-from .llm.router import base_url
 from .names import printable
+from .pipeline import SERVER_NAMES
 
 __all__ = ["collect", "daemon_state", "render"]
 
@@ -66,10 +66,10 @@ def collect(config: Config) -> dict[str, Any]:
         )  # fmt: skip
     # What the daemon watches: only while it runs (a stopped one's list is history).
     report["agents"] = published.get("agents", []) if published and state != "not running" else []
-    for name in ("orchestrator", "math"):
+    for name in SERVER_NAMES:
         server = config.server(name)
         if not server.managed:  # someone else runs it: the daemon only knows where it is
-            report["servers"][name] = {"state": "unmanaged", "url": base_url(server)}
+            report["servers"][name] = {"state": "unmanaged", "url": server.url}
     ledger_path = config.daemon.ledger_path
     if not ledger_path.exists():
         empty: dict[str, Any] = {"escalations": [], "recent": [], "pipeline_runs": []}

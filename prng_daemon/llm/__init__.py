@@ -2,10 +2,9 @@
 
 from .client import Completion, Health, LlamaClient, TokenProbability, TopLogprob
 from .decision import Decision, DecisionEngine, finding_probabilities, rules_decision
-from .router import ENDPOINTS, AsyncRouter, LLMMetrics, LLMRouter, Routed, get_router
+from .router import AsyncRouter, LLMMetrics, LLMRouter, Routed, get_router
 
 __all__ = [
-    "ENDPOINTS",
     "AsyncRouter",
     "Completion",
     "Decision",

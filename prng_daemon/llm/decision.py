@@ -16,7 +16,7 @@ from ..config import Config, PolicyConfig
 from ..errors import LLMBadAnswer, LLMError, LLMUnavailable
 from ..log import get_logger
 from ..metadata import AgentMetadata
-from ..pipeline import PIPELINE, PrimaryLLM, step
+from ..pipeline import PIPELINE, PrimaryLLM, ServerName, step
 from .claims import stated_claims
 from .client import TokenProbability, TopLogprob
 from .router import AsyncRouter, LLMMetrics, Routed
@@ -302,7 +302,7 @@ class DecisionEngine:
         self.router = router
 
     async def _chat(
-        self, endpoint: str, messages: list[dict[str, str]], prefill: str, **kw: Any
+        self, endpoint: ServerName, messages: list[dict[str, str]], prefill: str, **kw: Any
     ) -> Routed:
         return await self.router.chat(
             [*messages, {"role": "assistant", "content": prefill}],
@@ -315,7 +315,7 @@ class DecisionEngine:
 
     async def _ask(
         self,
-        endpoint: str,
+        endpoint: ServerName,
         messages: list[dict[str, str]],
         findings: tuple[str, ...],
         metrics: LLMMetrics,
@@ -366,9 +366,8 @@ class DecisionEngine:
         it. Raises LLMError."""
         metrics = metrics or LLMMetrics()
         primary = step(meta.pipeline_step).primary_llm
-        first = primary.value if primary is not PrimaryLLM.BOTH else "math"
         messages = build_messages(meta, self.policy, findings)
-        answer = await self._ask(first, messages, findings, metrics)
+        answer = await self._ask(primary.first_asked, messages, findings, metrics)
         if primary is not PrimaryLLM.BOTH:
             return answer
         messages = build_messages(meta, self.policy, findings, answer)
