@@ -17,9 +17,9 @@ from pydantic import (
     field_validator,
 )
 
+from .document.metadata import MAX_RESULT_BYTES
+from .document.pipeline import SERVER_NAMES, ServerName
 from .errors import ConfigError
-from .metadata import MAX_RESULT_BYTES
-from .pipeline import SERVER_NAMES, ServerName
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

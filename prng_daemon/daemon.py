@@ -18,25 +18,25 @@ from typing import Any
 
 from . import reload
 from .config import Config
+from .document.decision import Decision
+from .document.metadata import AgentMetadata
+from .document.pipeline import SERVER_NAMES, ServerName
 from .engine import Engine
 from .errors import ConfigError, DaemonError
-from .gpu import where
-from .handlers.record import write_json_atomic
+from .handlers.act.systemd import make_launcher
+from .handlers.decide.policy import Decider
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
-from .llm.decision import Decision, DecisionEngine
 from .llm.router import AsyncRouter
 from .log import get_logger
-from .metadata import AgentMetadata
-from .pipeline import SERVER_NAMES, ServerName
-from .supervisor import ChildState, ChildStatus, Supervisor
-from .systemd import Notifier
-from .tasks import Tasks
-from .units import make_launcher
+from .servers.gpu import where
+from .servers.supervisor import ChildState, ChildStatus, Supervisor
+from .service import status as status_file
+from .service.notify import Notifier
+from .service.tasks import Tasks
 from .watcher import Watcher
 
-__all__ = ["EXIT_TASK_FAILED", "Daemon", "lock_state_dir", "status_path"]
+__all__ = ["EXIT_TASK_FAILED", "Daemon", "lock_state_dir"]
 
-HEARTBEAT_SECONDS = 2.0
 STATUS_POLL_SECONDS = 0.25
 COMMAND_POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30.0
@@ -47,11 +47,6 @@ STATUS_DEADLINE_SECONDS = 30.0
 EXIT_TASK_FAILED = 1
 
 log = get_logger()
-
-
-def status_path(config: Config) -> Path:
-    """Where the running daemon publishes its state for `prng-llm-daemon status`."""
-    return config.daemon.state_dir / "status.json"
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -139,7 +134,7 @@ class Daemon:
         self.ledger = Ledger(settings.ledger_path)
         self.supervisor = Supervisor(config, on_change=self._server_changed)
         self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
-        self._decisions = DecisionEngine(config, self.router)
+        self._decisions = Decider(config, self.router)
         self.engine = Engine(
             config,
             self.ledger,
@@ -214,7 +209,11 @@ class Daemon:
             try:
                 self._write_status(self.status_line(), stopped=True)
             except OSError as exc:
-                log.error("status.write_failed", file=str(status_path(self.config)), error=str(exc))
+                log.error(
+                    "status.write_failed",
+                    file=str(status_file.status_path(self.config)),
+                    error=str(exc),
+                )
             self.ledger.close()
             os.close(self._lock)
             log.info("daemon.stopped", exit_code=code)
@@ -491,7 +490,7 @@ class Daemon:
         while True:
             self._tasks.beat("status")
             now = time.monotonic()
-            if self._status_dirty or now - last_write >= HEARTBEAT_SECONDS:
+            if self._status_dirty or now - last_write >= status_file.HEARTBEAT_SECONDS:
                 self._status_dirty = False
                 line = self.status_line()
                 self._notifier.status(line)
@@ -501,41 +500,21 @@ class Daemon:
                 except OSError as exc:
                     if not failing:
                         log.error(
-                            "status.write_failed", file=str(status_path(self.config)),
+                            "status.write_failed", file=str(status_file.status_path(self.config)),
                             error=str(exc),
                         )  # fmt: skip
                     failing = True
                 else:
                     if failing:
-                        log.info("status.write_recovered", file=str(status_path(self.config)))
+                        log.info(
+                            "status.write_recovered", file=str(status_file.status_path(self.config))
+                        )
                     failing = False
             await asyncio.sleep(STATUS_POLL_SECONDS)
 
     def _write_status(self, line: str, stopped: bool = False) -> None:
-        write_json_atomic(
-            status_path(self.config),
-            durable=False,
-            document={
-                "pid": os.getpid(),
-                "started": self._started,
-                "heartbeat": time.time(),
-                "stopped": stopped,
-                "status": line,
-                "servers": {
-                    name: {
-                        "state": s.state.value,
-                        "pid": s.pid,
-                        "restarts": s.restarts,
-                        "last_exit": s.last_exit,
-                        "since": s.since,
-                        "message": s.message,
-                        "placement": s.placement,
-                        "vram_mib": s.vram_mib,
-                    }
-                    for name, s in self.supervisor.status().items()
-                },
-                "queued": self._queue.qsize(),
-                "agents_running": self.engine.launcher.running,
-                "agents": self.engine.launcher.agents(),
-            },
-        )
+        status_file.publish(
+            self.config, started=self._started, line=line, stopped=stopped,
+            servers=self.supervisor.status(), queued=self._queue.qsize(),
+            launcher=self.engine.launcher,
+        )  # fmt: skip

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .apikey import make_key
 from .config import Config
-from .llm.decision import DecisionEngine
+from .document.pipeline import SERVER_NAMES, ServerName
+from .handlers.decide.policy import Decider
+from .llm.apikey import make_key
 from .llm.router import AsyncRouter, read_api_key
-from .pipeline import SERVER_NAMES, ServerName
 from .watcher import Watcher
 
 __all__ = ["RESTART_ONLY", "Parts", "build", "restart_only_changes", "servers_to_restart"]
@@ -46,7 +46,7 @@ class Parts:
     """What a reload builds from the new config."""
 
     router: AsyncRouter
-    decisions: DecisionEngine
+    decisions: Decider
     watcher: Watcher | None
     """A started watcher on the new results dir, when it changed."""
 
@@ -69,7 +69,7 @@ async def build(
         read_api_key(new, name)
     router = AsyncRouter(new, is_ready=is_ready)
     try:
-        decisions = DecisionEngine(new, router)
+        decisions = Decider(new, router)
         watcher = None
         if new.daemon.results_dir != old.daemon.results_dir:
             new.daemon.decisions_dir.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ from watchdog.events import (
 )
 from watchdog.observers.inotify import InotifyObserver
 
+from .document.names import utf8_name
 from .log import get_logger
-from .names import utf8_name
 
 __all__ = ["Watcher", "is_candidate"]
 

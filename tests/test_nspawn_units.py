@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from prng_daemon.pipeline import PIPELINE
+from prng_daemon.document.pipeline import PIPELINE
 
 from .helpers import wait_until
 from .test_nspawn_e2e import MISSING, PY, UNIT, VENV, Container, drop, install

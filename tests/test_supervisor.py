@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from prng_daemon.backoff import RestartBudget
 from prng_daemon.config import Config
-from prng_daemon.supervisor import ChildState, ChildStatus, Supervisor
+from prng_daemon.servers.backoff import RestartBudget
+from prng_daemon.servers.supervisor import ChildState, ChildStatus, Supervisor
 
 from .helpers import free_port, pids_running, until, wait_until
 

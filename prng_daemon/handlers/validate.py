@@ -23,9 +23,14 @@ from typing import Any
 import jsonschema
 from pydantic import ValidationError
 
+from ..document.metadata import (
+    MAX_RESULT_BYTES,
+    RELATIVE_PATH_PATTERN,
+    RELATIVE_PATH_RULE,
+    ResultFile,
+)
+from ..document.pipeline import FINAL_AGENT
 from ..errors import ResultRejected
-from ..metadata import MAX_RESULT_BYTES, RELATIVE_PATH_PATTERN, RELATIVE_PATH_RULE, ResultFile
-from ..pipeline import FINAL_AGENT
 
 __all__ = ["Loaded", "load_result", "parse_result_bytes", "result_schema", "schema_problems"]
 

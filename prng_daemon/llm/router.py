@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ..apikey import KeyFileError, key_file, read_key
 from ..config import Config, load_config
 from ..config import config_path as resolve_config_path
+from ..document.metadata import QUERY_TYPES
+from ..document.pipeline import SERVER_NAMES, ServerName
 from ..errors import ConfigError, LLMUnavailable
 from ..log import get_logger
-from ..metadata import QUERY_TYPES
-from ..pipeline import SERVER_NAMES, ServerName
+from .apikey import KeyFileError, key_file, read_key
 from .client import Completion, Health, LlamaClient
 
 __all__ = [

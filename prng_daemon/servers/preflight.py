@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Config
+from ..document.pipeline import PIPELINE, SERVER_NAMES, ServerName
+from ..llm.apikey import KeyFileError, key_file, read_key
 from . import gpu
-from .apikey import KeyFileError, key_file, read_key
-from .config import Config
-from .pipeline import PIPELINE, SERVER_NAMES, ServerName
 
 __all__ = ["GGUF_MAGIC", "PreflightFailed", "ServerLaunch", "plan_launch"]
 

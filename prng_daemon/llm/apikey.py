@@ -12,8 +12,8 @@ import os
 import secrets
 from pathlib import Path
 
-from .config import Config
-from .pipeline import SERVER_NAMES, ServerName
+from ..config import Config
+from ..document.pipeline import SERVER_NAMES, ServerName
 
 __all__ = [
     "KEY_FILE_NAME", "KEY_MODE", "KeyFileError", "key_file", "make_key", "own_key_file", "read_key",

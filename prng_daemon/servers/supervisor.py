@@ -11,15 +11,15 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from ..config import Config, ServerConfig
+from ..document.pipeline import SERVER_NAMES, ServerName
+from ..errors import LLMError
+from ..llm.apikey import make_key
+from ..llm.client import Health, LlamaClient
+from ..log import get_logger
 from . import gpu
-from .apikey import make_key
 from .backoff import RestartBudget
 from .childlog import ChildLog
-from .config import Config, ServerConfig
-from .errors import LLMError
-from .llm.client import Health, LlamaClient
-from .log import get_logger
-from .pipeline import SERVER_NAMES, ServerName
 from .preflight import PreflightFailed, ServerLaunch, plan_launch
 from .spawn import signal_group, spawn
 
