@@ -111,7 +111,7 @@ P
 echo "-- cost of one VRAM query (what the supervisor runs at ready and on each health tick)"
 python3 - <<'P'
 import time, subprocess
-from prng_daemon import gpu
+from prng_daemon.servers import gpu
 t = time.perf_counter(); first = gpu.gpu_memory_by_pid(); t1 = time.perf_counter() - t
 n = 50; t = time.perf_counter()
 for _ in range(n): gpu.gpu_memory_by_pid()

@@ -312,7 +312,7 @@ DAEMON = """
 import asyncio, json, sys
 from prng_daemon.config import parse_config
 from prng_daemon.log import configure_logging
-from prng_daemon.supervisor import Supervisor
+from prng_daemon.servers.supervisor import Supervisor
 async def main():
     configure_logging("json", stream=sys.stderr)
     sup = Supervisor(parse_config(sys.argv[1]))
