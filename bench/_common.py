@@ -84,7 +84,7 @@ def build_agent(workdir: Path) -> tuple[list[str], str]:
 
 def agents_section(agent: Sequence[str], markers: Path) -> dict[str, Any]:
     """The config `agents` section: every pipeline agent is the timing agent."""
-    from prng_daemon.pipeline import PIPELINE
+    from prng_daemon.document.pipeline import PIPELINE
 
     names = {s.agent for s in PIPELINE} | {s.follow_up_agent for s in PIPELINE}
     return {
@@ -243,10 +243,16 @@ PHASES = {
     "ledger.update": ("prng_daemon.ledger", "Ledger.update"),
     "ledger.root_of": ("prng_daemon.ledger", "Ledger.root_of"),
     "LLM slot wait + decide": ("prng_daemon.daemon", "Daemon._decide"),
-    "decide (prompt + HTTP + checks)": ("prng_daemon.llm.decision", "DecisionEngine.decide"),
+    "decide (prompt + HTTP + checks)": (
+        "prng_daemon.handlers.decide.policy",
+        "Decider.decide",
+    ),
     "HTTP /completion (client)": ("prng_daemon.llm.client", "LlamaClient.complete"),
     "write_json_atomic (params, record)": ("prng_daemon.engine", "write_json_atomic"),
-    "launcher.start (posix_spawn until exec)": ("prng_daemon.handlers.act", "LocalLauncher.start"),
+    "launcher.start (posix_spawn until exec)": (
+        "prng_daemon.handlers.act.local",
+        "LocalLauncher.start",
+    ),
     "structlog (render + write a line)": ("structlog._base", "BoundLoggerBase._proxy_to_logger"),
 }
 

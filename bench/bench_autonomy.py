@@ -15,7 +15,7 @@ from statistics import mean
 
 from _common import command_line, save, table
 
-from prng_daemon.demo import DemoOutcome, run_demo
+from prng_daemon.demo.run import DemoOutcome, run_demo
 
 
 def verdict(o: DemoOutcome) -> str:

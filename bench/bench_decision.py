@@ -1,5 +1,5 @@
 """Decision cost on a real llama-server (tiny model): tokens evaluated, cached and generated and
-wall time per decision, first vs later, DecisionEngine against the proposal's free-text prompt."""
+wall time per decision, first vs later, Decider against the proposal's free-text prompt."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 from _common import RecordingRouter, command_line, end, save, start_server, table
 
-from prng_daemon.llm.decision import DecisionEngine
+from prng_daemon.demo.tinymodel import write_tiny_model
+from prng_daemon.document.metadata import ResultFile
+from prng_daemon.document.pipeline import step
+from prng_daemon.handlers.decide.policy import Decider
 from prng_daemon.llm.router import STOP
-from prng_daemon.metadata import ResultFile
-from prng_daemon.pipeline import step
-from prng_daemon.tinymodel import write_tiny_model
 from tests.fake_llama import llm_config
 from tests.helpers import free_port
 from tests.workspace import result_document, run_id
@@ -40,7 +40,7 @@ async def engine_decisions(port: int) -> list[dict[str, Any]]:
     config = llm_config(port, port)
     router = RecordingRouter(config, is_ready=lambda name: True)  # as under the supervisor
     router.calls = []
-    engine = DecisionEngine(config, router)
+    engine = Decider(config, router)
     rows = []
     try:
         for doc in documents():
@@ -51,7 +51,7 @@ async def engine_decisions(port: int) -> list[dict[str, Any]]:
             wall = time.perf_counter() - start
             calls = router.calls[before:]
             rows.append({
-                "step": meta.pipeline_step, "requests": len(calls), "path": decision.path,
+                "step": meta.pipeline_step, "requests": len(calls), "path": decision.decided_by,
                 "prompt_tokens": sum(c.completion.tokens_evaluated for c in calls),
                 "cached": sum(c.completion.tokens_cached for c in calls),
                 "evaluated": sum(int(c.completion.timings.get("prompt_n", 0)) for c in calls),
@@ -109,12 +109,12 @@ def main() -> None:
         model = Path(tmp) / "tiny.gguf"
         write_tiny_model(model)
         # A fresh server for each, so both start with an empty prompt cache.
-        for name in ("DecisionEngine (finding + explanation)",
+        for name in ("Decider (finding + explanation)",
                      "proposal §3.2 free text (n_predict 2048)"):  # fmt: skip
             port = free_port()
             proc = start_server(binary, model, port, Path(tmp) / "server.log", threads=1, slots=2)
             try:
-                if name.startswith("DecisionEngine"):
+                if name.startswith("Decider"):
                     results[name] = asyncio.run(engine_decisions(port))
                 else:
                     results[name] = free_text_decisions(port)

@@ -14,8 +14,8 @@ from typing import Any
 
 from _common import command_line, end, proc_usage, save, table, wait_for
 
+from prng_daemon.demo.tinymodel import write_tiny_model
 from prng_daemon.ledger import Ledger
-from prng_daemon.tinymodel import write_tiny_model
 from prng_daemon.watcher import Watcher
 from tests.fake_llama import FakeLlama
 from tests.helpers import child_pids, free_port

@@ -33,19 +33,19 @@ from _common import (
     table,
 )
 
-from prng_daemon import fetch
 from prng_daemon.config import Config
+from prng_daemon.demo import fetch
+from prng_daemon.demo.fetch import model_path
+from prng_daemon.document.metadata import AgentMetadata
 from prng_daemon.errors import LLMError
-from prng_daemon.fetch import model_path
-from prng_daemon.handlers.validate import load_result
-from prng_daemon.llm.decision import (
+from prng_daemon.handlers.decide.policy import (
     ACTIONS,
-    DecisionEngine,
+    Decider,
     rules_decision,
     settled_by_rules,
 )
+from prng_daemon.handlers.validate import load_result
 from prng_daemon.llm.router import Routed
-from prng_daemon.metadata import AgentMetadata
 from tests.fake_llama import llm_config
 from tests.helpers import free_port
 
@@ -85,7 +85,7 @@ async def explained(config: Config, per_step: int, cases: Labelled) -> list[dict
     )
     router = RecordingRouter(config, is_ready=lambda name: True)
     router.calls = []
-    engine = DecisionEngine(config, router)
+    engine = Decider(config, router)
     rows, taken = [], {n: 0 for n in range(1, 7)}
     try:
         for name, meta, _, _ in cases:
@@ -107,7 +107,7 @@ async def run(config: Config, model_alone: bool, cases: Labelled) -> list[dict[s
     the policy without its explanation, which comes after the action and cannot change it."""
     router = RecordingRouter(config, is_ready=lambda name: True)
     router.calls = []
-    engine = DecisionEngine(config, router)
+    engine = Decider(config, router)
     rows = []
     try:
         for name, meta, label, kind in cases:
@@ -117,7 +117,7 @@ async def run(config: Config, model_alone: bool, cases: Labelled) -> list[dict[s
             before, start = len(router.calls), time.perf_counter()
             decision = await engine.decide(meta)
             row["policy_cost"] = cost(router.calls[before:], time.perf_counter() - start)
-            row["policy"], row["path"] = decision.action, decision.path
+            row["policy"], row["path"] = decision.action, decision.decided_by
             row["policy_calibrated"] = decision.calibrated_confidence
             row["settled"] = settled_by_rules(meta, config.policy) is not None
             before, start = len(router.calls), time.perf_counter()

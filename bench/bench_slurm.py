@@ -21,8 +21,8 @@ from typing import Any
 from _common import REPO, command_line, save, summary_ms, table
 
 from prng_daemon.config import AgentConfig, SlurmOptions
-from prng_daemon.handlers.act import AgentRun, Launch
-from prng_daemon.slurm import POLL_SECONDS, SlurmLauncher
+from prng_daemon.handlers.act.launcher import AgentRun, Launch
+from prng_daemon.handlers.act.slurm import POLL_SECONDS, SlurmLauncher
 
 JOBS = 20
 AGENT = 'date +%s.%N >"$1.start"; date +%s.%N >"$1.end"'

@@ -14,9 +14,9 @@ from typing import Any
 from _common import command_line, save, summary_ms, table
 
 from prng_daemon.config import Config
+from prng_daemon.demo.tinymodel import write_tiny_model
 from prng_daemon.log import configure_logging
-from prng_daemon.supervisor import ChildState, ChildStatus, Supervisor
-from prng_daemon.tinymodel import write_tiny_model
+from prng_daemon.servers.supervisor import ChildState, ChildStatus, Supervisor
 from tests.test_supervisor import FAST_HEALTH, make_config, server_section
 
 KILLS = 5

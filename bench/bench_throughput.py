@@ -23,9 +23,9 @@ from _common import RecordingRouter, command_line, end, save, start_server, tabl
 from bench_quality import DEFAULT_MODEL, LABELLED, labelled
 
 from prng_daemon.config import Config, PolicyConfig
+from prng_daemon.document.metadata import AgentMetadata
+from prng_daemon.handlers.decide.policy import Decider, Decision, settled_by_rules
 from prng_daemon.llm.client import LlamaClient
-from prng_daemon.llm.decision import Decision, DecisionEngine, settled_by_rules
-from prng_daemon.metadata import AgentMetadata
 from tests.fake_llama import llm_config
 from tests.helpers import free_port
 
@@ -45,7 +45,7 @@ async def decide_all(
     """Decide `metas` with at most `slots` in flight; (decisions, wall seconds, router)."""
     router = RecordingRouter(config)
     router.calls = []
-    engine = DecisionEngine(config, router)
+    engine = Decider(config, router)
     gate = asyncio.Semaphore(slots)
 
     async def one(meta: AgentMetadata) -> Decision:

@@ -25,8 +25,9 @@ POLLED = (1, 5, 20)
 
 async def inside() -> dict[str, Any]:
     from prng_daemon.config import AgentConfig
-    from prng_daemon.handlers.act import AgentRun, Launch, LocalLauncher
-    from prng_daemon.units import SystemdLauncher, show_units
+    from prng_daemon.handlers.act.launcher import AgentRun, Launch
+    from prng_daemon.handlers.act.local import LocalLauncher
+    from prng_daemon.handlers.act.systemd import SystemdLauncher, show_units
 
     work = Path(tempfile.mkdtemp(dir="/var/tmp"))
     agent = AgentConfig(argv=("/bin/sleep", "600"))

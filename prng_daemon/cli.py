@@ -12,19 +12,26 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, slurm, status, units
+from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from .daemon import Daemon
+from .document.decision import Decision
+from .document.metadata import MAX_RESULT_BYTES
+from .document.names import printable
 from .errors import ConfigError, DaemonError, LedgerCorrupt, ResultRejected
-from .handlers.act import launch_key, stop_local_agent
+from .handlers.act.launcher import launch_key
+from .handlers.act.local import stop_local_agent
+from .handlers.act.slurm import cancel_job
+from .handlers.act.systemd import stop_unit
+from .handlers.decide.policy import Decider
 from .handlers.validate import Loaded, load_result
-from .journal import JOURNAL_SOCKET
 from .ledger import Ledger
-from .llm import AsyncRouter, Decision, DecisionEngine
+from .llm import AsyncRouter
 from .log import configure_logging, pick_format
-from .names import printable
-from .preflight import environment_problems
-from .systemd import Notifier
+from .log.journal import JOURNAL_SOCKET
+from .servers.preflight import environment_problems
+from .service import status
+from .service.notify import Notifier
 
 __all__ = ["main"]
 
@@ -106,9 +113,9 @@ def cmd_decide(args: argparse.Namespace) -> int:
     print(
         f"{args.file}: {decision.action} (confidence {decision.confidence:.2f}"
         + (f", calibrated {calibrated:.2f}" if calibrated is not None else "")
-        + f"; decided by: {decision.path})"
+        + f"; decided by: {decision.decided_by})"
     )
-    if decision.path == "rules":
+    if decision.decided_by == "rules":
         print("  no llama-server answered: the rules policy decided", end="")
         print(" (the daemon would wait)" if config.policy.when_no_llm == "wait" else "")
     print(f"  reasoning: {decision.reasoning}")
@@ -120,7 +127,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
 async def _decide(config: Config, loaded: Loaded) -> Decision:
     router = AsyncRouter(config)
     try:
-        return await DecisionEngine(config, router).decide(loaded.document.agent_metadata)
+        return await Decider(config, router).decide(loaded.document.agent_metadata)
     finally:
         await router.aclose()
 
@@ -209,12 +216,11 @@ def cmd_stop_agent(args: argparse.Namespace) -> int:
         ledger.close()
     for entry in running:
         assert entry.pid is not None
-        job = slurm.cancel_job(config.daemon.state_dir / "launches",
-                               launch_key(entry.path, entry.sha256))  # fmt: skip
+        job = cancel_job(config.daemon.state_dir / "launches", launch_key(entry.path, entry.sha256))
         if job is not None:
             print(f"{args.run_id}: cancelled Slurm job {job}")
             return EXIT_OK
-        unit = units.stop_unit(args.run_id)
+        unit = stop_unit(args.run_id)
         if unit is not None:
             print(f"{args.run_id}: stopped {unit}")
             return EXIT_OK
@@ -226,7 +232,7 @@ def cmd_stop_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
-    from . import fetch
+    from .demo import fetch
 
     if args.list or not args.name:
         for known in fetch.CATALOGUE.values():
@@ -251,7 +257,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     outcome = run_demo(Path(args.workdir) if args.workdir else None, seed=args.seed, tiny=args.tiny)
     return EXIT_OK if outcome.completed else EXIT_INVALID
@@ -326,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = verb("validate", cmd_validate, "check result files against agent_metadata schema v1.0.4")
     v.add_argument("files", nargs="+", metavar="FILE")
     v.add_argument("--json", action="store_true", help="print a JSON report")
-    v.add_argument("--max-bytes", type=int, default=16 << 20, help="size limit per file")
+    v.add_argument("--max-bytes", type=int, default=MAX_RESULT_BYTES, help="size limit per file")
     return parser
 
 

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from .document.metadata import MAX_RESULT_BYTES
+from .document.pipeline import SERVER_NAMES, ServerName
 from .errors import ConfigError
 
 __all__ = [
@@ -94,6 +96,13 @@ class ServerConfig(_Section):
         takes whatever GPUs it sees, and the CPU is as good an answer as any."""
         return self.gpu_id is not None and self.n_gpu_layers > 0
 
+    @property
+    def url(self) -> str:
+        """Where the daemon (and every agent on this host) reaches this server. A wildcard or
+        empty listen address is reached on loopback; an IPv6 literal needs brackets."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
     _paths = field_validator("api_key_file")(_relative_to_config)
 
 
@@ -125,7 +134,7 @@ class DaemonSettings(_Section):
     logs_dir: Path = Path("/var/log/prng-llm-daemon")
     models_dir: Path = Path("/var/lib/prng-llm-daemon/models")
     llama_server: str = "llama-server"
-    max_result_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 16 << 20
+    max_result_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = MAX_RESULT_BYTES
     rescan_interval_seconds: Seconds = 30.0
     transient_deadline_seconds: Seconds = 300.0
     """A file untouched this long mid-way (seen, decided, launching) is resumed or settled."""
@@ -318,12 +327,11 @@ class Config(_Section):
     agents: dict[AgentName, AgentConfig] = Field(default_factory=dict)
     policy: PolicyConfig = PolicyConfig()
 
-    def server(self, name: str) -> ServerConfig:
-        """The `orchestrator` or `math` section by name."""
+    def server(self, name: ServerName) -> ServerConfig:
+        """The `orchestrator` or `math` section by name; KeyError for any other name."""
+        if name not in SERVER_NAMES:
+            raise KeyError(f"no llama-server named {name!r}: expected one of {SERVER_NAMES}")
         return self.orchestrator if name == "orchestrator" else self.math
-
-
-SERVER_NAMES = ("orchestrator", "math")
 
 
 def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:

@@ -17,26 +17,26 @@ from pathlib import Path
 from typing import Any
 
 from . import reload
-from .config import SERVER_NAMES as SERVERS
 from .config import Config
+from .document.decision import Decision
+from .document.metadata import AgentMetadata
+from .document.pipeline import SERVER_NAMES, ServerName
 from .engine import Engine
 from .errors import ConfigError, DaemonError
-from .gpu import where
-from .handlers.record import write_json_atomic
+from .handlers.act.systemd import make_launcher
+from .handlers.decide.policy import Decider
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
-from .llm.decision import Decision, DecisionEngine
 from .llm.router import AsyncRouter
 from .log import get_logger
-from .metadata import AgentMetadata
-from .supervisor import ChildState, ChildStatus, Supervisor
-from .systemd import Notifier
-from .tasks import Tasks
-from .units import make_launcher
+from .servers.gpu import where
+from .servers.supervisor import ChildState, ChildStatus, Supervisor
+from .service import status as status_file
+from .service.notify import Notifier
+from .service.tasks import Tasks
 from .watcher import Watcher
 
-__all__ = ["EXIT_TASK_FAILED", "Daemon", "lock_state_dir", "status_path"]
+__all__ = ["EXIT_TASK_FAILED", "Daemon", "lock_state_dir"]
 
-HEARTBEAT_SECONDS = 2.0
 STATUS_POLL_SECONDS = 0.25
 COMMAND_POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30.0
@@ -47,11 +47,6 @@ STATUS_DEADLINE_SECONDS = 30.0
 EXIT_TASK_FAILED = 1
 
 log = get_logger()
-
-
-def status_path(config: Config) -> Path:
-    """Where the running daemon publishes its state for `prng-llm-daemon status`."""
-    return config.daemon.state_dir / "status.json"
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -91,7 +86,7 @@ def work_deadline(config: Config) -> float:
     """The longest a healthy worker may spend on one file (or the command loop on a reload):
     the models loading, then waiting for an LLM slot and every request of one decision
     (two models, each with its fallback and answer attempts) at the request timeout."""
-    loading = max(config.server(n).startup_timeout_seconds for n in SERVERS)
+    loading = max(config.server(n).startup_timeout_seconds for n in SERVER_NAMES)
     decision = config.routing.request_timeout_seconds * config.policy.answer_attempts * 4
     return loading + 2 * decision + 60.0
 
@@ -126,7 +121,7 @@ class Daemon:
         self._reload_requested = False
         self._status_dirty = True
         self._started = time.time()
-        self._slot_count = sum(config.server(n).parallel for n in SERVERS)
+        self._slot_count = sum(config.server(n).parallel for n in SERVER_NAMES)
         self._llm_slots = asyncio.Semaphore(self._slot_count)
         self._workers = max(4, 2 * self._slot_count)
         self._busy: set[asyncio.Task[Any]] = set()
@@ -139,7 +134,7 @@ class Daemon:
         self.ledger = Ledger(settings.ledger_path)
         self.supervisor = Supervisor(config, on_change=self._server_changed)
         self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
-        self._decisions = DecisionEngine(config, self.router)
+        self._decisions = Decider(config, self.router)
         self.engine = Engine(
             config,
             self.ledger,
@@ -168,7 +163,7 @@ class Daemon:
         if ChildState.READY not in states and {ChildState.STARTING, ChildState.STOPPED} & states:
             # Models still loading are not models that are down: wait for them rather than let
             # the rules policy decide every file that was waiting at start-up (or at a reload).
-            longest = max(self.config.server(n).startup_timeout_seconds for n in SERVERS)
+            longest = max(self.config.server(n).startup_timeout_seconds for n in SERVER_NAMES)
             await self.supervisor.wait_ready(longest)
         async with self._llm_slots:
             return await self._decisions.decide(meta)
@@ -214,7 +209,11 @@ class Daemon:
             try:
                 self._write_status(self.status_line(), stopped=True)
             except OSError as exc:
-                log.error("status.write_failed", file=str(status_path(self.config)), error=str(exc))
+                log.error(
+                    "status.write_failed",
+                    file=str(status_file.status_path(self.config)),
+                    error=str(exc),
+                )
             self.ledger.close()
             os.close(self._lock)
             log.info("daemon.stopped", exit_code=code)
@@ -415,7 +414,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         return Watcher(directory, loop, self.enqueue, self._rescan_now.set)
 
-    async def _swap(self, new: Config, parts: reload.Parts) -> list[str]:
+    async def _swap(self, new: Config, parts: reload.Parts) -> list[ServerName]:
         """Put the new parts in place; close the old ones. Returns the servers restarted.
 
         Holding every LLM slot first means no decision is in flight on the router being closed
@@ -432,7 +431,7 @@ class Daemon:
                 log.info("servers.restarting", servers=restart, reason="config reloaded")
             await self.supervisor.reconfigure(new, restart)
             self.router, self._decisions = parts.router, parts.decisions
-            self._slot_count = sum(new.server(n).parallel for n in SERVERS)
+            self._slot_count = sum(new.server(n).parallel for n in SERVER_NAMES)
             self._llm_slots = asyncio.Semaphore(self._slot_count)
             self.config = self.engine.config = new
             if parts.watcher is not None:
@@ -466,7 +465,7 @@ class Daemon:
         servers = ", ".join(
             _server_line(name, states[name]) if name in states
             else f"{name} {'starting' if self.config.server(name).managed else 'unmanaged'}"
-            for name in ("orchestrator", "math")
+            for name in SERVER_NAMES
         )  # fmt: skip
         counts = self.ledger.counts()
         decided = sum(counts.get(s, 0) for s in OUTCOMES)
@@ -491,7 +490,7 @@ class Daemon:
         while True:
             self._tasks.beat("status")
             now = time.monotonic()
-            if self._status_dirty or now - last_write >= HEARTBEAT_SECONDS:
+            if self._status_dirty or now - last_write >= status_file.HEARTBEAT_SECONDS:
                 self._status_dirty = False
                 line = self.status_line()
                 self._notifier.status(line)
@@ -501,41 +500,21 @@ class Daemon:
                 except OSError as exc:
                     if not failing:
                         log.error(
-                            "status.write_failed", file=str(status_path(self.config)),
+                            "status.write_failed", file=str(status_file.status_path(self.config)),
                             error=str(exc),
                         )  # fmt: skip
                     failing = True
                 else:
                     if failing:
-                        log.info("status.write_recovered", file=str(status_path(self.config)))
+                        log.info(
+                            "status.write_recovered", file=str(status_file.status_path(self.config))
+                        )
                     failing = False
             await asyncio.sleep(STATUS_POLL_SECONDS)
 
     def _write_status(self, line: str, stopped: bool = False) -> None:
-        write_json_atomic(
-            status_path(self.config),
-            durable=False,
-            document={
-                "pid": os.getpid(),
-                "started": self._started,
-                "heartbeat": time.time(),
-                "stopped": stopped,
-                "status": line,
-                "servers": {
-                    name: {
-                        "state": s.state.value,
-                        "pid": s.pid,
-                        "restarts": s.restarts,
-                        "last_exit": s.last_exit,
-                        "since": s.since,
-                        "message": s.message,
-                        "placement": s.placement,
-                        "vram_mib": s.vram_mib,
-                    }
-                    for name, s in self.supervisor.status().items()
-                },
-                "queued": self._queue.qsize(),
-                "agents_running": self.engine.launcher.running,
-                "agents": self.engine.launcher.agents(),
-            },
-        )
+        status_file.publish(
+            self.config, started=self._started, line=line, stopped=stopped,
+            servers=self.supervisor.status(), queued=self._queue.qsize(),
+            launcher=self.engine.launcher,
+        )  # fmt: skip

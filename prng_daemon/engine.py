@@ -8,7 +8,6 @@ is resumed or settled by `sweep`; operator commands are answered by `resolve`, n
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -18,16 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from .config import AgentConfig, Config
+from .document.decision import Decision
+from .document.files import record_name, write_json_atomic
+from .document.metadata import AgentMetadata
+from .document.names import utf8_name
+from .document.pipeline import step
 from .errors import AgentFailed, LaunchUnavailable, LLMUnavailable, ResultRejected
-from .handlers.act import AgentLauncher, AgentRun, AlreadyLaunched, Launch, OnExit, launch_key
-from .handlers.record import record_name, write_json_atomic
+from .handlers.act.launcher import (
+    AgentLauncher,
+    AgentRun,
+    AlreadyLaunched,
+    Launch,
+    OnExit,
+    launch_key,
+)
+from .handlers.record import read_records, record_path, write_record
 from .handlers.validate import Loaded, load_result
-from .ledger import RESUMABLE, SETTLED, Entry, Ledger, State
-from .llm.decision import Decision
+from .ledger import RESUMABLE, Entry, Ledger, State
 from .log import get_logger
-from .metadata import AgentMetadata
-from .names import utf8_name
-from .pipeline import step
 
 __all__ = ["Engine", "Source"]
 
@@ -135,7 +142,7 @@ class Engine:
         lock = self._run_locks.setdefault(root, asyncio.Lock())
         async with lock:
             if entry.decision is not None:  # decided before a crash: act on it, never re-decide
-                await self.act(entry, loaded, Decision.model_validate(entry.decision), log)
+                await self.act(entry, loaded, entry.decision, log)
             else:
                 await self._decide_and_act(entry, loaded, log)
         if not lock.locked():
@@ -192,13 +199,12 @@ class Engine:
         log.info(
             "decision.made",
             decision=decision.action,
-            path=decision.path,
+            decided_by=decision.decided_by,
             confidence=decision.confidence,
             calibrated_confidence=decision.calibrated_confidence,
         )
         entry = self.ledger.update(
-            entry, State.DECIDED, decision=decision.model_dump(mode="json"),
-            action=decision.action,
+            entry, State.DECIDED, decision=decision, action=decision.action,
         )  # fmt: skip
         await self.act(entry, loaded, decision, log)
         self.current = "idle"
@@ -228,9 +234,11 @@ class Engine:
             entry, final, reason, pid = await self._launch(
                 entry, loaded, decision, agent, retry, log
             )
-        record = self._record(entry, decision, agent, pid, approved_by, final, reason)
         # fsync off the event loop: LLM slots and other files keep moving meanwhile.
-        await asyncio.to_thread(write_json_atomic, self._record_path(entry), record)
+        await asyncio.to_thread(
+            write_record, self.config.daemon, entry, decision, final, reason,
+            agent=agent, pid=pid, approved_by=approved_by,
+        )  # fmt: skip
         self.ledger.update(entry, final, reason=reason, pid=pid)
 
     async def _launch(
@@ -264,9 +272,10 @@ class Engine:
             if isinstance(exc, LaunchUnavailable):  # a person fixes the cluster, then approves
                 return entry, State.ESCALATED, f"{exc}; approve once fixed, or reject", None
             return entry, State.FAILED, str(exc), None
+        where = self.launcher.describe(launch.run, pid)
         kind = "slurm" if config.launcher == "slurm" else self.launcher.kind
         log.info("agent.started", agent=agent, pid=pid, decision=decision.action,
-                 launcher=kind)  # fmt: skip
+                 launcher=kind, started_as=where)  # fmt: skip
         return entry, State.ACTED, None, pid
 
     def _launch_for(
@@ -310,48 +319,6 @@ class Engine:
               **({"job_state": job_state} if job_state else {}))  # fmt: skip
         self._on_change()
 
-    def _record_path(self, entry: Entry) -> Path:
-        return self.config.daemon.decisions_dir / record_name(
-            Path(entry.path), entry.sha256, "decision"
-        )
-
-    def _record(
-        self,
-        entry: Entry,
-        decision: Decision,
-        agent: str | None,
-        pid: int | None,
-        approved_by: str,
-        outcome: State,
-        reason: str | None,
-    ) -> dict[str, Any]:
-        """The decision record: everything from the ledger entry, nothing re-read from the file.
-
-        `outcome` is the row's settled state: what a rebuilt ledger restores (`restore`)."""
-        return {
-            "record": "prng-llm-daemon/decision-v1",
-            "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "result_file": str(self.config.daemon.results_dir / entry.path),
-            "sha256": entry.sha256,
-            "run_id": entry.run_id,
-            "parent_run_id": entry.parent_run_id,
-            "pipeline_run": entry.root_run_id,
-            "pipeline_step": entry.step,
-            "pipeline_step_name": step(entry.step).name if entry.step else None,
-            "decision": decision.action,
-            "policy_path": decision.path,
-            "confidence": decision.confidence,
-            "calibrated_confidence": decision.calibrated_confidence,
-            "reasoning": decision.reasoning,
-            "suggested_params": decision.suggested_params,
-            "llm_metadata": decision.llm_metadata,
-            "agent": agent,
-            "pid": pid,
-            "approved_by": approved_by or None,
-            "outcome": outcome.value,
-            "outcome_reason": reason,
-        }
-
     # -- start-up and operator commands ---------------------------------------------------
 
     def reconcile(self) -> None:
@@ -389,14 +356,15 @@ class Engine:
 
     def _settle_launched(self, entry: Entry, reason: str, log: Any) -> None:
         """A launch intent whose marker exists: ACTED, with its decision record."""
-        record_path = self._record_path(entry)
-        if entry.decision is not None and not record_path.exists():
-            decision = Decision.model_validate(entry.decision)
-            record = self._record(entry, decision, entry.agent, None, "", State.ACTED, reason)
+        path = record_path(self.config.daemon, entry)
+        if entry.decision is not None and not path.exists():
             try:
-                write_json_atomic(record_path, record)
+                write_record(
+                    self.config.daemon, entry, entry.decision, State.ACTED, reason,
+                    agent=entry.agent,
+                )  # fmt: skip
             except OSError as exc:  # a full disk: the launch happened all the same
-                log.error("record.failed", record=record_path.name, reason=exc.strerror)
+                log.error("record.failed", record=path.name, reason=exc.strerror)
         self.ledger.update(entry, State.ACTED, reason=reason)
 
     def restore(self) -> int:
@@ -407,7 +375,7 @@ class Engine:
         no record were never acted on and are decided as they are found.
         """
         decisions = self.config.daemon.decisions_dir
-        restored = self.ledger.restore(_read_records(decisions))
+        restored = self.ledger.restore(read_records(decisions))
         if restored:
             get_logger().info("ledger.restored", rows=restored, from_dir=str(decisions))
         return restored
@@ -503,14 +471,13 @@ class Engine:
         """Resolve one escalated row: (True, what happened) or (False, why it stays escalated)."""
         if entry.decision is None or entry.step is None:
             return False, "it has no recorded decision to act on; reject it"
-        decision = Decision.model_validate(entry.decision)
+        decision = entry.decision
         settings = self.config.daemon
         path = settings.results_dir / entry.path
         try:
             if verb == "reject":
                 reason = "rejected by operator"
-                record = self._record(entry, decision, None, None, "", State.DONE, reason)
-                await asyncio.to_thread(write_json_atomic, self._record_path(entry), record)
+                await asyncio.to_thread(write_record, settings, entry, decision, State.DONE, reason)
                 self.ledger.update(entry, State.DONE, reason=reason)
                 log.info("escalation.rejected", file=entry.path)
                 return True, "stops here"
@@ -524,10 +491,8 @@ class Engine:
             )
             if loaded.sha256 != entry.sha256:
                 return False, "the result file changed since it was escalated"
-            decision = decision.model_copy(update={"action": action, "path": "operator"})
-            entry = self.ledger.update(
-                entry, entry.state, decision=decision.model_dump(mode="json"), action=action
-            )
+            decision = decision.model_copy(update={"action": action, "decided_by": "operator"})
+            entry = self.ledger.update(entry, entry.state, decision=decision, action=action)
             log.info("escalation.approved", file=entry.path, decision=action)
             await self.act(entry, loaded, decision, log, "operator")
         except ResultRejected as exc:
@@ -547,51 +512,6 @@ class Engine:
 
 
 _RESOLVED = {"approve": "approved", "approve-retry": "approved for a retry", "reject": "rejected"}
-
-
-def _read_records(decisions: Path) -> Iterator[tuple[str, str, State, dict[str, Any]]]:
-    """What each decision record in `decisions` says about its file version; a record that
-    cannot be read is logged and skipped."""
-    for path in sorted(decisions.glob("*.decision.json")):
-        try:
-            yield _from_record(json.loads(path.read_bytes()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            get_logger().warning("record.unreadable", record=path.name, reason=str(exc)[:200])
-
-
-def _from_record(record: dict[str, Any]) -> tuple[str, str, State, dict[str, Any]]:
-    """A decision record -> (file name, sha256, settled state, ledger fields)."""
-    action = record["decision"]
-    outcome = record.get("outcome")
-    if outcome is None:  # a record from before outcomes were written: never launch again
-        last = record["pipeline_step"] == 6 and action == "proceed"
-        outcome = "escalated" if action == "escalate" else "done" if last else "acted"
-    state = State(outcome)
-    if state not in SETTLED:
-        raise ValueError(f"outcome {outcome!r} is not a settled state")
-    decision = Decision(
-        action=action,
-        confidence=record["confidence"],
-        calibrated_confidence=record["calibrated_confidence"],
-        reasoning=record["reasoning"],
-        suggested_params=record["suggested_params"],
-        path=record["policy_path"],
-        llm_metadata=record["llm_metadata"],
-    )
-    fields = {
-        "run_id": record["run_id"],
-        "parent_run_id": record["parent_run_id"],
-        "root_run_id": record["pipeline_run"],
-        "step": record["pipeline_step"],
-        "reason": record.get("outcome_reason") or "restored from its decision record",
-        "decision": decision.model_dump(mode="json"),
-        "action": action,
-        "agent": record["agent"],
-        "pid": record["pid"],
-        # Its agent, if any, belongs to the old ledger: not one to watch or report lost.
-        "ended": time.time() if record["pid"] else None,
-    }
-    return Path(record["result_file"]).name, str(record["sha256"]), state, fields
 
 
 def _agent_run(entry: Entry) -> AgentRun:

@@ -9,7 +9,6 @@ names the state the caller read, so two writers can never silently overwrite eac
 from __future__ import annotations
 
 import errno
-import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from .document.decision import Decision
 from .errors import LedgerCorrupt
 
 __all__ = [
@@ -134,7 +134,7 @@ class Entry:
     root_run_id: str | None
     step: int | None
     reason: str | None
-    decision: dict[str, Any] | None
+    decision: Decision | None
     action: str | None
     agent: str | None
     pid: int | None
@@ -150,7 +150,8 @@ class Entry:
 def _entry(row: sqlite3.Row) -> Entry:
     values = dict(row)
     values["state"] = State(values["state"])
-    values["decision"] = json.loads(values["decision"]) if values["decision"] else None
+    if values["decision"]:
+        values["decision"] = Decision.model_validate_json(values["decision"])
     return Entry(**values)
 
 
@@ -287,7 +288,7 @@ class Ledger:
     @staticmethod
     def _insert(db: sqlite3.Connection, path: str, sha256: str, state: State, **fields: Any) -> int:
         if fields.get("decision") is not None:
-            fields["decision"] = json.dumps(fields["decision"])
+            fields["decision"] = fields["decision"].model_dump_json()
         now = time.time()
         columns = "".join(f", {name}" for name in fields)
         marks = ", ?" * len(fields)
@@ -315,7 +316,7 @@ class Ledger:
             fields["updated"] = time.time()
         values = dict(fields)
         if fields.get("decision") is not None:
-            values["decision"] = json.dumps(fields["decision"])
+            values["decision"] = fields["decision"].model_dump_json()
         columns = "".join(f", {name} = ?" for name in values)
         sql = f"UPDATE files SET state = ?{columns} WHERE id = ? AND state = ?"
         cur = self._query(sql, (state, *values.values(), entry.id, entry.state))

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .apikey import make_key
-from .config import SERVER_NAMES, Config
-from .llm.decision import DecisionEngine
+from .config import Config
+from .document.pipeline import SERVER_NAMES, ServerName
+from .handlers.decide.policy import Decider
+from .llm.apikey import make_key
 from .llm.router import AsyncRouter, read_api_key
 from .watcher import Watcher
 
@@ -30,7 +31,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     return [f"daemon.{k}" for k in RESTART_ONLY if getattr(old.daemon, k) != getattr(new.daemon, k)]
 
 
-def servers_to_restart(old: Config, new: Config) -> list[str]:
+def servers_to_restart(old: Config, new: Config) -> list[ServerName]:
     """The managed llama-servers whose launch settings differ between `old` and `new`."""
     shared = any(getattr(old.daemon, k) != getattr(new.daemon, k) for k in SERVER_LAUNCH)
     return [
@@ -45,7 +46,7 @@ class Parts:
     """What a reload builds from the new config."""
 
     router: AsyncRouter
-    decisions: DecisionEngine
+    decisions: Decider
     watcher: Watcher | None
     """A started watcher on the new results dir, when it changed."""
 
@@ -53,7 +54,7 @@ class Parts:
 async def build(
     old: Config,
     new: Config,
-    is_ready: Callable[[str], bool],
+    is_ready: Callable[[ServerName], bool],
     watch: Callable[[Path], Watcher],
 ) -> Parts:
     """Make every config-dependent part from `new`; the running ones are not touched.
@@ -68,7 +69,7 @@ async def build(
         read_api_key(new, name)
     router = AsyncRouter(new, is_ready=is_ready)
     try:
-        decisions = DecisionEngine(new, router)
+        decisions = Decider(new, router)
         watcher = None
         if new.daemon.results_dir != old.daemon.results_dir:
             new.daemon.decisions_dir.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .document.files import write_json_atomic
+from .document.metadata import SCHEMA_VERSION, ResultFile
+from .document.pipeline import step
 from .errors import LLMBadAnswer, ResultRejected
-from .handlers.record import write_json_atomic
 from .handlers.validate import schema_problems
 from .llm.router import LLMRouter, get_router
-from .metadata import SCHEMA_VERSION, ResultFile
-from .pipeline import step
 
 __all__ = ["BaseAgent", "RunContext", "new_run_id", "write_result"]
 

@@ -28,8 +28,8 @@ from watchdog.events import (
 )
 from watchdog.observers.inotify import InotifyObserver
 
+from .document.names import utf8_name
 from .log import get_logger
-from .names import utf8_name
 
 __all__ = ["Watcher", "is_candidate"]
 
@@ -82,7 +82,7 @@ class _Handler(FileSystemEventHandler):
 
 
 class _OverflowAlarm(logging.Handler):
-    """watchdog reports IN_Q_OVERFLOW only as a log warning; turn that into a rescan."""
+    """watchdog (7.1 on) reports IN_Q_OVERFLOW only as a log warning; turn that into a rescan."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_overflow: Callable[[], None]) -> None:
         super().__init__(logging.WARNING)

@@ -49,8 +49,8 @@ mk() {  # mk DIR GPU_MATH ALLOW_CPU PORT_BASE
   python3 - "$1" "$2" "$3" "$4" "$BIN" <<'P'
 import json, sys
 from pathlib import Path
-from prng_daemon.pipeline import PIPELINE
-from prng_daemon.tinymodel import write_tiny_model
+from prng_daemon.document.pipeline import PIPELINE
+from prng_daemon.demo.tinymodel import write_tiny_model
 d, gm, allow, port, binp = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5]
 write_tiny_model(d / "models/o.gguf", seed=1); write_tiny_model(d / "models/m.gguf", seed=2)
 srv = {"context_length": 4096, "parallel": 2, "threads": 2, "n_gpu_layers": 99}
@@ -111,7 +111,7 @@ P
 echo "-- cost of one VRAM query (what the supervisor runs at ready and on each health tick)"
 python3 - <<'P'
 import time, subprocess
-from prng_daemon import gpu
+from prng_daemon.servers import gpu
 t = time.perf_counter(); first = gpu.gpu_memory_by_pid(); t1 = time.perf_counter() - t
 n = 50; t = time.perf_counter()
 for _ in range(n): gpu.gpu_memory_by_pid()

@@ -29,7 +29,7 @@ def llama_server_bin() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~0.5 MB random-weight llama GGUF: loads in well under a second."""
-    from prng_daemon.tinymodel import write_tiny_model
+    from prng_daemon.demo.tinymodel import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
 

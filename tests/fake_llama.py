@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prng_daemon.config import Config, parse_config
-from prng_daemon.llm.decision import FINDINGS
+from prng_daemon.handlers.decide.prompt import FINDINGS
 
 MODES = ("ok", "garbage", "unexplained", "http500", "hang", "loading", "bad_body", "drip")
 ACTIONS = ("proceed", "retry", "escalate")

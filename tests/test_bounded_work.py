@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from prng_daemon.config import load_config
+from prng_daemon.document.decision import Decision
+from prng_daemon.document.metadata import MAX_FILES, AgentMetadata
 from prng_daemon.engine import Engine
-from prng_daemon.handlers.act import LocalLauncher
+from prng_daemon.handlers.act.local import LocalLauncher
 from prng_daemon.ledger import Ledger
-from prng_daemon.llm.decision import Decision
-from prng_daemon.metadata import MAX_FILES, AgentMetadata
 
 from .helpers import free_port
 from .workspace import make_workspace, result_document, run_id

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from prng_daemon.childlog import ChildLog, RotatingFile, classify
 from prng_daemon.log import get_logger
+from prng_daemon.servers.childlog import ChildLog, RotatingFile, classify
 
 
 def test_file_rotates_and_keeps_only_the_backups(tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
-"""The arithmetic the rules do on a report's stated comparisons (prng_daemon/llm/claims.py)."""
+"""The arithmetic the rules do on a report's stated comparisons (handlers/decide/claims.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from prng_daemon.llm.claims import stated_claims
+from prng_daemon.handlers.decide.claims import stated_claims
 
 
 @pytest.mark.parametrize(

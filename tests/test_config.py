@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prng_daemon.cli import main
-from prng_daemon.config import load_config, parse_config
+from prng_daemon.config import ServerConfig, load_config, parse_config
 from prng_daemon.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
@@ -149,3 +149,28 @@ def test_preflight_checks_the_machine_not_just_the_file(
     raw["agents"]["prediction_agent"] = agent
     path.write_text(json.dumps(raw))
     assert main(["check-config", "--preflight", "--config", str(path)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+        ("0.0.0.0", "http://127.0.0.1:8080"),
+        ("", "http://127.0.0.1:8080"),
+        ("::", "http://[::1]:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("gpu-box.lan", "http://gpu-box.lan:8080"),
+    ],
+)
+def test_a_server_is_reached_at_one_url(host: str, url: str) -> None:
+    """The probe, the router and `status` all reach a server at `ServerConfig.url`: a wildcard
+    or empty listen address on loopback, an IPv6 literal in brackets."""
+    server = ServerConfig(model="m.gguf", port=8080, host=host)
+    assert server.url == url
+
+
+def test_an_unknown_server_name_is_an_error_not_the_math_server() -> None:
+    config = load_config(PROPOSAL)
+    assert config.server("math") is config.math
+    with pytest.raises(KeyError, match="no llama-server named 'maths'"):
+        config.server("maths")  # type: ignore[arg-type]

@@ -301,7 +301,7 @@ def test_sighup_with_new_server_settings_restarts_that_server_only(
         assert stop(proc) == 0
     assert ws.events("config.reloaded")[0]["servers_restarted"] == ["math"]
     assert after["orchestrator"]["pid"] == before["orchestrator"]["pid"], "left alone"
-    assert ws.events("decision.made")[0]["path"] != "rules", "decided by the new server"
+    assert ws.events("decision.made")[0]["decided_by"] != "rules", "decided by the new server"
 
 
 def reload(ws: Workspace, proc: Any, notify: NotifySocket, event: str) -> dict[str, Any]:
@@ -374,7 +374,7 @@ def test_sighup_with_an_unreadable_api_key_file_keeps_the_running_router(
         drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
         wait_until(ws.launches, 15, what="a launch under the old config")
     assert failed["problems"][0].startswith("config: math.api_key_file: cannot read:")
-    assert [e["path"] for e in ws.events("decision.made")] == ["llm"], "the LLM decided"
+    assert [e["decided_by"] for e in ws.events("decision.made")] == ["llm"], "the LLM decided"
     assert not ws.events("config.reloaded")
 
 

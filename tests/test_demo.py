@@ -9,8 +9,8 @@ import io
 import json
 from pathlib import Path
 
-from prng_daemon.apikey import key_file, make_key, own_key_file
-from prng_daemon.demo import demo_config, run_demo
+from prng_daemon.demo.run import demo_config, run_demo
+from prng_daemon.llm.apikey import key_file, make_key, own_key_file
 
 
 def test_tiny_demo_completes_steps_1_to_6(tmp_path: Path) -> None:

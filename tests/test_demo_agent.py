@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from prng_daemon.demo_agent import PERSON_STEPS, Scenario, fixed_marker, result_for
+from prng_daemon.demo.agent import PERSON_STEPS, Scenario, fixed_marker, result_for
 from prng_daemon.handlers.validate import load_result
 from prng_daemon.sdk import RunContext, new_run_id, write_result
 
@@ -83,7 +83,7 @@ def test_the_agent_process_waits_for_the_operators_fix(tmp_path: Path) -> None:
     (tmp_path / "results").mkdir()
     verdicts = []
     for _ in range(2):
-        subprocess.run([sys.executable, "-m", "prng_daemon.demo_agent"], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "prng_daemon.demo.agent"], env=env, check=True)
         newest = max((tmp_path / "results").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
         verdicts.append(load_result(newest).document.agent_metadata.success_criteria_met)
         newest.rename(newest.with_suffix(".seen"))

@@ -17,12 +17,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from prng_daemon.config import load_config
+from prng_daemon.document.decision import Decision
+from prng_daemon.document.files import record_name
+from prng_daemon.document.metadata import AgentMetadata
 from prng_daemon.engine import MAX_RESUMES, Engine
-from prng_daemon.handlers.act import LocalLauncher, launch_key
-from prng_daemon.handlers.record import record_name
+from prng_daemon.handlers.act.launcher import launch_key
+from prng_daemon.handlers.act.local import LocalLauncher
 from prng_daemon.ledger import Ledger, State
-from prng_daemon.llm.decision import Decision
-from prng_daemon.metadata import AgentMetadata
 
 from .helpers import free_port, wait_until
 from .workspace import Workspace, drop, make_workspace, result_document, run_id
@@ -74,10 +75,11 @@ def _decided_but_not_acted(engine: Engine, ws: Workspace, name: str, action: str
     path = drop(ws.results, name, result_document(2, run_id(2, 1)))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     entry, _ = engine.ledger.claim(name, sha, run_id=run_id(2, 1), step=2)
-    engine.ledger.update(entry, State.DECIDED, action=action, decision={
-        "action": action, "confidence": 0.9, "calibrated_confidence": None,
-        "reasoning": "before the crash", "suggested_params": {}, "path": "rules",
-        "llm_metadata": {}})  # fmt: skip
+    decision = Decision(
+        action=action, confidence=0.9, calibrated_confidence=None, reasoning="before the crash",
+        suggested_params={}, decided_by="rules", llm_metadata={},
+    )  # fmt: skip
+    engine.ledger.update(entry, State.DECIDED, action=action, decision=decision)
 
 
 def _unwritable_record(ws: Workspace, engine: Engine) -> Path:

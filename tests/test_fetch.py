@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from prng_daemon import fetch
 from prng_daemon.cli import main
+from prng_daemon.demo import fetch
 from prng_daemon.errors import FetchError
 
 VERSION = "1.0.0"

@@ -20,13 +20,13 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from prng_daemon import gpu
-from prng_daemon.apikey import make_key, own_key_file, read_key
 from prng_daemon.cli import main
 from prng_daemon.config import Config, parse_config
 from prng_daemon.llm import AsyncRouter
-from prng_daemon.preflight import environment_problems
-from prng_daemon.supervisor import ChildState
+from prng_daemon.llm.apikey import make_key, own_key_file, read_key
+from prng_daemon.servers import gpu
+from prng_daemon.servers.preflight import environment_problems
+from prng_daemon.servers.supervisor import ChildState
 
 from .fake_llama import FakeLlama
 from .helpers import until, wait_until

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from prng_daemon.cli import main
+from prng_daemon.document.names import utf8_name
 from prng_daemon.ledger import Ledger
-from prng_daemon.names import utf8_name
 from prng_daemon.watcher import Watcher
 
 from .fake_llama import FakeLlama

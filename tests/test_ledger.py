@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from prng_daemon.document.files import record_name, write_json_atomic
 from prng_daemon.errors import LedgerCorrupt
-from prng_daemon.handlers.record import record_name, write_json_atomic
+from prng_daemon.handlers.record import FORMAT, read_records
 from prng_daemon.ledger import Ledger, State, StateConflict
 
 
@@ -136,3 +138,32 @@ def test_a_ledger_from_before_the_sweep_gains_its_attempts_column(tmp_path: Path
     assert entry.attempts == 0
     assert ledger.update(entry, entry.state, attempts=1).attempts == 1
     ledger.close()
+
+
+def test_decisions_written_under_the_old_field_name_are_read_as_they_are(tmp_path: Path) -> None:
+    """Ledger rows and decision records from before `decided_by` (`path`, `policy_path`) still
+    give typed decisions: an upgrade neither strands a decided row nor loses a rebuild."""
+    old = {"action": "retry", "confidence": 0.5, "calibrated_confidence": None, "reasoning": "r",
+           "suggested_params": {}, "path": "rules", "llm_metadata": {}}  # fmt: skip
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    entry, _ = ledger.claim("a.json", "aa")
+    ledger.close()
+    db = sqlite3.connect(tmp_path / "l.sqlite3")
+    with db:
+        db.execute("UPDATE files SET decision = ? WHERE id = ?", (json.dumps(old), entry.id))
+    db.close()
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    decision = ledger.get(entry.id).decision
+    assert decision is not None and decision.decided_by == "rules"
+    ledger.close()
+
+    record = {"record": FORMAT, "result_file": str(tmp_path / "b.json"), "sha256": "bb",
+              "run_id": None, "parent_run_id": None, "pipeline_run": None, "pipeline_step": 2,
+              "decision": "escalate", "policy_path": "guardrail", "confidence": 0.9,
+              "calibrated_confidence": None, "reasoning": "r", "suggested_params": {},
+              "llm_metadata": {}, "agent": None, "pid": None, "outcome": "escalated"}  # fmt: skip
+    decisions = tmp_path / "decisions"
+    write_json_atomic(decisions / "b.decision.json", record)
+    [(name, sha, state, fields)] = read_records(decisions)
+    assert (name, sha, state) == ("b.json", "bb", State.ESCALATED)
+    assert fields["decision"].decided_by == "guardrail"

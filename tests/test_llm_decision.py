@@ -1,4 +1,4 @@
-"""DecisionEngine with fake servers: primary LLM per step, rejected answers, guardrails, rules,
+"""Decider with fake servers: primary LLM per step, rejected answers, guardrails, rules,
 the decision deadline."""
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from structlog.testing import capture_logs
 
 from prng_daemon.cli import main
 from prng_daemon.config import Config, PolicyConfig
+from prng_daemon.document.decision import Decision
+from prng_daemon.document.metadata import AgentMetadata, LLMMetadata
+from prng_daemon.document.pipeline import step
 from prng_daemon.errors import LLMUnavailable
-from prng_daemon.llm import AsyncRouter, Decision, DecisionEngine, TokenProbability
-from prng_daemon.llm.decision import (
+from prng_daemon.handlers.decide.policy import Decider
+from prng_daemon.handlers.decide.policy import rules_decision as rules
+from prng_daemon.handlers.decide.prompt import (
     EXPLAIN_GRAMMAR,
     FAILURE_FINDINGS,
     PREFILL,
@@ -27,9 +31,7 @@ from prng_daemon.llm.decision import (
     finding_grammar,
     finding_probabilities,
 )
-from prng_daemon.llm.decision import rules_decision as rules
-from prng_daemon.metadata import AgentMetadata, LLMMetadata
-from prng_daemon.pipeline import step
+from prng_daemon.llm import AsyncRouter, TokenProbability
 
 from .fake_llama import CHOSEN_PROB, FakeLlama, llm_config
 from .helpers import free_port
@@ -61,7 +63,7 @@ def decide(config: Config, meta: AgentMetadata) -> Decision:
     async def go() -> Decision:
         router = AsyncRouter(config)
         try:
-            return await DecisionEngine(config, router).decide(meta)
+            return await Decider(config, router).decide(meta)
         finally:
             await router.aclose()
 
@@ -78,7 +80,7 @@ def test_a_math_step_is_decided_by_the_math_specialist(
     """The finding is what the model writes after the prefill; then its word and reasoning."""
     orchestrator, math_fake = fakes
     d = decide(_config(fakes, decision_max_tokens=64), meta_for(2))
-    assert (d.action, d.path, d.confidence) == ("proceed", "llm", 0.9)
+    assert (d.action, d.decided_by, d.confidence) == ("proceed", "llm", 0.9)
     # The fake's first letters: "s"(upported) 0.8, "z"(ero, an escalation) 0.1.
     assert d.calibrated_confidence == pytest.approx(CHOSEN_PROB / (CHOSEN_PROB + 0.1))
     assert d.reasoning == "supported (p=0.89): fake"
@@ -103,7 +105,7 @@ def test_a_math_step_is_decided_by_the_math_specialist(
 def test_without_explanations_one_request_decides(fakes: tuple[FakeLlama, FakeLlama]) -> None:
     d = decide(_config(fakes, explain_decisions=False), meta_for(2))
     [probe] = fakes[1].requests
-    assert (d.action, d.path) == ("proceed", "llm")
+    assert (d.action, d.decided_by) == ("proceed", "llm")
     assert d.confidence == d.calibrated_confidence == pytest.approx(0.8 / 0.9)
     assert d.reasoning == "supported (p=0.89)"
 
@@ -114,7 +116,7 @@ def test_a_cut_off_explanation_leaves_the_decision_standing(
     fakes[1].mode = "unexplained"
     with capture_logs() as logs:
         d = decide(_config(fakes), meta_for(2))
-    assert (d.action, d.path, d.reasoning) == ("proceed", "llm", "supported (p=0.89)")
+    assert (d.action, d.decided_by, d.reasoning) == ("proceed", "llm", "supported (p=0.89)")
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["llm.no_explanation"]
 
 
@@ -141,7 +143,7 @@ def test_an_orchestrator_step_asks_only_the_orchestrator(
     fakes: tuple[FakeLlama, FakeLlama],
 ) -> None:
     d = decide(_config(fakes), meta_for(4))
-    assert d.path == "llm" and len(fakes[0].requests) == 2 and fakes[1].requests == []
+    assert d.decided_by == "llm" and len(fakes[0].requests) == 2 and fakes[1].requests == []
 
 
 def test_a_both_step_has_math_assess_and_the_orchestrator_decide(
@@ -149,7 +151,7 @@ def test_a_both_step_has_math_assess_and_the_orchestrator_decide(
 ) -> None:
     orchestrator, math_fake = fakes
     d = decide(_config(fakes), meta_for(3))
-    assert (d.action, d.path) == ("proceed", "llm")
+    assert (d.action, d.decided_by) == ("proceed", "llm")
     [assessed] = math_fake.requests
     decided, explained = orchestrator.requests
     facts = _facts(decided["messages"])
@@ -162,7 +164,7 @@ def test_disagreement_on_a_both_step_escalates(fakes: tuple[FakeLlama, FakeLlama
     fakes[0].decision = "retry"
     fakes[1].decision = "escalate"
     d = decide(_config(fakes), meta_for(3, success_criteria_met=False))
-    assert (d.action, d.path) == ("escalate", "guardrail")
+    assert (d.action, d.decided_by) == ("escalate", "guardrail")
     assert "disagree" in d.reasoning
     assert d.llm_metadata["human_override_requested"] is True
     agreed = decide(
@@ -182,7 +184,7 @@ def test_rejected_answers_are_retried_then_the_rules_decide(
         fakes[1].mode = mode
     d = decide(_config(fakes, answer_attempts=3), meta_for(2))
     assert len(fakes[1].requests) == 3
-    assert (d.action, d.path, d.calibrated_confidence) == ("proceed", "rules", None)
+    assert (d.action, d.decided_by, d.calibrated_confidence) == ("proceed", "rules", None)
     assert d.reasoning.startswith("rules: ")
     LLMMetadata.model_validate(d.llm_metadata)
     # Rejected answers still cost tokens, and are accounted.
@@ -194,7 +196,7 @@ def test_a_hung_primary_falls_back_to_the_other_server(fakes: tuple[FakeLlama, F
     fakes[1].mode = "hang"
     config = llm_config(fakes[0].port, fakes[1].port, routing={"request_timeout_seconds": 0.3})
     d = decide(config, meta_for(2))
-    assert (d.action, d.path) == ("proceed", "llm_degraded")
+    assert (d.action, d.decided_by) == ("proceed", "llm_degraded")
     probe, explain = d.llm_metadata["llm_reasoning_trace"]
     assert (probe["model"], probe["degraded"]) == ("orchestrator", True)
     assert explain["model"] == "orchestrator"  # the model that decided explains
@@ -203,7 +205,7 @@ def test_a_hung_primary_falls_back_to_the_other_server(fakes: tuple[FakeLlama, F
 def test_no_server_means_rules_or_waiting() -> None:
     config = llm_config(free_port(), free_port())
     d = decide(config, meta_for(2, success_criteria_met=False, retry_count=0))
-    assert (d.action, d.path) == ("retry", "rules")
+    assert (d.action, d.decided_by) == ("retry", "rules")
     assert d.llm_metadata["orchestrator_calls"] == 0 == d.llm_metadata["math_calls"]
     waiting = llm_config(free_port(), free_port(), policy={"when_no_llm": "wait"})
     with pytest.raises(LLMUnavailable, match="waiting"):
@@ -224,7 +226,7 @@ def test_a_decision_past_its_deadline_ends_as_configured(
                 decide(config, meta_for(2))
         else:
             d = decide(config, meta_for(2))
-            assert (d.action, d.path) == ("proceed", "rules")
+            assert (d.action, d.decided_by) == ("proceed", "rules")
     [late] = [e for e in logs if e["event"] == "decision.deadline"]
     assert (late["seconds"], late["outcome"]) == (0.5, outcome)
     assert len(fakes[1].requests) == 1
@@ -250,7 +252,7 @@ def test_clear_escalations_are_settled_without_the_model(
     why: str,
 ) -> None:
     d = decide(_config(fakes, **policy), meta_for(2, **changes))
-    assert (d.action, d.path) == ("escalate", "guardrail")
+    assert (d.action, d.decided_by) == ("escalate", "guardrail")
     assert why in d.reasoning and d.calibrated_confidence is None
     assert fakes[0].requests == [] == fakes[1].requests
     assert d.llm_metadata["math_calls"] == 0
@@ -263,7 +265,7 @@ def test_the_model_chooses_only_among_the_open_findings(
     """A success is supported or contradicted; a failure's cause is one a rerun fixes or not."""
     fakes[1].decision = "escalate"
     d = decide(_config(fakes), meta_for(2, success_criteria_met=met, retry_count=1))
-    assert (d.action, d.path) == ("escalate", "llm")
+    assert (d.action, d.decided_by) == ("escalate", "llm")
     body = fakes[1].requests[0]
     open_ = tuple(SUCCESS_FINDINGS if met else FAILURE_FINDINGS)
     assert body["grammar"] == finding_grammar(open_)
@@ -276,7 +278,7 @@ def test_what_the_numbers_settle_is_not_asked(fakes: tuple[FakeLlama, FakeLlama]
     with a train and a holdout score)."""
     report = "Train AUC 0.812, holdout 0.765: gap 0.047 under the 0.08 overfit bar."
     d = decide(_config(fakes), meta_for(2, reasoning=report))
-    assert (d.action, d.path) == ("proceed", "llm")
+    assert (d.action, d.decided_by) == ("proceed", "llm")
     assert "[its numbers hold: 0.047 under the 0.08 overfit bar; AUC 0.812]" in d.reasoning
     open_ = tuple(f for f in SUCCESS_FINDINGS if f not in ("gap", "chance"))
     assert fakes[1].requests[0]["grammar"] == finding_grammar(open_)
@@ -284,14 +286,14 @@ def test_what_the_numbers_settle_is_not_asked(fakes: tuple[FakeLlama, FakeLlama]
 
 def test_an_unsure_model_is_overruled(fakes: tuple[FakeLlama, FakeLlama]) -> None:
     d = decide(_config(fakes, min_action_probability=0.95), meta_for(2))
-    assert (d.action, d.path, d.confidence) == ("escalate", "guardrail", 0.9)
+    assert (d.action, d.decided_by, d.confidence) == ("escalate", "guardrail", 0.9)
     assert "the model gives proceed only p=0.89 (the model said proceed: supported" in d.reasoning
 
 
 def test_retry_within_budget_stands(fakes: tuple[FakeLlama, FakeLlama]) -> None:
     fakes[1].decision = "retry"
     d = decide(_config(fakes), meta_for(2, retry_count=1, success_criteria_met=False))
-    assert (d.action, d.path) == ("retry", "llm")
+    assert (d.action, d.decided_by) == ("retry", "llm")
 
 
 @pytest.mark.parametrize(
@@ -367,7 +369,7 @@ def test_cli_decide_prints_the_decision_and_its_metadata(
     config = _write_config(tmp_path, fakes[0].port, fakes[1].port)
     assert main(["decide", STEP2_FILE, "--config", config, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert (out["action"], out["path"], out["file"]) == ("proceed", "llm", STEP2_FILE)
+    assert (out["action"], out["decided_by"], out["file"]) == ("proceed", "llm", STEP2_FILE)
     LLMMetadata.model_validate(out["llm_metadata"])
     assert len(fakes[1].requests) == 2  # the decision, its explanation
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from prng_daemon.config import Config, PolicyConfig
-from prng_daemon.llm import AsyncRouter, Decision, DecisionEngine, Health, LlamaClient, Routed
-from prng_daemon.llm.decision import ACTIONS, FINDINGS, build_messages
-from prng_daemon.metadata import LLMMetadata
+from prng_daemon.document.decision import Decision
+from prng_daemon.document.metadata import LLMMetadata
+from prng_daemon.handlers.decide.policy import ACTIONS, FINDINGS, Decider, build_messages
+from prng_daemon.llm import AsyncRouter, Health, LlamaClient, Routed
 
 from .fake_llama import llm_config
 from .helpers import free_port, wait_until
@@ -110,7 +111,7 @@ def _decide(config: Config, number: int) -> Decision:
     async def go() -> Decision:
         router = AsyncRouter(config)
         try:
-            return await DecisionEngine(config, router).decide(meta_for(number))
+            return await Decider(config, router).decide(meta_for(number))
         finally:
             await router.aclose()
 
@@ -122,7 +123,7 @@ def test_a_decision_is_well_formed_and_its_tokens_are_counted(servers: Config) -
     before = predicted_total(servers.orchestrator.port) + predicted_total(servers.math.port)
     d = _decide(servers, 3)
     after = predicted_total(servers.orchestrator.port) + predicted_total(servers.math.port)
-    assert d.path in ("llm", "guardrail"), d
+    assert d.decided_by in ("llm", "guardrail"), d
     assert d.action in ACTIONS and 0 <= d.confidence <= 1
     assert d.calibrated_confidence is not None and 0 < d.calibrated_confidence <= 1
     meta = LLMMetadata.model_validate(d.llm_metadata)
@@ -140,7 +141,7 @@ def test_the_second_decision_reuses_the_prompt_cache(
 
     async def ask(config: Config) -> list[Routed]:
         router = AsyncRouter(config)
-        engine = DecisionEngine(config, router)
+        engine = Decider(config, router)
         try:
             return [(await engine.ask_model(meta_for(n))).routed for n in (1, 2)]
         finally:

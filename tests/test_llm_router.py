@@ -12,10 +12,10 @@ import pytest
 
 import prng_daemon.llm.router as router_module
 from prng_daemon.config import Config
+from prng_daemon.document.metadata import LLMMetadata
 from prng_daemon.errors import LLMUnavailable
 from prng_daemon.llm import AsyncRouter, LLMRouter, Routed, get_router
 from prng_daemon.llm.router import classify_query
-from prng_daemon.metadata import LLMMetadata
 
 from .fake_llama import FakeLlama, llm_config
 from .helpers import free_port

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import structlog
 
-from prng_daemon.journal import field_name
 from prng_daemon.log import configure_logging, is_journal, pick_format
-from prng_daemon.sentences import sentence
+from prng_daemon.log.journal import field_name
+from prng_daemon.log.sentences import sentence
 
 
 def test_json_lines_carry_level_and_fields() -> None:
@@ -104,9 +104,9 @@ def test_journal_messages_are_sentences_a_person_scans(tmp_path: Path) -> None:
         rid = "step3_20251201_143022_abc123"
         log = structlog.get_logger().bind(file="r.json", run_id=rid, step=3)
         log.info("result.validated", source="watch", sha256="ab", pipeline_run=rid)
-        log.info("decision.made", decision="proceed", path="llm", confidence=0.82)
+        log.info("decision.made", decision="proceed", decided_by="llm", confidence=0.82)
         log.info("agent.started", agent="ml_meta_agent", pid=7, decision="proceed",
-                 launcher="systemd")  # fmt: skip
+                 launcher="systemd", started_as=f"prng-agent-{rid}.service")  # fmt: skip
         log.error("agent.exited", agent="ml_meta_agent", pid=7, exit_code=3, duration_s=1.5)
         structlog.get_logger().error(
             "result.rejected", file="evil\n\x1b[31m.json", reason="bad", pointer="/x"
@@ -138,7 +138,7 @@ def test_journal_messages_are_sentences_a_person_scans(tmp_path: Path) -> None:
 
 
 def test_multiline_values_use_the_binary_form() -> None:
-    from prng_daemon.journal import encode_entry
+    from prng_daemon.log.journal import encode_entry
 
     data = encode_entry({"MESSAGE": "a\nb", "X": "y"})
     assert data == b"MESSAGE\n" + (3).to_bytes(8, "little") + b"a\nb\nX=y\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from prng_daemon.systemd import Notifier
+from prng_daemon.service.notify import Notifier
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from prng_daemon.pipeline import PIPELINE
+from prng_daemon.document.pipeline import PIPELINE
 
 from .helpers import wait_until
 from .workspace import result_document, run_id

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from prng_daemon.pipeline import PIPELINE
+from prng_daemon.document.pipeline import PIPELINE
 
 from .helpers import wait_until
 from .test_nspawn_e2e import MISSING, PY, UNIT, VENV, Container, drop, install
@@ -41,8 +41,8 @@ LAUNCHER = """
 import asyncio, json, pathlib, subprocess, sys, tempfile
 from prng_daemon.config import AgentConfig
 from prng_daemon.errors import AgentFailed
-from prng_daemon.handlers.act import AgentRun, Launch
-from prng_daemon.units import SystemdLauncher
+from prng_daemon.handlers.act.launcher import AgentRun, Launch
+from prng_daemon.handlers.act.systemd import SystemdLauncher
 
 async def main():
     launcher = SystemdLauncher(pathlib.Path(tempfile.mkdtemp(dir="/var/lib")), lambda *a: None)

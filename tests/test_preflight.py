@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from prng_daemon.config import Config
-from prng_daemon.preflight import PreflightFailed, plan_launch
+from prng_daemon.servers.preflight import PreflightFailed, plan_launch
 
 from .helpers import free_port
 

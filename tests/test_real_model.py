@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from prng_daemon.config import Config
-from prng_daemon.fetch import DEFAULT_MODEL, model_path
-from prng_daemon.metadata import LLMMetadata
+from prng_daemon.demo.fetch import DEFAULT_MODEL, model_path
+from prng_daemon.document.metadata import LLMMetadata
 
 from .fake_llama import llm_config
 from .helpers import wait_until
@@ -52,7 +52,7 @@ def test_a_clean_success_proceeds(real_server: Config) -> None:
         "validation score 0.847 (std 0.011 across folds), above the 0.75 target."
     )
     d = decide(real_server, meta_for(2, reasoning=reasoning))
-    assert (d.action, d.path) == ("proceed", "llm"), d.reasoning
+    assert (d.action, d.decided_by) == ("proceed", "llm"), d.reasoning
     assert d.calibrated_confidence is not None and d.calibrated_confidence > 0.5
     # Two requests: the decision, then its explanation.
     assert LLMMetadata.model_validate(d.llm_metadata).math_calls == 2
@@ -71,7 +71,7 @@ def test_a_crash_with_retries_left_is_retried_and_decided_the_same_way_twice(
         "its workers never reported back. Nothing is wrong with the data or the configuration.",
     )
     first = decide(real_server, meta)
-    assert (first.action, first.path) == ("retry", "llm"), first.reasoning
+    assert (first.action, first.decided_by) == ("retry", "llm"), first.reasoning
     again = decide(real_server, meta)
     # The same finding, its probability within a rounding step: once the prompt comes from
     # llama-server's cache (other batch splits) the logits, and the explanation's wording, can
@@ -106,4 +106,4 @@ def test_the_demo_step_5_success_under_its_stated_bar_proceeds(real_server: Conf
         },  # fmt: skip
     )
     d = decide(real_server, meta)
-    assert (d.action, d.path) == ("proceed", "llm"), d.reasoning
+    assert (d.action, d.decided_by) == ("proceed", "llm"), d.reasoning

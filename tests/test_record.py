@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from prng_daemon.document.files import write_json_atomic
 from prng_daemon.errors import DaemonError, UnsafePath
-from prng_daemon.handlers.record import write_json_atomic
 
 
 def test_writes_the_whole_document_and_leaves_no_temp_file(tmp_path: Path) -> None:

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from prng_daemon.handlers.validate import result_schema, schema_problems
-from prng_daemon.metadata import (
+from prng_daemon.document.metadata import (
     MAX_FILES,
     MAX_NODES,
     MAX_TRACE,
     RELATIVE_PATH_PATTERN,
     ResultFile,
 )
-from prng_daemon.pipeline import PIPELINE
+from prng_daemon.document.pipeline import PIPELINE
+from prng_daemon.handlers.validate import result_schema, schema_problems
 
 DATA = Path(__file__).parent / "data"
 EXAMPLE: dict[str, Any] = json.loads((DATA / "step2_result.json").read_text())
@@ -243,7 +243,7 @@ def test_models_list_the_pipeline_table_names() -> None:
     """metadata.py spells the step names and follow-up agents out for the type checker."""
     from typing import get_args
 
-    from prng_daemon.metadata import FollowUp, StepName
+    from prng_daemon.document.metadata import FollowUp, StepName
 
     assert get_args(StepName) == tuple(s.name for s in PIPELINE)
     assert get_args(FollowUp) == tuple(s.follow_up_agent for s in PIPELINE)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from prng_daemon.document.metadata import RUN_ID_PATTERN
 from prng_daemon.errors import LLMBadAnswer, ResultRejected
 from prng_daemon.handlers.validate import load_result
 from prng_daemon.llm.router import LLMRouter
-from prng_daemon.metadata import RUN_ID_PATTERN
 from prng_daemon.sdk import BaseAgent, RunContext, new_run_id, write_result
 
 from .fake_llama import FakeLlama, llm_config

@@ -20,10 +20,10 @@ import pytest
 from prng_daemon.cli import main
 from prng_daemon.config import AgentConfig
 from prng_daemon.errors import LaunchUnavailable
-from prng_daemon.handlers.act import AgentRun, Launch, launch_key
+from prng_daemon.handlers.act.launcher import AgentRun, Launch, launch_key
+from prng_daemon.handlers.act.slurm import SlurmLauncher, exit_code, job_name
 from prng_daemon.ledger import Ledger, State
-from prng_daemon.sentences import sentence
-from prng_daemon.slurm import SlurmLauncher, exit_code, job_name
+from prng_daemon.log.sentences import sentence
 
 from .fake_llama import FakeLlama
 from .helpers import free_port, until, wait_until
@@ -142,7 +142,8 @@ def test_a_result_is_one_job_its_end_reported_with_state_and_exit_code(
         [(job, _)] = cluster.jobs(name_of("ok.json", doc))
         assert submitted["job_id"] == job
         started = events(ws, "agent.started", ok)[0]
-        assert started["pid"] == job and started["launcher"] == "slurm"
+        assert (started["pid"], started["launcher"]) == (job, "slurm")
+        assert started["started_as"] == f"Slurm job {job}"
         # status: the job, its state and node, from the daemon's last poll.
         wait_until(lambda: "RUNNING on" in cli(capsys, ws, "status")[1], 15, interval=0.5)
         [agent] = json.loads(cli(capsys, ws, "status", "--json")[1])["agents"]
@@ -363,7 +364,7 @@ def test_no_sbatch_is_one_clear_error_and_nothing_launched(
 
 def test_journal_sentences_name_the_job_and_its_state() -> None:
     started = {"event": "agent.started", "step": 2, "decision": "proceed", "agent": "a",
-               "pid": 7, "launcher": "slurm"}  # fmt: skip
+               "pid": 7, "launcher": "slurm", "started_as": "Slurm job 7"}  # fmt: skip
     assert sentence(started) == (
         "step 2/6 scorer_meta_optimizer: proceed -> a started as Slurm job 7"
     )

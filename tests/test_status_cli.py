@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from prng_daemon import status
 from prng_daemon.cli import main
 from prng_daemon.config import load_config
 from prng_daemon.ledger import Ledger, State
+from prng_daemon.service import status
 
 from .fake_llama import FakeLlama
 from .helpers import free_port, wait_until

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from prng_daemon.backoff import RestartBudget
 from prng_daemon.config import Config
-from prng_daemon.supervisor import ChildState, ChildStatus, Supervisor
+from prng_daemon.servers.backoff import RestartBudget
+from prng_daemon.servers.supervisor import ChildState, ChildStatus, Supervisor
 
 from .helpers import free_port, pids_running, until, wait_until
 
@@ -312,7 +312,7 @@ DAEMON = """
 import asyncio, json, sys
 from prng_daemon.config import parse_config
 from prng_daemon.log import configure_logging
-from prng_daemon.supervisor import Supervisor
+from prng_daemon.servers.supervisor import Supervisor
 async def main():
     configure_logging("json", stream=sys.stderr)
     sup = Supervisor(parse_config(sys.argv[1]))

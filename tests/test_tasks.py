@@ -9,9 +9,9 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from prng_daemon.backoff import RestartBudget
-from prng_daemon.systemd import Notifier
-from prng_daemon.tasks import Tasks
+from prng_daemon.servers.backoff import RestartBudget
+from prng_daemon.service.notify import Notifier
+from prng_daemon.service.tasks import Tasks
 
 from .helpers import until
 

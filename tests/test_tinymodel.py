@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("numpy")
 pytest.importorskip("gguf")
 
-from prng_daemon.tinymodel import write_tiny_model  # noqa: E402
+from prng_daemon.demo.tinymodel import write_tiny_model  # noqa: E402
 
 
 def test_writes_small_gguf(tmp_path: pathlib.Path) -> None:

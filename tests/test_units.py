@@ -14,8 +14,14 @@ import pytest
 from prng_daemon.cli import main
 from prng_daemon.config import AgentConfig, DaemonSettings
 from prng_daemon.errors import AgentFailed, ConfigError
-from prng_daemon.handlers.act import AgentRun, Launch, LocalLauncher
-from prng_daemon.units import make_launcher, read_exit, running_under_systemd, unit_name
+from prng_daemon.handlers.act.launcher import AgentRun, Launch
+from prng_daemon.handlers.act.local import LocalLauncher
+from prng_daemon.handlers.act.systemd import (
+    make_launcher,
+    read_exit,
+    running_under_systemd,
+    unit_name,
+)
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prng_daemon.document.pipeline import PIPELINE
 from prng_daemon.ledger import SETTLED, Ledger
-from prng_daemon.pipeline import PIPELINE
 
 from .helpers import wait_until
 

@@ -1,1 +1,2 @@
-"""What happens to a result file: validate, decide, act, record."""
+"""The four stages a result file passes through, in order: validate, decide, act, record.
+The engine sequences them; each knows nothing of the others."""

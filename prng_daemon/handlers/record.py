@@ -1,109 +1,114 @@
-"""Atomic writes of what the daemon decided: decision records and the params files agents read.
-
-Nothing is written through a symbolic link: the results dir is writable by every agent, so
-`decisions/` (or a record in it) replaced by a link must not make the daemon write elsewhere.
-The directory is opened once without following a link and every step happens relative to it.
-"""
+"""Fourth stage: the decision record. One JSON file per file version in `decisions/`, written
+atomically before the ledger settles the row: what was decided, by whom, and what came of it.
+When the ledger is lost, the records rebuild it (`read_records`)."""
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import os
-import secrets
-import stat
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnsafePath
+from ..config import DaemonSettings
+from ..document.decision import Decision
+from ..document.files import record_name, write_json_atomic
+from ..document.pipeline import step
+from ..ledger import SETTLED, Entry, State
+from ..log import get_logger
 
-__all__ = ["record_name", "write_json_atomic"]
+__all__ = ["FORMAT", "read_records", "record_path", "write_record"]
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+FORMAT = "prng-llm-daemon/decision-v1"
 
 
-def _open_dir(directory: Path) -> int:
-    """Open `directory` (created if missing); refuse it if it is a symbolic link.
+def record_path(settings: DaemonSettings, entry: Entry) -> Path:
+    """Where the decision record of `entry`'s file version lives."""
+    return settings.decisions_dir / record_name(Path(entry.path), entry.sha256, "decision")
 
-    Only its last component is checked: the configured paths above it are the operator's.
-    """
-    try:
+
+def write_record(
+    settings: DaemonSettings,
+    entry: Entry,
+    decision: Decision,
+    outcome: State,
+    reason: str | None,
+    *,
+    agent: str | None = None,
+    pid: int | None = None,
+    approved_by: str = "",
+) -> None:
+    """Write the record of `entry` (fsync'd; blocking: call it off the event loop).
+
+    Everything comes from the ledger entry, nothing is re-read from the file. `outcome` is the
+    row's settled state: what a rebuilt ledger restores."""
+    record = {
+        "record": FORMAT,
+        "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "result_file": str(settings.results_dir / entry.path),
+        "sha256": entry.sha256,
+        "run_id": entry.run_id,
+        "parent_run_id": entry.parent_run_id,
+        "pipeline_run": entry.root_run_id,
+        "pipeline_step": entry.step,
+        "pipeline_step_name": step(entry.step).name if entry.step else None,
+        "decision": decision.action,
+        "decided_by": decision.decided_by,
+        "confidence": decision.confidence,
+        "calibrated_confidence": decision.calibrated_confidence,
+        "reasoning": decision.reasoning,
+        "suggested_params": decision.suggested_params,
+        "llm_metadata": decision.llm_metadata,
+        "agent": agent,
+        "pid": pid,
+        "approved_by": approved_by or None,
+        "outcome": outcome.value,
+        "outcome_reason": reason,
+    }
+    write_json_atomic(record_path(settings, entry), record)
+
+
+def read_records(decisions: Path) -> Iterator[tuple[str, str, State, dict[str, Any]]]:
+    """What each decision record in `decisions` says about its file version: (file name,
+    sha256, settled state, ledger fields). A record that cannot be read is logged and skipped."""
+    for path in sorted(decisions.glob("*.decision.json")):
         try:
-            return os.open(directory, _DIR_FLAGS)
-        except FileNotFoundError:
-            # Created only when missing: mkdir(exist_ok) on every write costs two more
-            # system calls and an exception, on the launch path.
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except FileExistsError:
-                pass  # a dangling link or a file in its place: the open below says so
-            return os.open(directory, _DIR_FLAGS)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafePath(
-                f"{directory} is a symbolic link or not a directory; nothing is written through it"
-            ) from None
-        raise
+            yield _from_record(json.loads(path.read_bytes()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            get_logger().warning("record.unreadable", record=path.name, reason=str(exc)[:200])
 
 
-def write_json_atomic(path: Path, document: Any, *, durable: bool = True) -> Path:
-    """Write `document` to `path` so readers see the old file or the whole new one, never half.
-
-    Raises UnsafePath when `path` or its directory is a symbolic link. `durable=False` skips the
-    fsyncs (milliseconds on the launch path) for files that only matter while the process that
-    reads them is alive, like an agent's params file.
-    """
-    data = (json.dumps(document, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    dir_fd = _open_dir(path.parent)
-    try:
-        tmp = f".{path.name}.{secrets.token_hex(4)}.tmp"
-        # 0o666 less the umask, like any new file (the unit's UMask=0027 makes it 0640).
-        fd = os.open(tmp, _TMP_FLAGS, 0o666, dir_fd=dir_fd)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            _refuse_link(dir_fd, path)
-            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        if durable:  # the rename itself survives a power cut only once the directory is synced
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def _refuse_link(dir_fd: int, path: Path) -> None:
-    # rename() would replace a link rather than follow it, but a link where a record belongs was
-    # put there by someone: say so instead of quietly removing it.
-    try:
-        info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(info.st_mode):
-        raise UnsafePath(f"{path} is a symbolic link; nothing is written through it")
-
-
-MAX_STEM_BYTES = 160
-"""A file name may be 255 bytes; a record adds `.<hash8>.<kind>.json` (at most 24) and its temp
-file `.` + `.XXXXXXXX.tmp` (14) to the result's stem, so longer stems are shortened."""
-
-
-def record_name(result_path: Path, sha256: str, kind: str) -> str:
-    """`step2_x.json` + hash -> `step2_x.1a2b3c4d.<kind>.json`: one per file version.
-
-    A stem over MAX_STEM_BYTES keeps its head and gets a hash of the whole stem instead of the
-    rest, so long names that share a head still get records of their own.
-    """
-    stem = result_path.stem
-    raw = os.fsencode(stem)
-    if len(raw) > MAX_STEM_BYTES:
-        head = raw[: MAX_STEM_BYTES - 9].decode("utf-8", "ignore")  # never half a character
-        stem = f"{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
-    return f"{stem}.{sha256[:8]}.{kind}.json"
+def _from_record(record: dict[str, Any]) -> tuple[str, str, State, dict[str, Any]]:
+    action = record["decision"]
+    outcome = record.get("outcome")
+    if outcome is None:  # a record from before outcomes were written: never launch again
+        last = record["pipeline_step"] == 6 and action == "proceed"
+        outcome = "escalated" if action == "escalate" else "done" if last else "acted"
+    state = State(outcome)
+    if state not in SETTLED:
+        raise ValueError(f"outcome {outcome!r} is not a settled state")
+    decision = Decision(
+        action=action,
+        confidence=record["confidence"],
+        calibrated_confidence=record["calibrated_confidence"],
+        reasoning=record["reasoning"],
+        suggested_params=record["suggested_params"],
+        # Records written before the field had this name call it `policy_path`.
+        decided_by=record.get("decided_by") or record["policy_path"],
+        llm_metadata=record["llm_metadata"],
+    )
+    fields = {
+        "run_id": record["run_id"],
+        "parent_run_id": record["parent_run_id"],
+        "root_run_id": record["pipeline_run"],
+        "step": record["pipeline_step"],
+        "reason": record.get("outcome_reason") or "restored from its decision record",
+        "decision": decision,
+        "action": action,
+        "agent": record["agent"],
+        "pid": record["pid"],
+        # Its agent, if any, belongs to the old ledger: not one to watch or report lost.
+        "ended": time.time() if record["pid"] else None,
+    }
+    return Path(record["result_file"]).name, str(record["sha256"]), state, fields

@@ -23,8 +23,14 @@ from typing import Any
 import jsonschema
 from pydantic import ValidationError
 
+from ..document.metadata import (
+    MAX_RESULT_BYTES,
+    RELATIVE_PATH_PATTERN,
+    RELATIVE_PATH_RULE,
+    ResultFile,
+)
+from ..document.pipeline import FINAL_AGENT
 from ..errors import ResultRejected
-from ..metadata import RELATIVE_PATH_PATTERN, RELATIVE_PATH_RULE, ResultFile
 
 __all__ = ["Loaded", "load_result", "parse_result_bytes", "result_schema", "schema_problems"]
 
@@ -235,7 +241,7 @@ def _read_regular_file(path: Path, max_bytes: int) -> bytes:
 def load_result(
     path: Path,
     *,
-    max_bytes: int = 16 << 20,
+    max_bytes: int = MAX_RESULT_BYTES,
     root: Path | None = None,
     allowed_agents: Collection[str] | None = None,
 ) -> Loaded:
@@ -251,7 +257,7 @@ def load_result(
     data = _read_regular_file(path, max_bytes)
     document = parse_result_bytes(data)
     meta = document.agent_metadata
-    if allowed_agents is not None and meta.follow_up_agent != "none":
+    if allowed_agents is not None and meta.follow_up_agent != FINAL_AGENT:
         if meta.follow_up_agent not in allowed_agents:
             raise ResultRejected(
                 f"follow_up_agent {meta.follow_up_agent!r} is not a configured agent",

@@ -1,15 +1,12 @@
-"""Everything that talks to the two llama-servers: client, router, decision engine."""
+"""Everything that talks to the two llama-servers: the client and the router. Public for agents:
+`get_router()` (proposal §3.5), `LLMRouter`, `AsyncRouter`."""
 
 from .client import Completion, Health, LlamaClient, TokenProbability, TopLogprob
-from .decision import Decision, DecisionEngine, finding_probabilities, rules_decision
-from .router import ENDPOINTS, AsyncRouter, LLMMetrics, LLMRouter, Routed, get_router
+from .router import AsyncRouter, LLMMetrics, LLMRouter, Routed, get_router
 
 __all__ = [
-    "ENDPOINTS",
     "AsyncRouter",
     "Completion",
-    "Decision",
-    "DecisionEngine",
     "Health",
     "LLMMetrics",
     "LLMRouter",
@@ -17,7 +14,5 @@ __all__ = [
     "Routed",
     "TokenProbability",
     "TopLogprob",
-    "finding_probabilities",
     "get_router",
-    "rules_decision",
 ]

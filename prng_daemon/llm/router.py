@@ -14,16 +14,16 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ..apikey import KeyFileError, key_file, read_key
-from ..config import Config, ServerConfig, load_config
+from ..config import Config, load_config
 from ..config import config_path as resolve_config_path
+from ..document.metadata import QUERY_TYPES
+from ..document.pipeline import SERVER_NAMES, ServerName
 from ..errors import ConfigError, LLMUnavailable
 from ..log import get_logger
-from ..metadata import QUERY_TYPES
+from .apikey import KeyFileError, key_file, read_key
 from .client import Completion, Health, LlamaClient
 
 __all__ = [
-    "ENDPOINTS",
     "STOP",
     "AsyncRouter",
     "LLMMetrics",
@@ -33,7 +33,6 @@ __all__ = [
     "get_router",
 ]
 
-ENDPOINTS = ("orchestrator", "math")
 STOP = ("</s>", "<|im_end|>", "<|endoftext|>")
 TRACE_KEPT = 10
 """llm_metadata carries the last 10 trace entries (proposal §3.2); older ones are not kept."""
@@ -58,13 +57,7 @@ def classify_query(prompt: str) -> str:
     return "general"
 
 
-def base_url(server: ServerConfig) -> str:
-    # A wildcard listen address is reached on loopback; an IPv6 literal needs brackets.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(server.host, server.host)
-    return f"http://[{host}]:{server.port}" if ":" in host else f"http://{host}:{server.port}"
-
-
-def read_api_key(config: Config, name: str) -> str | None:
+def read_api_key(config: Config, name: ServerName) -> str | None:
     """The key server `name` wants, from apikey.key_file (None: no key to send)."""
     path = key_file(config, name)
     if path is None:
@@ -81,8 +74,8 @@ class Routed:
     """One answered query: who was chosen (`wanted`), who answered (`endpoint`), and its cost."""
 
     completion: Completion
-    endpoint: str
-    wanted: str
+    endpoint: ServerName
+    wanted: ServerName
     degraded: bool
     query_type: str
     latency_ms: int
@@ -134,7 +127,7 @@ class AsyncRouter:
         self,
         config: Config,
         *,
-        is_ready: Callable[[str], bool] | None = None,
+        is_ready: Callable[[ServerName], bool] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
@@ -143,19 +136,19 @@ class AsyncRouter:
         self._keywords = tuple(k.lower() for k in config.routing.math_keywords)
         self.clients = {
             name: LlamaClient(
-                base_url(config.server(name)),
+                config.server(name).url,
                 timeout=config.routing.request_timeout_seconds,
                 api_key=read_api_key(config, name),
                 transport=transport,
             )
-            for name in ENDPOINTS
+            for name in SERVER_NAMES
         }
 
-    def choose(self, prompt: str) -> str:
+    def choose(self, prompt: str) -> ServerName:
         text = prompt.lower()
         return "math" if any(k in text for k in self._keywords) else "orchestrator"
 
-    async def _ready(self, name: str) -> bool:
+    async def _ready(self, name: ServerName) -> bool:
         if self._is_ready is not None:
             return self._is_ready(name)
         return await self.clients[name].health() is Health.READY
@@ -172,8 +165,10 @@ class AsyncRouter:
         query_type: str | None = None,
     ) -> Routed:
         """Ask the chosen server, else the other; raise LLMUnavailable when neither answers."""
-        if force_endpoint is not None and force_endpoint not in ENDPOINTS:
-            raise ValueError(f"force_endpoint: expected one of {ENDPOINTS}, got {force_endpoint!r}")
+        if force_endpoint is not None and force_endpoint not in SERVER_NAMES:
+            raise ValueError(
+                f"force_endpoint: expected one of {SERVER_NAMES}, got {force_endpoint!r}"
+            )
         routing = self.config.routing
 
         def ask(client: LlamaClient) -> Awaitable[Completion]:
@@ -194,7 +189,7 @@ class AsyncRouter:
         self,
         messages: Sequence[dict[str, str]],
         *,
-        endpoint: str,
+        endpoint: ServerName,
         temperature: float,
         seed: int | None,
         max_tokens: int,
@@ -218,12 +213,15 @@ class AsyncRouter:
         return await self._first_answer(endpoint, ask, query_type)
 
     async def _first_answer(
-        self, wanted: str, ask: Callable[[LlamaClient], Awaitable[Completion]], query_type: str
+        self,
+        wanted: ServerName,
+        ask: Callable[[LlamaClient], Awaitable[Completion]],
+        query_type: str,
     ) -> Routed:
         if query_type not in QUERY_TYPES:
             raise ValueError(f"query_type: expected one of {QUERY_TYPES}, got {query_type!r}")
         problems = []
-        for name in (wanted, *(n for n in ENDPOINTS if n != wanted)):
+        for name in (wanted, *(n for n in SERVER_NAMES if n != wanted)):
             if not await self._ready(name):
                 problems.append(f"{name}: not ready")
                 continue
@@ -261,8 +259,10 @@ class AsyncRouter:
         self.metrics = LLMMetrics()
 
     async def health_check(self) -> dict[str, bool]:
-        states = await asyncio.gather(*(self.clients[n].health() for n in ENDPOINTS))
-        return {name: state is Health.READY for name, state in zip(ENDPOINTS, states, strict=True)}
+        states = await asyncio.gather(*(self.clients[n].health() for n in SERVER_NAMES))
+        return {
+            name: state is Health.READY for name, state in zip(SERVER_NAMES, states, strict=True)
+        }
 
     async def aclose(self) -> None:
         for client in self.clients.values():
@@ -275,7 +275,9 @@ class LLMRouter:
     It runs its own private event loop, so it must not be called from inside a running one.
     """
 
-    def __init__(self, config: Config, *, is_ready: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, is_ready: Callable[[ServerName], bool] | None = None
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._lock = threading.Lock()
         self._router = AsyncRouter(config, is_ready=is_ready)

@@ -1,4 +1,5 @@
-"""`prng-llm-daemon status`: what the running daemon is doing, from its status file and ledger."""
+"""The status file: the running daemon publishes its state there (`publish`, at least every
+HEARTBEAT_SECONDS), and `prng-llm-daemon status` reads it with the ledger (`collect`, `render`)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,25 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .daemon import HEARTBEAT_SECONDS, status_path
-from .errors import DaemonError
-from .gpu import where
-from .ledger import Ledger, State
-from .llm.router import base_url
-from .names import printable
+from ..config import Config
+from ..document.files import write_json_atomic
+from ..document.names import printable
+from ..document.pipeline import SERVER_NAMES, ServerName
+from ..errors import DaemonError
+from ..handlers.act.launcher import AgentLauncher
+from ..ledger import Ledger, State
+from ..servers.gpu import where
+from ..servers.supervisor import ChildStatus
 
-__all__ = ["collect", "daemon_state", "render"]
+__all__ = ["HEARTBEAT_SECONDS", "collect", "daemon_state", "publish", "render", "status_path"]
+
+HEARTBEAT_SECONDS = 2.0
+"""The running daemon rewrites its status file at least this often."""
 
 ATTENTION = 10
 """How many of the latest FAILED rows `status` shows..."""
@@ -33,6 +41,51 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def status_path(config: Config) -> Path:
+    """Where the running daemon publishes its state for `prng-llm-daemon status`."""
+    return config.daemon.state_dir / "status.json"
+
+
+def publish(
+    config: Config,
+    *,
+    started: float,
+    line: str,
+    stopped: bool,
+    servers: Mapping[ServerName, ChildStatus],
+    queued: int,
+    launcher: AgentLauncher,
+) -> None:
+    """Write the status file (not fsync'd: it is rewritten every heartbeat)."""
+    write_json_atomic(
+        status_path(config),
+        durable=False,
+        document={
+            "pid": os.getpid(),
+            "started": started,
+            "heartbeat": time.time(),
+            "stopped": stopped,
+            "status": line,
+            "servers": {
+                name: {
+                    "state": s.state.value,
+                    "pid": s.pid,
+                    "restarts": s.restarts,
+                    "last_exit": s.last_exit,
+                    "since": s.since,
+                    "message": s.message,
+                    "placement": s.placement,
+                    "vram_mib": s.vram_mib,
+                }
+                for name, s in servers.items()
+            },
+            "queued": queued,
+            "agents_running": launcher.running,
+            "agents": launcher.agents(),
+        },
+    )
 
 
 STALE_SECONDS = 5 * HEARTBEAT_SECONDS
@@ -66,10 +119,10 @@ def collect(config: Config) -> dict[str, Any]:
         )  # fmt: skip
     # What the daemon watches: only while it runs (a stopped one's list is history).
     report["agents"] = published.get("agents", []) if published and state != "not running" else []
-    for name in ("orchestrator", "math"):
+    for name in SERVER_NAMES:
         server = config.server(name)
         if not server.managed:  # someone else runs it: the daemon only knows where it is
-            report["servers"][name] = {"state": "unmanaged", "url": base_url(server)}
+            report["servers"][name] = {"state": "unmanaged", "url": server.url}
     ledger_path = config.daemon.ledger_path
     if not ledger_path.exists():
         empty: dict[str, Any] = {"escalations": [], "recent": [], "pipeline_runs": []}

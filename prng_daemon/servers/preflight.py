@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Config
+from ..document.pipeline import PIPELINE, SERVER_NAMES, ServerName
+from ..llm.apikey import KeyFileError, key_file, read_key
 from . import gpu
-from .apikey import KeyFileError, key_file, read_key
-from .config import SERVER_NAMES, Config
-from .pipeline import PIPELINE
 
-__all__ = ["GGUF_MAGIC", "Launch", "PreflightFailed", "plan_launch"]
+__all__ = ["GGUF_MAGIC", "PreflightFailed", "ServerLaunch", "plan_launch"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -31,7 +31,7 @@ class PreflightFailed(Exception):
 
 
 @dataclass(frozen=True)
-class Launch:
+class ServerLaunch:
     """What a checked child is started with."""
 
     argv: tuple[str, ...]
@@ -85,7 +85,7 @@ def _port_free(host: str, port: int) -> None:
         raise PreflightFailed(f"cannot bind {host}:{port}: {exc.strerror}") from None
 
 
-def _api_key(config: Config, name: str) -> tuple[Path | None, str | None]:
+def _api_key(config: Config, name: ServerName) -> tuple[Path | None, str | None]:
     """The key file server `name` is started with (apikey.key_file), and the key in it."""
     path = key_file(config, name)
     if path is None:
@@ -96,13 +96,7 @@ def _api_key(config: Config, name: str) -> tuple[Path | None, str | None]:
         raise PreflightFailed(f"api key file unreadable: {exc}") from None
 
 
-def _probe_url(host: str, port: int) -> str:
-    # A wildcard bind is reachable on loopback; the probe never needs the outside address.
-    probe = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{probe}]:{port}" if ":" in probe else f"http://{probe}:{port}"
-
-
-def plan_launch(config: Config, name: str) -> Launch:
+def plan_launch(config: Config, name: ServerName) -> ServerLaunch:
     """Check everything child `name` needs and return how to start it; raise PreflightFailed."""
     server = config.server(name)
     daemon = config.daemon
@@ -125,20 +119,20 @@ def plan_launch(config: Config, name: str) -> Launch:
         argv += ["--api-key-file", str(key_path)]
     argv += server.extra_args
     env = dict(os.environ)
-    url = _probe_url(server.host, server.port)
+    url = server.url
     # CORS: only the server's own origin, so no web page opened on this box may call it (the
     # default is every origin). An environment variable, not --cors-origins: builds that predate
     # the flag ignore it, where an unknown flag would stop them. extra_args can still open it.
     env.setdefault("LLAMA_ARG_CORS_ORIGINS", url)
     if server.gpu_id is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(server.gpu_id)
-    return Launch(tuple(argv), env, url, api_key)
+    return ServerLaunch(tuple(argv), env, url, api_key)
 
 
 GIB = 1 << 30
 
 
-def gpu_problems(config: Config, launches: Mapping[str, Launch]) -> list[str]:
+def gpu_problems(config: Config, launches: Mapping[ServerName, ServerLaunch]) -> list[str]:
     """For each launchable server given a GPU (gpu_id, n_gpu_layers > 0, allow_cpu off): that
     llama-server sees that GPU, and that the models pinned to one GPU fit its free memory (each
     model's file size, or its vram_estimate_gb when larger). One line per problem."""
@@ -208,11 +202,11 @@ def environment_problems(config: Config) -> list[str]:
                 if not exc.transient:
                     problems.append(f"{name}: {exc}")
     problems += gpu_problems(config, launches)
-    for name, agent in config.agents.items():
+    for agent_name, agent in config.agents.items():
         if shutil.which(agent.argv[0]) is None:
-            problems.append(f"agents.{name}.argv[0]: program not found: {agent.argv[0]}")
+            problems.append(f"agents.{agent_name}.argv[0]: program not found: {agent.argv[0]}")
         if agent.cwd is not None and not agent.cwd.is_dir():
-            problems.append(f"agents.{name}.cwd: not a directory: {agent.cwd}")
+            problems.append(f"agents.{agent_name}.cwd: not a directory: {agent.cwd}")
     for row in PIPELINE:
         if not row.is_last and row.follow_up_agent not in config.agents:
             problems.append(

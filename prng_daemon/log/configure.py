@@ -11,8 +11,8 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from ..document.names import printable
 from .journal import JournalSender, field_name
-from .names import printable
 from .sentences import sentence
 
 __all__ = ["SYSLOG_PRIORITY", "configure_logging", "get_logger", "is_journal", "pick_format"]

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal, get_args
 
-__all__ = ["FINAL_AGENT", "PIPELINE", "PrimaryLLM", "Step", "step"]
+__all__ = [
+    "FINAL_AGENT",
+    "PIPELINE",
+    "SERVER_NAMES",
+    "PrimaryLLM",
+    "ServerName",
+    "Step",
+    "step",
+]
+
+ServerName = Literal["orchestrator", "math"]
+"""The two llama-servers (proposal §3.3): the config's sections, the router's endpoints."""
+SERVER_NAMES: tuple[ServerName, ...] = get_args(ServerName)
 
 FINAL_AGENT = "none"
 """The `follow_up_agent` of the last step: nothing runs after it."""
@@ -15,6 +28,12 @@ class PrimaryLLM(StrEnum):
     MATH = "math"
     ORCHESTRATOR = "orchestrator"
     BOTH = "both"
+
+    @property
+    def first_asked(self) -> ServerName:
+        """The server asked first; on a "both" step the math specialist assesses and the
+        orchestrator then decides knowing it."""
+        return "orchestrator" if self is PrimaryLLM.ORCHESTRATOR else "math"
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import Config, parse_config
-from .daemon import Daemon
-from .demo_agent import Scenario, fixed_marker, result_for
-from .ledger import Entry, State
-from .log import configure_logging
-from .pipeline import PIPELINE, step
-from .sdk import RunContext, new_run_id, write_result
-from .systemd import Notifier
+from ..config import Config, parse_config
+from ..daemon import Daemon
+from ..document.pipeline import PIPELINE, step
+from ..ledger import Entry, State
+from ..log import configure_logging
+from ..sdk import RunContext, new_run_id, write_result
+from ..service.notify import Notifier
+from .agent import Scenario, fixed_marker, result_for
 
 __all__ = ["DemoOutcome", "run_demo"]
 
@@ -39,7 +39,7 @@ REAL_THREADS = 2
 def demo_config(root: Path, llama_server: str, seed: int, model: Path | None) -> Config:
     """The demo's config; `model` None: two generated tiny models, else that real GGUF file."""
     agent = {
-        "argv": [sys.executable, "-m", "prng_daemon.demo_agent"],
+        "argv": [sys.executable, "-m", "prng_daemon.demo.agent"],
         "timeout_seconds": 60,
         "env": {"PRNG_DEMO_SEED": str(seed), "PRNG_DEMO_STATE": str(root / "operator")},
     }
@@ -154,23 +154,20 @@ class _Operator:
     def _report(self, entry: Entry) -> None:
         row = step(entry.step) if entry.step else None
         label = f"step {row.number}/6 {row.name:<22}" if row else entry.path
-        d = entry.decision or {}
-        if d and entry.id not in self._decided and d.get("path") != "operator":
+        d = entry.decision
+        if d and entry.id not in self._decided and d.decided_by != "operator":
             self._decided.add(entry.id)
-            self._outcome.decisions.append((row.number if row else 0, d["action"], d["path"]))
-            trace = (d.get("llm_metadata") or {}).get("llm_reasoning_trace") or []
+            self._outcome.decisions.append((row.number if row else 0, d.action, d.decided_by))
+            trace = d.llm_metadata.get("llm_reasoning_trace") or []
             if trace:
                 self._outcome.decision_seconds.append(
                     sum(t.get("latency_ms", 0) for t in trace) / 1000
                 )
-        why = (
-            f"{d.get('action')} ({d.get('path')}, confidence {d.get('confidence', 0):.2f})"
-            if d else ""
-        )  # fmt: skip
+        why = f"{d.action} ({d.decided_by}, confidence {d.confidence:.2f})" if d else ""
         if entry.state is State.ACTED:
             self.say(f"{label} {why} -> started {entry.agent}")
-            if d.get("path") != "operator":
-                self.say(f"{'':>31}why: {d.get('reasoning', '')}")
+            if d and d.decided_by != "operator":
+                self.say(f"{'':>31}why: {d.reasoning}")
         elif entry.state is State.ESCALATED and entry.id not in self._resolved:
             self._resolved.add(entry.id)
             self.say(f"{label} {why} -> escalated: {entry.reason}")
@@ -234,11 +231,10 @@ async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -
     if outcome.chain:
         print("\nThe chain of runs:", file=out)
         for e in outcome.chain:
-            d = e.decision or {}
             then = e.agent or ("end" if e.state is State.DONE else e.state.value)
+            action, by = (e.decision.action, e.decision.decided_by) if e.decision else ("-", "-")
             print(
-                f"  {e.run_id}  step {e.step}  {d.get('action', '-'):<8}"
-                f" by {d.get('path', '-'):<12} -> {then}",
+                f"  {e.run_id}  step {e.step}  {action:<8} by {by:<12} -> {then}",
                 file=out,
             )
 

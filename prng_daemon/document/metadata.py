@@ -14,10 +14,11 @@ from pydantic import (
     model_validator,
 )
 
-from .pipeline import step
+from .pipeline import ServerName, step
 
 __all__ = [
     "MAX_FILES",
+    "MAX_RESULT_BYTES",
     "MAX_NODES",
     "MAX_TRACE",
     "QUERY_TYPES",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = "1.0.4"
+MAX_RESULT_BYTES = 16 << 20
+"""The default size limit of one result file (`daemon.max_result_bytes`, `validate --max-bytes`)."""
 RUN_ID_PATTERN = r"^step[1-6]_[0-9]{8}_[0-9]{6}_[0-9a-f]{6}$"
 HASH_PATTERN = r"^sha256:[0-9a-f]{6,64}$"
 TIMESTAMP_PATTERN = (
@@ -110,7 +113,7 @@ class InputFile(_Document):
 
 class TraceEntry(_Document):
     timestamp: Annotated[str, Field(pattern=TIMESTAMP_PATTERN)]
-    model: Literal["orchestrator", "math"]
+    model: ServerName
     query_type: QueryType
     tokens: Count
     latency_ms: Count | None = None

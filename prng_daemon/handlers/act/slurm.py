@@ -32,10 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backoff import RestartBudget
-from .config import SlurmOptions
-from .errors import DaemonError, LaunchUnavailable
-from .handlers.act import (
+from ...config import SlurmOptions
+from ...document.files import write_json_atomic
+from ...errors import DaemonError, LaunchUnavailable
+from ...log import get_logger
+from ...servers.backoff import RestartBudget
+from .launcher import (
     SYSTEMD_ONLY,
     AgentLauncher,
     AgentRun,
@@ -44,8 +46,6 @@ from .handlers.act import (
     OnExit,
     agent_env,
 )
-from .handlers.record import write_json_atomic
-from .log import get_logger
 
 __all__ = [
     "ENDED",
@@ -281,6 +281,9 @@ class SlurmLauncher:
         self._watch(pid, _Job(run, time.monotonic(), Path(record["job_dir"]), state="?"))
         return True
 
+    def describe(self, run: AgentRun, pid: int) -> str:
+        return f"Slurm job {pid}"
+
     def agents(self) -> list[dict[str, Any]]:
         return [
             {
@@ -401,6 +404,11 @@ class WithSlurm:
         if self._slurm.knows(run.key):
             return self._slurm.adopt(run, pid, timeout)
         return self._default.adopt(run, pid, timeout)
+
+    def describe(self, run: AgentRun, pid: int) -> str:
+        if self._slurm.knows(run.key):
+            return self._slurm.describe(run, pid)
+        return self._default.describe(run, pid)
 
     def agents(self) -> list[dict[str, Any]]:
         return self._default.agents() + self._slurm.agents()

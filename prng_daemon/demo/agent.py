@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .sdk import RunContext, write_result
+from ..sdk import RunContext, write_result
 
 __all__ = ["PERSON_STEPS", "Scenario", "fixed_marker", "main", "result_for"]
 

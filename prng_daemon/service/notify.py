@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import sdnotify
 
-from .log import get_logger
+from ..log import get_logger
 
 __all__ = ["Notifier"]
 

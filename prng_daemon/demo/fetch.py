@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from .errors import FetchError
-from .handlers.record import write_json_atomic
+from ..document.files import write_json_atomic
+from ..errors import FetchError
 
 __all__ = [
     "CATALOGUE",

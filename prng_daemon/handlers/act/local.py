@@ -1,7 +1,5 @@
-"""Start follow-up agents: configured argv only, no shell, one launch per result file.
-
-`AgentLauncher` is what the engine needs of a launcher; `LocalLauncher` (here) starts agents as
-the daemon's own children, `units.SystemdLauncher` as transient systemd units.
+"""Agents as the daemon's own children: configured argv only, no shell, one launch per result
+file (the default outside systemd).
 
 Each local launch is guarded by a marker file that the *child* creates with O_EXCL during
 posix_spawn, before it execs the agent. After a crash, a marker on disk proves the launch
@@ -14,129 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import os
 import shutil
 import signal
 import time
-from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from ..config import AgentConfig
-from ..errors import AgentFailed
-from ..log import get_logger
+from ...errors import AgentFailed
+from ...log import get_logger
+from ...servers.spawn import killpg
+from .launcher import SYSTEMD_ONLY, AgentRun, AlreadyLaunched, Launch, OnExit, agent_env
 
-__all__ = [
-    "SYSTEMD_ONLY",
-    "AgentLauncher",
-    "AgentRun",
-    "AlreadyLaunched",
-    "Launch",
-    "LocalLauncher",
-    "OnExit",
-    "agent_env",
-    "is_agent",
-    "launch_key",
-    "stop_local_agent",
-]
-
-
-class OnExit(Protocol):
-    """How a launcher reports an agent's end."""
-
-    def __call__(
-        self, launch_id: int, pid: int, code: int | None, duration: float,
-        job_state: str | None = None, /,
-    ) -> None:  # fmt: skip
-        """(launch id, pid — a Slurm agent's job id —, exit code — None when not known, e.g.
-        not the daemon's child to reap —, seconds watched, a Slurm job's final state)."""
-
+__all__ = ["LocalLauncher", "is_agent", "stop_local_agent"]
 
 KILL_GRACE_SECONDS = 10.0
-SYSTEMD_ONLY = frozenset(
-    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID", "SYSTEMD_EXEC_PID"}
-)
-
-
-class AlreadyLaunched(AgentFailed):
-    """This launch happened before (its marker, or its unit, exists): it is not made twice."""
-
-
-@dataclass(frozen=True)
-class AgentRun:
-    """One launch as the ledger knows it: enough to find its agent again after a restart."""
-
-    launch_id: int
-    key: str
-    """The marker's name: `launch_key` of the result file that asked for this launch."""
-    run_id: str
-    """The run id of that result file (a systemd unit is named after it)."""
-    agent: str
-
-
-@dataclass(frozen=True)
-class Launch:
-    """What to start: the agent's config, filled-in placeholders and daemon-made environment."""
-
-    run: AgentRun
-    config: AgentConfig
-    values: Mapping[str, str]
-    """Placeholder values; also exported as PRNG_<NAME> in the agent's environment."""
-
-    @property
-    def argv(self) -> list[str]:
-        return [item.format_map(self.values) for item in self.config.argv]
-
-
-class AgentLauncher(Protocol):
-    """What the engine needs of a launcher; `on_exit` (given at construction) reports ends."""
-
-    kind: str
-    """"local", "systemd" or "slurm": said in `launcher.selected` and `status`."""
-
-    @property
-    def running(self) -> int:
-        """How many agents are being watched."""
-        ...
-
-    def was_launched(self, key: str) -> bool:
-        """Whether the launch with this key ever happened (its durable marker exists)."""
-        ...
-
-    async def start(self, launch: Launch) -> int:
-        """Start the agent; its pid. AlreadyLaunched if it was before, AgentFailed if it
-        cannot start."""
-        ...
-
-    def adopt(self, run: AgentRun, pid: int, timeout: float) -> bool:
-        """After a restart: watch the agent again if it still runs, or report its end if it is
-        known; False when neither (it ended unseen and its exit is lost)."""
-        ...
-
-    def agents(self) -> list[dict[str, Any]]:
-        """The running agents, for `status`: run_id, agent, pid and, for units, unit; for
-        Slurm jobs job_id, node and state."""
-        ...
-
-    async def stop(self) -> None:
-        """Stop watching; agents keep running (they may be days of GPU work)."""
-        ...
-
-
-def agent_env(launch: Launch) -> dict[str, str]:
-    """What the daemon adds to an agent's environment: the config's env, the placeholders as
-    PRNG_<NAME>, and PRNG_LAUNCH_ID (how a still-running agent is recognised)."""
-    env = dict(launch.config.env)
-    env.update({f"PRNG_{k.upper()}": v for k, v in launch.values.items()})
-    env["PRNG_LAUNCH_ID"] = str(launch.run.launch_id)
-    return env
-
-
-def launch_key(path: str, sha256: str) -> str:
-    """One key per version of one result file: at most one launch is ever made for it."""
-    return hashlib.sha256(os.fsencode(path) + b"\0" + sha256.encode()).hexdigest()[:32]
 
 
 class LocalLauncher:
@@ -290,12 +181,15 @@ class LocalLauncher:
         self._on_exit(launch_id, pid, code, time.monotonic() - started)
 
     async def _terminate(self, pid: int, exited: asyncio.Future[None]) -> None:
-        _killpg(pid, signal.SIGTERM)
+        killpg(pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(exited), KILL_GRACE_SECONDS)
         except TimeoutError:
-            _killpg(pid, signal.SIGKILL)
+            killpg(pid, signal.SIGKILL)
             await exited
+
+    def describe(self, run: AgentRun, pid: int) -> str:
+        return f"pid {pid}"
 
     async def stop(self) -> None:
         """Stop watching (agents keep running: they may be days of GPU work)."""
@@ -317,15 +211,8 @@ def stop_local_agent(launch_id: int, pid: int) -> bool:
     """SIGTERM to the process group of this launch's agent; False if it no longer runs."""
     if not is_agent(launch_id, pid):
         return False
-    _killpg(pid, signal.SIGTERM)
+    killpg(pid, signal.SIGTERM)
     return True
-
-
-def _killpg(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _reap(pid: int) -> int | None:

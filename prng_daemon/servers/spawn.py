@@ -1,4 +1,5 @@
-"""Starting a child that cannot outlive the daemon, and signalling its process group."""
+"""Starting a child that cannot outlive the daemon, and signalling its process group (the
+llama-servers' and, by `killpg`, a local agent's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-__all__ = ["signal_group", "spawn"]
+__all__ = ["killpg", "signal_group", "spawn"]
 
 # Runs in the child, then execs llama-server. PR_SET_PDEATHSIG (1) = SIGKILL (9) makes the kernel
 # kill the child when the daemon dies, even by SIGKILL; it survives execve. A wrapper rather than
@@ -36,7 +37,13 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> asyncio.subproce
 
 
 def signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    """Signal the process group of a child started by `spawn`."""
     # Only while not yet reaped: after that the pid (= its group id) may belong to someone else.
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+        killpg(proc.pid, sig)
+
+
+def killpg(pgid: int, sig: signal.Signals) -> None:
+    """Signal process group `pgid` (a child started in its own session); nothing if it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)

@@ -15,8 +15,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from .backoff import RestartBudget
-from .log import get_logger
+from ..log import get_logger
+from ..servers.backoff import RestartBudget
 
 __all__ = ["Tasks"]
 

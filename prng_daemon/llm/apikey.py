@@ -12,7 +12,8 @@ import os
 import secrets
 from pathlib import Path
 
-from .config import SERVER_NAMES, Config
+from ..config import Config
+from ..document.pipeline import SERVER_NAMES, ServerName
 
 __all__ = [
     "KEY_FILE_NAME", "KEY_MODE", "KeyFileError", "key_file", "make_key", "own_key_file", "read_key",
@@ -31,12 +32,12 @@ def own_key_file(config: Config) -> Path:
     return config.daemon.state_dir / KEY_FILE_NAME
 
 
-def _uses_own_key(config: Config, name: str) -> bool:
+def _uses_own_key(config: Config, name: ServerName) -> bool:
     server = config.server(name)
     return server.managed and server.api_key_file is None
 
 
-def _child_at_same_address(config: Config, name: str) -> str | None:
+def _child_at_same_address(config: Config, name: ServerName) -> ServerName | None:
     """The managed server that unmanaged server `name` points at, if any: one llama-server
     serving both roles (the demo, a one-model CPU box) is that child, and wants its key."""
     server = config.server(name)
@@ -49,7 +50,7 @@ def _child_at_same_address(config: Config, name: str) -> str | None:
     return None
 
 
-def key_file(config: Config, name: str) -> Path | None:
+def key_file(config: Config, name: ServerName) -> Path | None:
     """The key file of server `name`: its `api_key_file`, else the daemon's own key for a
     managed server (or an unmanaged role pointed at one). None for an unmanaged one without a
     key (someone else runs it open), and while the daemon's own key is not made yet: no daemon

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .names import printable
-from .pipeline import PIPELINE
+from ..document.names import printable
+from ..document.pipeline import PIPELINE
 
 __all__ = ["sentence"]
 
@@ -36,20 +36,12 @@ def _percent(value: Any) -> str:
 
 
 def _decision(f: Facts) -> str:
-    return f"{_step(f)}: {f['decision']} ({f['path']}, {_percent(f.get('confidence'))})"
+    return f"{_step(f)}: {f['decision']} ({f['decided_by']}, {_percent(f.get('confidence'))})"
 
 
 def _agent_started(f: Facts) -> str:
-    if f.get("launcher") == "systemd":
-        # Imported here: units imports log, which imports this module.
-        from .units import unit_name
-
-        where = f"as {unit_name(str(f['run_id']))}"
-    elif f.get("launcher") == "slurm":
-        where = f"as Slurm job {f['pid']}"
-    else:
-        where = f"as pid {f['pid']}"
-    return f"{_step(f)}: {f['decision']} -> {f['agent']} started {where}"
+    where = f.get("started_as") or f"pid {f.get('pid')}"
+    return f"{_step(f)}: {f['decision']} -> {f['agent']} started as {where}"
 
 
 def _agent_exited(f: Facts) -> str:

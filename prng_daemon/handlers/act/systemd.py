@@ -29,19 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DaemonSettings
-from .errors import AgentFailed, ConfigError, DaemonError
-from .handlers.act import (
+from ...config import DaemonSettings
+from ...errors import AgentFailed, ConfigError, DaemonError
+from ...log import get_logger
+from .launcher import (
     SYSTEMD_ONLY,
     AgentLauncher,
     AgentRun,
     AlreadyLaunched,
     Launch,
-    LocalLauncher,
     OnExit,
     agent_env,
 )
-from .log import get_logger
+from .local import LocalLauncher
 from .slurm import SlurmLauncher, WithSlurm
 
 __all__ = [
@@ -305,6 +305,9 @@ class SystemdLauncher:
             return False
         self._watch(unit, _Watched(run, pid, time.monotonic()))
         return True
+
+    def describe(self, run: AgentRun, pid: int) -> str:
+        return unit_name(run.run_id)
 
     def agents(self) -> list[dict[str, Any]]:
         return [

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from ..names import printable
+from ...document.names import printable
 
 __all__ = ["Claim", "stated_claims"]
 

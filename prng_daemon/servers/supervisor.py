@@ -11,15 +11,16 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from ..config import Config, ServerConfig
+from ..document.pipeline import SERVER_NAMES, ServerName
+from ..errors import LLMError
+from ..llm.apikey import make_key
+from ..llm.client import Health, LlamaClient
+from ..log import get_logger
 from . import gpu
-from .apikey import make_key
 from .backoff import RestartBudget
 from .childlog import ChildLog
-from .config import SERVER_NAMES, Config, ServerConfig
-from .errors import LLMError
-from .llm.client import Health, LlamaClient
-from .log import get_logger
-from .preflight import Launch, PreflightFailed, plan_launch
+from .preflight import PreflightFailed, ServerLaunch, plan_launch
 from .spawn import signal_group, spawn
 
 __all__ = ["ChildState", "ChildStatus", "Supervisor", "WrongPlacement"]
@@ -40,7 +41,7 @@ class ChildState(StrEnum):
 
 @dataclass(frozen=True)
 class ChildStatus:
-    name: str
+    name: ServerName
     state: ChildState
     pid: int | None
     restarts: int
@@ -66,7 +67,7 @@ class WrongPlacement(Exception):
 
 @dataclass
 class _Child:
-    name: str
+    name: ServerName
     log: Any
     budget: RestartBudget
     status: ChildStatus
@@ -107,7 +108,7 @@ class Supervisor:
             h.stable_after_seconds,
         )
 
-    def _new_child(self, name: str) -> _Child:
+    def _new_child(self, name: ServerName) -> _Child:
         return _Child(
             name=name,
             log=get_logger(server=name),
@@ -130,7 +131,7 @@ class Supervisor:
             await asyncio.gather(child.task, return_exceptions=True)
         await self._terminate(child)
 
-    async def reconfigure(self, config: Config, names: Iterable[str]) -> None:
+    async def reconfigure(self, config: Config, names: Iterable[ServerName]) -> None:
         """Adopt `config`; stop the named servers and start them again with their new settings.
 
         The others keep running (their settings did not change) under the new `health` section.
@@ -150,14 +151,14 @@ class Supervisor:
                 child = self._children[name] = self._new_child(name)
                 child.task = asyncio.create_task(self._supervise(child), name=f"supervise-{name}")
 
-    def is_ready(self, name: str) -> bool:
+    def is_ready(self, name: ServerName) -> bool:
         """Whether the router may send to `name`; an unmanaged server is the router's to check."""
         if name not in SERVER_NAMES:
             raise KeyError(name)
         child = self._children.get(name)
         return child is None or child.status.state is ChildState.READY
 
-    def status(self) -> dict[str, ChildStatus]:
+    def status(self) -> dict[ServerName, ChildStatus]:
         """The state of every managed child."""
         return {name: child.status for name, child in self._children.items()}
 
@@ -241,7 +242,7 @@ class Supervisor:
             await asyncio.sleep(delay)
             child.status = replace(child.status, restarts=child.status.restarts + 1)
 
-    async def _placement(self, launch: Launch, server: ServerConfig) -> str | None:
+    async def _placement(self, launch: ServerLaunch, server: ServerConfig) -> str | None:
         """Where the child will run, from `llama-server --list-devices` in the child's own
         environment (see gpu.py for why that source); WrongPlacement if that is the CPU while
         it was given a GPU and allow_cpu is off."""
@@ -263,7 +264,7 @@ class Supervisor:
             raise WrongPlacement(gpu.no_gpu_reason(server.gpu_id, listing, everything))
         return "CPU"
 
-    async def _run_once(self, child: _Child, launch: Launch, placement: str | None) -> str:
+    async def _run_once(self, child: _Child, launch: ServerLaunch, placement: str | None) -> str:
         """One run of the child, from launch to exit; returns why it ended."""
         assert child.output is not None
         server = self._config.server(child.name)

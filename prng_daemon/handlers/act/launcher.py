@@ -1,0 +1,125 @@
+"""What the engine needs of a launcher (`AgentLauncher`), and what every launcher shares: the
+launch (`Launch`, `AgentRun`), the agent's environment, and the launch key that makes a launch
+happen at most once for one version of one result file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ...config import AgentConfig
+from ...errors import AgentFailed
+
+__all__ = [
+    "SYSTEMD_ONLY",
+    "AgentLauncher",
+    "AgentRun",
+    "AlreadyLaunched",
+    "Launch",
+    "OnExit",
+    "agent_env",
+    "launch_key",
+]
+
+
+class OnExit(Protocol):
+    """How a launcher reports an agent's end."""
+
+    def __call__(
+        self, launch_id: int, pid: int, code: int | None, duration: float,
+        job_state: str | None = None, /,
+    ) -> None:  # fmt: skip
+        """(launch id, pid — a Slurm agent's job id —, exit code — None when not known, e.g.
+        not the daemon's child to reap —, seconds watched, a Slurm job's final state)."""
+
+
+SYSTEMD_ONLY = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID", "SYSTEMD_EXEC_PID"}
+)
+
+
+class AlreadyLaunched(AgentFailed):
+    """This launch happened before (its marker, or its unit, exists): it is not made twice."""
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    """One launch as the ledger knows it: enough to find its agent again after a restart."""
+
+    launch_id: int
+    key: str
+    """The marker's name: `launch_key` of the result file that asked for this launch."""
+    run_id: str
+    """The run id of that result file (a systemd unit is named after it)."""
+    agent: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What to start: the agent's config, filled-in placeholders and daemon-made environment."""
+
+    run: AgentRun
+    config: AgentConfig
+    values: Mapping[str, str]
+    """Placeholder values; also exported as PRNG_<NAME> in the agent's environment."""
+
+    @property
+    def argv(self) -> list[str]:
+        return [item.format_map(self.values) for item in self.config.argv]
+
+
+class AgentLauncher(Protocol):
+    """What the engine needs of a launcher; `on_exit` (given at construction) reports ends."""
+
+    kind: str
+    """"local", "systemd" or "slurm": said in `launcher.selected` and `status`."""
+
+    @property
+    def running(self) -> int:
+        """How many agents are being watched."""
+        ...
+
+    def was_launched(self, key: str) -> bool:
+        """Whether the launch with this key ever happened (its durable marker exists)."""
+        ...
+
+    async def start(self, launch: Launch) -> int:
+        """Start the agent; its pid. AlreadyLaunched if it was before, AgentFailed if it
+        cannot start."""
+        ...
+
+    def adopt(self, run: AgentRun, pid: int, timeout: float) -> bool:
+        """After a restart: watch the agent again if it still runs, or report its end if it is
+        known; False when neither (it ended unseen and its exit is lost)."""
+        ...
+
+    def describe(self, run: AgentRun, pid: int) -> str:
+        """Where the started agent runs, as the log and `status` say it: `pid 4242`,
+        `prng-agent-<run_id>.service`."""
+        ...
+
+    def agents(self) -> list[dict[str, Any]]:
+        """The running agents, for `status`: run_id, agent, pid and, for units, unit; for
+        Slurm jobs job_id, node and state."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop watching; agents keep running (they may be days of GPU work)."""
+        ...
+
+
+def agent_env(launch: Launch) -> dict[str, str]:
+    """What the daemon adds to an agent's environment: the config's env, the placeholders as
+    PRNG_<NAME>, and PRNG_LAUNCH_ID (how a still-running agent is recognised)."""
+    env = dict(launch.config.env)
+    env.update({f"PRNG_{k.upper()}": v for k, v in launch.values.items()})
+    env["PRNG_LAUNCH_ID"] = str(launch.run.launch_id)
+    return env
+
+
+def launch_key(path: str, sha256: str) -> str:
+    """One key per version of one result file: at most one launch is ever made for it."""
+    return hashlib.sha256(os.fsencode(path) + b"\0" + sha256.encode()).hexdigest()[:32]

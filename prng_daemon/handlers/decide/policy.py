@@ -1,0 +1,252 @@
+"""Proceed, retry or escalate for a step result: rules, a grammar-bound model answer, and
+guardrails (README "How a decision is made")."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import ValidationError
+
+from ...config import Config, PolicyConfig
+from ...document.decision import ACTIONS, CONFIDENCE_LEVELS, Action, DecidedBy, Decision
+from ...document.metadata import AgentMetadata
+from ...document.pipeline import PrimaryLLM, ServerName, step
+from ...errors import LLMBadAnswer, LLMError, LLMUnavailable
+from ...llm.router import AsyncRouter, LLMMetrics, Routed
+from ...log import get_logger
+from .claims import stated_claims
+from .prompt import (
+    EXPLAIN_GRAMMAR,
+    FAILURE_FINDINGS,
+    FINDING_TOKENS,
+    FINDINGS,
+    N_PROBS,
+    PREFILL,
+    SUCCESS_FINDINGS,
+    Answer,
+    ModelAnswer,
+    build_messages,
+    finding_grammar,
+    finding_probabilities,
+)
+
+__all__ = ["Decider", "open_findings", "rules_decision", "settled_by_rules"]
+
+log = get_logger()
+
+
+def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
+    """The findings the rules leave open: a success is supported or contradicted (less what
+    its own stated numbers already settle); a failure has a cause a rerun fixes or one it does
+    not."""
+    if not meta.success_criteria_met:
+        return tuple(FAILURE_FINDINGS)
+    settled = {c.finding for c in stated_claims(meta.reasoning or "") if c.holds}
+    return tuple(f for f in SUCCESS_FINDINGS if f not in settled)
+
+
+def rules_decision(meta: AgentMetadata, policy: PolicyConfig) -> tuple[Action, str]:
+    """The deterministic policy used when no LLM can answer: (action, reasoning)."""
+    settled = settled_by_rules(meta, policy)
+    if settled is not None:
+        return "escalate", settled
+    if meta.success_criteria_met:
+        return "proceed", "success criteria met with enough confidence"
+    return "retry", f"success criteria not met; retry {meta.retries + 1} of {policy.max_retries}"
+
+
+def settled_by_rules(meta: AgentMetadata, policy: PolicyConfig) -> str | None:
+    """Why this result is escalated whatever its text says, or None when the model decides."""
+    if policy.escalate_on_human_override and meta.human_override_requested:
+        return "a human override was requested"
+    if not meta.success_criteria_met and meta.retries >= policy.max_retries:
+        return f"the step failed and its retry budget of {policy.max_retries} is spent"
+    if meta.success_criteria_met and meta.confidence < policy.confidence_threshold:
+        return f"the agent itself is unsure (confidence {meta.confidence:g})"
+    if meta.success_criteria_met:
+        failed = [c.text for c in stated_claims(meta.reasoning or "") if not c.holds]
+        if failed:
+            return "success claimed, but its own numbers say otherwise: " + "; ".join(failed)
+    return None
+
+
+class Decider:
+    """Asks the step's primary LLM(s) what the report shows, and applies the policy."""
+
+    def __init__(self, config: Config, router: AsyncRouter) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.router = router
+
+    async def _chat(
+        self, endpoint: ServerName, messages: list[dict[str, str]], prefill: str, **kw: Any
+    ) -> Routed:
+        return await self.router.chat(
+            [*messages, {"role": "assistant", "content": prefill}],
+            endpoint=endpoint,
+            temperature=self.policy.decision_temperature,
+            seed=self.policy.decision_seed,
+            query_type="statistical" if endpoint == "math" else "orchestration",
+            **kw,
+        )
+
+    async def _ask(
+        self,
+        endpoint: ServerName,
+        messages: list[dict[str, str]],
+        findings: tuple[str, ...],
+        metrics: LLMMetrics,
+    ) -> ModelAnswer:
+        """One model's finding, after at most policy.answer_attempts tries.
+
+        The action is the one whose findings are most probable together; the finding named is
+        that action's most probable one (the word written can belong to another action when
+        the probability is spread over several of its words)."""
+        policy, problem = self.policy, ""
+        for _ in range(policy.answer_attempts):
+            try:
+                routed = await self._chat(
+                    endpoint, messages, PREFILL, max_tokens=FINDING_TOKENS,
+                    grammar=finding_grammar(findings), n_probs=N_PROBS,
+                )  # fmt: skip
+            except LLMBadAnswer as exc:
+                problem = str(exc)
+                log.warning("llm.answer_rejected", endpoint=endpoint, reason=problem)
+                continue
+            metrics.record(routed)
+            written = routed.completion.content
+            probabilities = routed.completion.probabilities
+            if written.removesuffix('"') in findings and probabilities:
+                chances = finding_probabilities(probabilities[0], findings)
+                by_action = {a: sum(p for f, p in chances.items() if FINDINGS[f][0] == a)
+                             for a in ACTIONS}  # fmt: skip
+                action = max(ACTIONS, key=lambda a: by_action[a])
+                finding = max(
+                    (f for f in findings if FINDINGS[f][0] == action), key=lambda f: chances[f]
+                )
+                return ModelAnswer(
+                    finding, action, by_action[action], routed, findings,
+                    degraded=routed.degraded,
+                )  # fmt: skip
+            problem = f"{routed.endpoint}: finding: {written[:40]!r} is not one of {findings}"
+            log.warning("llm.answer_rejected", endpoint=routed.endpoint, reason=problem)
+        raise LLMBadAnswer(f"no usable answer in {policy.answer_attempts} tries: {problem}")
+
+    async def ask_model(
+        self,
+        meta: AgentMetadata,
+        findings: tuple[str, ...] = tuple(FINDINGS),
+        metrics: LLMMetrics | None = None,
+    ) -> ModelAnswer:
+        """The model's finding among `findings` (all of them: the model alone decides): on a
+        "both" step the math specialist assesses first and the orchestrator decides knowing
+        it. Raises LLMError."""
+        metrics = metrics or LLMMetrics()
+        primary = step(meta.pipeline_step).primary_llm
+        messages = build_messages(meta, self.policy, findings)
+        answer = await self._ask(primary.first_asked, messages, findings, metrics)
+        if primary is not PrimaryLLM.BOTH:
+            return answer
+        messages = build_messages(meta, self.policy, findings, answer)
+        decided = await self._ask("orchestrator", messages, findings, metrics)
+        return ModelAnswer(
+            decided.finding, decided.action, decided.probability, decided.routed, findings,
+            disagree=answer.action != decided.action,
+            degraded=answer.degraded or decided.degraded,
+        )  # fmt: skip
+
+    async def _explain(
+        self, meta: AgentMetadata, model: ModelAnswer, metrics: LLMMetrics
+    ) -> Answer | None:
+        """The model's confidence word and reasoning for its finding; None if it gives none."""
+        prefill = f'{PREFILL}{model.finding}", "decision": "{model.action}", "confidence": "'
+        messages = build_messages(meta, self.policy, model.findings)
+        try:
+            routed = await self._chat(
+                model.routed.endpoint, messages, prefill,
+                max_tokens=self.policy.decision_max_tokens, grammar=EXPLAIN_GRAMMAR, n_probs=0,
+            )  # fmt: skip
+        except LLMError as exc:
+            log.warning("llm.no_explanation", reason=str(exc))
+            return None
+        metrics.record(routed)
+        try:
+            return Answer.model_validate_json(prefill + routed.completion.content)
+        except ValidationError as exc:
+            log.warning("llm.no_explanation", reason=exc.errors()[0]["msg"],
+                        content=routed.completion.content[:200])  # fmt: skip
+            return None
+
+    async def decide(self, meta: AgentMetadata) -> Decision:
+        """The decision for one validated result; LLMUnavailable only under when_no_llm="wait"."""
+        metrics, policy = LLMMetrics(), self.policy
+        settled = settled_by_rules(meta, policy)
+        if settled is not None:
+            return self._decision(
+                meta, "escalate", meta.confidence, None, f"guardrail: {settled}", "guardrail",
+                metrics,
+            )  # fmt: skip
+        try:
+            async with asyncio.timeout(policy.decision_deadline_seconds):
+                model = await self.ask_model(meta, open_findings(meta), metrics)
+                explained = (
+                    await self._explain(meta, model, metrics) if policy.explain_decisions else None
+                )
+        except (LLMError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                problem = f"no decision within {policy.decision_deadline_seconds:g}s"
+                log.warning("decision.deadline", seconds=policy.decision_deadline_seconds,
+                            outcome=policy.when_no_llm)  # fmt: skip
+            else:
+                problem = str(exc)
+            if policy.when_no_llm == "wait":
+                raise LLMUnavailable(f"no LLM decision, waiting: {problem}") from None
+            log.warning("decision.rules_fallback", reason=problem)
+            action, why = rules_decision(meta, policy)
+            return self._decision(
+                meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics
+            )
+        probability = model.probability
+        found = f"{model.finding} (p={probability:.2f})"
+        held = [c.text for c in stated_claims(meta.reasoning or "") if c.holds]
+        if meta.success_criteria_met and held:
+            found += f" [its numbers hold: {'; '.join(held)}]"
+        if explained is not None:
+            confidence = CONFIDENCE_LEVELS[explained.confidence]
+            reasoning = f"{found}: {explained.reasoning}"
+        else:
+            confidence, reasoning = probability, found
+        path: DecidedBy = "llm_degraded" if model.degraded else "llm"
+        action, why = model.action, ""
+        if policy.escalate_on_disagreement and model.disagree:
+            why = "the math specialist and the orchestrator disagree"
+        elif probability < policy.min_action_probability:
+            why = f"the model gives {model.action} only p={probability:.2f}"
+        if why and action != "escalate":
+            action, path = "escalate", "guardrail"
+            reasoning = f"guardrail: {why} (the model said {model.action}: {reasoning})"
+        return self._decision(meta, action, confidence, probability, reasoning, path, metrics)
+
+    def _decision(
+        self,
+        meta: AgentMetadata,
+        action: Action,
+        confidence: float,
+        calibrated: float | None,
+        reasoning: str,
+        path: DecidedBy,
+        metrics: LLMMetrics,
+    ) -> Decision:
+        llm_metadata = metrics.llm_metadata(self.config)
+        llm_metadata["llm_decision"] = action
+        llm_metadata["human_override_requested"] = action == "escalate"
+        return Decision(
+            action=action,
+            confidence=confidence,
+            calibrated_confidence=calibrated,
+            reasoning=reasoning,
+            suggested_params=dict(meta.suggested_params or {}),
+            decided_by=path,
+            llm_metadata=llm_metadata,
+        )
