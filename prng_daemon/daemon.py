@@ -23,7 +23,7 @@ from .document.metadata import AgentMetadata
 from .document.pipeline import SERVER_NAMES, ServerName
 from .engine import Engine
 from .errors import ConfigError, DaemonError
-from .handlers.act.systemd import make_launcher
+from .handlers.act import make_launcher
 from .handlers.decide.policy import Decider
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
 from .llm.router import AsyncRouter

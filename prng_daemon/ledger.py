@@ -138,6 +138,7 @@ class Entry:
     action: str | None
     agent: str | None
     pid: int | None
+    """The agent's process id (a unit's MainPID); a Slurm agent's job id."""
     exit_code: int | None
     ended: float | None
     """When the agent was seen to end (its exit code may still be unknown)."""

@@ -14,10 +14,10 @@ import pytest
 from prng_daemon.cli import main
 from prng_daemon.config import AgentConfig, DaemonSettings
 from prng_daemon.errors import AgentFailed, ConfigError
+from prng_daemon.handlers.act import make_launcher
 from prng_daemon.handlers.act.launcher import AgentRun, Launch
 from prng_daemon.handlers.act.local import LocalLauncher
 from prng_daemon.handlers.act.systemd import (
-    make_launcher,
     read_exit,
     running_under_systemd,
     unit_name,

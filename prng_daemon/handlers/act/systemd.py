@@ -29,24 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...config import DaemonSettings
-from ...errors import AgentFailed, ConfigError, DaemonError
+from ...errors import AgentFailed, DaemonError
 from ...log import get_logger
 from .launcher import (
     SYSTEMD_ONLY,
-    AgentLauncher,
     AgentRun,
     AlreadyLaunched,
     Launch,
     OnExit,
     agent_env,
 )
-from .local import LocalLauncher
-from .slurm import SlurmLauncher, WithSlurm
 
 __all__ = [
     "SystemdLauncher",
-    "make_launcher",
     "read_exit",
     "running_under_systemd",
     "show_units",
@@ -107,23 +102,6 @@ def running_under_systemd(env: dict[str, str] | None = None) -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return None
-
-
-def make_launcher(settings: DaemonSettings, on_exit: OnExit) -> AgentLauncher:
-    """The launcher `daemon.launcher` asks for ("auto": systemd when it can be used), with
-    Slurm beside it for the agents whose config says `launcher: "slurm"`."""
-    launches = settings.state_dir / "launches"
-    why_not = running_under_systemd()
-    log = get_logger()
-    if settings.launcher == "systemd" and why_not is not None:
-        raise ConfigError([f"config: daemon.launcher: systemd cannot be used: {why_not}"])
-    slurm = SlurmLauncher(launches, settings.state_dir / "slurm", on_exit)
-    if settings.launcher == "local" or why_not is not None:
-        reason = "configured" if settings.launcher == "local" else why_not
-        log.info("launcher.selected", launcher="local", reason=reason)
-        return WithSlurm(LocalLauncher(launches, settings.logs_dir / "agents", on_exit), slurm)
-    log.info("launcher.selected", launcher="systemd", setting=settings.launcher)
-    return WithSlurm(SystemdLauncher(launches, on_exit), slurm)
 
 
 def read_exit(path: Path) -> tuple[str | None, int | None]:
