@@ -15,4 +15,4 @@ lint: venv
 	.venv/bin/python -m mypy
 
 bench: venv
-	for b in bench/bench_*.py; do .venv/bin/python "$$b" || exit 1; done
+	for b in bench/bench_*.py; do .venv/bin/python -m bench.$$(basename $$b .py) || exit 1; done

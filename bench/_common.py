@@ -1,7 +1,7 @@
-"""Shared benchmark plumbing: the repo's test helpers importable, a timing agent, tables, JSON.
+"""Shared benchmark plumbing: a timing agent, tables, JSON.
 
-Importing this module puts the repository root on sys.path so `tests.workspace` and
-`tests.fake_llama` can be reused by the bench scripts.
+The scripts run as modules from the repository root (`.venv/bin/python -m bench.bench_latency`),
+so the test helpers (`tests.workspace`, `tests.fake_llama`) import as they do in the tests.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from typing import Any
 from prng_daemon.llm.router import AsyncRouter, Routed
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -228,8 +226,9 @@ def start_server(
 
 
 def command_line() -> str:
-    return " ".join([".venv/bin/python", *(os.path.relpath(a, REPO) if i == 0 else a
-                                            for i, a in enumerate(sys.argv))])  # fmt: skip
+    """How this run was started, as a person types it from the repository root."""
+    module = Path(sys.argv[0]).resolve().relative_to(REPO).with_suffix("")
+    return " ".join([".venv/bin/python", "-m", ".".join(module.parts), *sys.argv[1:]])
 
 
 # -- the daemon with phase timers: where its time goes, without editing it -------------------
@@ -339,11 +338,13 @@ def start_timed_daemon(
     config: Path, out: Path, log: Path, fsync: bool = True
 ) -> subprocess.Popen[bytes]:
     code = (
-        f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import _common; "
+        "import sys; from bench import _common; "
         f"sys.exit(_common.run_timed_daemon({str(config)!r}, {str(out)!r}, {fsync!r}))"
     )
     with open(log, "ab") as stream:
-        return subprocess.Popen([sys.executable, "-c", code], stdout=stream, stderr=stream)
+        return subprocess.Popen(
+            [sys.executable, "-c", code], stdout=stream, stderr=stream, cwd=REPO
+        )
 
 
 def phase_table(timings: dict[str, list[float]], files: int) -> tuple[str, dict[str, Any]]:

@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 from statistics import mean
 
-from _common import command_line, save, table
-
+from bench._common import command_line, save, table
 from prng_daemon.demo.run import DemoOutcome, run_demo
 
 

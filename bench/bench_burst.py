@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     agents_section,
     build_agent,
     command_line,
@@ -24,7 +24,6 @@ from _common import (
     table,
     wait_for,
 )
-
 from tests.fake_llama import FakeLlama
 from tests.workspace import drop, make_workspace, result_document, run_id, stop, wait_ready
 

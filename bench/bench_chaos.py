@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import (
+from bench._common import (
     agents_section,
     build_agent,
     command_line,
@@ -21,7 +21,6 @@ from _common import (
     table,
     wait_for,
 )
-
 from tests.fake_llama import FakeLlama
 from tests.workspace import drop, make_workspace, result_document, run_id, stop
 

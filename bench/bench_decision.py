@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import RecordingRouter, command_line, end, save, start_server, table
 
+from bench._common import RecordingRouter, command_line, end, save, start_server, table
 from prng_daemon.demo.tinymodel import write_tiny_model
 from prng_daemon.document.metadata import ResultFile
 from prng_daemon.document.pipeline import step

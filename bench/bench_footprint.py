@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import command_line, end, proc_usage, save, table, wait_for
-
+from bench._common import command_line, end, proc_usage, save, table, wait_for
 from prng_daemon.demo.tinymodel import write_tiny_model
 from prng_daemon.ledger import Ledger
 from prng_daemon.watcher import Watcher

@@ -8,7 +8,7 @@ is `decision.made` with the engine's bound context, logged through the configure
 a burst (events back to back: the journal's queue can fill) and paced (1 ms apart, as a daemon
 logs: a few events per file).
 
-Usage: .venv/bin/python bench/bench_journal.py [--events N]
+Usage: .venv/bin/python -m bench.bench_journal [--events N]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from _common import command_line, percentile, save, table
 
+from bench._common import command_line, percentile, save, table
 from prng_daemon.log import configure_logging
 
 

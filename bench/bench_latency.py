@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     agents_section,
     build_agent,
     command_line,
@@ -30,7 +30,6 @@ from _common import (
     table,
     wait_for,
 )
-
 from tests.fake_llama import FakeLlama
 from tests.workspace import make_workspace, result_document, run_id, wait_ready
 

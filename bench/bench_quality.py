@@ -1,9 +1,9 @@
 """Decision quality on the labelled set (bench/labelled): rules only, model only and the daemon's
 policy; calibrated confidence against being right; seconds and tokens per decision on CPU.
 
-    .venv/bin/python bench/bench_quality.py [--model GGUF] [--threads 2] [--no-example-turns]
-    .venv/bin/python bench/bench_quality.py --port 8090   # a llama-server already running
-    .venv/bin/python bench/bench_quality.py --set bench/labelled/heldout   # the held-out set
+    .venv/bin/python -m bench.bench_quality [--model GGUF] [--threads 2] [--no-example-turns]
+    .venv/bin/python -m bench.bench_quality --port 8090   # a llama-server already running
+    .venv/bin/python -m bench.bench_quality --set bench/labelled/heldout   # the held-out set
 
 Needs a real instruct model (the default is the cached Qwen2.5-Coder-1.5B-Instruct Q4_K_M);
 writes bench/results/quality.json and bench/results/quality_reliability.png (matplotlib, from
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     REPO,
     RESULTS_DIR,
     RecordingRouter,
@@ -32,18 +32,13 @@ from _common import (
     start_server,
     table,
 )
-
 from prng_daemon.config import Config
 from prng_daemon.demo import fetch
 from prng_daemon.demo.fetch import model_path
+from prng_daemon.document.decision import ACTIONS
 from prng_daemon.document.metadata import AgentMetadata
 from prng_daemon.errors import LLMError
-from prng_daemon.handlers.decide.policy import (
-    ACTIONS,
-    Decider,
-    rules_decision,
-    settled_by_rules,
-)
+from prng_daemon.handlers.decide.policy import Decider, rules_decision, settled_by_rules
 from prng_daemon.handlers.validate import load_result
 from prng_daemon.llm.router import Routed
 from tests.fake_llama import llm_config

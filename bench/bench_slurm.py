@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, command_line, save, summary_ms, table
-
+from bench._common import REPO, command_line, save, summary_ms, table
 from prng_daemon.config import AgentConfig, SlurmOptions
 from prng_daemon.handlers.act.launcher import AgentRun, Launch
 from prng_daemon.handlers.act.slurm import POLL_SECONDS, SlurmLauncher

@@ -8,7 +8,7 @@ longest stall is what the unit's WatchdogSec=30s would see. Two sets:
 - "valid, 15 MB": five files within every limit (10,000 inputs) whose payload fills 15 MB,
   so they are decided and launched: the path a legitimate big result takes.
 
-Usage: .venv/bin/python bench/bench_stall.py [--timeout S]. To measure a tree without the fix,
+Usage: .venv/bin/python -m bench.bench_stall [--timeout S]. To measure a tree without the fix,
 copy this file into that tree's bench/ and run it there.
 """
 
@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import command_line, end, percentile, save, start_timed_daemon, table, wait_for
-
+from bench._common import command_line, end, percentile, save, start_timed_daemon, table, wait_for
 from tests.fake_llama import FakeLlama
 from tests.workspace import make_workspace, ready, result_document, run_id
 

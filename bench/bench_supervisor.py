@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import command_line, save, summary_ms, table
-
+from bench._common import command_line, save, summary_ms, table
 from prng_daemon.config import Config
 from prng_daemon.demo.tinymodel import write_tiny_model
 from prng_daemon.log import configure_logging

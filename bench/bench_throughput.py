@@ -1,7 +1,7 @@
 """Decisions per minute on the real model on 2 CPU cores: one llama-server slot or two (with
 as many decisions in flight), and what the prompt cache buys (issue 14).
 
-    .venv/bin/python bench/bench_throughput.py [--decisions 8] [--threads 2]
+    .venv/bin/python -m bench.bench_throughput [--decisions 8] [--threads 2]
 
 Each configuration starts its own llama-server (-t 2) on the cached Qwen2.5-Coder-1.5B-Instruct
 Q4_K_M, decides one file to warm it (the first decision evaluates the ~1,500-token system turn
@@ -19,12 +19,12 @@ from functools import partialmethod
 from pathlib import Path
 from typing import Any
 
-from _common import RecordingRouter, command_line, end, save, start_server, table
-from bench_quality import DEFAULT_MODEL, LABELLED, labelled
-
+from bench._common import RecordingRouter, command_line, end, save, start_server, table
+from bench.bench_quality import DEFAULT_MODEL, LABELLED, labelled
 from prng_daemon.config import Config, PolicyConfig
+from prng_daemon.document.decision import Decision
 from prng_daemon.document.metadata import AgentMetadata
-from prng_daemon.handlers.decide.policy import Decider, Decision, settled_by_rules
+from prng_daemon.handlers.decide.policy import Decider, settled_by_rules
 from prng_daemon.llm.client import LlamaClient
 from tests.fake_llama import llm_config
 from tests.helpers import free_port

@@ -119,8 +119,7 @@ async def _dbus(spent: list[float], polls: dict[str, list[float]], names: list[s
 
 
 def outside() -> None:
-    from _common import command_line, save, summary_ms, table
-
+    from bench._common import command_line, save, summary_ms, table
     from tests.test_nspawn_e2e import MISSING, PY, REPO, VENV, booted
 
     if MISSING:
