@@ -226,7 +226,7 @@ def test_a_controller_that_is_down_is_said_and_the_launch_retried_until_it_is_ba
             assert said["level"] == "error" and said["retry_in_s"] == 2.0
             cluster.node("start-controller")
             [submitted] = wait_until(lambda: ws.events("agent.submitted"), 40)
-            wait_until(lambda: events(ws, "agent.exited", rid), 20)
+            wait_until(lambda: events(ws, "agent.exited", rid), 60)  # a restarted slurmctld
     finally:
         cluster.node("start-controller")
     assert cluster.jobs(name_of("r.json", doc)) == [(submitted["job_id"], "COMPLETED")]

@@ -4,14 +4,16 @@ happen at most once for one version of one result file."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from ...config import AgentConfig
 from ...errors import AgentFailed
+from ...log import get_logger
 
 __all__ = [
     "SYSTEMD_ONLY",
@@ -20,6 +22,7 @@ __all__ = [
     "AlreadyLaunched",
     "Launch",
     "OnExit",
+    "Polled",
     "agent_env",
     "launch_key",
 ]
@@ -123,3 +126,55 @@ def agent_env(launch: Launch) -> dict[str, str]:
 def launch_key(path: str, sha256: str) -> str:
     """One key per version of one result file: at most one launch is ever made for it."""
     return hashlib.sha256(os.fsencode(path) + b"\0" + sha256.encode()).hexdigest()[:32]
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Polled(Generic[K, V]):
+    """The agents a launcher watches from outside (units, jobs), and the one task that polls
+    them all: every `seconds`, `look` at every one at once (it removes those that ended). A look
+    that fails is said once, then tried again; the task ends when nothing is left to watch, so
+    no poll runs while no agent does, and the cost never grows with finished agents."""
+
+    def __init__(self, seconds: float, look: Callable[[list[K]], Awaitable[None]], what: str):
+        self.items: dict[K, V] = {}
+        self._seconds = seconds
+        self._look = look
+        self._what = what
+        """What the items are, for the log: "units", "jobs"."""
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, key: K, item: V) -> None:
+        self.items[key] = item
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        failing = False
+        while self.items:
+            await asyncio.sleep(self._seconds)
+            keys = list(self.items)
+            try:
+                await self._look(keys)
+            except Exception as exc:  # said once; the next poll tries again
+                if not failing:
+                    get_logger().error(
+                        "agent.poll_failed", error=repr(exc), **{self._what: len(keys)}
+                    )
+                failing = True
+                continue
+            if failing:
+                get_logger().info("agent.poll_recovered", **{self._what: len(keys)})
+            failing = False
+
+    async def stop(self, reason: str) -> None:
+        """Stop polling; the agents run on (`reason` says so in the log)."""
+        if self.items:
+            get_logger().info(
+                "agent.detached", reason=reason, **{self._what: sorted(map(str, self.items))}
+            )
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

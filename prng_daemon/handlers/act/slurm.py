@@ -44,6 +44,7 @@ from .launcher import (
     AlreadyLaunched,
     Launch,
     OnExit,
+    Polled,
     agent_env,
 )
 
@@ -139,9 +140,7 @@ class SlurmLauncher:
         self._dir = launches_dir
         self._job_dir = job_dir
         self._on_exit = on_exit
-        self._poll_seconds = poll_seconds
-        self._jobs: dict[int, _Job] = {}
-        self._poller: asyncio.Task[None] | None = None
+        self._jobs: Polled[int, _Job] = Polled(poll_seconds, self._look, "jobs")
         launches_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -172,7 +171,7 @@ class SlurmLauncher:
 
     @property
     def running(self) -> int:
-        return len(self._jobs)
+        return len(self._jobs.items)
 
     async def start(self, launch: Launch) -> int:
         """Submit the agent's job: its job id. AlreadyLaunched if it was before;
@@ -205,7 +204,7 @@ class SlurmLauncher:
                     ) from None
                 log.error("slurm.unreachable", error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
-        self._watch(job_id, _Job(run, time.monotonic(), job_dir))
+        self._jobs.add(job_id, _Job(run, time.monotonic(), job_dir))
         return job_id
 
     async def _submit(
@@ -278,7 +277,7 @@ class SlurmLauncher:
         record = self.read_record(run.key)
         if record is None:
             return False
-        self._watch(pid, _Job(run, time.monotonic(), Path(record["job_dir"]), state="?"))
+        self._jobs.add(pid, _Job(run, time.monotonic(), Path(record["job_dir"]), state="?"))
         return True
 
     def describe(self, run: AgentRun, pid: int) -> str:
@@ -294,35 +293,17 @@ class SlurmLauncher:
                 "node": j.node,
                 "state": j.state,
             }  # fmt: skip
-            for job_id, j in self._jobs.items()
+            for job_id, j in self._jobs.items.items()
         ]
 
-    def _watch(self, job_id: int, job: _Job) -> None:
-        self._jobs[job_id] = job
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
-
-    async def _poll(self) -> None:
-        """Until no job is left to watch: every poll_seconds, one `squeue` for all of them."""
-        failing = False
-        while self._jobs:
-            await asyncio.sleep(self._poll_seconds)
-            ids = list(self._jobs)
-            try:
-                states = await self._squeue(ids)
-                for job_id in ids:
-                    job = self._jobs[job_id]
-                    job.state, job.node = states.get(job_id, ("", job.node))
-                    if job.state in ENDED or job_id not in states:
-                        await self._ended(job_id)
-            except Exception as exc:  # said once; the next poll tries again
-                if not failing:
-                    get_logger().error("agent.poll_failed", error=str(exc), jobs=len(ids))
-                failing = True
-                continue
-            if failing:
-                get_logger().info("agent.poll_recovered", jobs=len(ids))
-            failing = False
+    async def _look(self, ids: list[int]) -> None:
+        """One `squeue` for every watched job; those ended, or forgotten, are reported."""
+        states = await self._squeue(ids)
+        for job_id in ids:
+            job = self._jobs.items[job_id]
+            job.state, job.node = states.get(job_id, ("", job.node))
+            if job.state in ENDED or job_id not in states:
+                await self._ended(job_id)
 
     async def _squeue(self, ids: list[int]) -> dict[int, tuple[str, str]]:
         """job id -> (state, node) of those of `ids` slurmctld knows."""
@@ -343,7 +324,7 @@ class SlurmLauncher:
         return found
 
     async def _ended(self, job_id: int) -> None:
-        job = self._jobs[job_id]
+        job = self._jobs.items[job_id]
         run, state = job.run, job.state or None
         code = None
         if state is not None:
@@ -366,18 +347,11 @@ class SlurmLauncher:
         elif code == ALREADY_RAN and recorded is None:
             log.error("agent.duplicate_job", reason="its launch marker existed: the agent did"
                       " not run in this job")  # fmt: skip
-        del self._jobs[job_id]
+        del self._jobs.items[job_id]
         self._on_exit(run.launch_id, job_id, code, time.monotonic() - job.started, state)
 
     async def stop(self) -> None:
-        if self._jobs:
-            get_logger().info(
-                "agent.detached", jobs=sorted(self._jobs),
-                reason="the daemon is stopping; the jobs run on",
-            )  # fmt: skip
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        await self._jobs.stop("the daemon is stopping; the jobs run on")
 
 
 class WithSlurm:

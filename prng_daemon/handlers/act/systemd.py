@@ -37,6 +37,7 @@ from .launcher import (
     AlreadyLaunched,
     Launch,
     OnExit,
+    Polled,
     agent_env,
 )
 
@@ -177,9 +178,7 @@ class SystemdLauncher:
     ) -> None:
         self._dir = launches_dir
         self._on_exit = on_exit
-        self._poll_seconds = poll_seconds
-        self._watched: dict[str, _Watched] = {}
-        self._poller: asyncio.Task[None] | None = None
+        self._watched: Polled[str, _Watched] = Polled(poll_seconds, self._look, "units")
         launches_dir.mkdir(parents=True, exist_ok=True)
 
     def marker(self, key: str) -> Path:
@@ -193,7 +192,7 @@ class SystemdLauncher:
 
     @property
     def running(self) -> int:
-        return len(self._watched)
+        return len(self._watched.items)
 
     async def start(self, launch: Launch) -> int:
         run, config = launch.run, launch.config
@@ -235,7 +234,7 @@ class SystemdLauncher:
         except (OSError, subprocess.TimeoutExpired):  # it runs all the same: watched, pid unknown
             shown = {}
         pid = int(shown.get(unit, {}).get("MainPID") or 0)
-        self._watch(unit, _Watched(run, pid, time.monotonic()))
+        self._watched.add(unit, _Watched(run, pid, time.monotonic()))
         return pid
 
     async def _refused(self, run: AgentRun, unit: str, error: str) -> None:
@@ -281,7 +280,7 @@ class SystemdLauncher:
             loaded = None
         if loaded != "loaded" and not self.exit_file(run.key).exists():
             return False
-        self._watch(unit, _Watched(run, pid, time.monotonic()))
+        self._watched.add(unit, _Watched(run, pid, time.monotonic()))
         return True
 
     def describe(self, run: AgentRun, pid: int) -> str:
@@ -290,35 +289,19 @@ class SystemdLauncher:
     def agents(self) -> list[dict[str, Any]]:
         return [
             {"run_id": w.run.run_id, "agent": w.run.agent, "pid": w.pid, "unit": unit}
-            for unit, w in self._watched.items()
+            for unit, w in self._watched.items.items()
         ]
 
-    def _watch(self, unit: str, watched: _Watched) -> None:
-        self._watched[unit] = watched
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
-
-    async def _poll(self) -> None:
-        """Until no unit is left to watch: every poll_seconds, one `systemctl show` for all."""
-        failing = False
-        while self._watched:
-            await asyncio.sleep(self._poll_seconds)
-            units = list(self._watched)
-            try:
-                states = await asyncio.to_thread(show_units, units, ("LoadState", "ActiveState"))
-                for unit in units:
-                    state = states.get(unit, {})
-                    if state.get("LoadState") != "loaded" or state.get("ActiveState") in _GONE:
-                        self._ended(unit)
-            except Exception as exc:  # said once; the next poll tries again
-                if not failing:
-                    get_logger().error("agent.poll_failed", error=repr(exc), units=len(units))
-                failing = True
-                continue
-            failing = False
+    async def _look(self, units: list[str]) -> None:
+        """One `systemctl show` for every watched unit; those gone or ended are reported."""
+        states = await asyncio.to_thread(show_units, units, ("LoadState", "ActiveState"))
+        for unit in units:
+            state = states.get(unit, {})
+            if state.get("LoadState") != "loaded" or state.get("ActiveState") in _GONE:
+                self._ended(unit)
 
     def _ended(self, unit: str) -> None:
-        watched = self._watched.pop(unit)
+        watched = self._watched.items.pop(unit)
         run = watched.run
         result, code = read_exit(self.exit_file(run.key))
         if result == "timeout":
@@ -328,14 +311,7 @@ class SystemdLauncher:
         self._on_exit(run.launch_id, watched.pid, code, time.monotonic() - watched.started)
 
     async def stop(self) -> None:
-        if self._watched:
-            get_logger().info(
-                "agent.detached", units=sorted(self._watched),
-                reason="the daemon is stopping; the units run on",
-            )  # fmt: skip
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        await self._watched.stop("the daemon is stopping; the units run on")
 
 
 def _description(run: AgentRun) -> str:
