@@ -233,11 +233,15 @@ class PolicyConfig(_Section):
     min_action_probability: Annotated[float, Field(ge=0, le=1)] = 0.0
     """A model action with a lower probability (among the open actions) escalates."""
     explain_decisions: bool = True
+    decision_slot: Annotated[int, Field(ge=0)] | None = None
+    """Send every decision request to this llama-server slot (`id_slot`): one prompt cache
+    serves them all, the other slots stay free (the liveness probe); decisions queue there."""
     """Also ask the model for a confidence word and a reasoning (about 25 more tokens)."""
     example_turns: bool = True
     """Worked examples before the file's facts (cached with the system turn)."""
     decision_deadline_seconds: Seconds = 300.0
-    """The whole decision, every model call and answer attempt included."""
+    """The whole decision, every model call and answer attempt included; its explanation,
+    asked for after it, gets as long again."""
 
 
 class Config(_Section):

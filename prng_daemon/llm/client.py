@@ -206,13 +206,15 @@ class LlamaClient:
         grammar: str | None = None,
         n_probs: int = 0,
         cache_prompt: bool = True,
+        id_slot: int | None = None,
     ) -> Completion:
         """Answer a conversation; the server renders it with the model's own chat template.
 
         A last `assistant` message is continued (llama-server's prefill); `grammar` (GBNF)
-        constrains what is generated after it. Same answer and errors as `complete()`;
-        `probabilities` come from the OpenAI-style `logprobs` (the same tokens, bytes and top
-        alternatives) and `content` holds only the generated text.
+        constrains what is generated after it; `id_slot` pins it to one server slot. Same
+        answer and errors as `complete()`; `probabilities` come from the OpenAI-style
+        `logprobs` (the same tokens, bytes and top alternatives) and `content` holds only the
+        generated text.
         """
         body: dict[str, Any] = {
             "messages": list(messages),
@@ -222,6 +224,8 @@ class LlamaClient:
         }
         if seed is not None:
             body["seed"] = seed
+        if id_slot is not None:  # llama-server queues it for that slot, busy or not
+            body["id_slot"] = id_slot
         if grammar is not None:
             body["grammar"] = grammar
         if n_probs:

@@ -322,6 +322,7 @@ class DecisionEngine:
             temperature=self.policy.decision_temperature,
             seed=self.policy.decision_seed,
             query_type="statistical" if endpoint == "math" else "orchestration",
+            id_slot=self.policy.decision_slot,
             **kw,
         )
 
@@ -456,14 +457,13 @@ class DecisionEngine:
         """`taken.decision` with the model's confidence word and reasoning, or as it is when
         the model gives none within policy.decision_deadline_seconds. Raises no LLMError."""
         deadline = self.policy.decision_deadline_seconds
+        explained = None
         try:
             async with asyncio.timeout(deadline):
                 explained = await self._explain(taken.meta, taken.model, taken.metrics)
         except TimeoutError:
             log.warning("llm.no_explanation", reason=f"none within {deadline:g}s")
-            return taken.decision
-        if explained is None:
-            return taken.decision
+        # Made again even without one: an answer that could not be used still counts as a call.
         return self._model_decision(taken.meta, taken.model, explained, taken.metrics)
 
     def _model_decision(
