@@ -242,11 +242,9 @@ PHASES = {
     "ledger.update": ("prng_daemon.ledger", "Ledger.update"),
     "ledger.root_of": ("prng_daemon.ledger", "Ledger.root_of"),
     "LLM slot wait + decide": ("prng_daemon.daemon", "Daemon._decide"),
-    "decide (prompt + HTTP + checks)": (
-        "prng_daemon.handlers.decide.policy",
-        "Decider.decide",
-    ),
-    "HTTP /completion (client)": ("prng_daemon.llm.client", "LlamaClient.complete"),
+    "decide (prompt + HTTP + checks)": ("prng_daemon.handlers.decide.policy", "Decider.take"),
+    "explain (after the launch)": ("prng_daemon.handlers.decide.policy", "Decider.explain"),
+    "HTTP chat (client, answer parsed)": ("prng_daemon.llm.client", "LlamaClient.chat"),
     "write_json_atomic (params, record)": ("prng_daemon.engine", "write_json_atomic"),
     "launcher.start (posix_spawn until exec)": (
         "prng_daemon.handlers.act.local",

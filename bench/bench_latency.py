@@ -41,7 +41,8 @@ LAUNCH_TIMEOUT = 10.0
 
 
 class StampedLlama(FakeLlama):
-    """A zero-latency FakeLlama that notes when each /v1/chat/completions is answered."""
+    """A zero-latency FakeLlama that notes when each /v1/chat/completions that decides (not
+    an explanation) is answered."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,7 +50,8 @@ class StampedLlama(FakeLlama):
 
     def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
         answer = super()._chat(body)
-        self.answered.append(time.monotonic_ns())
+        if not explains(body):
+            self.answered.append(time.monotonic_ns())
         return answer
 
 
@@ -61,9 +63,9 @@ class Tool:
     proc: subprocess.Popen[bytes] | None = None
     latencies: list[float] = field(default_factory=list)
     to_llm: list[float] = field(default_factory=list)
-    """File complete -> the fake answered the first request (daemon only)."""
+    """File complete -> the fake answered the first request that decides (daemon only)."""
     from_llm: list[float] = field(default_factory=list)
-    """The fake answered the last request -> the agent started (daemon only)."""
+    """The fake answered the last request that decides -> the agent started (daemon only)."""
     written: list[int] = field(default_factory=list)
     missed: int = 0
 
@@ -91,14 +93,18 @@ for line in sys.stdin:
     with open(os.path.join(results, name), "rb") as f:
         json.loads(f.read())
     if asks is None:
-        asks = [(path, json.dumps(body).encode()) for path, body in json.load(open(bodies))]
-    for path, body in asks:
+        asks = [(p, json.dumps(body).encode(), first) for p, body, first in json.load(open(bodies))]
+    for path, body, _ in (a for a in asks if a[2]):
         llm.request("POST", path, body, {"Content-Type": "application/json"})
         json.loads(llm.getresponse().read())
     os.posix_spawn(agent[0], [*agent, markers, name], os.environ)
+    for path, body, _ in (a for a in asks if not a[2]):
+        llm.request("POST", path, body, {"Content-Type": "application/json"})
+        json.loads(llm.getresponse().read())
 """
 """The comparable floor: read and parse the file, send the daemon's requests for one file
-(recorded from its warm-up) over one kept-alive connection, parse each answer, spawn the agent."""
+(recorded from its warm-up) over one kept-alive connection, parse each answer, spawn the agent;
+as the daemon does, the requests that decide come before the spawn, the explanation after."""
 
 
 def floor_loop(agent: list[str], tool: Tool, port: int, bodies: Path) -> str:
@@ -117,6 +123,12 @@ def document(n: int) -> str:
 
 
 ASKED_AT = "/v1/chat/completions"
+
+
+def explains(body: dict[str, Any]) -> bool:
+    """A request for a decision's explanation (its confidence word and reasoning), which the
+    daemon sends alongside the launch rather than before it."""
+    return "reasoning" in str(body.get("grammar", ""))
 
 
 def drop_and_time(tool: Tool, n: int, text: str) -> int | None:
@@ -156,6 +168,21 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         else:
             daemon.proc = ws.start()
         tools = [daemon]
+        others = []
+        for tree in args.against:
+            # The same daemon from another checkout (the tree before a fix), interleaved.
+            label = Path(tree).name
+            other = make_workspace(
+                tmp / f"against-{label}",
+                fake.port,
+                daemon={"rescan_interval_seconds": 30.0},
+                agents=agents_section(agent, tmp / f"against-{label}" / "markers"),
+            )
+            tool = Tool(f"prng-llm-daemon @ {label}", other.results, other.markers)
+            # PYTHONSAFEPATH: not this directory first on sys.path, the tree.
+            tool.proc = other.start(env={"PYTHONPATH": tree, "PYTHONSAFEPATH": "1"})
+            tools.append(tool)
+            others.append(other)
         if not args.profile:
             for n, name in enumerate(BASELINES):
                 (tmp / f"tool{n}" / "results").mkdir(parents=True)
@@ -164,8 +191,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         skipped: dict[str, str] = {}
         bodies = tmp / "bodies.json"
         try:
-            wait_ready(ws, 60)
-            for tool in tools[1:]:
+            for each in (ws, *others):
+                wait_ready(each, 60)
+            for tool in tools[1 + len(others) :]:
                 tool.proc = start_baseline(tool, agent, skipped, fake.port, bodies)
             tools = [t for t in tools if t.name not in skipped]
             for tool in tools:  # the daemon first: its requests are what the floor sends
@@ -177,7 +205,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 if tool.missed:
                     raise SystemExit(f"{tool.name}: no agent launched for the warm-up files")
                 if tool is daemon:  # what the floor asks for each file: the daemon's requests
-                    asks = [[ASKED_AT, body] for body in fake.requests[asked:]]
+                    asks = [[ASKED_AT, body, not explains(body)] for body in fake.requests[asked:]]
                     bodies.write_text(json.dumps(asks))
                 tool.latencies.clear()
                 tool.written.clear()
@@ -283,6 +311,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="the daemon alone, under cProfile: where time goes"
     )
+    parser.add_argument(
+        "--against", action="append", default=[], metavar="TREE",
+        help="also the daemon from this tree (e.g. `git archive` of the commit before a fix, in"
+        " a directory named after it), files interleaved with the others: before/after in one run",
+    )  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         result = measure(args, Path(tmp))
@@ -309,19 +342,14 @@ def main() -> None:
     daemon = tools[0]
     if daemon.to_llm and len(daemon.to_llm) == len(daemon.latencies):
         to_llm, after = summary_ms(daemon.to_llm), summary_ms(daemon.from_llm)
-        phases = zip(daemon.latencies, daemon.to_llm, daemon.from_llm, strict=True)
-        between = summary_ms([t - u - v for t, u, v in phases])
         stats["daemon_event_to_llm"], stats["daemon_llm_to_agent"] = to_llm, after
-        stats["daemon_between_answers"] = between
         tables["Where the daemon's latency goes"] = table(
             ["phase", "median ms", "p99 ms", "max ms"],
             [
                 ["file complete -> fake answers the finding (watch, validate, ledger, prompt,"
                  " HTTP)", to_llm["median_ms"], to_llm["p99_ms"], to_llm["max_ms"]],
-                ["finding answered -> explanation answered (parse, prompt, HTTP)",
-                 between["median_ms"], between["p99_ms"], between["max_ms"]],
-                ["explanation answered -> agent running (parse, ledger, params file, spawn,"
-                 " exec)", after["median_ms"], after["p99_ms"], after["max_ms"]],
+                ["finding answered -> agent running (parse, ledger, params file, spawn, exec)",
+                 after["median_ms"], after["p99_ms"], after["max_ms"]],
             ],
         )  # fmt: skip
     notes = [

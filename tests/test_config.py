@@ -174,3 +174,15 @@ def test_an_unknown_server_name_is_an_error_not_the_math_server() -> None:
     assert config.server("math") is config.math
     with pytest.raises(KeyError, match="no llama-server named 'maths'"):
         config.server("maths")  # type: ignore[arg-type]
+
+
+def test_a_decision_slot_the_children_do_not_have_is_refused() -> None:
+    document = json.loads(PROPOSAL.read_text())
+    document["policy"] = {"decision_slot": 2}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(json.dumps(document))
+    assert caught.value.problems == [
+        "config: policy.decision_slot: 2 is not a slot of orchestrator (parallel 2: slots 0 to 1)"
+    ]
+    document["policy"] = {"decision_slot": 1}
+    assert parse_config(json.dumps(document)).policy.decision_slot == 1

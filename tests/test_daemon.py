@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
@@ -223,3 +225,77 @@ def test_a_second_daemon_on_the_same_state_dir_exits_with_one_line(
         f"another prng-llm-daemon (pid {first.pid}) is running on state dir {state_dir}"
     ]
     assert len(ws.launches()) == 1 and ws.ledger_states() == {"acted": 1}
+
+
+class HeldExplanation(FakeLlama):
+    """A FakeLlama that answers every explanation request (the confidence word and reasoning
+    after a finding) only once `release` is set: the launch must not wait for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        if "reasoning" in str(body.get("grammar", "")):
+            while not self.release.wait(0.05) and not self._stopping.is_set():
+                pass  # the fake's own thread, not the test: it ends with the fake
+        return super()._chat(body)
+
+
+def _record(ws: Workspace) -> dict[str, Any]:
+    [record] = (ws.results / "decisions").glob("r.*.decision.json")
+    loaded: dict[str, Any] = json.loads(record.read_text())
+    return loaded
+
+
+def test_the_agent_starts_before_the_explanation_which_still_reaches_the_record(
+    tmp_path: Path,
+) -> None:
+    with HeldExplanation() as fake:
+        ws = make_workspace(tmp_path, fake.port)
+        proc = ws.start()
+        try:
+            wait_ready(ws)
+            drop(ws.results, "r.json", result_document(2, run_id(2, 31)))
+            wait_until(lambda: ws.launches(), 20, what="the agent, its explanation held")
+            assert not list((ws.results / "decisions").glob("r.*.decision.json")), (
+                "the record waits for the explanation"
+            )
+            assert ws.ledger_states().get("acted", 0) == 0
+            fake.release.set()
+            wait_until(lambda: ws.finished(1), 20, what="the record and the settled row")
+        finally:
+            stop(proc)
+    record = _record(ws)
+    assert record["outcome"] == "acted" and record["confidence"] == 0.9, "the model's word"
+    assert record["reasoning"].endswith(": fake"), record["reasoning"]
+    assert record["llm_metadata"]["math_calls"] == 2, "the finding and the explanation"
+    assert len(ws.launches()) == 1
+
+
+def test_sigkill_after_the_launch_before_the_explanation_neither_repeats_nor_loses_it(
+    tmp_path: Path,
+) -> None:
+    """The crash point the explanation after the launch adds: the row is LAUNCHING, its
+    marker exists, no record. The restart settles it from its marker with the decision the
+    ledger holds (worded by the finding alone), and never launches it again."""
+    with HeldExplanation() as fake:
+        ws = make_workspace(tmp_path, fake.port)
+        proc = ws.start()
+        wait_ready(ws)
+        drop(ws.results, "r.json", result_document(2, run_id(2, 32)))
+        wait_until(lambda: ws.launches(), 20, what="the agent, its explanation held")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert ws.ledger_states() == {"launching": 1}
+        fake.release.set()
+        proc = ws.start()
+        try:
+            wait_until(lambda: ws.finished(1), 20, what="the launch settled after the restart")
+        finally:
+            stop(proc)
+    record = _record(ws)
+    assert record["outcome"] == "acted"
+    assert record["reasoning"].startswith("supported (p=") and ": fake" not in record["reasoning"]
+    assert len(ws.launches()) == 1, "launched once, across the crash"
+    assert ws.events("agent.reconciled")[0]["launched"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import urllib.request
@@ -155,6 +156,37 @@ def test_the_second_decision_reuses_the_prompt_cache(
     stable = sum(len(m["content"]) for m in conversation[:-1])
     assert second.completion.tokens_cached > stable
     assert second.completion.timings["prompt_n"] < first.completion.timings["prompt_n"] / 2
+
+
+def _slot_tasks(port: int) -> dict[int, int | None]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=5) as answer:
+        # A slot that never ran a task has no id_task yet.
+        return {slot["id"]: slot.get("id_task") for slot in json.loads(answer.read())}
+
+
+def test_decisions_pinned_to_a_slot_leave_the_other_one_untouched(
+    llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """policy.decision_slot: every decision request (finding and explanation, two decisions)
+    is served by that slot of a two-slot server; the other slot never gets a task."""
+
+    async def decide(config: Config) -> None:
+        router = AsyncRouter(config)
+        try:
+            for n in (1, 2):
+                await Decider(config, router).decide(meta_for(n))
+        finally:
+            await router.aclose()
+
+    with llama_server(llama_server_bin, tiny_model, tmp_path / "log") as port:
+        wait_until(lambda: _ready(port), timeout=60, what="server")
+        before = _slot_tasks(port)
+        asyncio.run(decide(llm_config(port, port, policy={"decision_slot": 0})))
+        after = _slot_tasks(port)
+    assert set(after) == {0, 1}
+    # Slot 0, not 1: left to itself this server gives a lone request slot 1.
+    assert after[1] == before[1], f"slot 1 was used: {before} -> {after}"
+    assert after[0] != before[0], f"slot 0 was not used: {before} -> {after}"
 
 
 def test_math_prompts_reach_the_math_port(servers: Config) -> None:

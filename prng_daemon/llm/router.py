@@ -196,6 +196,7 @@ class AsyncRouter:
         grammar: str | None,
         n_probs: int,
         query_type: str,
+        id_slot: int | None = None,
     ) -> Routed:
         """A conversation, rendered by the answering server's own chat template; falls back to
         the other server like `route`."""
@@ -208,6 +209,7 @@ class AsyncRouter:
                 seed=seed,
                 grammar=grammar,
                 n_probs=n_probs,
+                id_slot=id_slot,
             )
 
         return await self._first_answer(endpoint, ask, query_type)

@@ -4,6 +4,7 @@ guardrails (README "How a decision is made")."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,9 +32,20 @@ from .prompt import (
     finding_probabilities,
 )
 
-__all__ = ["Decider", "open_findings", "rules_decision", "settled_by_rules"]
+__all__ = ["Decider", "Unexplained", "open_findings", "rules_decision", "settled_by_rules"]
 
 log = get_logger()
+
+
+@dataclass(frozen=True)
+class Unexplained:
+    """A decision taken from the model's finding, its explanation not yet asked for
+    (`Decider.explain`)."""
+
+    decision: Decision
+    meta: AgentMetadata
+    model: ModelAnswer
+    metrics: LLMMetrics
 
 
 def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
@@ -88,6 +100,7 @@ class Decider:
             temperature=self.policy.decision_temperature,
             seed=self.policy.decision_seed,
             query_type="statistical" if endpoint == "math" else "orchestration",
+            id_slot=self.policy.decision_slot,
             **kw,
         )
 
@@ -179,7 +192,15 @@ class Decider:
             return None
 
     async def decide(self, meta: AgentMetadata) -> Decision:
-        """The decision for one validated result; LLMUnavailable only under when_no_llm="wait"."""
+        """The decision for one validated result, explained; LLMUnavailable only under
+        when_no_llm="wait"."""
+        taken = await self.take(meta)
+        return await self.explain(taken) if isinstance(taken, Unexplained) else taken
+
+    async def take(self, meta: AgentMetadata) -> Decision | Unexplained:
+        """The decision for one validated result, its explanation (policy.explain_decisions)
+        still to ask for with `explain`: the action never depends on it, so a launch need not
+        wait for it. LLMUnavailable only under when_no_llm="wait"."""
         metrics, policy = LLMMetrics(), self.policy
         settled = settled_by_rules(meta, policy)
         if settled is not None:
@@ -190,9 +211,6 @@ class Decider:
         try:
             async with asyncio.timeout(policy.decision_deadline_seconds):
                 model = await self.ask_model(meta, open_findings(meta), metrics)
-                explained = (
-                    await self._explain(meta, model, metrics) if policy.explain_decisions else None
-                )
         except (LLMError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):
                 problem = f"no decision within {policy.decision_deadline_seconds:g}s"
@@ -207,7 +225,30 @@ class Decider:
             return self._decision(
                 meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics
             )
-        probability = model.probability
+        decision = self._model_decision(meta, model, None, metrics)
+        if not policy.explain_decisions:
+            return decision
+        return Unexplained(decision, meta, model, metrics)
+
+    async def explain(self, taken: Unexplained) -> Decision:
+        """`taken.decision` with the model's confidence word and reasoning, or as it is when
+        the model gives none within policy.decision_deadline_seconds. Raises no LLMError."""
+        deadline = self.policy.decision_deadline_seconds
+        explained = None
+        try:
+            async with asyncio.timeout(deadline):
+                explained = await self._explain(taken.meta, taken.model, taken.metrics)
+        except TimeoutError:
+            log.warning("llm.no_explanation", reason=f"none within {deadline:g}s")
+        # Made again even without one: an answer that could not be used still counts as a call.
+        return self._model_decision(taken.meta, taken.model, explained, taken.metrics)
+
+    def _model_decision(
+        self, meta: AgentMetadata, model: ModelAnswer, explained: Answer | None,
+        metrics: LLMMetrics,
+    ) -> Decision:  # fmt: skip
+        """The policy applied to the model's finding; `explained` only words the record."""
+        policy, probability = self.policy, model.probability
         found = f"{model.finding} (p={probability:.2f})"
         held = [c.text for c in stated_claims(meta.reasoning or "") if c.holds]
         if meta.success_criteria_met and held:
