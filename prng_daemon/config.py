@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import string
+from collections.abc import Callable, Set
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -203,16 +204,30 @@ class SlurmOptions(_Section):
     @field_validator("sbatch_options")
     @classmethod
     def _allowed_options(cls, options: tuple[str, ...]) -> tuple[str, ...]:
-        for item in options:
+        def split(item: str) -> tuple[str | None, str]:
             name, _, value = item.removeprefix("--").partition("=")
-            if not item.startswith("--") or name not in SBATCH_OPTIONS:
-                raise ValueError(
-                    f"{item!r}: not an allowed sbatch option (--name=value, name one of"
-                    f" {', '.join(sorted(SBATCH_OPTIONS))})"
-                )
-            if any(c in value for c in "\n\r\0"):
-                raise ValueError(f"--{name}: the value holds a line break or NUL")
-        return options
+            return (f"--{name}" if item.startswith("--") else None), value
+
+        return _allowlisted(options, split, {f"--{o}" for o in SBATCH_OPTIONS},
+                            "sbatch option (--name=value, name")  # fmt: skip
+
+
+def _allowlisted(
+    items: tuple[str, ...],
+    split: Callable[[str], tuple[str | None, str]],
+    allowed: Set[str],
+    what: str,
+) -> tuple[str, ...]:
+    """`items` if each one's name (`split`: name or None when malformed, value) is in `allowed`
+    and its value holds no line break; ValueError naming the first that is not."""
+    for item in items:
+        name, value = split(item)
+        if name is None or name not in allowed:
+            names = ", ".join(sorted(n.removeprefix("--") for n in allowed))
+            raise ValueError(f"{item!r}: not an allowed {what} one of {names})")
+        if any(c in value for c in "\n\r\0"):
+            raise ValueError(f"{name}: the value holds a line break or NUL")
+    return items
 
 
 AGENT_PLACEHOLDERS = frozenset(
@@ -264,16 +279,11 @@ class AgentConfig(_Section):
     @field_validator("properties")
     @classmethod
     def _allowed_properties(cls, properties: tuple[str, ...]) -> tuple[str, ...]:
-        for item in properties:
+        def split(item: str) -> tuple[str | None, str]:
             key, eq, value = item.partition("=")
-            if not eq or key not in UNIT_PROPERTIES:
-                raise ValueError(
-                    f"{item!r}: not an allowed unit property (Key=Value, Key one of"
-                    f" {', '.join(sorted(UNIT_PROPERTIES))})"
-                )
-            if any(c in value for c in "\n\r\0"):
-                raise ValueError(f"{key}: the value holds a line break or NUL")
-        return properties
+            return (key if eq else None), value
+
+        return _allowlisted(properties, split, UNIT_PROPERTIES, "unit property (Key=Value, Key")
 
     @field_validator("argv")
     @classmethod
