@@ -50,7 +50,7 @@ class Explaining:
     """The same decision with the model's confidence word and reasoning; never an LLM error."""
 
 
-Decider = Callable[[AgentMetadata], Awaitable[Decision | Explaining]]
+DecideFn = Callable[[AgentMetadata], Awaitable[Decision | Explaining]]
 Source = str
 """Why a path is looked at: "closed", "moved", "scan" or "retry"."""
 
@@ -72,7 +72,7 @@ class Engine:
         self,
         config: Config,
         ledger: Ledger,
-        decide: Decider,
+        decide: DecideFn,
         launcher_factory: Callable[[OnExit], AgentLauncher],
         on_change: Callable[[], None] = lambda: None,
     ) -> None:

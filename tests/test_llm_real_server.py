@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from prng_daemon.config import Config, PolicyConfig
-from prng_daemon.document.decision import Decision
+from prng_daemon.document.decision import ACTIONS, Decision
 from prng_daemon.document.metadata import LLMMetadata
-from prng_daemon.handlers.decide.policy import ACTIONS, FINDINGS, Decider, build_messages
+from prng_daemon.handlers.decide.policy import Decider
+from prng_daemon.handlers.decide.prompt import FINDINGS, build_messages
 from prng_daemon.llm import AsyncRouter, Health, LlamaClient, Routed
 
 from .fake_llama import llm_config
