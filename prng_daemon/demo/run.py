@@ -2,7 +2,7 @@
 
 The real daemon (watcher, ledger, decision engine, agent launches) and a real llama-server
 child on Qwen2.5-Coder-1.5B-Instruct (fetched into the cache on first use). The stand-in agents
-(`demo_agent.py`) write realistic results with seeded trouble: a failure a rerun fixes and, in
+(`demo/agent.py`) write realistic results with seeded trouble: a failure a rerun fixes and, in
 some seeds, one that needs a person. The demo plays the operator only when the daemon
 escalates, and says so. `tiny=True` runs the same on two tiny random-weight models instead:
 fast, but their decisions are noise.
