@@ -169,7 +169,8 @@ def test_the_daemon_says_why_in_status_in_status_line_and_in_one_journal_line(
     published = ws.root / "state" / "status.json"
     with running(ws):
         line = wait_until(
-            lambda: (s := json.loads(published.read_text())["status"]) and "math failed" in s and s,
+            lambda: published.exists()  # the first heartbeat may not be written yet
+            and (s := json.loads(published.read_text())["status"]) and "math failed" in s and s,
             20, what="STATUS= with math failed",
         )  # fmt: skip
         assert main(["status", "--config", str(ws.config_path)]) == 0
