@@ -328,7 +328,7 @@ class Engine:
             "result_file": str(path),
             "results_dir": str(self.config.daemon.results_dir),
             "decision": decision.action,
-            "decision_file": str(decisions / record_name(path, sha256, "decision")),
+            "decision_file": str(record_path(self.config.daemon, entry)),
         }
         return Launch(_agent_run(entry), agent, values)
 

@@ -9,6 +9,7 @@ import hashlib
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from ...config import AgentConfig
@@ -24,7 +25,9 @@ __all__ = [
     "OnExit",
     "Polled",
     "agent_env",
+    "exit_file",
     "launch_key",
+    "marker_file",
 ]
 
 
@@ -121,6 +124,17 @@ def agent_env(launch: Launch) -> dict[str, str]:
     env.update({f"PRNG_{k.upper()}": v for k, v in launch.values.items()})
     env["PRNG_LAUNCH_ID"] = str(launch.run.launch_id)
     return env
+
+
+def marker_file(directory: Path, key: str) -> Path:
+    """The durable proof that launch `key` happened, made by the launch itself (atomically):
+    its existence is what `was_launched` answers."""
+    return directory / f"{key}.launched"
+
+
+def exit_file(directory: Path, key: str) -> Path:
+    """Where the agent's end is written beside its marker, when the launcher cannot reap it."""
+    return directory / f"{key}.exit"
 
 
 def launch_key(path: str, sha256: str) -> str:

@@ -23,7 +23,15 @@ from typing import Any
 from ...errors import AgentFailed
 from ...log import get_logger
 from ...servers.spawn import killpg
-from .launcher import SYSTEMD_ONLY, AgentRun, AlreadyLaunched, Launch, OnExit, agent_env
+from .launcher import (
+    SYSTEMD_ONLY,
+    AgentRun,
+    AlreadyLaunched,
+    Launch,
+    OnExit,
+    agent_env,
+    marker_file,
+)
 
 __all__ = ["LocalLauncher", "is_agent", "stop_local_agent"]
 
@@ -50,7 +58,7 @@ class LocalLauncher:
         logs_dir.mkdir(parents=True, exist_ok=True)
 
     def marker(self, key: str) -> Path:
-        return self._markers / f"{key}.launched"
+        return marker_file(self._markers, key)
 
     def was_launched(self, key: str) -> bool:
         return self.marker(key).exists()

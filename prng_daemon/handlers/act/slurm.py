@@ -46,6 +46,8 @@ from .launcher import (
     OnExit,
     Polled,
     agent_env,
+    exit_file,
+    marker_file,
 )
 
 __all__ = [
@@ -147,20 +149,13 @@ class SlurmLauncher:
     def script(self) -> Path:
         return self._dir / "slurm-job.sh"
 
-    def record_path(self, key: str) -> Path:
-        return self._dir / f"{key}.slurm"
-
     def read_record(self, key: str) -> dict[str, Any] | None:
         """The launch record: job_name, job_dir, agent, job_id (None until sbatch answered)."""
-        try:
-            record: dict[str, Any] = json.loads(self.record_path(key).read_bytes())
-        except FileNotFoundError:
-            return None
-        return record
+        return _read_record(self._dir, key)
 
     def knows(self, key: str) -> bool:
         """Whether this launch went to Slurm (its record exists)."""
-        return self.record_path(key).exists()
+        return _record_path(self._dir, key).exists()
 
     def was_launched(self, key: str) -> bool:
         """A job id was recorded. A record without one (sbatch was under way) is not: the
@@ -218,7 +213,7 @@ class SlurmLauncher:
                 self._save(run, job_dir, found)
                 log.info("agent.job_found", job_id=found, reason="submitted before the restart")
                 return found
-            if _marker(job_dir, run.key).exists():
+            if marker_file(job_dir, run.key).exists():
                 raise AlreadyLaunched(f"its job ran (marker in {job_dir}); not submitting again")
         else:
             job_dir.mkdir(parents=True, exist_ok=True)
@@ -232,8 +227,8 @@ class SlurmLauncher:
             *(f"--{k}={v}" for k in ("partition", "account", "gpus", "gres")
               if (v := getattr(options, k)) is not None),
             *options.sbatch_options,
-            str(self._ensure_script()), str(_marker(job_dir, run.key)),
-            str(_exit_file(job_dir, run.key)), *launch.argv,
+            str(self._ensure_script()), str(marker_file(job_dir, run.key)),
+            str(exit_file(job_dir, run.key)), *launch.argv,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
         env.update(agent_env(launch))
@@ -260,7 +255,7 @@ class SlurmLauncher:
     def _save(self, run: AgentRun, job_dir: Path, job_id: int | None) -> None:
         record = {"job_name": job_name(run.key), "job_dir": str(job_dir), "agent": run.agent,
                   "run_id": run.run_id, "job_id": job_id}  # fmt: skip
-        write_json_atomic(self.record_path(run.key), record)
+        write_json_atomic(_record_path(self._dir, run.key), record)
 
     async def _find(self, name: str) -> int | None:
         """The id of the job named `name` that slurmctld still knows, or None."""
@@ -335,7 +330,7 @@ class SlurmLauncher:
                 code = exit_code(_field(shown, "ExitCode"))
             except (DaemonError, _Unreachable):
                 pass  # forgotten meanwhile: the exit record says as much as it can
-        recorded = _read_exit(_exit_file(job.job_dir, run.key))
+        recorded = _read_exit(exit_file(job.job_dir, run.key))
         if code is None:
             code = recorded
         log = get_logger(run_id=run.run_id, agent=run.agent, job_id=job_id)
@@ -395,10 +390,8 @@ class WithSlurm:
 def cancel_job(launches_dir: Path, key: str) -> int | None:
     """`scancel` the job of this launch: its id, None if it went to no Slurm job.
     DaemonError if Slurm refuses or cannot be reached."""
-    try:
-        job_id = json.loads((launches_dir / f"{key}.slurm").read_bytes())["job_id"]
-    except FileNotFoundError:
-        return None
+    record = _read_record(launches_dir, key)
+    job_id = None if record is None else record["job_id"]
     if job_id is None:
         return None
     done = subprocess.run(
@@ -410,12 +403,16 @@ def cancel_job(launches_dir: Path, key: str) -> int | None:
     return int(job_id)
 
 
-def _marker(job_dir: Path, key: str) -> Path:
-    return job_dir / f"{key}.launched"
+def _record_path(launches_dir: Path, key: str) -> Path:
+    return launches_dir / f"{key}.slurm"
 
 
-def _exit_file(job_dir: Path, key: str) -> Path:
-    return job_dir / f"{key}.exit"
+def _read_record(launches_dir: Path, key: str) -> dict[str, Any] | None:
+    try:
+        record: dict[str, Any] = json.loads(_record_path(launches_dir, key).read_bytes())
+    except FileNotFoundError:
+        return None
+    return record
 
 
 def _read_exit(path: Path) -> int | None:

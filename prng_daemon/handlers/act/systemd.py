@@ -39,6 +39,8 @@ from .launcher import (
     OnExit,
     Polled,
     agent_env,
+    exit_file,
+    marker_file,
 )
 
 __all__ = [
@@ -182,10 +184,10 @@ class SystemdLauncher:
         launches_dir.mkdir(parents=True, exist_ok=True)
 
     def marker(self, key: str) -> Path:
-        return self._dir / f"{key}.launched"
+        return marker_file(self._dir, key)
 
     def exit_file(self, key: str) -> Path:
-        return self._dir / f"{key}.exit"
+        return exit_file(self._dir, key)
 
     def was_launched(self, key: str) -> bool:
         return self.marker(key).exists()
