@@ -16,6 +16,7 @@ from bench._common import (
     agents_section,
     build_agent,
     command_line,
+    marker_names,
     phase_table,
     read_markers,
     save,
@@ -66,7 +67,7 @@ def burst(
                 drop(ws.results, f"b{n:05d}.json", doc)
             dropped = time.monotonic_ns()
             done = wait_for(lambda: ws.finished(files), 240, interval=0.2)
-            wait_for(lambda: len(read_markers(ws.markers)) >= files, 30, interval=0.1)
+            wait_for(lambda: len(marker_names(ws.markers)) >= files, 30, interval=0.1)
             settled = time.monotonic_ns()
         finally:
             code = stop(proc, 60)

@@ -16,6 +16,7 @@ from bench._common import (
     agents_section,
     build_agent,
     command_line,
+    marker_names,
     read_markers,
     save,
     table,
@@ -58,13 +59,13 @@ def main() -> None:
                 time.sleep(rng.uniform(0.2, 2.0))  # the random moment of the kill
                 settled = ws.ledger_states() if (ws.root / "state").exists() else {}
                 kill_times.append((round(time.monotonic() - began, 2), sum(settled.values()),
-                                   len(read_markers(ws.markers))))  # fmt: skip
+                                   len(marker_names(ws.markers))))  # fmt: skip
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(10)
                 proc = ws.start()
             writer.join()
             done = wait_for(lambda: ws.finished(args.files), 240, interval=0.2)
-            wait_for(lambda: len(read_markers(ws.markers)) >= args.files, 30, interval=0.1)
+            wait_for(lambda: len(marker_names(ws.markers)) >= args.files, 30, interval=0.1)
         finally:
             writer.join()
             code = stop(proc, 60)

@@ -22,8 +22,9 @@ from bench._common import (
     build_agent,
     command_line,
     end,
+    marker_names,
     phase_table,
-    read_markers,
+    read_marker,
     save,
     start_timed_daemon,
     summary_ms,
@@ -135,16 +136,17 @@ def drop_and_time(tool: Tool, n: int, text: str) -> int | None:
     """Write one result (temp file, rename), wait for its agent; record the latency.
 
     Returns when the file was complete (CLOCK_MONOTONIC ns), None if no agent started."""
-    before = len(read_markers(tool.markers))
+    before = marker_names(tool.markers)
     tmp = tool.results / f".r{n:05d}.json.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, tool.results / f"r{n:05d}.json")
     written = time.monotonic_ns()
-    if not wait_for(lambda: len(read_markers(tool.markers)) > before, LAUNCH_TIMEOUT):
+    new = wait_for(lambda: marker_names(tool.markers) - before, LAUNCH_TIMEOUT)
+    if not new:
         tool.missed += 1
         return None
-    started = max(stamp for stamp, _ in read_markers(tool.markers).values())
+    started = max(read_marker(tool.markers / name)[0] for name in new)
     tool.latencies.append((started - written) / 1e9)
     tool.written.append(written)
     return written
