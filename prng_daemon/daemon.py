@@ -150,7 +150,7 @@ class Daemon:
         self._stop.set()
 
     def enqueue(self, path: Path, source: str) -> None:
-        """Called on the loop (the watcher hands over with call_soon_threadsafe)."""
+        """Called on the loop (the watcher reads inotify there)."""
         if path not in self._queued:
             self._queued.add(path)
             self._queue.put_nowait((path, source))
@@ -300,10 +300,15 @@ class Daemon:
         """Scan for files inotify did not report; FileNotFoundError if the dir is missing."""
         watcher = self._watcher
         assert watcher is not None
+        if watcher.stale():  # on the loop, which reads the watch (Watcher: loop thread only)
+            rearmed = watcher.degraded is None
+            watcher.rearm()
+            if rearmed and watcher.degraded is None:
+                log.info("watcher.rearmed", directory=str(watcher.directory))
         skip = self.ledger.known_paths()
-        # Off the loop: re-arming joins the old observer thread, and the listing may be long.
-        # The skip set is only read there (membership tests).
-        found = await asyncio.to_thread(self._look, watcher, skip)
+        # Off the loop: the listing may be long. The skip set is only read there (membership
+        # tests).
+        found = await asyncio.to_thread(watcher.scan, skip)
         for path in found:
             self.enqueue(path, "scan")
         # WAITING: no LLM answered last time. The sweep: rows left mid-way (at start, any).
@@ -313,15 +318,6 @@ class Daemon:
             self.enqueue(path, "retry")
         if found:
             log.info("daemon.catch_up", files=len(found))
-
-    @staticmethod
-    def _look(watcher: Watcher, skip: set[str]) -> list[Path]:
-        if watcher.stale():
-            rearmed = watcher.degraded is None
-            watcher.rearm()
-            if rearmed and watcher.degraded is None:
-                log.info("watcher.rearmed", directory=str(watcher.directory))
-        return watcher.scan(skip)
 
     async def _rescan_loop(self) -> None:
         missing = failing = False
@@ -461,7 +457,7 @@ class Daemon:
                 slots.release()
         await old_router.aclose()
         if parts.watcher is not None and old_watcher is not None:
-            await asyncio.to_thread(old_watcher.__exit__, None, None, None)
+            old_watcher.__exit__(None, None, None)
         work = work_deadline(new)
         for n in range(self._workers):
             self._tasks.set_deadline(f"worker-{n}", work)

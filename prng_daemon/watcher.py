@@ -6,36 +6,45 @@ trusted: the kernel drops events on queue overflow and NFS writes from other hos
 none, so `scan()` lists the directory for a catch-up at start and periodically. A directory
 that is deleted and made again takes its inotify watch with it: `stale()` notices, `rearm()`
 watches the new one.
+
+No thread: watchdog's inotify instance is read by the loop itself when its fd is readable
+(`loop.add_reader`), so an event reaches the daemon without waking any other thread. Every
+method but `scan()` therefore runs on the loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
-import threading
 from collections.abc import Callable, Container
 from pathlib import Path
 from types import TracebackType
 
-from watchdog.events import (
-    DirDeletedEvent,
-    FileClosedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    WatchDescriptor,
 )
-from watchdog.observers.inotify import InotifyObserver
 
 from .document.names import utf8_name
 from .log import get_logger
 
-__all__ = ["Watcher", "is_candidate"]
+__all__ = ["Watcher", "inotify_fd", "is_candidate"]
 
 OnPath = Callable[[Path, str], None]
 
 log = get_logger()
+
+_FILE_IN = InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_MOVED_TO
+_SELF_GONE = InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_MOVE_SELF
+_MASK = Mask(_FILE_IN | _SELF_GONE | InotifyConstants.IN_ONLYDIR)
+"""Closed after writing and moved in, never created; and the directory itself going away.
+Symlinks are followed, as os.stat in stale() does (a results dir may be a link)."""
+_CALLBACK_ID = CallbackId(0)
 
 
 def is_candidate(name: str) -> bool:
@@ -48,59 +57,61 @@ def is_candidate(name: str) -> bool:
     )
 
 
-class _Handler(FileSystemEventHandler):
-    # Runs on the observer thread: hand over at once, nothing else (all events share it).
+def inotify_fd(inotify: InotifyFD) -> int:
+    """The inotify instance's file descriptor, for `loop.add_reader`.
+
+    watchdog (7.1) has no public name for it: `_inotify_fd` is private, and
+    tests/test_watcher.py fails loudly if a release renames it or stops being an inotify fd.
+    """
+    fd: int = inotify._inotify_fd
+    return fd
+
+
+class _Events:
+    """watchdog's WatchCallback for one armed watch; `handle_event` calls it on the loop."""
+
     def __init__(
-        self,
-        directory: Path,
-        loop: asyncio.AbstractEventLoop,
-        on_path: OnPath,
-        on_gone: Callable[[], None],
-    ) -> None:
-        self._dir = str(directory)
-        self._loop = loop
+        self, directory: Path, on_path: OnPath, on_lost: Callable[[], None],
+        on_rescan: Callable[[], None],
+    ) -> None:  # fmt: skip
+        self._dir = directory
         self._on_path = on_path
-        self._on_gone = on_gone
+        self._on_lost = on_lost
+        self._on_rescan = on_rescan
+        self.live = True
+        """False once the watch is lost or closed: later events are not for this path."""
 
-    def _hand_over(self, path: str, source: str) -> None:
-        parent, _, name = path.rpartition("/")
-        if parent == self._dir and is_candidate(name):
-            self._loop.call_soon_threadsafe(self._on_path, Path(path), source)
+    def on_event(self, event: InotifyEvent) -> None:
+        mask = event.mask
+        if not self.live:
+            return
+        if mask & _SELF_GONE:  # before IN_ISDIR: recent kernels set it on these too
+            self.on_watch_deleted(event.wd)
+        elif mask & _FILE_IN and not mask & InotifyConstants.IN_ISDIR:
+            name = os.fsdecode(event.name)
+            if is_candidate(name):
+                source = "closed" if mask & InotifyConstants.IN_CLOSE_WRITE else "moved"
+                self._on_path(self._dir / name, source)
 
-    def on_closed(self, event: FileClosedEvent) -> None:
-        self._hand_over(str(event.src_path), "closed")
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        # The directory was deleted, unmounted or moved away: nothing more arrives for its path.
+        if self.live:
+            self.live = False
+            self._on_lost()
 
-    def on_moved(self, event: FileSystemEvent) -> None:
-        # Also a move in from another directory: with full events its src_path is "".
-        self._hand_over(str(event.dest_path), "moved")
-
-    def on_deleted(self, event: FileSystemEvent) -> None:
-        # The watched directory itself: its inotify watch went with it (watchdog's emitter
-        # stops), so nothing more arrives until the watch is armed again.
-        if str(event.src_path) == self._dir:
-            self._on_gone()
-
-
-class _OverflowAlarm(logging.Handler):
-    """watchdog (7.1 on) reports IN_Q_OVERFLOW only as a log warning; turn that into a rescan."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_overflow: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
-        self._loop = loop
-        self._on_overflow = on_overflow
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage():
+    def on_queue_overflow(self) -> None:
+        if self.live:
             log.warning("watcher.overflow", action="rescanning")
-            self._loop.call_soon_threadsafe(self._on_overflow)
+            self._on_rescan()
 
 
 class Watcher:
-    """The observer as a context manager: started on enter, stopped and joined on exit.
+    """The inotify watch as a context manager: armed on enter, closed (every fd) on exit.
 
-    `on_rescan` is called (on the loop) when events were lost: a queue overflow, or the
-    directory itself went away. `rearm()` then watches the directory as it is now; when the
-    kernel's inotify limits refuse a watch, `degraded` says why and only scans find files.
+    `on_rescan` is called (on the loop) when events were lost: a queue overflow, the directory
+    itself went away, or reading the events failed. `rearm()` then watches the directory as it
+    is now; when the kernel's inotify limits refuse a watch, `degraded` says why and only scans
+    find files.
     """
 
     def __init__(
@@ -116,23 +127,14 @@ class Watcher:
         self._loop = loop
         self._on_path = on_path
         self._on_rescan = on_rescan
-        self._observer: InotifyObserver | None = None
+        self._inotify: InotifyFD | None = None
+        self._events: _Events | None = None
         self._watched: tuple[int, int] | None = None
         self._gone = False
-        # rearm() runs in a worker thread (the daemon's rescan), __exit__ on the loop: one at
-        # a time, and none after the exit, or an observer could outlive the watcher.
-        self._lock = threading.Lock()
         self._closed = False
-        self._alarm = _OverflowAlarm(loop, on_rescan)
-        self._watchdog_log = logging.getLogger("watchdog.observers.inotify_c")
 
     def __enter__(self) -> Watcher:
-        self._watchdog_log.addHandler(self._alarm)
-        try:
-            self.rearm()
-        except BaseException:
-            self._watchdog_log.removeHandler(self._alarm)
-            raise
+        self.rearm()
         return self
 
     def __exit__(
@@ -141,10 +143,9 @@ class Watcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with self._lock:
-            self._closed = True
-            self._stop_observer()
-        self._watchdog_log.removeHandler(self._alarm)
+        self._check_loop()
+        self._closed = True
+        self._disarm()
 
     def rearm(self) -> None:
         """Watch the directory as it is at its path now (FileNotFoundError if it is not there).
@@ -152,29 +153,14 @@ class Watcher:
         Hitting the inotify instance or watch limit (EMFILE, ENOSPC) is not fatal: the watcher
         is then `degraded`, logged once, and the daemon finds files by scanning more often.
         """
-        with self._lock:
-            if not self._closed:
-                self._arm()
-
-    def _arm(self) -> None:
-        self._stop_observer()
+        self._check_loop()
+        if self._closed:
+            return
+        self._disarm()
         info = os.stat(self.directory)
         self._gone = False
         try:
-            # watchdog >= 7 makes the inotify instance here (EMFILE), the watch in start()
-            # (ENOSPC); older versions both in start().
-            observer = InotifyObserver(generate_full_events=True)
-            observer.schedule(
-                _Handler(self.directory, self._loop, self._on_path, self._lost),
-                str(self.directory),
-                recursive=False,
-                event_filter=[FileClosedEvent, FileMovedEvent, DirDeletedEvent],
-            )
-            try:
-                observer.start()
-            except BaseException:
-                observer.stop()  # ends watchdog's own reader thread; the observer never ran
-                raise
+            self._arm()
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENOSPC, errno.ENFILE):
                 raise
@@ -188,31 +174,66 @@ class Watcher:
         if self.degraded is not None:
             log.info("watcher.recovered", directory=str(self.directory))
         self.degraded = None
-        self._observer = observer
         self._watched = (info.st_dev, info.st_ino)
+
+    def _arm(self) -> None:
+        inotify = InotifyFD()  # EMFILE, ENFILE: no inotify instance left
+        try:
+            # Never started, so no thread of watchdog's can be inside a read: close() may free
+            # the fds itself (for a started one it leaves that to the reader thread).
+            inotify._is_reading = False
+            events = _Events(self.directory, self._on_path, self._lost, self._on_rescan)
+            inotify.add_callback(os.fsencode(self.directory), _MASK, events, _CALLBACK_ID)
+            self._loop.add_reader(inotify_fd(inotify), self._readable, inotify)
+        except BaseException:
+            inotify.close()
+            raise
+        self._inotify, self._events = inotify, events
 
     def stale(self) -> bool:
         """Whether the watch no longer covers the directory at its path (FileNotFoundError if
         there is none): it was deleted, moved away or replaced, or inotify refused it."""
         info = os.stat(self.directory)
-        return self._gone or self._observer is None or self._watched != (info.st_dev, info.st_ino)
+        return self._gone or self._inotify is None or self._watched != (info.st_dev, info.st_ino)
 
     def _lost(self) -> None:
-        # On the observer thread: a flag (read by stale()), and a rescan to notice at once.
+        # Events will be missed from now on: a flag (read by stale()), and a rescan at once.
         self._gone = True
-        self._loop.call_soon_threadsafe(self._on_rescan)
+        self._on_rescan()
 
-    def _stop_observer(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join()
-            self._observer = None
+    def _readable(self, inotify: InotifyFD) -> None:
+        try:
+            for event in inotify.read_events():
+                inotify.handle_event(event)
+        except Exception:
+            # Left registered, a fd that stays readable would fail again at once, forever, and
+            # files would wait for the periodic scan: drop the watch, rescan and re-arm now.
+            log.exception("watcher.failed", directory=str(self.directory), action="rescanning")
+            self._disarm()
+            self._lost()
+
+    def _disarm(self) -> None:
+        if self._inotify is not None and self._events is not None:
+            self._events.live = False  # close() reports the watch deleted: that is no loss
+            self._loop.remove_reader(inotify_fd(self._inotify))
+            self._inotify.close()
+            self._inotify = self._events = None
+
+    def _check_loop(self) -> None:
+        # add_reader/remove_reader are not thread-safe: from a worker thread they would race
+        # the running loop's own use of its selector. Refuse that loudly, not fail now and then.
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is not self._loop and self._loop.is_running():
+            raise RuntimeError("a Watcher is armed and closed on its loop's thread only")
 
     def scan(self, skip: Container[str] = ()) -> list[Path]:
         """Candidate result files now in the directory, oldest first, except names in `skip`.
 
         Only the names not skipped are stat'ed: with 100,000 decided files a rescan is one
-        directory listing, not 100,000 system calls.
+        directory listing, not 100,000 system calls. Any thread may call it.
         """
         with os.scandir(self.directory) as entries:
             names = [e.name for e in entries if is_candidate(e.name) and e.name not in skip]

@@ -1,4 +1,5 @@
-"""The watcher: completed files only, temp files ignored, a queue overflow becomes a rescan."""
+"""The watcher: completed files only, temp files ignored, a queue overflow becomes a rescan,
+all of it on the event loop's own thread (no thread of watchdog's), every fd closed on exit."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import asyncio
 import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD, WatchDescriptor
 
-from prng_daemon.watcher import Watcher, is_candidate
+from prng_daemon.watcher import Watcher, inotify_fd, is_candidate
 
 from .helpers import until
 
@@ -77,7 +81,7 @@ def _small_inotify_queue(size: int) -> Iterator[None]:
 
 @pytest.mark.skipif(not os.access(MAX_QUEUED, os.W_OK), reason="needs root to shrink the queue")
 def test_inotify_queue_overflow_triggers_a_rescan(tmp_path: Path) -> None:
-    """watchdog only logs IN_Q_OVERFLOW; the watcher turns it into a rescan request."""
+    """The kernel's IN_Q_OVERFLOW becomes a rescan request."""
 
     def burst() -> None:
         for n in range(400):
@@ -93,10 +97,9 @@ def test_inotify_queue_overflow_triggers_a_rescan(tmp_path: Path) -> None:
         with contextlib.ExitStack() as stack:
             with _small_inotify_queue(16):
                 stack.enter_context(watcher)
-            # Keep watchdog's reader thread off the inotify fd while the burst lands, so the
-            # kernel queue overflows for certain rather than by losing a scheduling race.
-            with watcher._observer._inotify_fd._lock:  # type: ignore[attr-defined]
-                await loop.run_in_executor(None, burst)
+            # On the loop's own thread: the loop, which reads the inotify fd, cannot read while
+            # the burst lands, so the kernel queue overflows for certain, not by a lost race.
+            burst()
             await until(lambda: overflows, 5, "the overflow")
             return seen, overflows
 
@@ -123,7 +126,7 @@ def test_a_deleted_directory_is_reported_and_rearm_watches_the_new_one(tmp_path:
                 watcher.stale()
             results.mkdir()
             stale = watcher.stale()
-            await loop.run_in_executor(None, watcher.rearm)
+            watcher.rearm()
             rearmed = not watcher.stale()
             (results / "new.json").write_text("{}")
             await until(lambda: seen, 5, "the file in the re-armed dir")
@@ -132,3 +135,112 @@ def test_a_deleted_directory_is_reported_and_rearm_watches_the_new_one(tmp_path:
     seen, stale, rearmed = asyncio.run(main())
     assert stale and rearmed
     assert seen == ["new.json"]
+
+
+def _fds() -> set[str]:
+    return {f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}" for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}  # fmt: skip
+
+
+def test_the_watchdog_internals_the_watcher_uses_are_still_there() -> None:
+    """watchdog has no public name for its inotify fd (`_inotify_fd`) nor a way to close an
+    instance that was never started (`_is_reading`): a release that changes either fails here."""
+    before = _fds()
+    inotify = InotifyFD()
+    assert os.readlink(f"/proc/self/fd/{inotify_fd(inotify)}") == "anon_inode:inotify"
+    assert inotify._is_reading is True, "watchdog 7.1's state of a reader never started"
+    inotify._is_reading = False
+    inotify.close()
+    assert _fds() == before, "close() of an instance never read leaves its fds open"
+
+
+def test_no_thread_runs_and_exit_closes_every_fd(tmp_path: Path) -> None:
+    """Events are read by the loop itself: no thread is started for them, none is left, and
+    the inotify instance (with watchdog's wake-up pipe) is closed on exit."""
+
+    async def main() -> tuple[list[str], set[str], set[str], int]:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: None)  # the executor's thread, made beforehand
+        threads = set(threading.enumerate())
+        fds = _fds()
+        seen: list[str] = []
+        with Watcher(tmp_path, loop, lambda p, s: seen.append(p.name), lambda: None) as w:
+            assert w._inotify is not None
+            fd = inotify_fd(w._inotify)
+            (tmp_path / "a.json").write_text("{}")
+            await until(lambda: seen, 5, "the event")
+            during = set(threading.enumerate()) - threads
+        assert not during, f"threads started for the watch: {during}"
+        return seen, fds, _fds(), fd
+
+    seen, before, after, fd = asyncio.run(main())
+    assert seen == ["a.json"]
+    assert before == after, f"left open: {after - before}"
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_an_overflow_reported_by_watchdog_is_logged_and_requests_a_rescan(tmp_path: Path) -> None:
+    """watchdog's own IN_Q_OVERFLOW event (wd -1), through its `handle_event`, as its reader
+    gives it: the watcher's `on_queue_overflow` logs it and asks for a rescan (no root needed)."""
+
+    async def main() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        overflows: list[bool] = []
+        with Watcher(tmp_path, loop, lambda p, s: None, lambda: overflows.append(True)) as w:
+            assert w._inotify is not None
+            event = InotifyEvent(WatchDescriptor(-1), InotifyConstants.IN_Q_OVERFLOW, 0, b"")
+            w._inotify.handle_event(event)
+            assert not w.stale(), "an overflow loses events, not the watch"
+        return overflows
+
+    with capture_logs() as logs:
+        overflows = asyncio.run(main())
+    assert overflows == [True]
+    assert [e["event"] for e in logs] == ["watcher.overflow"]
+
+
+def test_a_failure_while_reading_events_is_logged_and_the_rescan_rearms(tmp_path: Path) -> None:
+    """An exception in the loop's reader callback would otherwise go to asyncio's handler and
+    leave the fd readable (the callback again, forever): it is logged, the watch dropped,
+    `stale()` says so, a rescan is asked for, and `rearm()` watches again."""
+
+    def on_path(path: Path, source: str) -> None:
+        if path.name == "boom.json":
+            raise RuntimeError("a bug in the consumer")
+        seen.append(path.name)
+
+    seen: list[str] = []
+
+    async def main() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        rescans: list[bool] = []
+        with Watcher(tmp_path, loop, on_path, lambda: rescans.append(True)) as w:
+            (tmp_path / "boom.json").write_text("{}")
+            await until(lambda: rescans, 5, "the rescan request")
+            stale = w.stale()
+            w.rearm()
+            rearmed = not w.stale()
+            (tmp_path / "after.json").write_text("{}")
+            await until(lambda: seen, 5, "an event after the re-arm")
+        return stale, rearmed
+
+    with capture_logs() as logs:
+        stale, rearmed = asyncio.run(main())
+    assert stale and rearmed
+    assert seen == ["after.json"]
+    [failed] = [e for e in logs if e["log_level"] == "error"]
+    assert failed["event"] == "watcher.failed" and failed["exc_info"]
+
+
+def test_arming_or_closing_off_the_loop_thread_is_refused(tmp_path: Path) -> None:
+    """add_reader/remove_reader are not thread-safe: a worker thread may not arm the watch."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with Watcher(tmp_path, loop, lambda p, s: None, lambda: None) as w:
+            with pytest.raises(RuntimeError, match="loop's thread"):
+                await loop.run_in_executor(None, w.rearm)
+            assert not w.stale(), "the refused call left the watch as it was"
+
+    asyncio.run(main())
