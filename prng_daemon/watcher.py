@@ -8,8 +8,8 @@ that is deleted and made again takes its inotify watch with it: `stale()` notice
 watches the new one.
 
 No thread: watchdog's inotify instance is read by the loop itself when its fd is readable
-(`loop.add_reader`), so an event reaches the daemon without waking any other thread. Every
-method but `scan()` therefore runs on the loop's thread.
+(`loop.add_reader`), so an event reaches the daemon without waking any other thread. So the
+watch is armed (`rearm()`) and closed (the exit) on the loop's thread; `scan()` may run anywhere.
 """
 
 from __future__ import annotations
