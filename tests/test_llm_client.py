@@ -137,7 +137,7 @@ def test_hang_past_the_timeout_is_unavailable_in_time() -> None:
 
 
 def test_a_server_that_drips_is_cut_off_at_the_total_deadline() -> None:
-    """One byte every 50 ms never trips httpx's per-read timeout; the whole answer would take
+    """One byte every 50 ms never trips a per-read timeout; the whole answer would take
     tens of seconds, so only a deadline on the whole request ends it."""
     with FakeLlama() as fake:
         fake.mode = "drip"

@@ -7,9 +7,12 @@ without both: RESULTS §1's microbench (one chat request to the fake llama-serve
 measured httpx's transport 1.89 ms, httpcore alone 1.62–1.81, httpcore on a plain-asyncio
 stream 1.40–1.59, `http.client` 1.07–1.16.
 
-Sending the request line and headers and the body in one write (they are two) measured no
-gain on this stream (1000 requests, two runs: 1.307 / 1.308 ms against 1.299 / 1.279 ms), so
-the stream writes what httpcore gives it as it comes.
+The stream holds what httpcore writes until it first reads: httpcore writes the request line
+and headers, then the body, then reads the answer, so the request leaves in one `send` instead
+of two (TCP_NODELAY would send each at once). That saves the client 0.026–0.031 ms of CPU a
+request, the median time unchanged (1000 requests interleaved, two runs: 1.367 / 1.275 ms
+against 1.364 / 1.253 ms): with two sends the server starts on the headers while the body
+follows.
 
 Per-operation timeouts are not applied: LlamaClient never sets them (its requests carry no
 "timeout" extension, so httpcore passes None), and it bounds each whole exchange, connect
@@ -33,17 +36,21 @@ class _Stream(httpcore.AsyncNetworkStream):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        self._unsent: list[bytes] = []
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._unsent:
+            # The transport sends what it can now and buffers the rest until the socket drains
+            # (a request is a few kB); a lost connection shows in the read below.
+            self._writer.write(b"".join(self._unsent))
+            self._unsent.clear()
         try:
             return await self._reader.read(max_bytes)  # b"" at EOF
         except OSError as exc:
             raise httpcore.ReadError(repr(exc)) from exc
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        # The transport sends what it can now and buffers the rest until the socket drains (a
-        # request is a few kB); a lost connection shows in the read that follows.
-        self._writer.write(buffer)
+        self._unsent.append(buffer)
 
     async def aclose(self) -> None:
         self._writer.close()
