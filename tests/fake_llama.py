@@ -67,6 +67,8 @@ class FakeLlama:
         self.decision = "proceed"
         self.confidence = "high"
         self.requests: list[dict[str, Any]] = []
+        self.authorizations: list[str | None] = []
+        """The Authorization header of every request, in order, None where there was none."""
         self._lock = threading.Lock()
         self._slot_free = threading.Condition(self._lock)
         self._busy = 0
@@ -93,16 +95,27 @@ class FakeLlama:
         self._stopping.set()
         with self._lock:
             self._slot_free.notify_all()
-            # Kept-alive connections wait in a read for the client's next request: end them,
-            # or the join of their threads below waits for every client to hang up.
+        # Kept-alive connections wait in a read for the client's next request: end them, or
+        # the join of their threads below waits for every client to hang up.
+        self.hang_up()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def hang_up(self) -> None:
+        """Close every connection now open, as a server restarting or timing out idle
+        connections does; `open_connections` is 0 once their threads are done."""
+        with self._lock:
             for connection in self._connections:
                 try:
                     connection.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -126,6 +139,13 @@ class FakeLlama:
                 with fake._lock:
                     fake._connections.discard(self.connection)
                 super().finish()
+
+            def parse_request(self) -> bool:
+                parsed = super().parse_request()
+                if parsed:
+                    with fake._lock:
+                        fake.authorizations.append(self.headers.get("Authorization"))
+                return parsed
 
             def do_GET(self) -> None:
                 if self.path != "/health":

@@ -360,24 +360,20 @@ def test_one_reader_for_key_files_the_router_sends_the_first_key(tmp_path: Path)
     reads the same file the same way (it used to send the whole file)."""
     key = tmp_path / "keys"
     key.write_text("# rotated 2026-11-01\n\nk-new\nk-old\n")
-    seen: list[str | None] = []
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request.headers.get("Authorization"))
-        return httpx.Response(200, json={"status": "ok"})
-
-    server = {"model": "m.gguf", "port": 1, "managed": False, "api_key_file": str(key)}
-    config = parse_config(json.dumps({"orchestrator": server, "math": {**server, "port": 2}}))
-
-    async def check() -> None:
-        router = AsyncRouter(config, transport=httpx.MockTransport(answer))
+    async def check(config: Config) -> None:
+        router = AsyncRouter(config)
         try:
             await router.health_check()
         finally:
             await router.aclose()
 
-    asyncio.run(check())
-    assert seen == ["Bearer k-new", "Bearer k-new"]
+    with FakeLlama() as orchestrator, FakeLlama() as math:
+        server = {"model": "m.gguf", "managed": False, "api_key_file": str(key)}
+        doc = {"orchestrator": {**server, "port": orchestrator.port},
+               "math": {**server, "port": math.port}}  # fmt: skip
+        asyncio.run(check(parse_config(json.dumps(doc))))
+    assert orchestrator.authorizations == math.authorizations == ["Bearer k-new"]
 
 
 AGENT = """\

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
+from prng_daemon.config import Config
 from prng_daemon.errors import ConfigError, LLMBadAnswer, LLMUnavailable
 from prng_daemon.llm import AsyncRouter, Completion, Health, LlamaClient
 
 from .fake_llama import FakeLlama, llm_config
-from .helpers import free_port
+from .helpers import free_port, wait_until
 
 
 async def _health(url: str) -> Health:
@@ -87,6 +87,26 @@ def test_requests_share_one_kept_alive_connection_as_with_llama_server() -> None
         assert fake.connections == 1
 
 
+def test_a_connection_the_server_closed_is_replaced_on_the_next_request() -> None:
+    """llama-server (or a proxy) may close a kept-alive connection between requests; the next
+    request goes out on a new one instead of failing on the dead one."""
+
+    async def ask_twice(fake: FakeLlama) -> None:
+        client = LlamaClient(fake.url, timeout=5)
+        try:
+            await client.complete("Answer:", n_predict=4, temperature=0.0)
+            fake.hang_up()
+            wait_until(lambda: fake.open_connections == 0, what="the fake to close it")
+            await client.complete("Answer:", n_predict=4, temperature=0.0)
+        finally:
+            await client.aclose()
+
+    with FakeLlama() as fake:
+        asyncio.run(ask_twice(fake))
+        assert len(fake.requests) == 2
+        assert fake.connections == 2
+
+
 @pytest.mark.parametrize(
     ("mode", "error", "says"),
     [
@@ -117,7 +137,7 @@ def test_hang_past_the_timeout_is_unavailable_in_time() -> None:
 
 
 def test_a_server_that_drips_is_cut_off_at_the_total_deadline() -> None:
-    """One byte every 50 ms never trips httpx's per-read timeout; the whole answer would take
+    """One byte every 50 ms never trips a per-read timeout; the whole answer would take
     tens of seconds, so only a deadline on the whole request ends it."""
     with FakeLlama() as fake:
         fake.mode = "drip"
@@ -130,24 +150,23 @@ def test_a_server_that_drips_is_cut_off_at_the_total_deadline() -> None:
 
 def test_api_key_from_the_key_file_is_sent_as_bearer(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("s3cret\n")
-    seen: list[str | None] = []
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request.headers.get("Authorization"))
-        return httpx.Response(200, json={"status": "ok"})
-
-    server = {"model": "m.gguf", "port": 8080, "api_key_file": str(tmp_path / "key")}
-    config = llm_config(8080, 8081, orchestrator=server)
-
-    async def check() -> dict[str, bool]:
-        router = AsyncRouter(config, transport=httpx.MockTransport(answer))
+    async def check(config: Config) -> dict[str, bool]:
+        router = AsyncRouter(config)
         try:
+            await router.orchestrate("hello")
             return await router.health_check()
         finally:
             await router.aclose()
 
-    assert asyncio.run(check()) == {"orchestrator": True, "math": True}
-    assert sorted(seen, key=str) == ["Bearer s3cret", None]
+    with FakeLlama() as orchestrator, FakeLlama() as math:
+        key = str(tmp_path / "key")
+        server = {"model": "m.gguf", "port": orchestrator.port, "api_key_file": key}
+        config = llm_config(orchestrator.port, math.port, orchestrator=server)
+        assert asyncio.run(check(config)) == {"orchestrator": True, "math": True}
+    # /health before the completion, then /health again; the math server has no key.
+    assert orchestrator.authorizations == ["Bearer s3cret"] * 3
+    assert math.authorizations == [None]
 
 
 def test_unreadable_key_file_is_a_config_error(tmp_path: Path) -> None:

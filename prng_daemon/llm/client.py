@@ -8,16 +8,22 @@ import json
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import httpx
+import httpcore
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LLMBadAnswer, LLMUnavailable
+from .netstream import AsyncioBackend
 
 __all__ = ["Completion", "Health", "LlamaClient", "TokenProbability", "TopLogprob"]
 
 # llama-server answers 503 with this message until the model is loaded (503 also means "busy").
 LOADING_MESSAGE = "Loading model"
+
+# What httpcore raises when the server cannot be reached or answers no HTTP: the connection
+# refused, reset or closed mid-answer, bytes that are not an HTTP response.
+_NO_ANSWER = (httpcore.NetworkError, httpcore.ProtocolError)
 
 
 _Shape = TypeVar("_Shape", bound=BaseModel)
@@ -102,64 +108,68 @@ class _Body(BaseModel):
     completion_probabilities: list[TokenProbability] = Field(default_factory=list)
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(content: bytes) -> str:
     try:
-        message = response.json()["error"]["message"]
+        message = json.loads(content)["error"]["message"]
     except (ValueError, KeyError, TypeError):
-        return response.text[:200]
+        return content.decode(errors="replace")[:200]
     return str(message)
 
 
 class LlamaClient:
     """One llama-server. Holds one connection pool; close it with `aclose()`."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        timeout: float,
-        api_key: str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, *, timeout: float, api_key: str | None = None) -> None:
         self.base_url = base_url
         self.timeout = timeout
         """Seconds for a whole request, from connecting to the last byte of the answer."""
-        self._headers = {"Content-Type": "application/json"}
+        self._headers = [
+            (b"Host", urlsplit(base_url).netloc.encode()),
+            (b"Content-Type", b"application/json"),
+        ]
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        # httpx's transport (its connection pool) without an AsyncClient around it: the client's
-        # per-request work (URL and header merging, cookies, auth and redirect flows, hooks) is
-        # none of it used here and cost about 0.3 ms a request (RESULTS §1).
-        self._transport = transport or httpx.AsyncHTTPTransport()
-
-    async def _send(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
-        """One exchange, its answer read whole, within `timeout` seconds in all, else
-        httpx.ReadTimeout: httpx's own timeouts bound each read, so a server that drips one
-        byte a second would never trip them and would hold a decision slot for ever."""
-        request = httpx.Request(
-            method, self.base_url + path, headers=self._headers, content=content
+            self._headers.append((b"Authorization", f"Bearer {api_key}".encode()))
+        self._urls: dict[str, httpcore.URL] = {}
+        # httpcore's pool on our asyncio streams, without httpx's client or transport: their
+        # per-request work (URL and header models, cookies, auth and redirect flows, hooks,
+        # exception maps) is none of it used here (netstream.py has the numbers). The limits
+        # are httpx's defaults, which the daemon ran with before.
+        self._pool = httpcore.AsyncConnectionPool(
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=AsyncioBackend(),
         )
-        try:
-            async with asyncio.timeout(self.timeout):
-                response = await self._transport.handle_async_request(request)
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            raise httpx.ReadTimeout(
-                f"no complete answer within {self.timeout:g}s", request=request
-            ) from None
+
+    async def _send(
+        self, method: bytes, path: str, content: bytes | None = None
+    ) -> httpcore.Response:
+        """One exchange, its answer read whole, within `timeout` seconds in all, else
+        TimeoutError: one deadline on the whole exchange, because a server that drips one byte
+        a second would never trip a per-read timeout and would hold a decision slot for ever."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpcore.URL(self.base_url + path)
+        headers = self._headers
+        if content is not None:
+            headers = [*headers, (b"Content-Length", b"%d" % len(content))]
+        request = httpcore.Request(method, url, headers=headers, content=content)
+        async with asyncio.timeout(self.timeout):
+            response = await self._pool.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         return response
 
     async def health(self) -> Health:
         try:
-            response = await self._send("GET", "/health")
-        except httpx.HTTPError:
+            response = await self._send(b"GET", "/health")
+        except (TimeoutError, *_NO_ANSWER):
             return Health.DOWN
-        if response.status_code == 200:
+        if response.status == 200:
             return Health.READY
-        if response.status_code == 503 and LOADING_MESSAGE in _error_message(response):
+        if response.status == 503 and LOADING_MESSAGE in _error_message(response.content):
             return Health.LOADING
         return Health.DOWN
 
@@ -174,7 +184,7 @@ class LlamaClient:
         n_probs: int = 0,
         cache_prompt: bool = True,
     ) -> Completion:
-        """Generate from `prompt`; raise LLMUnavailable or LLMBadAnswer, never an httpx error."""
+        """Generate from `prompt`; raise LLMUnavailable or LLMBadAnswer, never an HTTP error."""
         body: dict[str, Any] = {
             "prompt": prompt,
             "n_predict": n_predict,
@@ -250,25 +260,25 @@ class LlamaClient:
         """POST `body`; a 200 answer parsed as `shape`, else LLMUnavailable (no answer, busy,
         loading) or LLMBadAnswer (any other failure, a malformed body included)."""
         where = f"{self.base_url}{path}"
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         try:
-            content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-            response = await self._send("POST", path, content.encode())
-        except httpx.TimeoutException:
+            response = await self._send(b"POST", path, content.encode())
+        except TimeoutError:
             raise LLMUnavailable(f"{where}: no complete answer within {self.timeout:g}s") from None
-        except httpx.TransportError as exc:
+        except _NO_ANSWER as exc:
             raise LLMUnavailable(f"{where}: unreachable: {exc!r}") from None
-        except httpx.HTTPError as exc:
-            raise LLMBadAnswer(f"{where}: {exc!r}") from None
-        if response.status_code == 503:
-            message = _error_message(response)
+        if response.status == 503:
+            message = _error_message(response.content)
             state = "still loading the model" if LOADING_MESSAGE in message else message
             raise LLMUnavailable(f"{where}: HTTP 503: {state}")
-        if response.status_code != 200:
-            raise LLMBadAnswer(f"{where}: HTTP {response.status_code}: {_error_message(response)}")
+        if response.status != 200:
+            raise LLMBadAnswer(
+                f"{where}: HTTP {response.status}: {_error_message(response.content)}"
+            )
         try:
             return shape.model_validate_json(response.content)
         except ValidationError as exc:
             raise LLMBadAnswer(f"{where}: malformed body: {exc.errors()[0]['msg']}") from None
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        await self._pool.aclose()

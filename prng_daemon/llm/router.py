@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
-
 from ..config import Config, load_config
 from ..config import config_path as resolve_config_path
 from ..document.metadata import QUERY_TYPES
@@ -128,7 +126,6 @@ class AsyncRouter:
         config: Config,
         *,
         is_ready: Callable[[ServerName], bool] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.metrics = LLMMetrics()
@@ -139,7 +136,6 @@ class AsyncRouter:
                 config.server(name).url,
                 timeout=config.routing.request_timeout_seconds,
                 api_key=read_api_key(config, name),
-                transport=transport,
             )
             for name in SERVER_NAMES
         }
