@@ -244,7 +244,10 @@ PHASES = {
     # label: (module, attribute path) of what is wrapped; coroutines are timed to completion.
     "engine.process (whole file)": ("prng_daemon.engine", "Engine.process"),
     "load_result (read, hash, JSON, schema, pydantic)": ("prng_daemon.engine", "load_result"),
-    "Engine._load (load_result in a worker thread)": ("prng_daemon.engine", "Engine._load"),
+    "Engine._load (load_result, a worker thread for big files)": (
+        "prng_daemon.engine",
+        "Engine._load",
+    ),
     "ledger.claim": ("prng_daemon.ledger", "Ledger.claim"),
     "ledger.update": ("prng_daemon.ledger", "Ledger.update"),
     "ledger.root_of": ("prng_daemon.ledger", "Ledger.root_of"),

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from prng_daemon.config import load_config
 from prng_daemon.document.decision import Decision
 from prng_daemon.document.metadata import MAX_FILES, AgentMetadata
-from prng_daemon.engine import Engine
+from prng_daemon.engine import INLINE_CHECK_BYTES, Engine
 from prng_daemon.handlers.act.local import LocalLauncher
-from prng_daemon.ledger import Ledger
+from prng_daemon.ledger import Entry, Ledger
 
 from .helpers import free_port
 from .workspace import make_workspace, result_document, run_id
@@ -28,11 +29,14 @@ def big_result(path: Path) -> Path:
     return path
 
 
-def test_a_huge_file_is_checked_while_the_loop_keeps_turning(tmp_path: Path) -> None:
+def checked_with_the_loop_turning(
+    tmp_path: Path, make: Callable[[Path], Path]
+) -> tuple[int, Entry]:
+    """Process one file with a probe on the loop: how often the probe ran, and the ledger row."""
     ws = make_workspace(tmp_path, free_port())
     config = load_config(ws.config_path)
     config.daemon.state_dir.mkdir()
-    path = big_result(ws.results / "big.json")
+    path = make(ws.results / "result.json")
     ledger = Ledger(config.daemon.ledger_path)
 
     async def never(meta: AgentMetadata) -> Decision:
@@ -67,8 +71,30 @@ def test_a_huge_file_is_checked_while_the_loop_keeps_turning(tmp_path: Path) -> 
         [entry] = ledger.recent(10)
     finally:
         ledger.close()
+    return during, entry
+
+
+def test_a_huge_file_is_checked_while_the_loop_keeps_turning(tmp_path: Path) -> None:
+    during, entry = checked_with_the_loop_turning(tmp_path, big_result)
     assert during >= 5, f"the probe ran {during} times while the file was checked"
     assert entry.state.value == "quarantined"
     assert entry.reason == (
         f"/agent_metadata/inputs: has {INPUTS} items, more than the {MAX_FILES} allowed"
     )
+
+
+def small_bad_result(path: Path) -> Path:
+    """Under the size checked on the loop, but thousands of schema errors for jsonschema to name
+    (a quarter of a second of CPU)."""
+    outputs = ["../x"] * (INLINE_CHECK_BYTES // 10)
+    path.write_text(json.dumps(result_document(2, run_id(2, 1), outputs=outputs)))
+    assert path.stat().st_size <= INLINE_CHECK_BYTES
+    return path
+
+
+def test_a_small_file_that_needs_jsonschema_is_checked_off_the_loop(tmp_path: Path) -> None:
+    during, entry = checked_with_the_loop_turning(tmp_path, small_bad_result)
+    assert during >= 5, f"the probe ran {during} times while the file was checked"
+    assert entry.state.value == "quarantined"
+    assert entry.reason is not None
+    assert entry.reason.startswith("/agent_metadata/outputs/0: must be a relative path")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import jsonschema_rs
 from pydantic import ValidationError
 
 from ..document.metadata import (
@@ -32,12 +33,25 @@ from ..document.metadata import (
 from ..document.pipeline import FINAL_AGENT
 from ..errors import ResultRejected
 
-__all__ = ["Loaded", "load_result", "parse_result_bytes", "result_schema", "schema_problems"]
+__all__ = [
+    "Deferred",
+    "Loaded",
+    "load_result",
+    "parse_result_bytes",
+    "result_schema",
+    "schema_problems",
+]
 
 MAX_DEPTH = 64
 MAX_MESSAGE = 300
 """Characters of one problem's message."""
 SCHEMA_FILE = "result-v1.0.4.schema.json"
+
+
+class Deferred(Exception):
+    """load_result(cheap_bytes=...) stopped where the rest would cost more than cheap: the file is
+    over cheap_bytes, or it needs jsonschema's walk (milliseconds, a quarter of a second for 64 KiB
+    of bad entries). load_result without cheap_bytes finishes the job."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,24 @@ def _validator() -> jsonschema.protocols.Validator:
     return cls(result_schema())
 
 
+@cache
+def _gate() -> jsonschema_rs.Draft202012Validator:
+    # The same schema, compiled in Rust: ~100x faster than jsonschema's walk (2 us against 200 us
+    # for a typical result), but its messages are not ours. It only ever says "valid": a document
+    # it passes is passed, anything else goes through jsonschema, whose verdict and messages
+    # stand. Its regular expressions are ECMA-262's, the schema's dialect, so `$` is the very
+    # end there too (what _ecma_pattern does for jsonschema).
+    return jsonschema_rs.Draft202012Validator(result_schema())
+
+
+def _surely_valid(document: object) -> bool:
+    """The gate for what json.loads made: Rust reads a tuple as an array, jsonschema does not."""
+    try:
+        return _gate().is_valid(document)
+    except ValueError:  # a string it cannot hold (a lone surrogate): jsonschema decides
+        return False
+
+
 def _pointer(parts: Collection[object]) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
@@ -157,24 +189,34 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _depth(value: object) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, level = stack.pop()
-        deepest = max(deepest, level)
-        if isinstance(node, dict):
-            stack.extend((child, level + 1) for child in node.values())
-        elif isinstance(node, list):
-            stack.extend((child, level + 1) for child in node)
-    return deepest
+def _too_deep(value: object) -> bool:
+    """Deeper than MAX_DEPTH levels, the top level being 1 and a scalar in a list one more."""
+    # Level by level, stopping at the limit: a quarter of the time of a walk node by node.
+    level = [value]
+    for _ in range(MAX_DEPTH):
+        below: list[object] = []
+        for node in level:
+            if isinstance(node, dict):
+                below.extend(node.values())
+            elif isinstance(node, list):
+                below.extend(node)
+        if not below:
+            return False
+        level = below
+    return True
 
 
-def _check_document(raw: Any) -> ResultFile:
+def _check_document(raw: Any, cheap: bool) -> ResultFile:
     if not isinstance(raw, dict):
         raise ResultRejected(f"top level is a JSON {type(raw).__name__}, expected an object")
-    if _depth(raw) > MAX_DEPTH:
+    if _too_deep(raw):
         raise ResultRejected(f"nested deeper than {MAX_DEPTH} levels")
-    problems = schema_problems(raw)
+    if _surely_valid(raw):
+        problems = []
+    elif cheap:
+        raise Deferred
+    else:
+        problems = schema_problems(raw)
     if problems:
         pointer, message = problems[0]
         raise ResultRejected(message, pointer, problems)
@@ -186,8 +228,12 @@ def _check_document(raw: Any) -> ResultFile:
         raise ResultRejected(first["msg"], pointer) from None
 
 
-def parse_result_bytes(data: bytes) -> ResultFile:
-    """Decode, parse and check the bytes of a result file."""
+def parse_result_bytes(data: bytes, *, cheap: bool = False) -> ResultFile:
+    """Decode, parse and check the bytes of a result file.
+
+    `cheap`: raise Deferred rather than walk the schema with jsonschema (a document the gate
+    does not pass).
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -208,10 +254,10 @@ def parse_result_bytes(data: bytes) -> ResultFile:
         raise ResultRejected(f"not valid JSON: {exc}") from None
     except RecursionError:
         raise ResultRejected(f"nested deeper than {MAX_DEPTH} levels") from None
-    return _check_document(raw)
+    return _check_document(raw, cheap)
 
 
-def _read_regular_file(path: Path, max_bytes: int) -> bytes:
+def _read_regular_file(path: Path, max_bytes: int, cheap_bytes: int | None = None) -> bytes:
     try:
         # O_NOFOLLOW: a symlink is refused, not followed; O_NONBLOCK: a FIFO cannot hang us.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -229,12 +275,26 @@ def _read_regular_file(path: Path, max_bytes: int) -> bytes:
             raise ResultRejected("is not a regular file")
         if info.st_size > max_bytes:
             raise ResultRejected(f"is {info.st_size} bytes, over the {max_bytes}-byte limit")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(max_bytes + 1)
+        if cheap_bytes is not None and info.st_size > cheap_bytes:
+            raise Deferred
+        limit = max_bytes if cheap_bytes is None else min(max_bytes, cheap_bytes)
+        # One read of the size fstat gave, and one more that finds the end (or what was added).
+        chunks: list[bytes] = []
+        size, want = 0, info.st_size + 1
+        while size <= limit:
+            chunk = os.read(fd, min(want, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            want = 1 << 16
     finally:
         os.close(fd)
+    data = b"".join(chunks)
     if len(data) > max_bytes:
         raise ResultRejected(f"grew past the {max_bytes}-byte limit while being read")
+    if len(data) > limit:
+        raise Deferred
     return data
 
 
@@ -244,18 +304,21 @@ def load_result(
     max_bytes: int = MAX_RESULT_BYTES,
     root: Path | None = None,
     allowed_agents: Collection[str] | None = None,
+    cheap_bytes: int | None = None,
 ) -> Loaded:
     """Read and check one result file; raise ResultRejected with the reason.
 
     `root`: the file must resolve inside this directory. `allowed_agents`: the configured agent
-    allowlist the follow-up agent must be in (a final step needs none).
+    allowlist the follow-up agent must be in (a final step needs none). `cheap_bytes`: do only
+    what costs well under a millisecond a file, as an event loop may: a file of up to this many
+    bytes whose schema check needs no jsonschema walk; raise Deferred for any other.
     """
-    if root is not None:
-        parent = path.parent.resolve()
-        if not parent.is_relative_to(root.resolve()):
+    # A file named inside root is in it (the daemon's always are): resolving both costs ~20 us.
+    if root is not None and path.parent != root:
+        if not path.parent.resolve().is_relative_to(root.resolve()):
             raise ResultRejected(f"lies outside the results directory {root}")
-    data = _read_regular_file(path, max_bytes)
-    document = parse_result_bytes(data)
+    data = _read_regular_file(path, max_bytes, cheap_bytes)
+    document = parse_result_bytes(data, cheap=cheap_bytes is not None)
     meta = document.agent_metadata
     if allowed_agents is not None and meta.follow_up_agent != FINAL_AGENT:
         if meta.follow_up_agent not in allowed_agents:
