@@ -249,21 +249,18 @@ class Ledger:
         processed.
         """
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT * FROM files WHERE path = ? AND sha256 = ?", (path, sha256)
-            ).fetchone()
-            if row:
-                return _entry(row), False
-            earlier = db.execute(
-                "SELECT run_id FROM files WHERE path = ? AND state NOT IN (?, ?) LIMIT 1",
-                (path, State.SEEN, State.QUARANTINED),
-            ).fetchone()
+            # Every version of this name at once (a handful): one query on the launch path.
+            versions = db.execute("SELECT * FROM files WHERE path = ?", (path,)).fetchall()
+            for row in versions:
+                if row["sha256"] == sha256:
+                    return _entry(row), False
+            earlier = any(row["state"] not in (State.SEEN, State.QUARANTINED) for row in versions)
             state = State.CHANGED if earlier else State.SEEN
             reason = "content changed after it was decided; not re-run" if earlier else None
-            entry_id = self._insert(db, path, sha256, state, reason=reason, **fields)
+            row = self._insert(db, path, sha256, state, reason=reason, **fields)
         if self._paths is not None:
             self._paths.add(path)
-        return self.get(entry_id), True
+        return _entry(row), True
 
     def is_empty(self) -> bool:
         """No row at all: a new ledger (or one whose rebuild was cut short)."""
@@ -287,19 +284,23 @@ class Ledger:
         return added
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, path: str, sha256: str, state: State, **fields: Any) -> int:
+    def _insert(
+        db: sqlite3.Connection, path: str, sha256: str, state: State, **fields: Any
+    ) -> sqlite3.Row:
+        """Insert a row; the row as stored (RETURNING: no second query to read it back)."""
         if fields.get("decision") is not None:
             fields["decision"] = fields["decision"].model_dump_json()
         now = time.time()
         columns = "".join(f", {name}" for name in fields)
         marks = ", ?" * len(fields)
-        cur = db.execute(
+        # fetchall: the statement runs to its end inside the transaction, not at the COMMIT.
+        [row] = db.execute(
             f"INSERT INTO files (path, sha256, state, created, updated{columns})"
-            f" VALUES (?, ?, ?, ?, ?{marks})",
+            f" VALUES (?, ?, ?, ?, ?{marks}) RETURNING *",
             (path, sha256, state, now, now, *fields.values()),
-        )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        ).fetchall()
+        stored: sqlite3.Row = row
+        return stored
 
     def update(self, entry: Entry, state: State, *, touch: bool = True, **fields: Any) -> Entry:
         """Move `entry` to `state` (or keep it there) and set `fields`.
