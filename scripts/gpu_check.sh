@@ -108,6 +108,27 @@ for port in (18080, 18081):
     print(port, "without key:", bare.status_code, "ACAO:", bare.headers.get("access-control-allow-origin"),
           "| with key:", keyed.status_code)
 P
+echo "-- one result file through the daemon: the models on the GPU decide (the client's path)"
+python3 - <<'P'
+import json, os, time
+from prng_daemon.document.pipeline import PIPELINE
+row = PIPELINE[0]
+meta = {"run_id": "step1_20260101_000000_0a0001", "pipeline_step": 1,
+        "pipeline_step_name": row.name, "follow_up_agent": row.follow_up_agent,
+        "confidence": 0.9, "success_criteria_met": True}
+with open("/tmp/A/results/.r.json.tmp", "w") as f:
+    json.dump({"payload": {"survivors": 742846}, "agent_metadata": meta}, f)
+os.replace("/tmp/A/results/.r.json.tmp", "/tmp/A/results/r.json")
+start = time.time()
+while time.time() < start + 60:
+    made = [line for line in open("/tmp/A/daemon.log") if '"decision.made"' in line]
+    if made:
+        print(f"decided after {time.time() - start:.2f} s: {made[0][:300]}")
+        break
+    time.sleep(0.1)
+else:
+    print("TIMEOUT: no decision within 60 s")
+P
 echo "-- cost of one VRAM query (what the supervisor runs at ready and on each health tick)"
 python3 - <<'P'
 import time, subprocess
