@@ -5,15 +5,18 @@ one thing the client does (a request, its answer read whole, on a kept-alive loo
 connection) httpcore's pool takes three anyio locks a request, each yielding to the loop once,
 and builds its own request, response and stream objects around h11, its parser. This module
 keeps h11 and drops the rest. RESULTS §1's microbench shape (one chat request to the fake
-llama-server in another process, median of 300, interleaved): http.client 1.00 ms back to
-back / 1.51 ms with the latency bench's 50 ms pause before each; httpcore on asyncio streams
-1.39–1.42 / 2.33; this module: see the numbers in the commit that brought it.
+llama-server in another process, medians of 300, interleaved, two runs), back to back / with the
+latency bench's 50 ms pause before each: LlamaClient.chat on httpcore 1.48 / 1.47 ms and
+2.41 / 2.27 ms, on this pool 1.16 / 1.14 ms and 1.89 / 1.79 ms (`http.client` 1.05 / 1.06 and
+1.59 / 1.50); the client's CPU a request 0.79–0.82 against 0.42–0.43 ms, 1.37–1.53 against
+0.83–0.92 paused. bench_latency, 150 files, interleaved with the httpcore tree: daemon 4.81
+against 5.42 ms (1.87× against 2.11× the floor), 5.42 against 6.01 (2.00× against 2.22×).
 
-- The request leaves in one write, its bytes formatted here: h11's event API costs 21 µs a
-  request to build the same bytes; formatting them costs 1.5. h11 is still told the request's
-  method and target (a cached event, 13 µs less the Content-Length bookkeeping), which is all
-  the answer's framing depends on, and parses the answer: status line and headers (at most
-  16 KiB, h11's bound), a body by Content-Length, chunked, or until the server closes.
+- The request leaves in one write, its bytes formatted here: h11's events cost 21 µs a
+  request to build them, formatting 1.5 µs. h11 is still told the request's method and target
+  (a cached event, 13 µs), all that the answer's framing depends on, and parses the answer
+  (42 µs): status line and headers (at most 16 KiB, h11's bound), a body by Content-Length,
+  chunked, or until the server closes.
 - The answer is parsed as it arrives, in the protocol's data_received: no stream reader, and the
   waiting request wakes once, when the answer is complete.
 - A body over `max_body` bytes (64 MiB) ends the exchange with AnswerTooLarge: a broken or
@@ -24,6 +27,8 @@ back / 1.51 ms with the latency bench's 50 ms pause before each; httpcore on asy
   readable while idle: it is closed and the request goes out on a fresh one. A connection whose
   exchange failed or was cancelled (the client's deadline on the whole exchange) is closed,
   never reused: its answer may still arrive and would be read as the next request's.
+- No bound on connections open at once (httpcore's was 100): the daemon's LLM slots (the
+  servers' `parallel`, in all) bound its requests in flight.
 """
 
 from __future__ import annotations
