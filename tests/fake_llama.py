@@ -19,7 +19,10 @@ from typing import Any
 from prng_daemon.config import Config, parse_config
 from prng_daemon.handlers.decide.prompt import FINDINGS
 
-MODES = ("ok", "garbage", "unexplained", "http500", "hang", "loading", "bad_body", "drip")
+MODES = (
+    "ok", "garbage", "unexplained", "http500", "hang", "loading", "bad_body", "drip", "chunked",
+    "huge",
+)  # fmt: skip
 ACTIONS = ("proceed", "retry", "escalate")
 CHOSEN_PROB = 0.8
 """In "ok" mode the first letter of the decision (or of its finding) gets this probability, the
@@ -57,6 +60,8 @@ class FakeLlama:
     Set `.mode` (one of MODES), `.latency` (seconds per /completion), `.slots` (completions served
     at once, the rest wait, like --parallel), `.decision` and `.confidence` (what "ok" answers).
     "drip" answers like "ok", one byte every `.drip_seconds`: each read is quick, the whole slow.
+    "chunked" answers like "ok" in chunked transfer encoding, a few bytes a chunk. "huge" sends
+    a body of 4 GiB, as fast as the client reads it.
     """
 
     def __init__(self) -> None:
@@ -180,6 +185,10 @@ class FakeLlama:
                         self._send_raw(200, b"<html>not json")
                     elif fake.mode == "drip":
                         self._drip(json.dumps(fake._completion(body)).encode())
+                    elif fake.mode == "chunked":
+                        self._chunked(json.dumps(fake._completion(body)).encode())
+                    elif fake.mode == "huge":
+                        self._huge()
                     elif self.path == "/v1/chat/completions":
                         self._send(200, fake._chat(body))
                     else:
@@ -204,6 +213,31 @@ class FakeLlama:
                             return
                 except OSError:
                     self.close_connection = True  # the client gave up: what the test wants
+
+            def _chunked(self, data: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i in range(0, len(data), 100):
+                    piece = data[i : i + 100]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+
+            def _huge(self) -> None:
+                self.close_connection = True
+                block = b" " * (1 << 20)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(1 << 32))
+                    self.end_headers()
+                    for _ in range(1 << 12):
+                        if fake._stopping.is_set():
+                            return
+                        self.wfile.write(block)
+                except OSError:
+                    pass  # the client stopped reading: what the test wants
 
             def _send_raw(self, status: int, data: bytes) -> None:
                 try:

@@ -12,6 +12,7 @@ import pytest
 from prng_daemon.config import Config
 from prng_daemon.errors import ConfigError, LLMBadAnswer, LLMUnavailable
 from prng_daemon.llm import AsyncRouter, Completion, Health, LlamaClient
+from prng_daemon.llm.http1 import MAX_BODY
 
 from .fake_llama import FakeLlama, llm_config
 from .helpers import free_port, wait_until
@@ -173,3 +174,53 @@ def test_unreadable_key_file_is_a_config_error(tmp_path: Path) -> None:
     server = {"model": "m.gguf", "port": 8080, "api_key_file": str(tmp_path / "missing")}
     with pytest.raises(ConfigError, match="orchestrator.api_key_file: cannot read"):
         AsyncRouter(llm_config(8080, 8081, orchestrator=server))
+
+
+def test_a_chunked_answer_is_read_whole_and_its_connection_kept() -> None:
+    """llama-server streams in chunked encoding; an answer in chunks is parsed like one with a
+    Content-Length, and its end is found: the next request goes out on the same connection."""
+
+    async def ask_twice(url: str) -> list[Completion]:
+        client = LlamaClient(url, timeout=5)
+        try:
+            return [await client.complete("Answer:", n_predict=4, temperature=0.0) for _ in "ab"]
+        finally:
+            await client.aclose()
+
+    with FakeLlama() as fake:
+        fake.mode = "chunked"
+        done = asyncio.run(ask_twice(fake.url))
+        assert fake.connections == 1
+    assert [d.content for d in done] == ['{"decision": "proceed", "confidence": "high", '
+                                         '"reasoning": "fake"}'] * 2  # fmt: skip
+    assert done[1].tokens_cached == 1
+
+
+def test_an_answer_over_the_size_bound_is_a_bad_answer_not_gigabytes_in_memory() -> None:
+    with FakeLlama() as fake:
+        fake.mode = "huge"
+        with pytest.raises(LLMBadAnswer, match=f"answer body over {MAX_BODY} bytes"):
+            asyncio.run(_complete(fake.url, timeout=30))
+
+
+def test_a_request_cut_off_by_the_deadline_never_leaves_its_connection_for_the_next() -> None:
+    """The first answer comes after the deadline, on a connection the client would otherwise
+    keep: sent on it, the next request would wait behind that late answer (a two-token
+    prompt's) and read it as its own. It goes out on a new connection and gets its own."""
+
+    async def late_then_on_time(fake: FakeLlama) -> Completion:
+        client = LlamaClient(fake.url, timeout=0.3)
+        try:
+            fake.latency = 1.0
+            with pytest.raises(LLMUnavailable, match="no complete answer within 0.3s"):
+                await client.complete("Answer:", n_predict=4, temperature=0.0)
+            fake.latency = 0.0
+            return await client.complete("A longer question, four tokens", n_predict=4,
+                                         temperature=0.0)  # fmt: skip
+        finally:
+            await client.aclose()
+
+    with FakeLlama() as fake:
+        done = asyncio.run(late_then_on_time(fake))
+        assert fake.connections == 2
+    assert done.tokens_evaluated == 8

@@ -10,21 +10,15 @@ from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import httpcore
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LLMBadAnswer, LLMUnavailable
-from .netstream import AsyncioBackend
+from .http1 import AnswerTooLarge, ConnectionPool, NoAnswer, Response
 
 __all__ = ["Completion", "Health", "LlamaClient", "TokenProbability", "TopLogprob"]
 
 # llama-server answers 503 with this message until the model is loaded (503 also means "busy").
 LOADING_MESSAGE = "Loading model"
-
-# What httpcore raises when the server cannot be reached or answers no HTTP: the connection
-# refused, reset or closed mid-answer, bytes that are not an HTTP response.
-_NO_ANSWER = (httpcore.NetworkError, httpcore.ProtocolError)
-
 
 _Shape = TypeVar("_Shape", bound=BaseModel)
 
@@ -123,49 +117,26 @@ class LlamaClient:
         self.base_url = base_url
         self.timeout = timeout
         """Seconds for a whole request, from connecting to the last byte of the answer."""
-        self._headers = [
-            (b"Host", urlsplit(base_url).netloc.encode()),
-            (b"Content-Type", b"application/json"),
-        ]
+        url = urlsplit(base_url)
+        headers = [(b"Host", url.netloc.encode()), (b"Content-Type", b"application/json")]
         if api_key:
-            self._headers.append((b"Authorization", f"Bearer {api_key}".encode()))
-        self._urls: dict[str, httpcore.URL] = {}
-        # httpcore's pool on our asyncio streams, without httpx's client or transport: their
-        # per-request work (URL and header models, cookies, auth and redirect flows, hooks,
-        # exception maps) is none of it used here (netstream.py has the numbers). The limits
-        # are httpx's defaults, which the daemon ran with before.
-        self._pool = httpcore.AsyncConnectionPool(
-            max_connections=100,
-            max_keepalive_connections=20,
-            keepalive_expiry=5.0,
-            network_backend=AsyncioBackend(),
-        )
+            headers.append((b"Authorization", f"Bearer {api_key}".encode()))
+        self._prefix = url.path.rstrip("/")
+        # Our own pool on asyncio, h11 parsing the answers: httpx's client and transport, and
+        # httpcore's pool under them, cost more a request than the exchange itself (http1.py).
+        self._pool = ConnectionPool(url.hostname or "", url.port or 80, headers)
 
-    async def _send(
-        self, method: bytes, path: str, content: bytes | None = None
-    ) -> httpcore.Response:
+    async def _send(self, method: bytes, path: str, content: bytes | None = None) -> Response:
         """One exchange, its answer read whole, within `timeout` seconds in all, else
         TimeoutError: one deadline on the whole exchange, because a server that drips one byte
         a second would never trip a per-read timeout and would hold a decision slot for ever."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpcore.URL(self.base_url + path)
-        headers = self._headers
-        if content is not None:
-            headers = [*headers, (b"Content-Length", b"%d" % len(content))]
-        request = httpcore.Request(method, url, headers=headers, content=content)
         async with asyncio.timeout(self.timeout):
-            response = await self._pool.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        return response
+            return await self._pool.request(method, (self._prefix + path).encode(), content)
 
     async def health(self) -> Health:
         try:
             response = await self._send(b"GET", "/health")
-        except (TimeoutError, *_NO_ANSWER):
+        except (TimeoutError, NoAnswer, AnswerTooLarge):
             return Health.DOWN
         if response.status == 200:
             return Health.READY
@@ -265,8 +236,10 @@ class LlamaClient:
             response = await self._send(b"POST", path, content.encode())
         except TimeoutError:
             raise LLMUnavailable(f"{where}: no complete answer within {self.timeout:g}s") from None
-        except _NO_ANSWER as exc:
-            raise LLMUnavailable(f"{where}: unreachable: {exc!r}") from None
+        except NoAnswer as exc:
+            raise LLMUnavailable(f"{where}: unreachable: {exc}") from None
+        except AnswerTooLarge as exc:
+            raise LLMBadAnswer(f"{where}: {exc}") from None
         if response.status == 503:
             message = _error_message(response.content)
             state = "still loading the model" if LOADING_MESSAGE in message else message
