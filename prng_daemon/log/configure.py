@@ -110,7 +110,6 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -122,6 +122,10 @@ class LocalLauncher:
             raise AgentFailed(
                 f"agent {name}: cannot start {argv[0]}: {exc.strerror} ({code})"
             ) from None
+        # The agent first: its exec and dynamic loader run before the daemon's own follow-up
+        # (the log line, the explanation request, the record), where the kernel put it on this
+        # CPU. A no-op otherwise. Measured: the agent starts 0.3 ms sooner (RESULTS §1).
+        os.sched_yield()
         if launch.config.properties:
             get_logger(agent=name, pid=pid).warning(
                 "agent.properties_ignored", reason="unit properties need the systemd launcher"
