@@ -182,6 +182,10 @@ class Watcher:
             # Never started, so no thread of watchdog's can be inside a read: close() may free
             # the fds itself (for a started one it leaves that to the reader thread).
             inotify._is_reading = False
+            # watchdog's inotify_init() makes an inheritable fd: every agent the local launcher
+            # spawned would hold this instance open (and could read its events), and each one
+            # outliving a re-arm would keep an instance of the user's inotify limit (128) alive.
+            os.set_inheritable(inotify_fd(inotify), False)
             events = _Events(self.directory, self._on_path, self._lost, self._on_rescan)
             inotify.add_callback(os.fsencode(self.directory), _MASK, events, _CALLBACK_ID)
             self._loop.add_reader(inotify_fd(inotify), self._readable, inotify)

@@ -273,6 +273,38 @@ def test_the_agent_starts_before_the_explanation_which_still_reaches_the_record(
     assert len(ws.launches()) == 1
 
 
+FDS_AGENT = """\
+import json, os, sys
+fds = {}
+for n in os.listdir("/proc/self/fd"):
+    try:
+        fds[n] = os.readlink(f"/proc/self/fd/{n}")
+    except FileNotFoundError:  # the listing's own descriptor, closed since
+        pass
+with open(os.path.join(sys.argv[1], f"fds-{os.getpid()}.json"), "w") as f:
+    json.dump(fds, f)
+"""
+
+
+def test_an_agent_inherits_no_descriptor_of_the_daemons(tmp_path: Path, fake: FakeLlama) -> None:
+    # Its inotify instance above all: an agent holding it could read the daemon's events away,
+    # and every agent outliving a re-arm would keep one of the user's 128 instances alive.
+    script = tmp_path / "fds_agent.py"
+    script.write_text(FDS_AGENT)
+    out = tmp_path / "fds"
+    out.mkdir()
+    agents = {name: {"argv": [sys.executable, str(script), str(out)], "timeout_seconds": 30}
+              for name in ("scorer_meta_agent", "full_scoring_agent")}  # fmt: skip
+    ws = make_workspace(tmp_path / "ws", fake.port, agents=agents)
+    with running(ws):
+        drop(ws.results, "r.json", result_document(2, run_id(2, 33)))
+        wait_until(lambda: list(out.glob("fds-*.json")), 20, what="the agent's list of fds")
+    [listing] = out.glob("fds-*.json")
+    fds = json.loads(listing.read_text())
+    inherited = {n: target for n, target in fds.items() if int(n) > 2}
+    assert not inherited, f"the agent inherited the daemon's {inherited}"
+
+
 def test_sigkill_after_the_launch_before_the_explanation_neither_repeats_nor_loses_it(
     tmp_path: Path,
 ) -> None:
