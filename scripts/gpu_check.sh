@@ -45,7 +45,7 @@ python3 -c "import pynvml; print('pynvml', pynvml.__version__ if hasattr(pynvml,
 PY="python3 -m prng_daemon"
 
 mk() {  # mk DIR GPU_MATH ALLOW_CPU PORT_BASE
-  mkdir -p "$1/models" "$1/results"
+  rm -rf "$1"; mkdir -p "$1/models" "$1/results"  # fresh: a warm machine keeps /tmp
   python3 - "$1" "$2" "$3" "$4" "$BIN" <<'P'
 import json, sys
 from pathlib import Path
@@ -53,7 +53,7 @@ from prng_daemon.document.pipeline import PIPELINE
 from prng_daemon.demo.tinymodel import write_tiny_model
 d, gm, allow, port, binp = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5]
 write_tiny_model(d / "models/o.gguf", seed=1); write_tiny_model(d / "models/m.gguf", seed=2)
-srv = {"context_length": 4096, "parallel": 2, "threads": 2, "n_gpu_layers": 99}
+srv = {"context_length": 16384, "parallel": 2, "threads": 2, "n_gpu_layers": 99}
 cfg = {"orchestrator": {"model": "o.gguf", "port": port, "gpu_id": 0, **srv},
        "math": {"model": "m.gguf", "port": port + 1, "gpu_id": gm, "allow_cpu": allow, **srv},
        "health": {"check_interval_seconds": 2, "backoff_initial_seconds": 0.2},
