@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import gc
 import os
 import signal
 import time
@@ -196,6 +197,11 @@ class Daemon:
             self._watcher = self._watch(settings.results_dir).__enter__()
             self.engine.reconcile()
             await self._catch_up(at_start=True)
+            # What start-up made (modules, schemas, the config) lives as long as the daemon:
+            # frozen, the collector never walks it again. Its full passes were the latency
+            # tail (a file's p99 8.2 -> 7.1 ms, the worst 17.5 -> 8.2 ms; RESULTS §1).
+            gc.collect()
+            gc.freeze()
             log.info("daemon.started", results_dir=str(settings.results_dir), pid=os.getpid())
             # READY as soon as the daemon serves: models may take minutes to load, and
             # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
