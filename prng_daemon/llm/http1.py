@@ -21,9 +21,11 @@ against 5.42 ms (1.87× against 2.11× the floor), 5.42 against 6.01 (2.00× aga
   waiting request wakes once, when the answer is complete.
 - A body over `max_body` bytes (64 MiB) ends the exchange with AnswerTooLarge: a broken or
   hostile server cannot make the daemon buffer gigabytes (httpcore had no bound).
-- Idle connections are reused last-in first-out, at most `max_idle` kept, none idle longer than
-  `keepalive_expiry` seconds (httpx's defaults, which the client ran with: llama-server closes
-  a connection idle for 5 s). One the server has closed, or sent unasked bytes on, is
+- Idle connections are reused last-in first-out, at most `max_idle` kept (httpx's default),
+  none idle longer than `keepalive_expiry`, 4 s: llama-server (cpp-httplib) closes a
+  connection idle for 5 s, and a request sent on one at 4.99 s could meet that close on the
+  way and fail for nothing (httpx's 5 s had that race). One the server has closed, or sent
+  unasked bytes on, is
   readable while idle: it is closed and the request goes out on a fresh one. A connection whose
   exchange failed or was cancelled (the client's deadline on the whole exchange) is closed,
   never reused: its answer may still arrive and would be read as the next request's.
@@ -170,7 +172,7 @@ class ConnectionPool:
         *,
         max_body: int = MAX_BODY,
         max_idle: int = 20,
-        keepalive_expiry: float = 5.0,
+        keepalive_expiry: float = 4.0,
     ) -> None:
         self._host = host
         self._port = port
