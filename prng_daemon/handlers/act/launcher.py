@@ -17,7 +17,6 @@ from ...errors import AgentFailed
 from ...log import get_logger
 
 __all__ = [
-    "SYSTEMD_ONLY",
     "AgentLauncher",
     "AgentRun",
     "AlreadyLaunched",
@@ -25,6 +24,7 @@ __all__ = [
     "OnExit",
     "Polled",
     "agent_env",
+    "daemon_environ",
     "exit_file",
     "launch_key",
     "marker_file",
@@ -42,9 +42,15 @@ class OnExit(Protocol):
         not the daemon's child to reap —, seconds watched, a Slurm job's final state)."""
 
 
-SYSTEMD_ONLY = frozenset(
+_SYSTEMD_ONLY = frozenset(
     {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID", "SYSTEMD_EXEC_PID"}
 )
+
+
+def daemon_environ() -> dict[str, str]:
+    """The daemon's environment less its own systemd handles, which are not an agent's (or
+    the tools' that start agents) to use."""
+    return {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ONLY}
 
 
 class AlreadyLaunched(AgentFailed):

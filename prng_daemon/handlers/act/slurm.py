@@ -38,7 +38,6 @@ from ...errors import DaemonError, LaunchUnavailable
 from ...log import get_logger
 from ...servers.backoff import RestartBudget
 from .launcher import (
-    SYSTEMD_ONLY,
     AgentLauncher,
     AgentRun,
     AlreadyLaunched,
@@ -46,6 +45,7 @@ from .launcher import (
     OnExit,
     Polled,
     agent_env,
+    daemon_environ,
     exit_file,
     marker_file,
 )
@@ -230,8 +230,7 @@ class SlurmLauncher:
             str(self._ensure_script()), str(marker_file(job_dir, run.key)),
             str(exit_file(job_dir, run.key)), *launch.argv,
         ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
-        env.update(agent_env(launch))
+        env = daemon_environ() | agent_env(launch)
         out = await _slurm(command, env, f"agent {run.agent}: sbatch refused the job")
         try:
             job_id = int(out.split(";")[0])

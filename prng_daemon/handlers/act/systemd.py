@@ -32,13 +32,13 @@ from typing import Any
 from ...errors import AgentFailed, DaemonError
 from ...log import get_logger
 from .launcher import (
-    SYSTEMD_ONLY,
     AgentRun,
     AlreadyLaunched,
     Launch,
     OnExit,
     Polled,
     agent_env,
+    daemon_environ,
     exit_file,
     marker_file,
 )
@@ -126,16 +126,11 @@ def show_units(units: list[str], props: tuple[str, ...]) -> dict[str, dict[str, 
     done = subprocess.run(
         ["systemctl", "show", f"--property=Id,{','.join(props)}", "--", *units],
         capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_SECONDS, check=False,
-        env=_tool_env(),
+        env=daemon_environ(),
     )  # fmt: skip
     if done.returncode != 0:
         raise OSError(f"systemctl show: {done.stderr.strip() or done.returncode}")
     return _parse_show(done.stdout)
-
-
-def _tool_env() -> dict[str, str]:
-    """systemd-run's and systemctl's environment: the daemon's, less its own systemd handles."""
-    return {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
 
 
 def _parse_show(text: str) -> dict[str, dict[str, str]]:
@@ -156,7 +151,7 @@ def stop_unit(run_id: str) -> str | None:
     if show_units([unit], ("LoadState",)).get(unit, {}).get("LoadState") != "loaded":
         return None
     done = subprocess.run(
-        ["systemctl", "stop", "--", unit], capture_output=True, text=True, env=_tool_env()
+        ["systemctl", "stop", "--", unit], capture_output=True, text=True, env=daemon_environ()
     )
     if done.returncode != 0:
         raise DaemonError(f"systemctl stop {unit}: {done.stderr.strip()}")
@@ -324,7 +319,7 @@ def _description(run: AgentRun) -> str:
 async def _run(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=_tool_env(),
+        env=daemon_environ(),
     )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(proc.communicate(), SYSTEMCTL_TIMEOUT_SECONDS)
