@@ -121,6 +121,43 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
+QUIET_CREATE_US = 50.0
+"""A file create costs ~5 µs here on a quiet disk; over this, the disk is not quiet."""
+
+
+def create_cost_us(directory: Path, n: int = 20) -> float:
+    """Median µs to create (and close) one empty file in `directory`. The files stay (they go
+    with the benchmark's directory): unlinking them would itself make the next creates slow."""
+    directory.mkdir(exist_ok=True)
+    start = len(os.listdir(directory))
+    spent = []
+    for i in range(start, start + n):
+        began = time.perf_counter_ns()
+        os.close(os.open(directory / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        spent.append((time.perf_counter_ns() - began) / 1e3)
+    return round(percentile(spent, 50), 1)
+
+
+def settle_disk(directory: Path, timeout: float = 90.0) -> dict[str, float]:
+    """Wait until creating a file in `directory` costs what it does on a quiet disk; what it
+    cost at first and when the wait ended, and how long that took.
+
+    On a journal-less ext4 (this VM's root), for ~35 s after many files were deleted (the last
+    run's temporary directory, a test suite), each new inode costs a scan past the recently
+    deleted ones (ext4's `recently_deleted()`): 0.26-0.29 ms a create instead of 5 µs. The daemon
+    creates three files before its agent runs, the bare tools none: measured in that state, a
+    run times the disk's recent history more than the tools.
+    """
+    probe = directory / ".create-probe"
+    first = now = create_cost_us(probe)
+    began = time.monotonic()
+    while now > QUIET_CREATE_US and time.monotonic() - began < timeout:
+        time.sleep(1.0)
+        now = create_cost_us(probe)
+    waited = round(time.monotonic() - began, 1)
+    return {"create_us_first": first, "create_us": now, "waited_s": waited}
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of `values`."""
     ordered = sorted(values)

@@ -21,11 +21,13 @@ from bench._common import (
     agents_section,
     build_agent,
     command_line,
+    create_cost_us,
     end,
     marker_names,
     phase_table,
     read_marker,
     save,
+    settle_disk,
     start_timed_daemon,
     summary_ms,
     table,
@@ -211,6 +213,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     bodies.write_text(json.dumps(asks))
                 tool.latencies.clear()
                 tool.written.clear()
+            disk = settle_disk(tmp) if args.settle else {}
             # Interleaved, so that load from elsewhere on the machine hits every tool alike.
             for i in range(WARMUP, WARMUP + args.files):
                 text = document(i)
@@ -222,6 +225,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         daemon.to_llm.append((fake.answered[asked] - written) / 1e9)
                         daemon.from_llm.append((started - fake.answered[-1]) / 1e9)
                     time.sleep(GAP_SECONDS)
+            disk["create_us_after"] = create_cost_us(tmp / ".create-probe")
         finally:
             for tool in tools:
                 if tool.proc is not None:
@@ -229,7 +233,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         requests = len(fake.requests)
         round_trip = http_round_trip(fake, tmp)
     result = {"agent": agent_kind, "tools": tools, "skipped": skipped, "requests": requests,
-              "round_trip": round_trip, "asks": len(json.loads(bodies.read_text()))}  # fmt: skip
+              "round_trip": round_trip, "asks": len(json.loads(bodies.read_text())),
+              "disk": disk}  # fmt: skip
     if args.profile:
         result["timers"] = json.loads(timers.read_text())
     return result
@@ -318,6 +323,11 @@ def main() -> None:
         help="also the daemon from this tree (e.g. `git archive` of the commit before a fix, in"
         " a directory named after it), files interleaved with the others: before/after in one run",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-settle", dest="settle", action="store_false",
+        help="start timing at once, without waiting until creating a file costs what it does on"
+        " a quiet disk (see bench/_common.py settle_disk)",
+    )  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         result = measure(args, Path(tmp))
@@ -359,6 +369,14 @@ def main() -> None:
         f" ({result['requests']} requests, {result['asks']} per file);",
         f"files interleaved across tools, {GAP_SECONDS * 1000:.0f} ms pause after each launch",
     ]
+    disk = result["disk"]
+    notes.append(
+        f"one file create: {disk['create_us_first']} µs at first, {disk['create_us']} µs after"
+        f" waiting {disk['waited_s']} s for the disk to settle, {disk['create_us_after']} µs"
+        " at the end"
+        if args.settle
+        else f"one file create at the end: {disk['create_us_after']} µs (--no-settle)"
+    )
     notes += [f"{name} skipped: {why}" for name, why in result["skipped"].items()]
     profile: dict[str, Any] = {}
     if "timers" in result:
@@ -384,7 +402,7 @@ def main() -> None:
         "latency_profile" if args.profile else "latency",
         command_line(),
         tables,
-        {"notes": notes, "stats": stats, "profile": profile,
+        {"notes": notes, "stats": stats, "profile": profile, "disk": disk,
          "latencies_ms": {t.name: [round(x * 1000, 3) for x in t.latencies] for t in tools}},
     )  # fmt: skip
 
