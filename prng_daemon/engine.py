@@ -317,7 +317,6 @@ class Engine:
             launch = self._launch_for(entry, loaded, decision, config, retry)
             pid = await self.launcher.start(launch)
         except AgentFailed as exc:
-            self._params.refill()
             # The marker (or its unit) says it already ran.
             if isinstance(exc, AlreadyLaunched) or self.launcher.was_launched(key):
                 return entry, State.ACTED, str(exc), None
@@ -325,7 +324,8 @@ class Engine:
             if isinstance(exc, LaunchUnavailable):  # a person fixes the cluster, then approves
                 return entry, State.ESCALATED, f"{exc}; approve once fixed, or reject", None
             return entry, State.FAILED, str(exc), None
-        self._params.refill()  # after the agent started: off its path
+        finally:
+            self._params.refill()  # the next launch's params file, made off its path
         where = self.launcher.describe(launch.run, pid)
         kind = "slurm" if config.launcher == "slurm" else self.launcher.kind
         log.info("agent.started", agent=agent, pid=pid, decision=decision.action,

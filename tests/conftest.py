@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from prng_daemon.log import configure_logging
 
@@ -45,7 +44,6 @@ def fake() -> Iterator[FakeLlama]:
 def _logging() -> Iterator[None]:
     configure_logging("json", level="debug")
     yield
-    structlog.contextvars.clear_contextvars()
 
 
 @pytest.fixture(autouse=True)
