@@ -151,7 +151,7 @@ class Daemon:
         self._stop.set()
 
     def enqueue(self, path: Path, source: str) -> None:
-        """Called on the loop (the watcher reads inotify there)."""
+        """Called on the loop (the watcher hands its events there)."""
         if path not in self._queued:
             self._queued.add(path)
             self._queue.put_nowait((path, source))
@@ -307,7 +307,7 @@ class Daemon:
         """Scan for files inotify did not report; FileNotFoundError if the dir is missing."""
         watcher = self._watcher
         assert watcher is not None
-        if watcher.stale():  # on the loop, which reads the watch (Watcher: loop thread only)
+        if watcher.stale():
             rearmed = watcher.degraded is None
             watcher.rearm()
             if rearmed and watcher.degraded is None:

