@@ -223,7 +223,6 @@ class Daemon:
             await self._tasks.stop()
             await self.supervisor.stop()
             await self.engine.launcher.stop()
-            self.engine.close()
             await self.router.aclose()
             if self._watcher is not None:
                 self._watcher.__exit__(None, None, None)

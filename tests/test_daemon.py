@@ -305,34 +305,6 @@ def test_an_agent_inherits_no_descriptor_of_the_daemons(tmp_path: Path, fake: Fa
     assert not inherited, f"the agent inherited the daemon's {inherited}"
 
 
-def test_a_launch_makes_no_file_of_its_own_its_params_and_log_are_spares(
-    tmp_path: Path, fake: FakeLlama
-) -> None:
-    """The params file and the agent's log a launch needs are files made after the launch
-    before it (a rename or a link on the path, not a create: RESULTS §1); the next ones are
-    made after it, and all of them go when the daemon stops."""
-    ws = make_workspace(tmp_path, fake.port)
-    decisions, logs = ws.results / "decisions", ws.root / "logs" / "agents"
-
-    def spares(directory: Path) -> dict[str, int]:
-        return {p.name: p.stat().st_ino for p in directory.glob(".spare-*")}
-
-    with running(ws):
-        drop(ws.results, "first.json", result_document(2, run_id(2, 51)))
-        wait_until(lambda: len(spares(decisions)) == 2 and len(spares(logs)) == 2, 20,
-                   what="spares made after the first launch")  # fmt: skip
-        made = set(spares(decisions).values()) | set(spares(logs).values())
-        drop(ws.results, "second.json", result_document(2, run_id(2, 52)))
-        wait_until(lambda: len(ws.launches()) == 2, 20, what="the second launch")
-        [params] = decisions.glob("second.*.params.json")
-        [log] = logs.glob(f"{run_id(2, 52)}.*.log")
-        assert params.stat().st_ino in made
-        assert log.stat().st_ino in made
-        wait_until(lambda: len(spares(decisions)) == 2 and len(spares(logs)) == 2, 20,
-                   what="spares made again after the second launch")  # fmt: skip
-    assert spares(decisions) == {} and spares(logs) == {}
-
-
 def test_sigkill_after_the_launch_before_the_explanation_neither_repeats_nor_loses_it(
     tmp_path: Path,
 ) -> None:

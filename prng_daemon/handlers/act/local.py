@@ -20,7 +20,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from ...document.files import SpareFiles
 from ...errors import AgentFailed
 from ...log import get_logger
 from ...servers.spawn import killpg
@@ -59,10 +58,6 @@ class LocalLauncher:
         self._environ = daemon_environ()
         markers_dir.mkdir(parents=True, exist_ok=True)
         logs_dir.mkdir(parents=True, exist_ok=True)
-        # The next agents' logs, made ahead: a create costs a launch up to 0.36 ms on some
-        # disks, a link 11 µs. The operator's logs dir may be a link: it is followed.
-        self._spare_logs = SpareFiles(logs_dir, 0o640, refuse_link=False)
-        self._spare_logs.refill()
 
     def marker(self, key: str) -> Path:
         return marker_file(self._markers, key)
@@ -88,28 +83,20 @@ class LocalLauncher:
             argv = ["env", f"--chdir={launch.config.cwd}", "--", *argv]
             program = shutil.which("env") or "/usr/bin/env"
         env = self._environ | agent_env(launch)
-        log_name = f"{launch.values.get('parent_run_id', 'run')}.{name}.log"
+        log_file = self._logs / f"{launch.values.get('parent_run_id', 'run')}.{name}.log"
         flags = os.O_WRONLY | os.O_CREAT
         marker = self.marker(launch.run.key)
-        # A new log is a spare given its name, passed as an open file (dup'ed onto 1 before fd 3
-        # is used for the marker); a log there already is opened by the child and appended to.
-        log_fd = self._spare_logs.put(log_name, replace=False)
-        spare_log = [] if log_fd is None else [(os.POSIX_SPAWN_DUP2, log_fd, 1)]
-        open_log = [] if log_fd is not None else [
-            (os.POSIX_SPAWN_OPEN, 1, str(self._logs / log_name), flags | os.O_APPEND, 0o640)
-        ]  # fmt: skip
         try:
             pid = os.posix_spawn(
                 program,
                 argv,
                 env,
                 file_actions=[
-                    *spare_log,
                     # The launch's guard (O_EXCL): it fails here when it happened before.
                     (os.POSIX_SPAWN_OPEN, 3, str(marker), flags | os.O_EXCL, 0o644),
                     (os.POSIX_SPAWN_CLOSE, 3),
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    *open_log,
+                    (os.POSIX_SPAWN_OPEN, 1, str(log_file), flags | os.O_APPEND, 0o640),
                     (os.POSIX_SPAWN_DUP2, 1, 2),
                 ],
                 setsid=True,
@@ -130,14 +117,10 @@ class LocalLauncher:
             raise AgentFailed(
                 f"agent {name}: cannot start {argv[0]}: {exc.strerror} ({code})"
             ) from None
-        finally:
-            if log_fd is not None:
-                os.close(log_fd)
         # The agent first: its exec and dynamic loader run before the daemon's own follow-up
         # (the log line, the explanation request, the record), where the kernel put it on this
         # CPU. A no-op otherwise. Measured: the agent starts 0.3 ms sooner (RESULTS §1).
         os.sched_yield()
-        self._spare_logs.refill()
         if launch.config.properties:
             get_logger(agent=name, pid=pid).warning(
                 "agent.properties_ignored", reason="unit properties need the systemd launcher"
@@ -217,7 +200,6 @@ class LocalLauncher:
 
     async def stop(self) -> None:
         """Stop watching (agents keep running: they may be days of GPU work)."""
-        self._spare_logs.discard()
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
