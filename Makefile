@@ -1,4 +1,4 @@
-.PHONY: demo test lint bench venv
+.PHONY: demo test lint bench venv lock
 
 venv:
 	scripts/setup-venv.sh
@@ -16,3 +16,7 @@ lint: venv
 
 bench: venv
 	for b in bench/bench_*.py; do .venv/bin/python -m bench.$$(basename $$b .py) || exit 1; done
+
+# Refresh requirements/lock.txt on purpose; it keeps the old lock if the suite fails on the new one.
+lock:
+	scripts/lock.sh
