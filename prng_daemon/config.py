@@ -143,7 +143,7 @@ class DaemonSettings(_Section):
     child_log_backups: Annotated[int, Field(ge=0, le=100)] = 3
     launcher: Literal["auto", "local", "systemd"] = "auto"
     """How agents are started: "systemd" as transient units, "local" as the daemon's children;
-    "auto" picks systemd when the daemon runs as a systemd service (README "Agents")."""
+    "auto" picks systemd when the daemon runs as a systemd service (docs/launchers.md)."""
 
     _paths = field_validator("results_dir", "state_dir", "logs_dir", "models_dir")(
         _relative_to_config
@@ -185,7 +185,7 @@ _SLURM_VALUE = r"^[A-Za-z0-9_.,:=/+@-]{1,200}$"
 
 
 class SlurmOptions(_Section):
-    """Where and how a Slurm agent's job is submitted (README "Agents on a Slurm cluster")."""
+    """Where and how a Slurm agent's job is submitted (docs/launchers.md, "Slurm jobs")."""
 
     partition: Annotated[str, Field(pattern=_SLURM_VALUE)] | None = None
     account: Annotated[str, Field(pattern=_SLURM_VALUE)] | None = None
@@ -303,8 +303,7 @@ class AgentConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    """How a step result is decided: rules, the model, guardrails (README "How a decision is
-    made")."""
+    """How a step result is decided: rules, the model, guardrails (docs/decisions.md)."""
 
     max_retries: Annotated[int, Field(ge=0, le=100)] = 2
     confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5

@@ -16,7 +16,7 @@ Exactly once, as strong as the local launcher's marker:
 The end of a job: every poll_seconds one `squeue --jobs=<the watched ones>`, never more for more
 finished jobs; a job seen ended costs one `scontrol show job` for its exit code. A job already
 gone from slurmctld (the daemon was down longer than MinJobAge) is reported from its exit
-record. So no accounting (slurmdbd, sacct) is needed: README "Agents on a Slurm cluster".
+record. So no accounting (slurmdbd, sacct) is needed: docs/launchers.md, "Slurm jobs".
 """
 
 from __future__ import annotations

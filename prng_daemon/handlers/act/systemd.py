@@ -12,7 +12,7 @@ collected when it ends (--collect), nothing is left loaded.
 Subprocesses rather than D-Bus: systemd-run parses every `properties` value (MemoryMax=8G,
 DeviceAllow=...) exactly as unit files are parsed, with no new dependency; a launch is rare and
 costs one fork, and polling costs one `systemctl show` for all running agents together, never
-for finished ones (numbers in README "Agents").
+for finished ones (numbers in docs/launchers.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Proceed, retry or escalate for a step result: rules, a grammar-bound model answer, and
-guardrails (README "How a decision is made")."""
+guardrails (docs/decisions.md)."""
 
 from __future__ import annotations
 
