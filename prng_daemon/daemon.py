@@ -24,7 +24,7 @@ from .document.metadata import AgentMetadata
 from .document.pipeline import SERVER_NAMES, ServerName
 from .engine import Engine, Explaining
 from .errors import ConfigError, DaemonError
-from .handlers.act import make_launcher
+from .handlers.act import choose_launcher, make_launcher
 from .handlers.decide.policy import Decider, Unexplained
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
 from .llm.router import AsyncRouter
@@ -136,11 +136,12 @@ class Daemon:
         self.supervisor = Supervisor(config, on_change=self._server_changed)
         self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
         self._decisions = Decider(config, self.router)
+        self.launcher_choice = choose_launcher(settings)
         self.engine = Engine(
             config,
             self.ledger,
             self._decide,
-            lambda on_exit: make_launcher(settings, on_exit),
+            lambda on_exit: make_launcher(settings, self.launcher_choice, on_exit),
             on_change=self._changed,
         )
 
@@ -533,5 +534,5 @@ class Daemon:
         status_file.publish(
             self.config, started=self._started, line=line, stopped=stopped,
             servers=self.supervisor.status(), queued=self._queue.qsize(),
-            launcher=self.engine.launcher,
+            launcher=self.engine.launcher, choice=self.launcher_choice,
         )  # fmt: skip
