@@ -112,6 +112,8 @@ class Daemon:
     def _setup(
         self, config: Config, notifier: Notifier, reload_config: Callable[[], Config] | None
     ) -> None:
+        # First: a launcher that cannot work refuses the start before anything is opened.
+        self.launcher_choice = choose_launcher(config.daemon)
         self.config = config
         self._notifier = notifier
         self._reload_config = reload_config
@@ -136,7 +138,6 @@ class Daemon:
         self.supervisor = Supervisor(config, on_change=self._server_changed)
         self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
         self._decisions = Decider(config, self.router)
-        self.launcher_choice = choose_launcher(settings)
         self.engine = Engine(
             config,
             self.ledger,

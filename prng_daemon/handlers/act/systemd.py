@@ -138,7 +138,8 @@ def may_start_units(timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
         return f"systemd-run: {exc.strerror or exc}"
     if done.returncode != 0:
         error = done.stderr.strip().splitlines()
-        return f"systemd-run {unit}: {error[-1] if error else f'exit status {done.returncode}'}"
+        last = error[-1].rstrip(".") if error else f"exit status {done.returncode}"
+        return f"systemd-run {unit}: {last}"
     return None
 
 
