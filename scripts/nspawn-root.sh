@@ -13,8 +13,10 @@
 # --keep-unit: without it nspawn asks the host's systemd (over D-Bus) for a scope and fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# NSPAWN_SUITE=trixie builds a Debian 13 root instead (systemd 257), for the polkit rule alone:
+#   NSPAWN_SUITE=trixie scripts/nspawn-root.sh .cache/nspawn-root-trixie
+SUITE=${NSPAWN_SUITE:-bookworm}
 ROOT=${1:-${NSPAWN_ROOT:-$PWD/.cache/nspawn-root}}
-SUITE=bookworm
 # The same packages the host runs, so a venv made from the host's /usr/bin/python3 works inside;
 # polkitd: the daemon runs unprivileged as installed, and polkit decides what it may do with units
 # (libpam-systemd: polkitd needs a logind, and debootstrap does not pick a virtual package's).
