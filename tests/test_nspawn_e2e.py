@@ -89,15 +89,21 @@ class Container:
         self.pid1 = pid1
 
     def run(
-        self, *argv: str, stdin: str | None = None, check: bool = True, timeout: float = 30
+        self,
+        *argv: str,
+        stdin: str | None = None,
+        check: bool = True,
+        timeout: float = 30,
+        stderr: bool = False,
     ) -> str:
+        """The command's output (with its error output after it when `stderr`)."""
         done = subprocess.run(
             ["nsenter", "-t", str(self.pid1), "-a", *argv],
             input=stdin, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         if check and done.returncode != 0:
             raise AssertionError(f"{argv} exited {done.returncode}: {done.stderr}{done.stdout}")
-        return done.stdout
+        return done.stdout + (done.stderr if stderr else "")
 
     def write(self, path: str, text: str, mode: str = "0644", group: str = "root") -> None:
         """Write `path` whole: a hidden temp file beside it, then a rename."""
@@ -130,12 +136,12 @@ def _pid1(nspawn: subprocess.Popen[bytes]) -> int | None:
 
 
 @contextmanager
-def booted(log_path: Path) -> Iterator[Container]:
-    """Boot the container (nspawn's output to `log_path`); powered off on exit."""
+def booted(log_path: Path, root: Path = ROOT) -> Iterator[Container]:
+    """Boot the container of `root` (nspawn's output to `log_path`); powered off on exit."""
     log = open(log_path, "wb")  # noqa: SIM115 - closed below
     # --volatile=overlay: every boot starts from the cached root; writes go to a tmpfs.
     nspawn = subprocess.Popen(
-        ["systemd-nspawn", "-D", str(ROOT), "-b", "--volatile=overlay", "--register=no",
+        ["systemd-nspawn", "-D", str(root), "-b", "--volatile=overlay", "--register=no",
          "--keep-unit", "--private-network", f"--bind={REPO}"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
     )  # fmt: skip

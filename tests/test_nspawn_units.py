@@ -8,13 +8,16 @@ With the opt-in rule for 252/255 (prng-llm-daemon-transient.rules) agents are un
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from prng_daemon.document.pipeline import PIPELINE
+from prng_daemon.handlers.act.systemd import probe_argv
 
 from .helpers import wait_until
-from .test_nspawn_e2e import MISSING, PY, UNIT, VENV, Container, drop, install
+from .test_nspawn_e2e import MISSING, PY, REPO, UNIT, VENV, Container, booted, drop, install
 from .test_nspawn_e2e import container as container  # the fixture
 from .workspace import result_document, run_id
 
@@ -35,6 +38,8 @@ AGENT_CONFIG = {
 ALLOWED = ("prng-llm-daemon.rules", "prng-llm-daemon-transient.rules")
 """The shipped rule and the opt-in one for systemd 252/255 (what it grants: README)."""
 CONFIG = "/etc/prng-llm-daemon/config.json"
+TRIXIE = Path(os.environ.get("NSPAWN_ROOT_TRIXIE", REPO / ".cache" / "nspawn-root-trixie"))
+"""A Debian 13 root (systemd 257): NSPAWN_SUITE=trixie scripts/nspawn-root.sh TRIXIE."""
 
 
 # SystemdLauncher by itself, in the container: the same launch twice, the same launch whose marker
@@ -256,3 +261,36 @@ def test_with_only_the_shipped_rule_auto_runs_agents_locally_and_systemd_is_refu
     assert refused[0].startswith("config: daemon.launcher: systemd cannot be used: systemd-run ")
     assert refused[0].endswith('("Agents as units"), or set daemon.launcher to "local"')
     assert not any(e["event"] == "daemon.started" for e in box.events("--after-cursor", after))
+
+
+def test_on_debian_13_the_shipped_rule_alone_lets_the_daemon_user_start_agent_units(
+    tmp_path: Path,
+) -> None:
+    """systemd 257 names a transient unit to polkit: the shipped rule allows the daemon's probe
+    and its agents' units by name, and no other transient unit. (Its Python is not the venv's:
+    the probe's own command line is run, as the daemon's user.)"""
+    if not (TRIXIE / ".nspawn-root-complete").exists():
+        missing = f"no Debian 13 root at {TRIXIE}: NSPAWN_SUITE=trixie scripts/nspawn-root.sh"
+        if os.environ.get("PRNG_REQUIRE_NSPAWN") == "1":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    with booted(tmp_path / "nspawn.log", TRIXIE) as box:
+        version = int(box.run("systemctl", "--version").split()[1])
+        assert version >= 257, version
+        box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.sysusers",
+                f"/usr/lib/sysusers.d/{UNIT}.conf")  # fmt: skip
+        box.run("systemd-sysusers")
+        box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.rules",
+                f"/etc/polkit-1/rules.d/50-{UNIT}.rules")  # fmt: skip
+        said = {}
+        for unit in ("prng-agent-probe-0123456789ab.service", agent_unit(run_id(3, 1)),
+                     "prng-llm-daemon-probe.service", "sshd-x.service"):  # fmt: skip
+            argv = ("runuser", "-u", "prng-llm", "--", *probe_argv(unit, "prng-llm"))
+            said[unit] = box.run(*argv, check=False, stderr=True).strip()
+        assert list(said.values()) == [
+            "",
+            "",
+            *["Failed to start transient service unit: Interactive authentication required."] * 2,
+        ]
+        assert box.run("systemctl", "list-units", "--all", "--plain", "--no-legend",
+                       "prng-agent-*") == "", "collected"  # fmt: skip

@@ -48,6 +48,7 @@ __all__ = [
     "UNITS_FIX",
     "SystemdLauncher",
     "may_start_units",
+    "probe_argv",
     "read_exit",
     "running_under_systemd",
     "show_units",
@@ -114,6 +115,16 @@ def running_under_systemd(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
+def probe_argv(unit: str, user: str | int, timeout: float = PROBE_TIMEOUT_SECONDS) -> list[str]:
+    """The probe unit `may_start_units` starts: /bin/true as `user`, waited for and collected."""
+    return [
+        "systemd-run", "--quiet", "--no-ask-password", "--wait", "--collect",
+        "--service-type=exec", f"--unit={unit}", f"--uid={user}",
+        "--description=prng-llm-daemon: may it start agent units?",
+        f"--property=RuntimeMaxSec={timeout:g}s", "--", "/bin/true",
+    ]  # fmt: skip
+
+
 def may_start_units(timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
     """Why this process may not start agent units, or None when it may: found by starting one,
     `prng-agent-probe-<random>.service` running /bin/true as this process's user, the way
@@ -121,12 +132,7 @@ def may_start_units(timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
     is sure: polkit rules are code, and what systemd tells them differs between versions (252
     and 255 do not name a transient unit). A bus that does not answer in `timeout` is a no."""
     unit = f"{UNIT_PREFIX}probe-{secrets.token_hex(6)}.service"
-    argv = [
-        "systemd-run", "--quiet", "--no-ask-password", "--wait", "--collect",
-        "--service-type=exec", f"--unit={unit}", f"--uid={os.getuid()}",
-        "--description=prng-llm-daemon: may it start agent units?",
-        f"--property=RuntimeMaxSec={timeout:g}s", "--", "/bin/true",
-    ]  # fmt: skip
+    argv = probe_argv(unit, os.getuid(), timeout)
     try:
         done = subprocess.run(
             argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
