@@ -112,8 +112,6 @@ class Daemon:
     def _setup(
         self, config: Config, notifier: Notifier, reload_config: Callable[[], Config] | None
     ) -> None:
-        # First: a launcher that cannot work refuses the start before anything is opened.
-        self.launcher_choice = choose_launcher(config.daemon)
         self.config = config
         self._notifier = notifier
         self._reload_config = reload_config
@@ -135,6 +133,11 @@ class Daemon:
         for directory in (settings.results_dir, settings.decisions_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(settings.ledger_path)
+        try:  # a launcher that cannot work refuses the start before anything runs
+            self.launcher_choice = choose_launcher(settings)
+        except ConfigError:
+            self.ledger.close()
+            raise
         self.supervisor = Supervisor(config, on_change=self._server_changed)
         self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
         self._decisions = Decider(config, self.router)
