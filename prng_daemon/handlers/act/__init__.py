@@ -32,7 +32,6 @@ class LauncherChoice:
 def choose_launcher(
     settings: DaemonSettings,
     under_systemd: Callable[[], str | None] = running_under_systemd,
-    may_start: Callable[[], str | None] = may_start_units,
 ) -> LauncherChoice:
     """The launcher `daemon.launcher` asks for, logged as `launcher.selected`. "auto" is systemd
     only when the daemon runs under systemd *and* a probe unit it starts really starts (on
@@ -46,7 +45,7 @@ def choose_launcher(
         if settings.launcher == "systemd":
             raise ConfigError([f"config: daemon.launcher: systemd cannot be used: {absent}"])
         choice = LauncherChoice("local", absent)
-    elif (refused := may_start()) is not None:
+    elif (refused := may_start_units()) is not None:
         if settings.launcher == "systemd":
             raise ConfigError(
                 [
