@@ -24,7 +24,7 @@ from .document.metadata import AgentMetadata
 from .document.pipeline import SERVER_NAMES, ServerName
 from .engine import Engine, Explaining
 from .errors import ConfigError, DaemonError
-from .handlers.act import make_launcher
+from .handlers.act import choose_launcher, make_launcher
 from .handlers.decide.policy import Decider, Unexplained
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
 from .llm.router import AsyncRouter
@@ -133,6 +133,11 @@ class Daemon:
         for directory in (settings.results_dir, settings.decisions_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(settings.ledger_path)
+        try:  # a launcher that cannot work refuses the start before anything runs
+            self.launcher_choice = choose_launcher(settings)
+        except ConfigError:
+            self.ledger.close()
+            raise
         self.supervisor = Supervisor(config, on_change=self._server_changed)
         self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
         self._decisions = Decider(config, self.router)
@@ -140,7 +145,7 @@ class Daemon:
             config,
             self.ledger,
             self._decide,
-            lambda on_exit: make_launcher(settings, on_exit),
+            lambda on_exit: make_launcher(settings, self.launcher_choice, on_exit),
             on_change=self._changed,
         )
 
@@ -532,5 +537,5 @@ class Daemon:
         status_file.publish(
             self.config, started=self._started, line=line, stopped=stopped,
             servers=self.supervisor.status(), queued=self._queue.qsize(),
-            launcher=self.engine.launcher,
+            launcher=self.engine.launcher, choice=self.launcher_choice,
         )  # fmt: skip

@@ -13,12 +13,17 @@
 # --keep-unit: without it nspawn asks the host's systemd (over D-Bus) for a scope and fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# NSPAWN_SUITE=trixie builds a Debian 13 root instead (systemd 257), for the polkit rule alone:
+#   NSPAWN_SUITE=trixie scripts/nspawn-root.sh .cache/nspawn-root-trixie
+SUITE=${NSPAWN_SUITE:-bookworm}
 ROOT=${1:-${NSPAWN_ROOT:-$PWD/.cache/nspawn-root}}
-SUITE=bookworm
-# The same packages the host runs, so a venv made from the host's /usr/bin/python3 works inside.
-PACKAGES=systemd,systemd-sysv,dbus,python3,procps
+# The same packages the host runs, so a venv made from the host's /usr/bin/python3 works inside;
+# polkitd: the daemon runs unprivileged as installed, and polkit decides what it may do with units
+# (libpam-systemd: polkitd needs a logind, and debootstrap does not pick a virtual package's).
+PACKAGES=systemd,systemd-sysv,dbus,python3,procps,polkitd,libpam-systemd
 
-if [ -f "$ROOT/.nspawn-root-complete" ]; then
+# The marker holds the package list: a root built with other packages is built again.
+if [ "$(cat "$ROOT/.nspawn-root-complete" 2>/dev/null)" = "$SUITE $PACKAGES" ]; then
     echo "$ROOT"
     exit 0
 fi
@@ -51,7 +56,7 @@ debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$partial" "$mirror
 # No getty or network set-up to wait for in a test container.
 systemctl --root="$partial" mask console-getty.service systemd-networkd-wait-online.service \
     >/dev/null 2>&1 || true
-touch "$partial/.nspawn-root-complete"
+echo "$SUITE $PACKAGES" >"$partial/.nspawn-root-complete"
 rm -rf "$ROOT"
 mv "$partial" "$ROOT"
 echo "$ROOT"

@@ -11,8 +11,31 @@ import pytest
 
 from prng_daemon.log import configure_logging
 
+from . import fake_llama
 from .fake_llama import FakeLlama
 from .helpers import child_pids, wait_until
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Configs the tests build without a `daemon` section get a state dir of the session's own,
+    not the machine's /var/lib/prng-llm-daemon (and its llm.key, if a daemon ever ran here)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fake_llama, "STATE_DIR", tmp_path_factory.mktemp("state"))
+        yield
+
+
+SYSTEM_PATHS = (Path("/etc/prng-llm-daemon"), Path("/var/lib/prng-llm-daemon"),
+                Path("/var/log/prng-llm-daemon"), Path("/srv/prng"))  # fmt: skip
+"""The installed daemon's own paths (the config's defaults): no test makes them."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _system_paths_untouched() -> Iterator[None]:
+    absent = [path for path in SYSTEM_PATHS if not path.exists()]
+    yield
+    made = [str(path) for path in absent if path.exists()]
+    assert not made, f"the tests made the machine's own paths: {made}"
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prng_daemon.config import Config, parse_config
@@ -369,11 +370,19 @@ class FakeLlama:
         return answer
 
 
+STATE_DIR: Path | None = None
+"""The `daemon.state_dir` of `llm_config`'s configs, set for the session by conftest: the
+default, /var/lib/prng-llm-daemon, is the machine's (a daemon that ran there left its llm.key)."""
+
+
 def llm_config(orchestrator_port: int, math_port: int, **sections: dict[str, Any]) -> Config:
-    """A Config whose two servers are on these loopback ports; `sections` overrides, e.g. policy."""
+    """A Config whose two servers are on these loopback ports; `sections` overrides, e.g. policy.
+    Its state dir is the session's (`STATE_DIR`), never the machine's."""
+    assert STATE_DIR is not None, "set by conftest"
     doc: dict[str, Any] = {
         "orchestrator": {"model": "orchestrator-model.gguf", "port": orchestrator_port},
         "math": {"model": "math-model.gguf", "port": math_port},
+        "daemon": {"state_dir": str(STATE_DIR)},
         **sections,
     }
     return parse_config(json.dumps(doc))

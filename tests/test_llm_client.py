@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from prng_daemon.config import Config
+from prng_daemon.config import Config, DaemonSettings
 from prng_daemon.errors import ConfigError, LLMBadAnswer, LLMUnavailable
 from prng_daemon.llm import AsyncRouter, Completion, Health, LlamaClient
 from prng_daemon.llm.http1 import MAX_BODY
@@ -168,6 +168,11 @@ def test_api_key_from_the_key_file_is_sent_as_bearer(tmp_path: Path) -> None:
     # /health before the completion, then /health again; the math server has no key.
     assert orchestrator.authorizations == ["Bearer s3cret"] * 3
     assert math.authorizations == [None]
+
+
+def test_the_configs_tests_build_never_name_the_machines_state_dir() -> None:
+    """The test above failed wherever the daemon had run: /var/lib/.../llm.key was sent."""
+    assert not llm_config(1, 2).daemon.state_dir.is_relative_to(DaemonSettings().state_dir)
 
 
 def test_unreadable_key_file_is_a_config_error(tmp_path: Path) -> None:

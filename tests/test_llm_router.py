@@ -184,6 +184,7 @@ def test_agents_use_the_blocking_router_as_the_proposal_shows(
             {
                 "orchestrator": {"model": "o.gguf", "port": fakes[0].port},
                 "math": {"model": "m.gguf", "port": fakes[1].port},
+                "daemon": {"state_dir": str(tmp_path / "state")},
             }
         )
     )

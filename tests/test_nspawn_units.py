@@ -1,19 +1,23 @@
-"""Agents as transient units under a real systemd (the container of test_nspawn_e2e).
-
-The container has no polkitd, so only root may start units there: the daemon runs as root in
-this test (a drop-in), its sandbox otherwise as shipped. The agents run as their own user.
+"""Agents as transient units under a real systemd (the container of test_nspawn_e2e), installed
+as systemd/README.md says: the daemon as prng-llm, polkitd with the shipped rule. systemd 252
+names no unit to polkit for a transient start, so the shipped rule alone does not let the daemon
+start units: `auto` runs agents locally and says why, an explicit `systemd` is refused at start.
+With the opt-in rule for 252/255 (prng-llm-daemon-transient.rules) agents are units.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from prng_daemon.document.pipeline import PIPELINE
+from prng_daemon.handlers.act.systemd import probe_argv
 
 from .helpers import wait_until
-from .test_nspawn_e2e import MISSING, PY, UNIT, VENV, Container, drop, install
+from .test_nspawn_e2e import MISSING, PY, REPO, UNIT, VENV, Container, booted, drop, install
 from .test_nspawn_e2e import container as container  # the fixture
 from .workspace import result_document, run_id
 
@@ -31,7 +35,11 @@ AGENT_CONFIG = {
     "user": "prng-agent",
     "properties": ["MemoryMax=256M", "CPUQuota=50%"],
 }
-AS_ROOT = "User=root\n"
+ALLOWED = ("prng-llm-daemon.rules", "prng-llm-daemon-transient.rules")
+"""The shipped rule and the opt-in one for systemd 252/255 (what it grants: README)."""
+CONFIG = "/etc/prng-llm-daemon/config.json"
+TRIXIE = Path(os.environ.get("NSPAWN_ROOT_TRIXIE", REPO / ".cache" / "nspawn-root-trixie"))
+"""A Debian 13 root (systemd 257): NSPAWN_SUITE=trixie scripts/nspawn-root.sh TRIXIE."""
 
 
 # SystemdLauncher by itself, in the container: the same launch twice, the same launch whose marker
@@ -106,11 +114,12 @@ def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
     box = container
     box.run("systemd-sysusers", "--inline", 'u prng-agent - "an agent"')
     box.run("install", "-d", "-o", "prng-agent", "-m", "0755", OUT)
-    install(box, {row.agent: AGENT_CONFIG for row in PIPELINE}, "auto", AS_ROOT)
+    install(box, {row.agent: AGENT_CONFIG for row in PIPELINE}, "auto", rules=ALLOWED)
     box.run("systemctl", "start", UNIT)
-    assert any(
-        e["event"] == "launcher.selected" and e["launcher"] == "systemd" for e in box.events()
-    ), "auto picks systemd under systemd"
+    assert box.show("User") == "prng-llm"
+    [selected] = [e for e in box.events() if e["event"] == "launcher.selected"]
+    assert (selected["launcher"], selected["priority"]) == ("systemd", "6"), selected
+    assert selected["reason"] == "a probe unit started: the daemon may start units"
 
     # One result file: exactly one unit, named after the run, as its user, logged, limited.
     rid = run_id(2, 1)
@@ -138,9 +147,10 @@ def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
     assert box.run("pgrep", "-c", "-u", "prng-agent", "-x", "sh").strip() == "1"
     status = box.run(
         "env", f"PYTHONUSERBASE={VENV}", f"/usr/bin/{PY}", "-m", "prng_daemon", "status",
-        "--config", "/etc/prng-llm-daemon/config.json", check=False,
+        "--config", CONFIG, check=False,
     )  # fmt: skip
     assert f"{rid}  full_scoring_agent  unit {unit}" in status, status
+    assert "\nlauncher: systemd (a probe unit started: the daemon may start units)\n" in status
 
     # A restart of the daemon: the unit runs on, is adopted, its end reported with its exit.
     pid = box.run("systemctl", "show", unit, "-p", "MainPID", "--value").strip()
@@ -171,7 +181,7 @@ def test_agents_are_units_that_outlive_the_daemon_and_report_their_real_exit(
     started(box, rid4)
     said = box.run(
         "env", f"PYTHONUSERBASE={VENV}", f"/usr/bin/{PY}", "-m", "prng_daemon", "stop-agent",
-        rid4, "--config", "/etc/prng-llm-daemon/config.json",
+        rid4, "--config", CONFIG,
     )  # fmt: skip
     assert said.strip() == f"{rid4}: stopped {agent_unit(rid4)}"
     wait_until(lambda: exited(box, rid4), 15, interval=0.2, what="agent.exited after stop")
@@ -203,3 +213,84 @@ def test_the_systemd_launcher_knows_its_own_launch_undoes_a_failed_one_and_times
     logged = box.run("journalctl", "-u", "prng-agent-step9_x", "-o", "cat", "--no-pager")
     assert "[a$HOME${X}$$] [%n %%]" in logged, logged
     box.run("systemctl", "stop", "prng-agent-step9_x.service")
+
+
+def test_with_only_the_shipped_rule_auto_runs_agents_locally_and_systemd_is_refused(
+    container: Container,
+) -> None:
+    """systemd 252 + the shipped polkit rule: the probe unit is refused, and the daemon says so."""
+    box = container
+    install(box)  # the shipped files only; launcher "auto", as config.example.json
+    box.run("systemctl", "start", UNIT)
+    [selected] = [e for e in box.events() if e["event"] == "launcher.selected"]
+    assert (selected["launcher"], selected["priority"]) == ("local", "4"), "a warning"
+    reason = str(selected["reason"])
+    assert reason.startswith("systemd may not be used: systemd-run prng-agent-probe-"), reason
+    assert "Access denied" in reason or "authentication required" in reason, reason
+    assert reason.endswith(
+        'allow it with the polkit rules of systemd/README.md ("Agents as units")'
+    )
+    said = [line for line in box.journal() if line.startswith("agents start with the ")]
+    assert said == [f"agents start with the local launcher: {reason}"]
+    status = box.run("env", f"PYTHONUSERBASE={VENV}", f"/usr/bin/{PY}", "-m", "prng_daemon",
+                     "status", "--config", CONFIG)  # fmt: skip
+    assert f"\nlauncher: local ({reason})\n" in status, status
+    assert box.run(
+        "systemctl", "list-units", "--all", "--plain", "--no-legend", "prng-agent-*"
+    ) == (""), "the probe left no unit"
+
+    # A dropped file still starts its agent: a child of the daemon, in its cgroup, as prng-llm.
+    rid = run_id(2, 1)
+    drop(box, "r.json", result_document(2, rid))
+    started(box, rid)
+    [event] = [e for e in box.events() if e["event"] == "agent.started"]
+    assert str(event["started_as"]).startswith("pid "), event
+    assert box.run("pgrep", "-u", "prng-llm", "-x", "sleep", check=False).strip()
+
+    # An explicit `systemd` that may not start units: the start is refused, in one line.
+    config = json.loads(box.run("cat", CONFIG))
+    config["daemon"]["launcher"] = "systemd"
+    box.write(CONFIG, json.dumps(config), "0640", "prng-llm")
+    box.run("systemctl", "stop", UNIT)
+    cursor = box.run("journalctl", "-u", UNIT, "-n", "0", "--show-cursor", "--no-pager")
+    after = cursor.strip().rsplit("cursor: ", 1)[-1]
+    assert box.run("systemctl", "start", UNIT, check=False) == ""
+    assert box.show("Result") == "exit-code" and box.show("ExecMainStatus") == "2"
+    refused = [line for line in box.journal("--after-cursor", after) if "daemon.launcher" in line]
+    assert len(refused) == 1, refused
+    assert refused[0].startswith("config: daemon.launcher: systemd cannot be used: systemd-run ")
+    assert refused[0].endswith('("Agents as units"), or set daemon.launcher to "local"')
+    assert not any(e["event"] == "daemon.started" for e in box.events("--after-cursor", after))
+
+
+def test_on_debian_13_the_shipped_rule_alone_lets_the_daemon_user_start_agent_units(
+    tmp_path: Path,
+) -> None:
+    """systemd 257 names a transient unit to polkit: the shipped rule allows the daemon's probe
+    and its agents' units by name, and no other transient unit. (Its Python is not the venv's:
+    the probe's own command line is run, as the daemon's user.)"""
+    if not (TRIXIE / ".nspawn-root-complete").exists():
+        missing = f"no Debian 13 root at {TRIXIE}: NSPAWN_SUITE=trixie scripts/nspawn-root.sh"
+        if os.environ.get("PRNG_REQUIRE_NSPAWN") == "1":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    with booted(tmp_path / "nspawn.log", TRIXIE) as box:
+        version = int(box.run("systemctl", "--version").split()[1])
+        assert version >= 257, version
+        box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.sysusers",
+                f"/usr/lib/sysusers.d/{UNIT}.conf")  # fmt: skip
+        box.run("systemd-sysusers")
+        box.run("install", "-m", "0644", f"{REPO}/systemd/{UNIT}.rules",
+                f"/etc/polkit-1/rules.d/50-{UNIT}.rules")  # fmt: skip
+        said = {}
+        for unit in ("prng-agent-probe-0123456789ab.service", agent_unit(run_id(3, 1)),
+                     "prng-llm-daemon-probe.service", "sshd-x.service"):  # fmt: skip
+            argv = ("runuser", "-u", "prng-llm", "--", *probe_argv(unit, "prng-llm"))
+            said[unit] = box.run(*argv, check=False, stderr=True).strip()
+        assert list(said.values()) == [
+            "",
+            "",
+            *["Failed to start transient service unit: Interactive authentication required."] * 2,
+        ]
+        assert box.run("systemctl", "list-units", "--all", "--plain", "--no-legend",
+                       "prng-agent-*") == "", "collected"  # fmt: skip

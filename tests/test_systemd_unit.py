@@ -164,8 +164,32 @@ def test_the_polkit_rule_lets_the_daemon_user_start_and_stop_its_agent_units_onl
         ("org.freedesktop.systemd1.manage-unit-files", "prng-llm", unit, "start"): "not_handled",
     }
     calls = [[a, u, {"unit": n, "verb": v} if n else {"verb": v}] for a, u, n, v in cases]
+    assert dict(zip(cases, polkit_answers(RULES, calls), strict=True)) == cases
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
+def test_the_opt_in_rule_for_systemd_252_allows_only_the_calls_that_name_no_unit() -> None:
+    """What systemd 252/255 ask polkit for a transient start: manage-units, no details at all.
+    (polkitd itself runs both rules in tests/test_nspawn_units.py.)"""
+    manage = "org.freedesktop.systemd1.manage-units"
+    unit = "prng-agent-step3_20261125_193000_abc123.service"
+    cases = {
+        (manage, "prng-llm", None, None): "yes",
+        (manage, "prng-llm", "sshd.service", "stop"): "not_handled",
+        (manage, "prng-llm", unit, "start"): "not_handled",  # named: the shipped rule decides
+        (manage, "alice", None, None): "not_handled",
+        ("org.freedesktop.systemd1.manage-unit-files", "prng-llm", None, None): "not_handled",
+    }
+    calls = [[a, u, {"unit": n, "verb": v} if n else {}] for a, u, n, v in cases]
+    answers = polkit_answers(REPO / "systemd" / "prng-llm-daemon-transient.rules", calls)
+    assert dict(zip(cases, answers, strict=True)) == cases
+
+
+def polkit_answers(rules: Path, calls: list[list[object]]) -> list[str]:
+    """What the rule file answers to each [action id, user, details] call."""
     done = subprocess.run(
-        ["node", "-e", POLKIT_HARNESS, str(RULES), json.dumps(calls)],
+        ["node", "-e", POLKIT_HARNESS, str(rules), json.dumps(calls)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert dict(zip(cases, json.loads(done.stdout), strict=True)) == cases
+    answers: list[str] = json.loads(done.stdout)
+    return answers

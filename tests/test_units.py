@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from prng_daemon.cli import main
 from prng_daemon.config import AgentConfig, DaemonSettings
 from prng_daemon.errors import AgentFailed, ConfigError
-from prng_daemon.handlers.act import make_launcher
+from prng_daemon.handlers.act import LauncherChoice, choose_launcher, make_launcher
 from prng_daemon.handlers.act.launcher import AgentRun, Launch
 from prng_daemon.handlers.act.local import LocalLauncher
 from prng_daemon.handlers.act.systemd import (
+    UNITS_FIX,
+    may_start_units,
     read_exit,
     running_under_systemd,
     unit_name,
@@ -89,15 +92,81 @@ def test_auto_is_local_outside_systemd_and_systemd_is_refused_there(
 ) -> None:
     monkeypatch.delenv("INVOCATION_ID", raising=False)
     settings = DaemonSettings(state_dir=tmp_path, logs_dir=tmp_path)
-    assert make_launcher(settings, lambda *_: None).kind == "local"
+    choice = choose_launcher(settings)
+    assert choice == LauncherChoice("local", "not started by systemd (no INVOCATION_ID)")
+    assert make_launcher(settings, choice, lambda *_: None).kind == "local"
     local = settings.model_copy(update={"launcher": "local"})
-    assert make_launcher(local, lambda *_: None).kind == "local"
+    assert choose_launcher(local) == LauncherChoice("local", "configured")
     forced = settings.model_copy(update={"launcher": "systemd"})
     with pytest.raises(ConfigError) as refused:
-        make_launcher(forced, lambda *_: None)
+        choose_launcher(forced)
     assert refused.value.problems == [
         "config: daemon.launcher: systemd cannot be used: not started by systemd (no INVOCATION_ID)"
     ]
+
+
+DENIED = "Failed to start transient service unit: Access denied"
+# Stand-ins for systemd-run on PATH: what systemd 252 with the shipped polkit rule answers, one
+# that starts the unit, and one whose bus never answers. Each records its arguments.
+STAND_INS = {
+    "denied": f'echo "$@" > "$0.args"; echo "{DENIED}" >&2; exit 1',
+    "allowed": 'echo "$@" > "$0.args"; exit 0',
+    "silent": 'echo "$@" > "$0.args"; exec sleep 600',
+}
+
+
+def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> Path:
+    program = tmp_path / kind / "systemd-run"
+    program.parent.mkdir()
+    program.write_text(f"#!/bin/sh\n{STAND_INS[kind]}\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{program.parent}:{os.environ['PATH']}")
+    return program
+
+
+def test_the_probe_starts_one_harmless_unit_and_says_why_it_may_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    denied = stand_in(tmp_path, monkeypatch, "denied")
+    said = may_start_units()
+    assert said is not None and said.endswith(f".service: {DENIED}"), said
+    args = denied.with_name("systemd-run.args").read_text().split()
+    assert "--wait" in args and "--no-ask-password" in args and "--collect" in args
+    assert f"--uid={os.getuid()}" in args and args[-2:] == ["--", "/bin/true"]
+    [unit] = [a.removeprefix("--unit=") for a in args if a.startswith("--unit=")]
+    assert unit.startswith("prng-agent-probe-"), "a name the polkit rule's pattern covers"
+    assert said == f"systemd-run {unit}: {DENIED}"
+    stand_in(tmp_path, monkeypatch, "allowed")
+    assert may_start_units() is None
+    stand_in(tmp_path, monkeypatch, "silent")
+    assert may_start_units(timeout=0.5).endswith(": no answer from systemd within 0.5 s")
+
+
+def test_auto_falls_back_to_local_with_a_warning_and_systemd_is_refused_when_units_are_denied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd (the check itself is tested above) and a probe that is refused."""
+    stand_in(tmp_path, monkeypatch, "denied")
+    settings = DaemonSettings(state_dir=tmp_path, logs_dir=tmp_path)
+    with capture_logs() as logs:
+        choice = choose_launcher(settings, under_systemd=lambda: None)
+    assert choice.kind == "local"
+    assert choice.reason.startswith("systemd may not be used: systemd-run prng-agent-probe-")
+    assert choice.reason.endswith(f"{DENIED}; {UNITS_FIX}")
+    assert logs == [{"event": "launcher.selected", "log_level": "warning", "launcher": "local",
+                     "reason": choice.reason}]  # fmt: skip
+    forced = settings.model_copy(update={"launcher": "systemd"})
+    with pytest.raises(ConfigError) as refused:
+        choose_launcher(forced, under_systemd=lambda: None)
+    [line] = refused.value.problems
+    assert line.startswith("config: daemon.launcher: systemd cannot be used: systemd-run ")
+    assert line.endswith(f'{DENIED}; {UNITS_FIX}, or set daemon.launcher to "local"')
+    stand_in(tmp_path, monkeypatch, "allowed")
+    for setting in ("auto", "systemd"):
+        chosen = choose_launcher(
+            settings.model_copy(update={"launcher": setting}), under_systemd=lambda: None
+        )
+        assert chosen.kind == "systemd"
 
 
 def test_a_process_that_merely_inherited_a_services_environment_is_not_the_service() -> None:
@@ -138,7 +207,10 @@ def test_stop_agent_ends_a_local_agent_listed_by_status(
         )  # fmt: skip
         [agent] = report["agents"]
         assert agent == {"run_id": rid, "agent": "full_scoring_agent", "pid": agent["pid"]}
-        assert f"  {rid}  full_scoring_agent  pid {agent['pid']}" in cli("status")[1]
+        shown = cli("status")[1]
+        assert f"  {rid}  full_scoring_agent  pid {agent['pid']}" in shown
+        assert report["launcher"]["kind"] == "local", "with the reason it was chosen"
+        assert f"\nlauncher: local ({report['launcher']['reason']})\n" in shown
         said = cli("stop-agent", rid)
         assert said == (
             0,

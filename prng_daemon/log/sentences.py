@@ -79,6 +79,7 @@ _TEMPLATES: dict[str, Callable[[Facts], str]] = {
     "agent.failed": _template("{agent} could not start: {reason}"),
     "agent.exited": _agent_exited,
     "agent.lost": _template("{agent} lost: {reason}"),
+    "launcher.selected": _plain("agents start with the {launcher} launcher: {reason}"),
     "agent.adopted": _template("{agent} still running after the restart, adopted"),
     "escalation.approved": _template("escalation approved by the operator: {decision}"),
     "escalation.rejected": _template("escalation rejected by the operator: the run stops here"),

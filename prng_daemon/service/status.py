@@ -17,6 +17,7 @@ from ..document.files import write_json_atomic
 from ..document.names import printable
 from ..document.pipeline import SERVER_NAMES, ServerName
 from ..errors import DaemonError
+from ..handlers.act import LauncherChoice
 from ..handlers.act.launcher import AgentLauncher
 from ..ledger import Ledger, State
 from ..servers.gpu import where
@@ -57,6 +58,7 @@ def publish(
     servers: Mapping[ServerName, ChildStatus],
     queued: int,
     launcher: AgentLauncher,
+    choice: LauncherChoice,
 ) -> None:
     """Write the status file (not fsync'd: it is rewritten every heartbeat)."""
     write_json_atomic(
@@ -82,6 +84,7 @@ def publish(
                 for name, s in servers.items()
             },
             "queued": queued,
+            "launcher": {"kind": choice.kind, "reason": choice.reason},
             "agents_running": launcher.running,
             "agents": launcher.agents(),
         },
@@ -118,7 +121,9 @@ def collect(config: Config) -> dict[str, Any]:
             heartbeat=published["heartbeat"],
         )  # fmt: skip
     # What the daemon watches: only while it runs (a stopped one's list is history).
-    report["agents"] = published.get("agents", []) if published and state != "not running" else []
+    current = published if published and state != "not running" else {}
+    report["agents"] = current.get("agents", [])
+    report["launcher"] = current.get("launcher")
     for name in SERVER_NAMES:
         server = config.server(name)
         if not server.managed:  # someone else runs it: the daemon only knows where it is
@@ -190,6 +195,8 @@ def render(report: dict[str, Any]) -> str:
             f" (pid {s['pid']}, restarts {s['restarts']}{exit_note})"
             + (f" — {s['message']}" if s["message"] else "")
         )
+    if report["launcher"]:
+        lines.append(f"launcher: {report['launcher']['kind']} ({report['launcher']['reason']})")
     lines.append(f"agents running: {len(report['agents'])}")
     for a in report["agents"]:
         runs_as = f"unit {a['unit']}" if a.get("unit") else f"pid {a['pid']}"

@@ -1,8 +1,13 @@
 """Third stage: start the follow-up agent exactly once, on this host (`local`), as a systemd
 transient unit (`systemd`) or as a Slurm job (`slurm`, per agent), behind one interface
-(`launcher`). `make_launcher` puts together the one the config asks for."""
+(`launcher`). `choose_launcher` decides which one `daemon.launcher` gets, checked for real;
+`make_launcher` puts it together."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from ...config import DaemonSettings
 from ...errors import ConfigError
@@ -10,23 +15,60 @@ from ...log import get_logger
 from .launcher import AgentLauncher, OnExit
 from .local import LocalLauncher
 from .slurm import SlurmLauncher, WithSlurm
-from .systemd import SystemdLauncher, running_under_systemd
+from .systemd import UNITS_FIX, SystemdLauncher, may_start_units, running_under_systemd
 
-__all__ = ["make_launcher"]
+__all__ = ["LauncherChoice", "choose_launcher", "make_launcher"]
 
 
-def make_launcher(settings: DaemonSettings, on_exit: OnExit) -> AgentLauncher:
-    """The launcher `daemon.launcher` asks for ("auto": systemd when it can be used), with
-    Slurm beside it for the agents whose config says `launcher: "slurm"`."""
-    launches = settings.state_dir / "launches"
-    why_not = running_under_systemd()
+@dataclass(frozen=True)
+class LauncherChoice:
+    """Which launcher the daemon's agents get, and why: said in `launcher.selected` and
+    `status`."""
+
+    kind: Literal["local", "systemd"]
+    reason: str
+
+
+def choose_launcher(
+    settings: DaemonSettings,
+    under_systemd: Callable[[], str | None] = running_under_systemd,
+) -> LauncherChoice:
+    """The launcher `daemon.launcher` asks for, logged as `launcher.selected`. "auto" is systemd
+    only when the daemon runs under systemd *and* a probe unit it starts really starts (on
+    systemd 252/255 the shipped polkit rule alone cannot allow that); otherwise local, at
+    warning level when systemd was there but refused. An explicit "systemd" that cannot work is
+    a ConfigError naming the fix, before anything starts."""
     log = get_logger()
-    if settings.launcher == "systemd" and why_not is not None:
-        raise ConfigError([f"config: daemon.launcher: systemd cannot be used: {why_not}"])
+    if settings.launcher == "local":
+        choice = LauncherChoice("local", "configured")
+    elif (absent := under_systemd()) is not None:
+        if settings.launcher == "systemd":
+            raise ConfigError([f"config: daemon.launcher: systemd cannot be used: {absent}"])
+        choice = LauncherChoice("local", absent)
+    elif (refused := may_start_units()) is not None:
+        if settings.launcher == "systemd":
+            raise ConfigError(
+                [
+                    f"config: daemon.launcher: systemd cannot be used: {refused}; {UNITS_FIX},"
+                    ' or set daemon.launcher to "local"'
+                ]
+            )
+        choice = LauncherChoice("local", f"systemd may not be used: {refused}; {UNITS_FIX}")
+        log.warning("launcher.selected", launcher=choice.kind, reason=choice.reason)
+        return choice
+    else:
+        choice = LauncherChoice("systemd", "a probe unit started: the daemon may start units")
+    log.info("launcher.selected", launcher=choice.kind, reason=choice.reason)
+    return choice
+
+
+def make_launcher(
+    settings: DaemonSettings, choice: LauncherChoice, on_exit: OnExit
+) -> AgentLauncher:
+    """The chosen launcher, with Slurm beside it for the agents whose config says
+    `launcher: "slurm"`."""
+    launches = settings.state_dir / "launches"
     slurm = SlurmLauncher(launches, settings.state_dir / "slurm", on_exit)
-    if settings.launcher == "local" or why_not is not None:
-        reason = "configured" if settings.launcher == "local" else why_not
-        log.info("launcher.selected", launcher="local", reason=reason)
+    if choice.kind == "local":
         return WithSlurm(LocalLauncher(launches, settings.logs_dir / "agents", on_exit), slurm)
-    log.info("launcher.selected", launcher="systemd", setting=settings.launcher)
     return WithSlurm(SystemdLauncher(launches, on_exit), slurm)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -44,7 +45,10 @@ from .launcher import (
 )
 
 __all__ = [
+    "UNITS_FIX",
     "SystemdLauncher",
+    "may_start_units",
+    "probe_argv",
     "read_exit",
     "running_under_systemd",
     "show_units",
@@ -57,6 +61,10 @@ POLL_SECONDS = 5.0
 """How often the running agents' units are looked at (one `systemctl show` for all)."""
 SYSTEMCTL_TIMEOUT_SECONDS = 30.0
 """systemd-run and systemctl wait this long for PID 1 at most (its own bus timeout is 25 s)."""
+PROBE_TIMEOUT_SECONDS = 10.0
+"""How long the start-up probe may take before systemd counts as not answering."""
+UNITS_FIX = 'allow it with the polkit rules of systemd/README.md ("Agents as units")'
+"""What to do when the daemon's user may not start units."""
 _UNIT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
 # mkdir fails if the marker exists: the unit fails before its agent runs. Written by PID 1 with
 # full privileges ("+"): the agent's user need not be able to write the daemon's state dir.
@@ -104,6 +112,40 @@ def running_under_systemd(env: dict[str, str] | None = None) -> str | None:
     for tool in ("systemd-run", "systemctl"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    return None
+
+
+def probe_argv(unit: str, user: str | int, timeout: float = PROBE_TIMEOUT_SECONDS) -> list[str]:
+    """The probe unit `may_start_units` starts: /bin/true as `user`, waited for and collected."""
+    return [
+        "systemd-run", "--quiet", "--no-ask-password", "--wait", "--collect",
+        "--service-type=exec", f"--unit={unit}", f"--uid={user}",
+        "--description=prng-llm-daemon: may it start agent units?",
+        f"--property=RuntimeMaxSec={timeout:g}s", "--", "/bin/true",
+    ]  # fmt: skip
+
+
+def may_start_units(timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
+    """Why this process may not start agent units, or None when it may: found by starting one,
+    `prng-agent-probe-<random>.service` running /bin/true as this process's user, the way
+    agents are started (systemd-run, no password prompt) and collected when it ends. Only this
+    is sure: polkit rules are code, and what systemd tells them differs between versions (252
+    and 255 do not name a transient unit). A bus that does not answer in `timeout` is a no."""
+    unit = f"{UNIT_PREFIX}probe-{secrets.token_hex(6)}.service"
+    argv = probe_argv(unit, os.getuid(), timeout)
+    try:
+        done = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+            check=False, env=daemon_environ(),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"systemd-run {unit}: no answer from systemd within {timeout:g} s"
+    except OSError as exc:
+        return f"systemd-run: {exc.strerror or exc}"
+    if done.returncode != 0:
+        error = done.stderr.strip().splitlines()
+        last = error[-1].rstrip(".") if error else f"exit status {done.returncode}"
+        return f"systemd-run {unit}: {last}"
     return None
 
 
@@ -256,10 +298,7 @@ class SystemdLauncher:
                 self.exit_file(run.key).unlink()
         hint = ""
         if "denied" in error or "authentication" in error.lower():
-            hint = (
-                "; the daemon's user may not start units: install the polkit rule"
-                " (systemd/README.md) or set daemon.launcher to local"
-            )
+            hint = f"; the daemon's user may not start units: {UNITS_FIX}"
         if not error and code is not None:  # --quiet: a failed start job says nothing itself
             last = f"exit status {code} ({_SETUP_NAMES.get(code, 'see systemd.exec(5)')})"
         raise AgentFailed(
