@@ -4,6 +4,7 @@ or FAILED at once with the signal and its last lines, where the operator looks."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sys
@@ -15,10 +16,10 @@ from structlog.testing import capture_logs
 
 from prng_daemon.cli import main
 from prng_daemon.log.sentences import sentence
-from prng_daemon.servers.supervisor import ChildState
+from prng_daemon.servers.supervisor import ChildState, ChildStatus
 
 from .helpers import free_port, until, wait_until
-from .test_supervisor import events, make_config, run, script, server_section, supervising
+from .test_supervisor import events, make_config, script, server_section, supervising
 from .workspace import make_workspace, stop, wait_ready
 
 AMX_LINE = "load_tensors:   AMX model buffer size =   950.71 MiB"
@@ -50,61 +51,63 @@ def crash_config(binary: Path, tiny_model: Path, tmp_path: Path, **orchestrator:
     )  # fmt: skip
 
 
-def cmdline(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+def supervise_stand_in(
+    tmp_path: Path, real: Path, tiny_model: Path, *, always: bool, until_state: ChildState
+) -> tuple[ChildStatus, list[str], list[dict[str, Any]]]:
+    """Supervise the stand-in as the orchestrator until it is in `until_state`: its status,
+    its command line, the log events."""
+    config = crash_config(stand_in(tmp_path, real, always=always), tiny_model, tmp_path)
+
+    async def body() -> tuple[ChildStatus, list[str], list[dict[str, Any]]]:
+        with capture_logs() as logs:
+            async with supervising(config) as sup:
+                status = await until(
+                    lambda: (s := sup.status()["orchestrator"]).state is until_state and s,
+                    60, f"the orchestrator {until_state}",
+                )  # fmt: skip
+                cmdline = Path(f"/proc/{status.pid}/cmdline") if status.pid else None
+                argv = cmdline.read_bytes().decode().split("\0") if cmdline else []
+                return status, argv, logs
+
+    return asyncio.run(body())
 
 
 def test_crash_while_loading_is_retried_once_without_repacking_and_serves(
     llama_server_bin: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    binary = stand_in(tmp_path, llama_server_bin, always=False)
-    config = crash_config(binary, tiny_model, tmp_path)
-
-    async def body() -> None:
-        with capture_logs() as logs:
-            async with supervising(config) as sup:
-                await until(lambda: sup.is_ready("orchestrator"), 60, "ready with --no-repack")
-                status = sup.status()["orchestrator"]
-                assert status.restarts == 1 and status.last_exit == -signal.SIGSEGV
-                assert status.pid is not None and "--no-repack" in cmdline(status.pid)
-        (safe,) = events(logs, "server.safe_mode")
-        assert safe["log_level"] == "warning" and safe["signal"] == "SIGSEGV"
-        assert safe["added"] == "--no-repack"
-        assert sentence(safe) == (
-            "llama-server orchestrator exited while loading the model (killed by SIGSEGV);"
-            f' starting it once more with --no-repack; its last line: "{AMX_LINE}"'
-        )
-        assert not events(logs, "server.restarting"), "no backoff: a crash is not passing"
-        starts = events(logs, "server.starting")
-        assert ["--no-repack" in e["argv"] for e in starts] == [False, True]
-
-    run(body)
+    status, argv, logs = supervise_stand_in(
+        tmp_path, llama_server_bin, tiny_model, always=False, until_state=ChildState.READY
+    )
+    assert status.restarts == 1 and status.last_exit == -signal.SIGSEGV
+    assert "--no-repack" in argv
+    (safe,) = events(logs, "server.safe_mode")
+    assert safe["log_level"] == "warning" and safe["signal"] == "SIGSEGV"
+    assert safe["added"] == "--no-repack"
+    assert sentence(safe) == (
+        "llama-server orchestrator exited while loading the model (killed by SIGSEGV);"
+        f' starting it once more with --no-repack; its last line: "{AMX_LINE}"'
+    )
+    assert not events(logs, "server.restarting"), "no backoff: a crash is not passing"
+    starts = events(logs, "server.starting")
+    assert ["--no-repack" in e["argv"] for e in starts] == [False, True]
 
 
 def test_a_binary_that_crashes_even_without_repacking_fails_after_that_one_retry(
     llama_server_bin: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     """Five restarts are in the budget; a deterministic segfault uses none of them."""
-    binary = stand_in(tmp_path, llama_server_bin, always=True)
-    config = crash_config(binary, tiny_model, tmp_path)
-
-    async def body() -> None:
-        with capture_logs() as logs:
-            async with supervising(config) as sup:
-                assert not await sup.wait_ready(30)
-                status = sup.status()["orchestrator"]
-        assert status.state is ChildState.FAILED and status.restarts == 1
-        assert status.pid is None and status.last_exit == -signal.SIGSEGV
-        assert status.message == (
-            "exited while loading the model (killed by SIGSEGV), also with --no-repack: a crash"
-            f' of llama-server itself, not restarted; its last line: "{AMX_LINE}"'
-        )
-        assert status.tail == (AMX_LINE,)
-        assert len(events(logs, "server.starting")) == 2 and not events(logs, "server.restarting")
-        (failed,) = events(logs, "server.failed")
-        assert failed["log_level"] == "error" and AMX_LINE in failed["log_tail"]
-
-    run(body)
+    status, _, logs = supervise_stand_in(
+        tmp_path, llama_server_bin, tiny_model, always=True, until_state=ChildState.FAILED
+    )
+    assert status.restarts == 1 and status.pid is None and status.last_exit == -signal.SIGSEGV
+    assert status.message == (
+        "exited while loading the model (killed by SIGSEGV), also with --no-repack: a crash"
+        f' of llama-server itself, not restarted; its last line: "{AMX_LINE}"'
+    )
+    assert status.tail == (AMX_LINE,)
+    assert len(events(logs, "server.starting")) == 2 and not events(logs, "server.restarting")
+    (failed,) = events(logs, "server.failed")
+    assert failed["log_level"] == "error" and AMX_LINE in failed["log_tail"]
 
 
 def test_with_the_retry_off_a_crash_while_loading_fails_at_once_and_status_says_why(
