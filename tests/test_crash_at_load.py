@@ -88,6 +88,11 @@ def test_crash_while_loading_is_retried_once_without_repacking_and_serves(
         f' starting it once more with --no-repack; its last line: "{AMX_LINE}"'
     )
     assert not events(logs, "server.restarting"), "no backoff: a crash is not passing"
+    exited = events(logs, "server.exited")[0]
+    assert sentence(exited) == (
+        f"llama-server orchestrator (pid {exited['pid']}) exited while loading the model"
+        " (killed by SIGSEGV)"
+    )
     starts = events(logs, "server.starting")
     assert ["--no-repack" in e["argv"] for e in starts] == [False, True]
 
