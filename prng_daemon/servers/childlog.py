@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -78,20 +79,22 @@ class ChildLog:
         self._log = log
         self._tail: deque[str] = deque(maxlen=tail_lines)
         self.no_gpu = False
-        """Set when the child said its --n-gpu-layers will be ignored (gpu.NO_GPU_LINE); the
-        supervisor clears it at each launch."""
+        """Set when the child said its --n-gpu-layers will be ignored (gpu.NO_GPU_LINE); cleared
+        at each launch."""
 
     @property
     def path(self) -> Path:
         return self._file.path
 
     def tail(self) -> list[str]:
-        """The last lines the child wrote (for `server.failed`)."""
+        """The last lines the child wrote since its launch (for `server.failed`)."""
         return list(self._tail)
 
-    def note(self, text: str) -> None:
-        """A line of our own in the child's file, e.g. where each launch begins."""
-        self._file.write(f"--- prng-llm-daemon: {text}\n".encode())
+    def launching(self, argv: Sequence[str]) -> None:
+        """A new run begins: marked in the file; what the last run said is forgotten."""
+        self._file.write(f"--- prng-llm-daemon: launching {' '.join(argv)}\n".encode())
+        self._tail.clear()
+        self.no_gpu = False
 
     async def pump(self, stream: asyncio.StreamReader) -> None:
         """Copy `stream` to the file until EOF; chunks, not lines, so a huge line cannot stall."""

@@ -10,7 +10,10 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-__all__ = ["killpg", "signal_group", "spawn"]
+__all__ = ["CRASH_SIGNALS", "exit_text", "killpg", "signal_group", "spawn"]
+
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGILL, signal.SIGBUS})
+"""Signals a program gets from its own bad code (or code built for another CPU), not from us."""
 
 # Runs in the child, then execs llama-server. PR_SET_PDEATHSIG (1) = SIGKILL (9) makes the kernel
 # kill the child when the daemon dies, even by SIGKILL; it survives execve. A wrapper rather than
@@ -47,3 +50,13 @@ def killpg(pgid: int, sig: signal.Signals) -> None:
     """Signal process group `pgid` (a child started in its own session); nothing if it is gone."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
+
+
+def exit_text(returncode: int) -> str:
+    """How a child ended, in words: `killed by SIGSEGV`, `exit status 1`."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"

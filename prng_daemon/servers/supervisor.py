@@ -21,13 +21,17 @@ from . import gpu
 from .backoff import RestartBudget
 from .childlog import ChildLog
 from .preflight import PreflightFailed, ServerLaunch, plan_launch
-from .spawn import signal_group, spawn
+from .spawn import CRASH_SIGNALS, exit_text, signal_group, spawn
 
 __all__ = ["ChildState", "ChildStatus", "Supervisor", "WrongPlacement"]
 
 T = TypeVar("T")
 
 _PROBE_PROMPT = "ok"
+NO_REPACK = "--no-repack"
+"""llama-server's safer way to load: weights used as stored, no repacking into an AMX buffer."""
+STATUS_TAIL = 5
+"""How many of a failed child's last lines `status` shows."""
 
 
 class ChildState(StrEnum):
@@ -55,6 +59,8 @@ class ChildStatus:
     known (not launched yet, or a llama-server too old to list its devices)."""
     vram_mib: int | None = None
     """GPU memory its process holds (NVML or nvidia-smi); None without an NVIDIA driver."""
+    tail: tuple[str, ...] = ()
+    """A FAILED child's last lines of output (its last run's), for `status`."""
 
 
 class WrongPlacement(Exception):
@@ -63,6 +69,22 @@ class WrongPlacement(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """How one run of a child ended."""
+
+    how: str
+    """`exited while loading the model (killed by SIGSEGV)`, `hung: ... (killed by SIGKILL)`."""
+    last_line: str | None
+    """What it said last, when it ended by itself."""
+    crash: signal.Signals | None = None
+    """The signal, when it crashed (CRASH_SIGNALS) before it was ever ready."""
+
+    def reason(self, note: str = "") -> str:
+        said = f'; its last line: "{self.last_line}"' if self.last_line else ""
+        return f"{self.how}{note}{said}"
 
 
 @dataclass
@@ -76,6 +98,8 @@ class _Child:
     pump: asyncio.Task[None] | None = None
     task: asyncio.Task[None] | None = None
     clean_since: float | None = None
+    no_repack: bool = False
+    """Launched with --no-repack since it crashed while loading without."""
 
 
 class Supervisor:
@@ -209,11 +233,19 @@ class Supervisor:
 
     async def _restart_loop(self, child: _Child) -> None:
         while True:
+            ran = False
             try:
                 make_key(self._config)  # again: a child must never start unlocked
                 launch = plan_launch(self._config, child.name)
+                if child.no_repack:
+                    launch = replace(launch, argv=(*launch.argv, NO_REPACK))
                 placement = await self._placement(launch, self._config.server(child.name))
-                reason = await self._run_once(child, launch, placement)
+                ended = await self._run_once(child, launch, placement)
+                ran, reason = True, ended.reason()
+                if ended.crash is not None:
+                    if self._retry_without_repack(child, ended, launch):
+                        continue
+                    return
             except PreflightFailed as exc:
                 if not exc.transient:
                     self._fail(child, exc.message)
@@ -232,7 +264,7 @@ class Supervisor:
                 delay = child.budget.next_delay(self._clock(), child.clean_since)
             child.clean_since = None
             if delay is None:
-                self._fail(child, reason)
+                self._fail(child, reason, tail=ran)
                 return
             self._set(child, ChildState.BACKOFF, f"{reason}; restarting in {delay:.2f}s")
             child.log.warning(
@@ -241,6 +273,28 @@ class Supervisor:
             )  # fmt: skip
             await asyncio.sleep(delay)
             child.status = replace(child.status, restarts=child.status.restarts + 1)
+
+    def _retry_without_repack(self, child: _Child, ended: _Ended, launch: ServerLaunch) -> bool:
+        """A crash of the binary while loading is no passing fault: no backoff loop. True: it
+        is started once more at once with --no-repack (the AMX path of a GCC < 13 build faults
+        there, docs/cpu.md); False: it is FAILED with the reason."""
+        assert ended.crash is not None
+        crash = "a crash of llama-server itself, not restarted"
+        if {NO_REPACK, "-nr"} & set(launch.argv):
+            self._fail(child, ended.reason(f", also with {NO_REPACK}: {crash}"), tail=True)
+            return False
+        if not self._config.server(child.name).retry_without_repack:
+            self._fail(child, ended.reason(f": {crash} (retry_without_repack is off)"), tail=True)
+            return False
+        child.no_repack = True
+        reason = ended.reason(f"; starting it once more with {NO_REPACK}")
+        self._set(child, ChildState.BACKOFF, reason, restarts=child.status.restarts + 1)
+        child.log.warning(
+            "server.safe_mode", signal=ended.crash.name, reason=reason, added=NO_REPACK,
+            why="a crash while loading; llama.cpp's AMX code from GCC < 13 faults there"
+            " (llama.cpp #20824), and without repacking it is not used",
+        )  # fmt: skip
+        return True
 
     async def _placement(self, launch: ServerLaunch, server: ServerConfig) -> str | None:
         """Where the child will run, from `llama-server --list-devices` in the child's own
@@ -264,12 +318,11 @@ class Supervisor:
             raise WrongPlacement(gpu.no_gpu_reason(server.gpu_id, listing, everything))
         return "CPU"
 
-    async def _run_once(self, child: _Child, launch: ServerLaunch, placement: str | None) -> str:
-        """One run of the child, from launch to exit; returns why it ended."""
+    async def _run_once(self, child: _Child, launch: ServerLaunch, placement: str | None) -> _Ended:
+        """One run of the child, from launch to exit; returns how it ended."""
         assert child.output is not None
         server = self._config.server(child.name)
-        child.output.note(f"launching {' '.join(launch.argv)}")
-        child.output.no_gpu = False
+        child.output.launching(launch.argv)
         proc = await spawn(launch.argv, launch.env)
         assert proc.stdout is not None
         child.proc = proc
@@ -288,8 +341,9 @@ class Supervisor:
         )
         exited = asyncio.create_task(proc.wait())
         wrong = None
+        was_ready = False
         try:
-            reason = "exited"
+            reason = "exited while loading the model"
             loading = self._until_ready(client, server.startup_timeout_seconds)
             if not await self._race(exited, loading):
                 if not exited.done():
@@ -298,6 +352,7 @@ class Supervisor:
                 reason = "landed on the CPU"
             else:
                 await self._sample_vram(child)
+                was_ready = True
                 child.clean_since = self._clock()
                 self._set(child, ChildState.READY, "")
                 child.log.info(
@@ -305,7 +360,8 @@ class Supervisor:
                     placement=child.status.placement, vram_mib=child.status.vram_mib,
                 )  # fmt: skip
                 reason = await self._race(exited, self._watch(child, client)) or "exited"
-            if not exited.done():
+            by_itself = exited.done()
+            if not by_itself:
                 signal_group(proc, signal.SIGKILL)
             returncode = await exited
             await child.pump
@@ -313,11 +369,19 @@ class Supervisor:
             exited.cancel()
             await client.aclose()
         child.proc = None
-        child.log.warning("server.exited", pid=proc.pid, returncode=returncode, reason=reason)
-        self._set(child, child.status.state, reason, pid=None, last_exit=returncode)
+        how = exit_text(returncode)
+        child.log.warning(
+            "server.exited", pid=proc.pid, returncode=returncode, exit=how, reason=reason
+        )
+        self._set(child, child.status.state, f"{reason} ({how})", pid=None, last_exit=returncode)
         if wrong:
             raise WrongPlacement(wrong)
-        return f"{reason} (exit status {returncode})"
+        said = child.output.tail()[-1:] if by_itself else []
+        crashed = not was_ready and -returncode in CRASH_SIGNALS
+        return _Ended(
+            f"{reason} ({how})", said[0] if said else None,
+            signal.Signals(-returncode) if crashed else None,
+        )  # fmt: skip
 
     def _wrong_placement(self, child: _Child, server: ServerConfig) -> str | None:
         """Why the ready child must not serve, or None. Its own word overrides the device list:
@@ -418,8 +482,18 @@ class Supervisor:
             return f"{what}: {exc}"
         return None
 
-    def _fail(self, child: _Child, reason: str, event: str = "server.failed", **facts: Any) -> None:
-        self._set(child, ChildState.FAILED, reason, pid=None, vram_mib=None)
+    def _fail(
+        self,
+        child: _Child,
+        reason: str,
+        event: str = "server.failed",
+        *,
+        tail: bool = False,
+        **facts: Any,
+    ) -> None:
+        """FAILED for `reason`; `tail`: its last run's last lines are part of why."""
+        last = tuple(child.output.tail()[-STATUS_TAIL:]) if tail and child.output else ()
+        self._set(child, ChildState.FAILED, reason, pid=None, vram_mib=None, tail=last)
         child.log.error(
             event, reason=reason, last_exit=child.status.last_exit,
             restarts=child.status.restarts,

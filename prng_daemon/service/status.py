@@ -21,6 +21,7 @@ from ..handlers.act import LauncherChoice
 from ..handlers.act.launcher import AgentLauncher
 from ..ledger import Ledger, State
 from ..servers.gpu import where
+from ..servers.spawn import exit_text
 from ..servers.supervisor import ChildStatus
 
 __all__ = ["HEARTBEAT_SECONDS", "collect", "daemon_state", "publish", "render", "status_path"]
@@ -80,6 +81,7 @@ def publish(
                     "message": s.message,
                     "placement": s.placement,
                     "vram_mib": s.vram_mib,
+                    "tail": list(s.tail),
                 }
                 for name, s in servers.items()
             },
@@ -188,13 +190,18 @@ def render(report: dict[str, Any]) -> str:
         if s["state"] == "unmanaged":
             lines.append(f"  {name}: not managed by the daemon, at {s['url']}")
             continue
-        exit_note = f", last exit {s['last_exit']}" if s["last_exit"] is not None else ""
+        facts = [f"pid {s['pid']}"] if s["pid"] is not None else []
+        facts.append(f"restarts {s['restarts']}")
+        if s["last_exit"] is not None:
+            facts.append(f"last exit: {exit_text(s['last_exit'])}")
         placed = where(s.get("placement"), s.get("vram_mib")) if s["state"] != "failed" else ""
         lines.append(
-            f"  {name}: {s['state']}{' ' + placed if placed else ''}"
-            f" (pid {s['pid']}, restarts {s['restarts']}{exit_note})"
+            f"  {name}: {s['state']}{' ' + placed if placed else ''} ({', '.join(facts)})"
             + (f" — {s['message']}" if s["message"] else "")
         )
+        if s.get("tail"):
+            lines.append("    its last lines:")
+            lines.extend(f"    | {line}" for line in s["tail"])
     if report["launcher"]:
         lines.append(f"launcher: {report['launcher']['kind']} ({report['launcher']['reason']})")
     lines.append(f"agents running: {len(report['agents'])}")
