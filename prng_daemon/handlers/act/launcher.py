@@ -108,6 +108,12 @@ class AgentLauncher(Protocol):
         known; False when neither (it ended unseen and its exit is lost)."""
         ...
 
+    def find(self, run: AgentRun) -> int | None:
+        """The pid (a job id, a unit's MainPID or 0) of a launch that happened but whose pid
+        never reached the ledger (the daemon died right after the start); None when its agent
+        is gone and nothing is left to watch."""
+        ...
+
     def describe(self, run: AgentRun, pid: int) -> str:
         """Where the started agent runs, as the log and `status` say it: `pid 4242`,
         `prng-agent-<run_id>.service`."""

@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from .launcher import (
 __all__ = ["LocalLauncher", "is_agent", "stop_local_agent"]
 
 KILL_GRACE_SECONDS = 10.0
+POLL_SECONDS = 1.0
+"""How often an agent is looked at when it cannot be watched by a pidfd (no fd left)."""
 
 
 class LocalLauncher:
@@ -137,6 +139,16 @@ class LocalLauncher:
         self._track(run, pid, watch)
         return True
 
+    def find(self, run: AgentRun) -> int | None:
+        """The agent of `run` by its environment: the session leader (each agent starts its
+        own session) whose PRNG_LAUNCH_ID is this launch's."""
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                pid = int(entry.name) if entry.name.isdigit() else 0
+                if pid and _leads_session(pid) and is_agent(run.launch_id, pid):
+                    return pid
+        return None
+
     def agents(self) -> list[dict[str, Any]]:
         return [
             {"run_id": run.run_id, "agent": run.agent, "pid": pid}
@@ -161,17 +173,24 @@ class LocalLauncher:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._on_exit(launch_id, pid, _reap(pid) if own_child else None, 0.0)
-            return
 
         def on_exit() -> None:
             if not exited.done():
                 exited.set_result(None)
 
-        loop.add_reader(pidfd, on_exit)
+        pidfd: int | None = None
+        polling: asyncio.Task[None] | None = None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._on_exit(launch_id, pid, _reap(pid) if own_child else None, 0.0)
+            return
+        except OSError as exc:  # no fd left (EMFILE): the agent runs all the same, watched
+            log.error("agent.watch_degraded", error=str(exc),
+                      action=f"polling /proc every {POLL_SECONDS:g}s")  # fmt: skip
+            polling = loop.create_task(_poll_end(pid, own_child, on_exit))
+        else:
+            loop.add_reader(pidfd, on_exit)
         try:
             try:
                 await asyncio.wait_for(asyncio.shield(exited), timeout)
@@ -182,8 +201,11 @@ class LocalLauncher:
             log.info("agent.detached", reason="the daemon is stopping; the agent runs on")
             raise
         finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+            if pidfd is not None:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+            if polling is not None:
+                polling.cancel()
         code = _reap(pid) if own_child else None
         self._on_exit(launch_id, pid, code, time.monotonic() - started)
 
@@ -214,12 +236,41 @@ def is_agent(launch_id: int, pid: int) -> bool:
     return f"PRNG_LAUNCH_ID={launch_id}".encode() in environ.split(b"\0")
 
 
+def _leads_session(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold anything
+    return fields[3] == str(pid)
+
+
 def stop_local_agent(launch_id: int, pid: int) -> bool:
     """SIGTERM to the process group of this launch's agent; False if it no longer runs."""
     if not is_agent(launch_id, pid):
         return False
     killpg(pid, signal.SIGTERM)
     return True
+
+
+async def _poll_end(pid: int, own_child: bool, ended: Callable[[], None]) -> None:
+    """Call `ended` once process `pid` has ended, looking every POLL_SECONDS; no fd needed.
+
+    A child is asked without being reaped (WNOWAIT: its exit code is read after); another
+    process is gone when its pid is (init reaps it)."""
+    while True:
+        await asyncio.sleep(POLL_SECONDS)
+        try:
+            if own_child:
+                done = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            else:
+                os.kill(pid, 0)
+                done = False
+        except (ChildProcessError, ProcessLookupError):
+            done = True
+        if done:
+            ended()
+            return
 
 
 def _reap(pid: int) -> int | None:

@@ -274,6 +274,11 @@ class SlurmLauncher:
         self._jobs.add(pid, _Job(run, time.monotonic(), Path(record["job_dir"]), state="?"))
         return True
 
+    def find(self, run: AgentRun) -> int | None:
+        """The job id its launch record holds."""
+        record = self.read_record(run.key)
+        return None if record is None else record["job_id"]
+
     def describe(self, run: AgentRun, pid: int) -> str:
         return f"Slurm job {pid}"
 
@@ -372,6 +377,11 @@ class WithSlurm:
         if self._slurm.knows(run.key):
             return self._slurm.adopt(run, pid, timeout)
         return self._default.adopt(run, pid, timeout)
+
+    def find(self, run: AgentRun) -> int | None:
+        if self._slurm.knows(run.key):
+            return self._slurm.find(run)
+        return self._default.find(run)
 
     def describe(self, run: AgentRun, pid: int) -> str:
         if self._slurm.knows(run.key):

@@ -1,0 +1,164 @@
+"""Launchers under faults (issue 27): no agent runs unwatched, and no valid result is rejected
+for a fault that passes. Real daemon processes, real agents, real SQLite; a fake LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from prng_daemon.config import AgentConfig, load_config
+from prng_daemon.handlers.act.launcher import AgentRun, Launch
+from prng_daemon.handlers.act.local import LocalLauncher
+from prng_daemon.ledger import Ledger, State
+from prng_daemon.service import status
+
+from .helpers import free_port, until, wait_until
+from .test_daemon import HeldExplanation
+from .test_engine_sweep import _engine
+from .workspace import Workspace, drop, make_workspace, result_document, run_id, stop, wait_ready
+
+WAITING_AGENT = """\
+import os, pathlib, sys, time
+marker_dir = pathlib.Path(os.environ["MARKERS"])
+(marker_dir / f"{os.environ['PRNG_LAUNCH_ID']}-{os.getpid()}").write_text("")
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+"""
+"""An agent that runs until the file named by its argument exists."""
+
+
+def _waiting_agents(ws: Workspace, go: Path) -> None:
+    script = ws.root / "waiting_agent.py"
+    script.write_text(WAITING_AGENT)
+    argv = [sys.executable, str(script), str(go)]
+    ws.edit_config(lambda c: c["agents"]["full_scoring_agent"].update(argv=argv))
+
+
+def _rows(ws: Workspace) -> list[tuple[str, int | None, float | None]]:
+    ledger = Ledger(ws.root / "state" / "ledger.sqlite3")
+    try:
+        return [(e.state.value, e.pid, e.ended) for e in ledger.recent(1000)]
+    finally:
+        ledger.close()
+
+
+def test_agents_launched_just_before_a_sigkill_are_watched_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """Case 1: the daemon dies with 6 agents started and their records not yet written (the
+    explanations are held). After the restart every agent is watched: its pid in the ledger,
+    listed by `status`, its end logged; none is launched twice."""
+    n = 6
+    go = tmp_path / "go"
+    with HeldExplanation() as fake:
+        server = {"parallel": n}
+        ws = make_workspace(tmp_path / "ws", fake.port, orchestrator=server, math=server)
+        _waiting_agents(ws, go)
+        proc = ws.start()
+        try:
+            wait_ready(ws)
+            for k in range(n):
+                drop(ws.results, f"r{k}.json", result_document(2, run_id(2, 100 + k)))
+            wait_until(lambda: len(ws.launches()) == n, 30, what=f"{n} agents started")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            assert ws.ledger_states() == {"launching": n}
+            fake.release.set()
+            proc = ws.start()
+            wait_until(lambda: len(ws.events("agent.adopted")) == n, 20, what="adopted")
+            config = load_config(ws.config_path)
+            wait_until(lambda: len(status.collect(config)["agents"]) == n, 20, what="status")
+            assert all(state == "acted" and pid for state, pid, _ in _rows(ws)), _rows(ws)
+            go.touch()
+            wait_until(lambda: len(ws.events("agent.exited")) == n, 20, what="every end seen")
+        finally:
+            go.touch()
+            stop(proc)
+    pids = {int(name.split("-")[1]) for name in ws.launches()}
+    assert {e["pid"] for e in ws.events("agent.adopted")} == pids
+    assert len(ws.launches()) == n, "none launched twice"
+    assert not ws.events("agent.lost")
+
+
+def test_an_agent_whose_pid_never_reached_the_ledger_is_found_by_its_launch_id(
+    tmp_path: Path,
+) -> None:
+    """The microseconds between the spawn and the ledger: a restart finds the agent in /proc
+    by its PRNG_LAUNCH_ID, records its pid and watches it."""
+    go = tmp_path / "go"
+    ws = make_workspace(tmp_path / "ws", free_port())
+    _waiting_agents(ws, go)
+
+    async def main() -> None:
+        engine = _engine(ws, "proceed")
+        try:
+            drop(ws.results, "r.json", result_document(2, run_id(2, 120)))
+            assert await engine.process(ws.results / "r.json", "moved")
+            [entry] = engine.ledger.recent(1)
+            assert entry.state is State.ACTED and entry.pid
+            await engine.launcher.stop()
+            # What a crash right after the spawn leaves: the intent, its marker, no pid.
+            with contextlib.closing(sqlite3.connect(engine.ledger.path)) as db, db:
+                db.execute("UPDATE files SET state = 'launching', pid = NULL")
+            with capture_logs() as logs:
+                engine.reconcile()
+            [adopted] = [e for e in logs if e["event"] == "agent.adopted"]
+            assert adopted["pid"] == entry.pid
+            after = engine.ledger.get(entry.id)
+            assert (after.state, after.pid, after.reason) == (
+                State.ACTED, entry.pid, "launched before a restart",
+            )  # fmt: skip
+            go.touch()
+            await until(lambda: engine.ledger.get(entry.id).ended, 20, "the agent's end")
+            os.waitpid(entry.pid, 0)  # adopted agents are not reaped: this one is ours
+        finally:
+            go.touch()
+            await engine.launcher.stop()
+            engine.ledger.close()
+
+    asyncio.run(main())
+
+
+def test_a_watch_without_a_file_descriptor_polls_instead_of_dying(tmp_path: Path) -> None:
+    """Case 2's silent death: pidfd_open fails with EMFILE. The watch says so at error, polls
+    /proc, and still reports the agent's end with its exit code."""
+    go = tmp_path / "go"
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.05)\nsys.exit(3)\n"
+    )
+    ended: list[tuple[int, int | None]] = []
+
+    async def main() -> None:
+        launcher = LocalLauncher(
+            tmp_path / "markers", tmp_path / "logs", lambda i, p, c, d, *_: ended.append((p, c))
+        )
+        config = AgentConfig(argv=(sys.executable, str(script), str(go)))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with capture_logs() as logs:
+            pid = await launcher.start(Launch(AgentRun(1, "k", "run", "a"), config, {}))
+            # No descriptor left for the watch, which runs at the loop's next turn.
+            lowest_free = os.open(os.devnull, os.O_RDONLY)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                await asyncio.sleep(0)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            go.touch()
+            await until(lambda: ended, 20, "the agent's end")
+        await launcher.stop()
+        [degraded] = [e for e in logs if e["event"] == "agent.watch_degraded"]
+        assert degraded["log_level"] == "error" and "Too many open files" in degraded["error"]
+        assert ended == [(pid, 3)]
+
+    asyncio.run(main())
