@@ -279,11 +279,16 @@ class Engine:
         if explained is not None:
             decision = await explained
             worded = {"decision": decision}
-        # fsync off the event loop: LLM slots and other files keep moving meanwhile.
-        await asyncio.to_thread(
-            write_record, self.config.daemon, entry, decision, final, reason,
-            agent=agent, pid=pid, approved_by=approved_by,
-        )  # fmt: skip
+        try:
+            # fsync off the event loop: LLM slots and other files keep moving meanwhile.
+            await asyncio.to_thread(
+                write_record, self.config.daemon, entry, decision, final, reason,
+                agent=agent, pid=pid, approved_by=approved_by,
+            )  # fmt: skip
+        except UnsafePath as exc:  # it will not clear by itself: the row settles now, saying so
+            if reason != str(exc):
+                log.error("record.refused", reason=str(exc))
+                reason = f"{reason}; no decision record: {exc}" if reason else str(exc)
         self.ledger.update(entry, final, reason=reason, pid=pid, **worded)
 
     async def _launch(
@@ -309,6 +314,9 @@ class Engine:
         try:
             launch = self._launch_for(entry, loaded, decision, config, retry)
             pid = await self.launcher.start(launch)
+        except UnsafePath as exc:  # its params file: nothing launched, and nothing will be
+            log.error("agent.failed", agent=agent, reason=str(exc))
+            return entry, State.FAILED, str(exc), None
         except AgentFailed as exc:
             # The marker (or its unit) says it already ran: its agent is watched since then.
             if isinstance(exc, AlreadyLaunched) or self.launcher.was_launched(key):

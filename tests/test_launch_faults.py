@@ -20,9 +20,11 @@ from prng_daemon.handlers.act.local import LocalLauncher
 from prng_daemon.ledger import Ledger, State
 from prng_daemon.service import status
 
+from .fake_llama import FakeLlama
 from .helpers import free_port, until, wait_until
 from .test_daemon import HeldExplanation
 from .test_engine_sweep import _engine
+from .test_status_cli import fill, small_tmpfs
 from .workspace import Workspace, drop, make_workspace, result_document, run_id, stop, wait_ready
 
 WAITING_AGENT = """\
@@ -162,3 +164,74 @@ def test_a_watch_without_a_file_descriptor_polls_instead_of_dying(tmp_path: Path
         assert ended == [(pid, 3)]
 
     asyncio.run(main())
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(used) + 1)) - used)
+
+
+SLOW_SCANS = {"rescan_interval_seconds": 3600, "transient_deadline_seconds": 3600}
+"""Neither the periodic scan nor the sweep of stuck rows can be what brings a file back."""
+
+
+def test_files_met_by_the_open_files_limit_wait_for_it_and_flow_once_it_is_raised(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """Case 2: no descriptor left while 12 valid files arrive. None is quarantined; one warning
+    says the files wait; once the limit is raised (no restart, no touch of the files) each is
+    decided and launched once, within seconds."""
+    n = 12
+    ws = make_workspace(tmp_path, fake.port, daemon=SLOW_SCANS)
+    proc = ws.start()
+    try:
+        wait_ready(ws)
+        limits = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (_lowest_free_fd(proc.pid), limits[1]))
+        try:
+            for k in range(n):
+                drop(ws.results, f"r{k}.json", result_document(2, run_id(2, 130 + k)))
+            met = ("result.retry_later", "result.rejected")  # the fault met, either way
+            wait_until(lambda: [e for e in ws.events() if e["event"] in met], 20, what="EMFILE")
+            assert "quarantined" not in ws.ledger_states()
+        finally:
+            resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, limits)
+        wait_until(lambda: ws.finished(n), 30, what="every file settled")
+        wait_until(lambda: len(ws.launches()) == n, 20, what="every agent started")
+        wait_until(lambda: ws.events("result.retry_recovered"), 10, what="the episode's end")
+    finally:
+        assert stop(proc) == 0
+    assert ws.ledger_states() == {"acted": n}
+    assert len(ws.launches()) == n
+    [waiting] = [e for e in ws.events("result.retry_later") if e["level"] == "warning"]
+    assert "Too many open files" in waiting["error"]
+    assert not ws.events("result.rejected") and not ws.events("result.crashed")
+
+
+def test_files_stopped_by_a_full_disk_go_on_seconds_after_it_is_freed(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """Issue 24 item 6: a full state disk stops 4 files mid-way; freed, they are taken up at
+    the next retry (seconds), not at the transient deadline (an hour here)."""
+    n = 4
+    ws = make_workspace(tmp_path, fake.port, daemon=SLOW_SCANS)
+    with small_tmpfs(tmp_path / "state", "16m") as state:
+        proc = ws.start()
+        try:
+            wait_ready(ws)
+            fill(state / "filler")
+            try:
+                for k in range(n):
+                    drop(ws.results, f"r{k}.json", result_document(2, run_id(2, 140 + k)))
+                met = ("result.retry_later", "result.io_failed")  # the fault met, either way
+                wait_until(lambda: [e for e in ws.events() if e["event"] in met], 20, what="met")
+            finally:
+                (state / "filler").unlink()
+            wait_until(lambda: ws.finished(n), 30, what="every file settled")
+            wait_until(lambda: len(ws.launches()) == n, 20, what="every agent started")
+            assert ws.ledger_states() == {"acted": n}
+        finally:
+            assert stop(proc) == 0
+    [waiting] = [e for e in ws.events("result.retry_later") if e["level"] == "warning"]
+    assert "No space left on device" in waiting["error"] or "full" in waiting["error"]
+    assert not ws.events("result.stuck") and not ws.events("result.resumed")

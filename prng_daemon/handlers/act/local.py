@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from ...errors import AgentFailed
+from ...errors import PASSING_ERRNOS, AgentFailed
 from ...log import get_logger
 from ...servers.spawn import killpg
 from .launcher import (
@@ -113,6 +113,8 @@ class LocalLauncher:
             # marker exists, but nothing was launched. Only this attempt can have made it
             # (O_EXCL), so it goes, and the file version stays launchable.
             marker.unlink(missing_ok=True)
+            if exc.errno in PASSING_ERRNOS:
+                raise  # no fd, memory or space left now: the launch is tried again soon
             code = errno.errorcode.get(exc.errno or 0, "?")
             if exc.errno == errno.ENOENT and os.path.exists(program):
                 code += ": the program is there, its #! interpreter is not?"
