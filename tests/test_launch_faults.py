@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import sqlite3
 import sys
@@ -17,7 +18,7 @@ from structlog.testing import capture_logs
 from prng_daemon.config import AgentConfig, load_config
 from prng_daemon.handlers.act.launcher import AgentRun, Launch
 from prng_daemon.handlers.act.local import LocalLauncher
-from prng_daemon.ledger import Ledger, State
+from prng_daemon.ledger import Entry, Ledger, State
 from prng_daemon.service import status
 
 from .fake_llama import FakeLlama
@@ -25,7 +26,16 @@ from .helpers import free_port, until, wait_until
 from .test_daemon import HeldExplanation
 from .test_engine_sweep import _engine
 from .test_status_cli import fill, small_tmpfs
-from .workspace import Workspace, drop, make_workspace, result_document, run_id, stop, wait_ready
+from .workspace import (
+    Workspace,
+    drop,
+    make_workspace,
+    result_document,
+    run_id,
+    running,
+    stop,
+    wait_ready,
+)
 
 WAITING_AGENT = """\
 import os, pathlib, sys, time
@@ -44,10 +54,10 @@ def _waiting_agents(ws: Workspace, go: Path) -> None:
     ws.edit_config(lambda c: c["agents"]["full_scoring_agent"].update(argv=argv))
 
 
-def _rows(ws: Workspace) -> list[tuple[str, int | None, float | None]]:
+def _rows(ws: Workspace) -> list[Entry]:
     ledger = Ledger(ws.root / "state" / "ledger.sqlite3")
     try:
-        return [(e.state.value, e.pid, e.ended) for e in ledger.recent(1000)]
+        return ledger.recent(1000)
     finally:
         ledger.close()
 
@@ -78,7 +88,7 @@ def test_agents_launched_just_before_a_sigkill_are_watched_after_the_restart(
             wait_until(lambda: len(ws.events("agent.adopted")) == n, 20, what="adopted")
             config = load_config(ws.config_path)
             wait_until(lambda: len(status.collect(config)["agents"]) == n, 20, what="status")
-            assert all(state == "acted" and pid for state, pid, _ in _rows(ws)), _rows(ws)
+            assert all(e.state is State.ACTED and e.pid for e in _rows(ws)), _rows(ws)
             go.touch()
             wait_until(lambda: len(ws.events("agent.exited")) == n, 20, what="every end seen")
         finally:
@@ -235,3 +245,46 @@ def test_files_stopped_by_a_full_disk_go_on_seconds_after_it_is_freed(
     [waiting] = [e for e in ws.events("result.retry_later") if e["level"] == "warning"]
     assert "No space left on device" in waiting["error"] or "full" in waiting["error"]
     assert not ws.events("result.stuck") and not ws.events("result.resumed")
+
+
+def test_directories_removed_by_a_clean_up_are_made_again_and_launches_go_on(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """Case 3: `logs_dir/agents` and `decisions/` removed while the daemon runs. The next
+    launch makes them again (one warning naming them) and starts its agent, with its log and
+    its record; no restart, no hand-made directory."""
+    ws = make_workspace(tmp_path, fake.port)
+    agent_logs, decisions = ws.root / "logs" / "agents", ws.results / "decisions"
+    with running(ws):
+        drop(ws.results, "a.json", result_document(2, run_id(2, 150)))
+        wait_until(lambda: ws.finished(1), 20, what="the first launch")
+        shutil.rmtree(agent_logs)
+        shutil.rmtree(decisions)
+        drop(ws.results, "b.json", result_document(2, run_id(2, 151)))
+        wait_until(lambda: ws.finished(2), 20, what="the second file settled")
+        wait_until(lambda: len(ws.launches()) == 2, 20, what="its agent started")
+    assert ws.ledger_states() == {"acted": 2}
+    [made] = ws.events("agent.dir_made")
+    assert made["level"] == "warning" and made["directories"] == [str(agent_logs)]
+    assert list(agent_logs.glob("*.log")) and list(decisions.glob("b.*.decision.json"))
+
+
+def test_an_agent_logs_directory_replaced_by_a_link_is_not_written_through(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """Made again only where nothing is: a link in its place fails the launch, naming it."""
+    ws = make_workspace(tmp_path, fake.port)
+    agent_logs = ws.root / "logs" / "agents"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with running(ws):
+        wait_until(agent_logs.is_dir, 10, what="the daemon's logs dir")
+        agent_logs.rmdir()
+        agent_logs.symlink_to(elsewhere / "gone")  # a dangling link: the spawn says ENOENT
+        drop(ws.results, "r.json", result_document(2, run_id(2, 152)))
+        wait_until(lambda: ws.finished(1), 20, what="the file settled")
+    [entry] = _rows(ws)
+    assert entry.state is State.FAILED and entry.reason == (
+        f"{agent_logs} is a symbolic link or not a directory; nothing is written through it"
+    )
+    assert list(elsewhere.iterdir()) == [] and not ws.launches()

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from ...document.files import make_dir
 from ...errors import PASSING_ERRNOS, AgentFailed
 from ...log import get_logger
 from ...servers.spawn import killpg
@@ -86,10 +87,44 @@ class LocalLauncher:
             program = shutil.which("env") or "/usr/bin/env"
         env = self._environ | agent_env(launch)
         log_file = self._logs / f"{launch.values.get('parent_run_id', 'run')}.{name}.log"
-        flags = os.O_WRONLY | os.O_CREAT
         marker = self.marker(launch.run.key)
         try:
-            pid = os.posix_spawn(
+            try:
+                pid = self._spawn(program, argv, env, marker, log_file)
+            except FileNotFoundError:
+                # A clean-up may have removed the markers' or the logs' directory: made again
+                # (never through a link), then one spawn more.
+                made = [str(d) for d in (self._markers, self._logs) if make_dir(d)]
+                if not made:
+                    raise
+                get_logger(agent=name).warning("agent.dir_made", directories=made)
+                pid = self._spawn(program, argv, env, marker, log_file)
+        except OSError as exc:
+            if exc.errno in PASSING_ERRNOS:
+                raise  # no fd, memory or space left now: the launch is tried again soon
+            missing = _missing(program) if exc.errno == errno.ENOENT else None
+            code = errno.errorcode.get(exc.errno or 0, "?")
+            why = f"{missing} does not exist" if missing else f"{exc.strerror} ({code})"
+            raise AgentFailed(f"agent {name}: cannot start {argv[0]}: {why}") from None
+        # The agent first: its exec and dynamic loader run before the daemon's own follow-up
+        # (the log line, the explanation request, the record), where the kernel put it on this
+        # CPU. A no-op otherwise. Measured: the agent starts 0.3 ms sooner (RESULTS §1).
+        os.sched_yield()
+        if launch.config.properties:
+            get_logger(agent=name, pid=pid).warning(
+                "agent.properties_ignored", reason="unit properties need the systemd launcher"
+            )
+        timeout = launch.config.timeout_seconds
+        self._track(launch.run, pid, self._watch(launch.run.launch_id, name, pid, timeout))
+        return pid
+
+    def _spawn(
+        self, program: str, argv: list[str], env: dict[str, str], marker: Path, log_file: Path
+    ) -> int:
+        """posix_spawn the agent in a session of its own, its marker made by the child."""
+        flags = os.O_WRONLY | os.O_CREAT
+        try:
+            return os.posix_spawn(
                 program,
                 argv,
                 env,
@@ -107,31 +142,13 @@ class LocalLauncher:
             raise AlreadyLaunched(
                 "the launch for this file version already happened; not starting it twice"
             ) from None
-        except OSError as exc:
+        except OSError:
             # glibc reports a failed exec (ENOENT from a bad #! line, ENOEXEC from a binary that
             # is not one) as posix_spawn's error, after the child's file actions ran: the
             # marker exists, but nothing was launched. Only this attempt can have made it
             # (O_EXCL), so it goes, and the file version stays launchable.
             marker.unlink(missing_ok=True)
-            if exc.errno in PASSING_ERRNOS:
-                raise  # no fd, memory or space left now: the launch is tried again soon
-            code = errno.errorcode.get(exc.errno or 0, "?")
-            if exc.errno == errno.ENOENT and os.path.exists(program):
-                code += ": the program is there, its #! interpreter is not?"
-            raise AgentFailed(
-                f"agent {name}: cannot start {argv[0]}: {exc.strerror} ({code})"
-            ) from None
-        # The agent first: its exec and dynamic loader run before the daemon's own follow-up
-        # (the log line, the explanation request, the record), where the kernel put it on this
-        # CPU. A no-op otherwise. Measured: the agent starts 0.3 ms sooner (RESULTS §1).
-        os.sched_yield()
-        if launch.config.properties:
-            get_logger(agent=name, pid=pid).warning(
-                "agent.properties_ignored", reason="unit properties need the systemd launcher"
-            )
-        timeout = launch.config.timeout_seconds
-        self._track(launch.run, pid, self._watch(launch.run.launch_id, name, pid, timeout))
-        return pid
+            raise
 
     def adopt(self, run: AgentRun, pid: int, timeout: float) -> bool:
         """Watch an agent started before a restart: its end is seen, its exit code is not."""
@@ -236,6 +253,21 @@ def is_agent(launch_id: int, pid: int) -> bool:
     except OSError:
         return False
     return f"PRNG_LAUNCH_ID={launch_id}".encode() in environ.split(b"\0")
+
+
+def _missing(program: str) -> str | None:
+    """What is missing when exec said ENOENT: the program, or the interpreter its #! names."""
+    try:
+        with open(program, "rb") as f:
+            head = f.readline(256)
+    except FileNotFoundError:
+        return program
+    except OSError:
+        return None
+    words = head[2:].split() if head.startswith(b"#!") else []
+    if words and not os.path.exists(words[0]):
+        return f"its #! interpreter {os.fsdecode(words[0])}"
+    return None
 
 
 def _leads_session(pid: int) -> bool:
