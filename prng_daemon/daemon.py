@@ -151,6 +151,7 @@ class Daemon:
             self._decide,
             lambda on_exit: make_launcher(settings, on_exit),
             on_change=self._changed,
+            requeue=self.enqueue,
         )
 
     # -- plumbing between the parts ------------------------------------------------------

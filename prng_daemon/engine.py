@@ -57,6 +57,9 @@ Source = str
 MAX_RESUMES = 3
 """How often a row found stuck in a transient state is resumed before it is settled FAILED."""
 
+LAUNCH_AGAIN_SECONDS = 2.0
+"""The first wait before a launch whose agent never ran is made again (doubled each time)."""
+
 ADOPTED_TIMEOUT_SECONDS = 24 * 3600.0
 """Timeout for an adopted agent whose name is no longer in the config."""
 
@@ -82,8 +85,11 @@ class Engine:
         decide: DecideFn,
         launcher_factory: Callable[[OnExit], AgentLauncher],
         on_change: Callable[[], None] = lambda: None,
+        requeue: Callable[[Path, Source], None] = lambda path, source: None,
     ) -> None:
+        """`requeue`: hands a file back to the pipeline (a launch to make again)."""
         self.config = config
+        self._requeue = requeue
         self.ledger = ledger
         self._decide = decide
         self.launcher = launcher_factory(self._agent_exited)
@@ -357,10 +363,13 @@ class Engine:
 
     def _agent_exited(
         self, launch_id: int, pid: int, code: int | None, duration: float,
-        job_state: str | None = None, /,
+        job_state: str | None = None, never_ran: str | None = None, /,
     ) -> None:  # fmt: skip
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+        if never_ran is not None:
+            self._launch_again(entry, f"Slurm job {pid} never started: {never_ran}", log)
+            return
         fields: dict[str, Any] = {"exit_code": code, "ended": time.time()}
         if job_state is not None:
             fields["reason"] = f"Slurm job {pid}: {job_state}"
@@ -374,6 +383,25 @@ class Engine:
         event("agent.exited", agent=entry.agent, pid=pid, exit_code=code,
               duration_s=round(duration, 3),
               **({"job_state": job_state} if job_state else {}))  # fmt: skip
+        self._on_change()
+
+    def _launch_again(self, entry: Entry, reason: str, log: Any) -> None:
+        """Its agent never ran (the launcher undid the launch): launched again after a backoff,
+        like a failed exec, until MAX_RESUMES attempts; then FAILED with the reason."""
+        if entry.state is not State.ACTED:
+            return
+        if entry.attempts >= MAX_RESUMES:
+            reason = f"{reason}; not launched again after {entry.attempts} attempts"
+            self.ledger.update(entry, State.FAILED, reason=reason, pid=None)
+            log.error("agent.never_started", agent=entry.agent, reason=reason)
+        else:
+            delay = min(LAUNCH_AGAIN_SECONDS * 2**entry.attempts, 60.0)
+            self.ledger.update(entry, State.LAUNCHING, reason=reason, pid=None,
+                               attempts=entry.attempts + 1)  # fmt: skip
+            log.error("agent.never_started", agent=entry.agent, reason=reason,
+                      action=f"launching it again in {delay:g}s")  # fmt: skip
+            path = self.config.daemon.results_dir / entry.path
+            asyncio.get_running_loop().call_later(delay, self._requeue, path, "retry")
         self._on_change()
 
     # -- start-up and operator commands ---------------------------------------------------

@@ -249,6 +249,53 @@ def test_a_job_slurm_refuses_is_escalated_with_its_reason(
     )
 
 
+@needs_slurm
+def test_a_waiting_job_whose_job_dir_was_deleted_never_started_and_is_launched_again(
+    tmp_path: Path, fake: FakeLlama, cluster: Cluster
+) -> None:
+    """Issue 27 case 4: `job_dir` deleted while one job runs and one waits. The waiting one
+    fails in Slurm (JobLaunchFailure, ExitCode 0:53) without its agent running: said so, not
+    read as signal 53, and launched again (job_dir made again); the running one is unharmed."""
+    ws = slurm_workspace(tmp_path, fake, full_scoring_agent=0, ml_meta_agent=0)
+    ws.edit_config(
+        lambda c: c["agents"]["full_scoring_agent"]["slurm"]["sbatch_options"].append("--exclusive")
+    )
+    first, waiting = run_id(2, 0x55), run_id(3, 0x55)
+    a, b = result_document(2, first), result_document(3, waiting, parent_run_id=first)
+    job_dir = ws.root / "state" / "slurm"
+    with running(ws):
+        drop(ws.results, "a.json", a)
+        marker = job_dir / f"{key_of('a.json', a)}.launched"
+        wait_until(marker.exists, 30, what="the first job's agent running (its marker made)")
+        drop(ws.results, "b.json", b)
+        [submitted] = wait_until(lambda: events(ws, "agent.submitted", waiting), 20)
+        assert cluster.jobs(name_of("b.json", b)) == [(submitted["job_id"], "PENDING")]
+        shutil.rmtree(job_dir)
+        go(ws, "full_scoring_agent")
+        go(ws, "ml_meta_agent")
+        [again] = wait_until(lambda: events(ws, "agent.never_started", waiting), 40)
+        [ended] = wait_until(lambda: events(ws, "agent.exited", waiting), 60)
+        wait_until(lambda: events(ws, "agent.exited", first), 20)
+    missing = f"its output directory {job_dir} does not exist"
+    assert again["level"] == "error" and again["reason"] == (
+        f"Slurm job {submitted['job_id']} never started: JobLaunchFailure: {missing}"
+    )
+    assert again["action"] == "launching it again in 2s"
+    [(_, failed), (job, completed)] = sorted(cluster.jobs(name_of("b.json", b)))
+    assert (failed, completed) == ("FAILED", "COMPLETED")
+    assert (ended["pid"], ended["job_state"], ended["exit_code"]) == (job, "COMPLETED", 0)
+    assert [e["exit_code"] for e in ws.events("agent.exited")] == [0, 0], "no signal 53"
+    assert len(ws.events("agent.never_started")) == 1, "the running job was unharmed"
+    ledger = Ledger(ws.root / "state" / "ledger.sqlite3", readonly=True)
+    try:
+        rows = {e.run_id: e for e in ledger.recent()}
+    finally:
+        ledger.close()
+    assert (rows[waiting].state, rows[waiting].pid, rows[waiting].exit_code) == (
+        State.ACTED, job, 0,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "option",
     ["--job-name=x", "--output=/etc/x", "--wrap=id", "-J", "--array=1-9", "--chdir=/",

@@ -36,10 +36,11 @@ class OnExit(Protocol):
 
     def __call__(
         self, launch_id: int, pid: int, code: int | None, duration: float,
-        job_state: str | None = None, /,
+        job_state: str | None = None, never_ran: str | None = None, /,
     ) -> None:  # fmt: skip
         """(launch id, pid — a Slurm agent's job id —, exit code — None when not known, e.g.
-        not the daemon's child to reap —, seconds watched, a Slurm job's final state)."""
+        not the daemon's child to reap —, seconds watched, a Slurm job's final state, why the
+        agent never ran — its launch undone, to be made again —)."""
 
 
 _SYSTEMD_ONLY = frozenset(

@@ -326,6 +326,7 @@ class SlurmLauncher:
         job = self._jobs.items[job_id]
         run, state = job.run, job.state or None
         code = None
+        shown = ""
         if state is not None:
             try:
                 shown = await _slurm(
@@ -335,6 +336,15 @@ class SlurmLauncher:
             except (DaemonError, _Unreachable):
                 pass  # forgotten meanwhile: the exit record says as much as it can
         recorded = _read_exit(exit_file(job.job_dir, run.key))
+        never_ran = _never_started(state, shown)
+        if never_ran is not None and recorded is None:
+            # Slurm says nothing of it ran (JobLaunchFailure's ExitCode 0:53 is no signal): the
+            # launch is undone, like a local exec that failed, for the engine to make again.
+            del self._jobs.items[job_id]
+            _record_path(self._dir, run.key).unlink(missing_ok=True)
+            duration = time.monotonic() - job.started
+            self._on_exit(run.launch_id, job_id, None, duration, state, never_ran)
+            return
         if code is None:
             code = recorded
         log = get_logger(run_id=run.run_id, agent=run.agent, job_id=job_id)
@@ -430,6 +440,22 @@ def _read_exit(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+NEVER_STARTED = frozenset({"JobLaunchFailure", "launch_failed_requeued_held", "BadConstraints"})
+"""scontrol's Reason= of a job whose batch script never ran."""
+
+
+def _never_started(state: str | None, shown: str) -> str | None:
+    """Why the job's batch script never ran, from `scontrol show job`'s fields; None if it
+    may have run."""
+    reason = _field(shown, "Reason")
+    if not (state == "BOOT_FAIL" or (state in ENDED and reason in NEVER_STARTED)):
+        return None
+    output = _field(shown, "StdOut")
+    if output and not os.path.isdir(os.path.dirname(output)):
+        return f"{reason}: its output directory {os.path.dirname(output)} does not exist"
+    return f"{reason or state} on node {_field(shown, 'NodeList') or '?'}"
 
 
 def _field(shown: str, name: str) -> str:
