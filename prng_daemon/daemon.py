@@ -533,6 +533,8 @@ class Daemon:
         health = f"unhealthy: {'; '.join(problems)} · " if problems else ""
         if self._watcher is not None and self._watcher.degraded is not None:
             health += f"degraded: no inotify ({self._watcher.degraded}), scanning · "
+        for outage in self.engine.launcher.outages():  # agents' states: as last seen
+            health += f"degraded: {outage} · "
         return (
             f"{health}{servers} · {current} · {decided} decided, "
             f"{counts.get(State.ESCALATED, 0)} escalated, {self._queue.qsize()} queued"

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -230,6 +231,41 @@ def test_a_controller_that_is_down_is_said_and_the_launch_retried_until_it_is_ba
     finally:
         cluster.node("start-controller")
     assert cluster.jobs(name_of("r.json", doc)) == [(submitted["job_id"], "COMPLETED")]
+
+
+@needs_slurm
+def test_status_during_a_controller_outage_says_so_and_marks_job_states_as_last_seen(
+    tmp_path: Path, fake: FakeLlama, cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27 case 5: slurmctld stopped while a job runs. `status` (and STATUS=) say the
+    controller is unreachable since when, and the job's state is marked as last seen then;
+    with the controller back, both go, and the job's end is reported."""
+    ws = slurm_workspace(tmp_path, fake, full_scoring_agent=0)
+    rid = run_id(2, 0x56)
+    try:
+        with running(ws):
+            drop(ws.results, "r.json", result_document(2, rid))
+            wait_until(lambda: "RUNNING on" in cli(capsys, ws, "status")[1], 30, interval=0.5)
+            cluster.node("stop-controller")
+
+            def outage() -> str:
+                out = cli(capsys, ws, "status")[1]
+                return out if "unreachable since" in out else ""
+
+            out = wait_until(outage, 60, interval=0.5, what="the outage in status")
+            first = out.splitlines()[0]
+            assert "degraded: Slurm controller unreachable since " in first, first
+            assert ": the states below are as last seen" in out
+            seen = r"Slurm job \d+ RUNNING on \S+ \(as last seen at \d\d:\d\d:\d\d\)"
+            assert re.search(seen, out), out
+            cluster.node("start-controller")
+            wait_until(lambda: "unreachable" not in cli(capsys, ws, "status")[1], 60, interval=0.5)
+            go(ws, "full_scoring_agent")
+            [ended] = wait_until(lambda: events(ws, "agent.exited", rid), 60)
+    finally:
+        cluster.node("start-controller")
+    assert (ended["job_state"], ended["exit_code"]) == ("COMPLETED", 0)
+    assert "as last seen" not in cli(capsys, ws, "status")[1]
 
 
 @needs_slurm

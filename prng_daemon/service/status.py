@@ -17,7 +17,7 @@ from ..document.files import write_json_atomic
 from ..document.names import printable
 from ..document.pipeline import SERVER_NAMES, ServerName
 from ..errors import DaemonError
-from ..handlers.act.launcher import AgentLauncher
+from ..handlers.act.launcher import AgentLauncher, clock
 from ..ledger import Ledger, State
 from ..servers.gpu import where
 from ..servers.supervisor import ChildStatus
@@ -84,6 +84,7 @@ def publish(
             "queued": queued,
             "agents_running": launcher.running,
             "agents": launcher.agents(),
+            "outages": launcher.outages(),
         },
     )
 
@@ -119,6 +120,7 @@ def collect(config: Config) -> dict[str, Any]:
         )  # fmt: skip
     # What the daemon watches: only while it runs (a stopped one's list is history).
     report["agents"] = published.get("agents", []) if published and state != "not running" else []
+    report["outages"] = published.get("outages", []) if published and report["agents"] else []
     for name in SERVER_NAMES:
         server = config.server(name)
         if not server.managed:  # someone else runs it: the daemon only knows where it is
@@ -191,10 +193,13 @@ def render(report: dict[str, Any]) -> str:
             + (f" — {s['message']}" if s["message"] else "")
         )
     lines.append(f"agents running: {len(report['agents'])}")
+    lines.extend(f"  {outage}: the states below are as last seen" for outage in report["outages"])
     for a in report["agents"]:
         runs_as = f"unit {a['unit']}" if a.get("unit") else f"pid {a['pid']}"
         if a.get("job_id"):
             runs_as = f"Slurm job {a['job_id']} {a['state'] or '?'} on {a['node'] or '-'}"
+            if report["outages"] and a.get("seen"):
+                runs_as += f" (as last seen at {clock(a['seen'])})"
         lines.append(f"  {a['run_id']}  {a['agent']}  {runs_as}")
     if report["agents"]:
         lines.append("  stop one with: prng-llm-daemon stop-agent RUN_ID")

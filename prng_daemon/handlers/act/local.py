@@ -168,6 +168,9 @@ class LocalLauncher:
                     return pid
         return None
 
+    def outages(self) -> list[str]:
+        return []
+
     def agents(self) -> list[dict[str, Any]]:
         return [
             {"run_id": run.run_id, "agent": run.agent, "pid": pid}

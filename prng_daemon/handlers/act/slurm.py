@@ -28,7 +28,7 @@ import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from .launcher import (
     OnExit,
     Polled,
     agent_env,
+    clock,
     daemon_environ,
     exit_file,
     marker_file,
@@ -125,6 +126,8 @@ class _Job:
     job_dir: Path
     state: str = "PENDING"
     node: str = ""
+    seen: float = field(default_factory=time.time)
+    """When `state` was last read from slurmctld (at the submission, then every poll)."""
 
 
 class SlurmLauncher:
@@ -282,6 +285,14 @@ class SlurmLauncher:
     def describe(self, run: AgentRun, pid: int) -> str:
         return f"Slurm job {pid}"
 
+    def outages(self) -> list[str]:
+        failing = self._jobs.failing
+        if failing is None:
+            return []
+        since, exc = failing
+        what = "controller unreachable" if isinstance(exc, _Unreachable) else "not answering"
+        return [f"Slurm {what} since {clock(since)}: {exc}"]
+
     def agents(self) -> list[dict[str, Any]]:
         return [
             {
@@ -291,6 +302,7 @@ class SlurmLauncher:
                 "job_id": job_id,
                 "node": j.node,
                 "state": j.state,
+                "seen": j.seen,
             }  # fmt: skip
             for job_id, j in self._jobs.items.items()
         ]
@@ -301,6 +313,7 @@ class SlurmLauncher:
         for job_id in ids:
             job = self._jobs.items[job_id]
             job.state, job.node = states.get(job_id, ("", job.node))
+            job.seen = time.time()
             if job.state in ENDED or job_id not in states:
                 await self._ended(job_id)
 
@@ -392,6 +405,9 @@ class WithSlurm:
         if self._slurm.knows(run.key):
             return self._slurm.find(run)
         return self._default.find(run)
+
+    def outages(self) -> list[str]:
+        return self._default.outages() + self._slurm.outages()
 
     def describe(self, run: AgentRun, pid: int) -> str:
         if self._slurm.knows(run.key):

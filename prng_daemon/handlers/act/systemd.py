@@ -38,6 +38,7 @@ from .launcher import (
     OnExit,
     Polled,
     agent_env,
+    clock,
     daemon_environ,
     exit_file,
     marker_file,
@@ -294,6 +295,12 @@ class SystemdLauncher:
 
     def describe(self, run: AgentRun, pid: int) -> str:
         return unit_name(run.run_id)
+
+    def outages(self) -> list[str]:
+        failing = self._watched.failing
+        if failing is None:
+            return []
+        return [f"systemd not answering since {clock(failing[0])}: {failing[1]}"]
 
     def agents(self) -> list[dict[str, Any]]:
         return [
