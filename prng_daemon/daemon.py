@@ -304,7 +304,7 @@ class Daemon:
                 if not await self.engine.process(path, source):
                     loop = asyncio.get_running_loop()
                     loop.call_later(BUSY_RETRY_SECONDS, self.enqueue, path, source)
-                elif source == "retry":
+                else:
                     self._fault_over()
             except OSError as exc:
                 # A fault that can clear (a full disk, no fd left, a vanished directory): the
@@ -338,7 +338,7 @@ class Daemon:
             self.enqueue(path, "retry")
 
     def _fault_over(self) -> None:
-        """A file tried again went through: once none waits, the episode is over."""
+        """A file went through: once none waits to be tried again, the episode is over."""
         if self._fault_since is None or self._retry or self._retry_timer is not None:
             return
         log.info("result.retry_recovered", since=round(time.time() - self._fault_since, 1))

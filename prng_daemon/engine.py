@@ -368,7 +368,7 @@ class Engine:
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
         if never_ran is not None:
-            self._launch_again(entry, f"Slurm job {pid} never started: {never_ran}", log)
+            self._launch_again(launch_id, pid, f"Slurm job {pid} never started: {never_ran}")
             return
         fields: dict[str, Any] = {"exit_code": code, "ended": time.time()}
         if job_state is not None:
@@ -385,9 +385,17 @@ class Engine:
               **({"job_state": job_state} if job_state else {}))  # fmt: skip
         self._on_change()
 
-    def _launch_again(self, entry: Entry, reason: str, log: Any) -> None:
-        """Its agent never ran (the launcher undid the launch): launched again after a backoff,
-        like a failed exec, until MAX_RESUMES attempts; then FAILED with the reason."""
+    def _launch_again(self, launch_id: int, pid: int, reason: str) -> None:
+        """The agent of `pid` never ran (the launcher undid the launch): launched again after a
+        backoff, like a failed exec, until MAX_RESUMES attempts; then FAILED with the reason."""
+        entry = self.ledger.get(launch_id)
+        if entry.pid not in (pid, None):  # launched again already
+            return
+        log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+        loop = asyncio.get_running_loop()
+        if entry.state is State.LAUNCHING:  # its record is still being written: once it is
+            loop.call_later(1.0, self._launch_again, launch_id, pid, reason)
+            return
         if entry.state is not State.ACTED:
             return
         if entry.attempts >= MAX_RESUMES:
@@ -401,7 +409,7 @@ class Engine:
             log.error("agent.never_started", agent=entry.agent, reason=reason,
                       action=f"launching it again in {delay:g}s")  # fmt: skip
             path = self.config.daemon.results_dir / entry.path
-            asyncio.get_running_loop().call_later(delay, self._requeue, path, "retry")
+            loop.call_later(delay, self._requeue, path, "retry")
         self._on_change()
 
     # -- start-up and operator commands ---------------------------------------------------

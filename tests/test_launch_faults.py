@@ -21,21 +21,13 @@ from prng_daemon.handlers.act.local import LocalLauncher
 from prng_daemon.ledger import Entry, Ledger, State
 from prng_daemon.service import status
 
+from . import workspace
 from .fake_llama import FakeLlama
 from .helpers import free_port, until, wait_until
 from .test_daemon import HeldExplanation
 from .test_engine_sweep import _engine
 from .test_status_cli import fill, small_tmpfs
-from .workspace import (
-    Workspace,
-    drop,
-    make_workspace,
-    result_document,
-    run_id,
-    running,
-    stop,
-    wait_ready,
-)
+from .workspace import Workspace, drop, make_workspace, result_document, run_id
 
 WAITING_AGENT = """\
 import os, pathlib, sys, time
@@ -76,7 +68,7 @@ def test_agents_launched_just_before_a_sigkill_are_watched_after_the_restart(
         _waiting_agents(ws, go)
         proc = ws.start()
         try:
-            wait_ready(ws)
+            workspace.wait_ready(ws)
             for k in range(n):
                 drop(ws.results, f"r{k}.json", result_document(2, run_id(2, 100 + k)))
             wait_until(lambda: len(ws.launches()) == n, 30, what=f"{n} agents started")
@@ -93,7 +85,7 @@ def test_agents_launched_just_before_a_sigkill_are_watched_after_the_restart(
             wait_until(lambda: len(ws.events("agent.exited")) == n, 20, what="every end seen")
         finally:
             go.touch()
-            stop(proc)
+            workspace.stop(proc)
     pids = {int(name.split("-")[1]) for name in ws.launches()}
     assert {e["pid"] for e in ws.events("agent.adopted")} == pids
     assert len(ws.launches()) == n, "none launched twice"
@@ -195,7 +187,7 @@ def test_files_met_by_the_open_files_limit_wait_for_it_and_flow_once_it_is_raise
     ws = make_workspace(tmp_path, fake.port, daemon=SLOW_SCANS)
     proc = ws.start()
     try:
-        wait_ready(ws)
+        workspace.wait_ready(ws)
         limits = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (_lowest_free_fd(proc.pid), limits[1]))
         try:
@@ -210,7 +202,7 @@ def test_files_met_by_the_open_files_limit_wait_for_it_and_flow_once_it_is_raise
         wait_until(lambda: len(ws.launches()) == n, 20, what="every agent started")
         wait_until(lambda: ws.events("result.retry_recovered"), 10, what="the episode's end")
     finally:
-        assert stop(proc) == 0
+        assert workspace.stop(proc) == 0
     assert ws.ledger_states() == {"acted": n}
     assert len(ws.launches()) == n
     [waiting] = [e for e in ws.events("result.retry_later") if e["level"] == "warning"]
@@ -228,7 +220,7 @@ def test_files_stopped_by_a_full_disk_go_on_seconds_after_it_is_freed(
     with small_tmpfs(tmp_path / "state", "16m") as state:
         proc = ws.start()
         try:
-            wait_ready(ws)
+            workspace.wait_ready(ws)
             fill(state / "filler")
             try:
                 for k in range(n):
@@ -241,7 +233,7 @@ def test_files_stopped_by_a_full_disk_go_on_seconds_after_it_is_freed(
             wait_until(lambda: len(ws.launches()) == n, 20, what="every agent started")
             assert ws.ledger_states() == {"acted": n}
         finally:
-            assert stop(proc) == 0
+            assert workspace.stop(proc) == 0
     [waiting] = [e for e in ws.events("result.retry_later") if e["level"] == "warning"]
     assert "No space left on device" in waiting["error"] or "full" in waiting["error"]
     assert not ws.events("result.stuck") and not ws.events("result.resumed")
@@ -255,7 +247,7 @@ def test_directories_removed_by_a_clean_up_are_made_again_and_launches_go_on(
     its record; no restart, no hand-made directory."""
     ws = make_workspace(tmp_path, fake.port)
     agent_logs, decisions = ws.root / "logs" / "agents", ws.results / "decisions"
-    with running(ws):
+    with workspace.running(ws):
         drop(ws.results, "a.json", result_document(2, run_id(2, 150)))
         wait_until(lambda: ws.finished(1), 20, what="the first launch")
         shutil.rmtree(agent_logs)
@@ -277,7 +269,7 @@ def test_an_agent_logs_directory_replaced_by_a_link_is_not_written_through(
     agent_logs = ws.root / "logs" / "agents"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with running(ws):
+    with workspace.running(ws):
         wait_until(agent_logs.is_dir, 10, what="the daemon's logs dir")
         agent_logs.rmdir()
         agent_logs.symlink_to(elsewhere / "gone")  # a dangling link: the spawn says ENOENT
