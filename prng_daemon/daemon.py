@@ -44,6 +44,9 @@ STOP_GRACE_SECONDS = 30.0
 BUSY_RETRY_SECONDS = 0.2
 DEGRADED_RESCAN_SECONDS = 2.0
 """How often to scan while inotify cannot watch (its limits, or the directory is missing)."""
+RETRY_SECONDS = (2.0, 30.0)
+"""A file met by a fault that can clear is tried again after the first, doubling up to the
+second (or the rescan interval, if shorter) while the fault lasts."""
 STATUS_DEADLINE_SECONDS = 30.0
 EXIT_TASK_FAILED = 1
 
@@ -129,6 +132,12 @@ class Daemon:
         self._draining = False
         self._tasks = Tasks()
         self._watcher: Watcher | None = None
+        self._retry: set[Path] = set()
+        """Files a fault that can clear stopped (a full disk, no fd left): tried again soon."""
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._retry_delay = RETRY_SECONDS[0]
+        self._fault_since: float | None = None
+        """When the current episode of such faults began (said once, and once when over)."""
         settings = config.daemon
         for directory in (settings.results_dir, settings.decisions_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -147,6 +156,7 @@ class Daemon:
             self._decide,
             lambda on_exit: make_launcher(settings, self.launcher_choice, on_exit),
             on_change=self._changed,
+            requeue=self.enqueue,
         )
 
     # -- plumbing between the parts ------------------------------------------------------
@@ -225,6 +235,8 @@ class Daemon:
             self._notifier.stopping()
             await self._drain(workers)
         finally:
+            if self._retry_timer is not None:
+                self._retry_timer.cancel()
             await self._tasks.stop()
             await self.supervisor.stop()
             await self.engine.launcher.stop()
@@ -297,15 +309,46 @@ class Daemon:
                 if not await self.engine.process(path, source):
                     loop = asyncio.get_running_loop()
                     loop.call_later(BUSY_RETRY_SECONDS, self.enqueue, path, source)
+                else:
+                    self._fault_over()
             except OSError as exc:
-                # A full disk (the ledger, a record): one line, no traceback; the next scan, or
-                # the sweep if the file got a row, takes it up again.
-                log.error("result.io_failed", file=path.name, error=str(exc))
+                # A fault that can clear (a full disk, no fd left, a vanished directory): the
+                # file, with or without a row, is tried again in seconds.
+                self._retry_later(path, exc)
             except Exception:
                 # One file's bug must not take the worker (and every later file) with it.
                 log.exception("result.crashed", file=path.name)
             finally:
                 self._busy.discard(task)
+
+    def _retry_later(self, path: Path, exc: OSError) -> None:
+        """Try `path` again after the current delay; said once per episode."""
+        if self._fault_since is None:
+            self._fault_since = time.time()
+            again = f"trying again in {self._retry_delay:g}s, then less often"
+            log.warning("result.retry_later", file=path.name, error=str(exc), action=again)
+        else:
+            log.debug("result.retry_later", file=path.name, error=str(exc))
+        self._retry.add(path)
+        if self._retry_timer is None:
+            loop = asyncio.get_running_loop()
+            self._retry_timer = loop.call_later(self._retry_delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry_timer = None
+        cap = min(RETRY_SECONDS[1], self.config.daemon.rescan_interval_seconds)
+        self._retry_delay = min(2 * self._retry_delay, max(cap, RETRY_SECONDS[0]))
+        paths, self._retry = self._retry, set()
+        for path in paths:
+            self.enqueue(path, "retry")
+
+    def _fault_over(self) -> None:
+        """A file went through: once none waits to be tried again, the episode is over."""
+        if self._fault_since is None or self._retry or self._retry_timer is not None:
+            return
+        log.info("result.retry_recovered", since=round(time.time() - self._fault_since, 1))
+        self._fault_since = None
+        self._retry_delay = RETRY_SECONDS[0]
 
     async def _catch_up(self, at_start: bool = False) -> None:
         """Scan for files inotify did not report; FileNotFoundError if the dir is missing."""
@@ -495,6 +538,8 @@ class Daemon:
         health = f"unhealthy: {'; '.join(problems)} · " if problems else ""
         if self._watcher is not None and self._watcher.degraded is not None:
             health += f"degraded: no inotify ({self._watcher.degraded}), scanning · "
+        for outage in self.engine.launcher.outages():  # agents' states: as last seen
+            health += f"degraded: {outage} · "
         return (
             f"{health}{servers} · {current} · {decided} decided, "
             f"{counts.get(State.ESCALATED, 0)} escalated, {self._queue.qsize()} queued"

@@ -23,7 +23,7 @@ from .document.files import record_name, write_json_atomic
 from .document.metadata import AgentMetadata
 from .document.names import utf8_name
 from .document.pipeline import step
-from .errors import AgentFailed, LaunchUnavailable, LLMUnavailable, ResultRejected
+from .errors import AgentFailed, LaunchUnavailable, LLMUnavailable, ResultRejected, UnsafePath
 from .handlers.act.launcher import (
     AgentLauncher,
     AgentRun,
@@ -57,6 +57,9 @@ Source = str
 MAX_RESUMES = 3
 """How often a row found stuck in a transient state is resumed before it is settled FAILED."""
 
+LAUNCH_AGAIN_SECONDS = 2.0
+"""The first wait before a launch whose agent never ran is made again (doubled each time)."""
+
 ADOPTED_TIMEOUT_SECONDS = 24 * 3600.0
 """Timeout for an adopted agent whose name is no longer in the config."""
 
@@ -82,8 +85,11 @@ class Engine:
         decide: DecideFn,
         launcher_factory: Callable[[OnExit], AgentLauncher],
         on_change: Callable[[], None] = lambda: None,
+        requeue: Callable[[Path, Source], None] = lambda path, source: None,
     ) -> None:
+        """`requeue`: hands a file back to the pipeline (a launch to make again)."""
         self.config = config
+        self._requeue = requeue
         self.ledger = ledger
         self._decide = decide
         self.launcher = launcher_factory(self._agent_exited)
@@ -279,11 +285,16 @@ class Engine:
         if explained is not None:
             decision = await explained
             worded = {"decision": decision}
-        # fsync off the event loop: LLM slots and other files keep moving meanwhile.
-        await asyncio.to_thread(
-            write_record, self.config.daemon, entry, decision, final, reason,
-            agent=agent, pid=pid, approved_by=approved_by,
-        )  # fmt: skip
+        try:
+            # fsync off the event loop: LLM slots and other files keep moving meanwhile.
+            await asyncio.to_thread(
+                write_record, self.config.daemon, entry, decision, final, reason,
+                agent=agent, pid=pid, approved_by=approved_by,
+            )  # fmt: skip
+        except UnsafePath as exc:  # it will not clear by itself: the row settles now, saying so
+            if reason != str(exc):
+                log.error("record.refused", reason=str(exc))
+                reason = f"{reason}; no decision record: {exc}" if reason else str(exc)
         self.ledger.update(entry, final, reason=reason, pid=pid, **worded)
 
     async def _launch(
@@ -309,14 +320,20 @@ class Engine:
         try:
             launch = self._launch_for(entry, loaded, decision, config, retry)
             pid = await self.launcher.start(launch)
+        except UnsafePath as exc:  # its params file: nothing launched, and nothing will be
+            log.error("agent.failed", agent=agent, reason=str(exc))
+            return entry, State.FAILED, str(exc), None
         except AgentFailed as exc:
-            # The marker (or its unit) says it already ran.
+            # The marker (or its unit) says it already ran: its agent is watched since then.
             if isinstance(exc, AlreadyLaunched) or self.launcher.was_launched(key):
-                return entry, State.ACTED, str(exc), None
+                return entry, State.ACTED, str(exc), self._pid_of(entry)
             log.error("agent.failed", agent=agent, reason=str(exc))
             if isinstance(exc, LaunchUnavailable):  # a person fixes the cluster, then approves
                 return entry, State.ESCALATED, f"{exc}; approve once fixed, or reject", None
             return entry, State.FAILED, str(exc), None
+        # The pid reaches the ledger before anything slow (the log, the explanation, the
+        # record's fsync): a crash after the spawn leaves an agent the next start watches again.
+        entry = self.ledger.update(entry, State.LAUNCHING, touch=False, pid=pid)
         where = self.launcher.describe(launch.run, pid)
         kind = "slurm" if config.launcher == "slurm" else self.launcher.kind
         log.info("agent.started", agent=agent, pid=pid, decision=decision.action,
@@ -346,10 +363,13 @@ class Engine:
 
     def _agent_exited(
         self, launch_id: int, pid: int, code: int | None, duration: float,
-        job_state: str | None = None, /,
+        job_state: str | None = None, never_ran: str | None = None, /,
     ) -> None:  # fmt: skip
         entry = self.ledger.get(launch_id)
         log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+        if never_ran is not None:
+            self._launch_again(launch_id, pid, f"Slurm job {pid} never started: {never_ran}")
+            return
         fields: dict[str, Any] = {"exit_code": code, "ended": time.time()}
         if job_state is not None:
             fields["reason"] = f"Slurm job {pid}: {job_state}"
@@ -365,20 +385,56 @@ class Engine:
               **({"job_state": job_state} if job_state else {}))  # fmt: skip
         self._on_change()
 
+    def _launch_again(self, launch_id: int, pid: int, reason: str) -> None:
+        """The agent of `pid` never ran (the launcher undid the launch): launched again after a
+        backoff, like a failed exec, until MAX_RESUMES attempts; then FAILED with the reason."""
+        entry = self.ledger.get(launch_id)
+        if entry.pid not in (pid, None):  # launched again already
+            return
+        log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+        loop = asyncio.get_running_loop()
+        if entry.state is State.LAUNCHING:  # its record is still being written: once it is
+            loop.call_later(1.0, self._launch_again, launch_id, pid, reason)
+            return
+        if entry.state is not State.ACTED:
+            return
+        if entry.attempts >= MAX_RESUMES:
+            reason = f"{reason}; not launched again after {entry.attempts} attempts"
+            self.ledger.update(entry, State.FAILED, reason=reason, pid=None)
+            log.error("agent.never_started", agent=entry.agent, reason=reason)
+        else:
+            delay = min(LAUNCH_AGAIN_SECONDS * 2**entry.attempts, 60.0)
+            self.ledger.update(entry, State.LAUNCHING, reason=reason, pid=None,
+                               attempts=entry.attempts + 1)  # fmt: skip
+            log.error("agent.never_started", agent=entry.agent, reason=reason,
+                      action=f"launching it again in {delay:g}s")  # fmt: skip
+            path = self.config.daemon.results_dir / entry.path
+            loop.call_later(delay, self._requeue, path, "retry")
+        self._on_change()
+
     # -- start-up and operator commands ---------------------------------------------------
 
     def reconcile(self) -> None:
-        """At start: rebuild a new ledger from the decision records, watch agents launched
-        before the restart again, settle the launch intents their markers prove.
+        """At start: rebuild a new ledger from the decision records, settle the launch intents
+        their markers prove, and watch again every agent launched before the restart.
 
-        Agents launched before the restart are watched again if they still run (or, units,
-        if their exit was recorded), and reported lost if they ended unseen (their results, if
-        any, arrive as files like any other).
-        Launch intents with no marker are resumed by `sweep(at_start=True)`, like every other
-        row left mid-way.
+        An intent whose pid never reached the ledger (the daemon died right after the spawn)
+        gets it from the launcher, which finds its agent (`find`): no agent runs unwatched.
+        Agents still running are watched again (or, units, their recorded exit reported), and
+        those that ended unseen are reported lost (their results, if any, arrive as files like
+        any other). Launch intents with no marker are resumed by `sweep(at_start=True)`, like
+        every other row left mid-way.
         """
         if self.ledger.is_empty():
             self.restore()
+        for entry in self.ledger.in_state(State.LAUNCHING):
+            log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
+            launched = self.launcher.was_launched(launch_key(entry.path, entry.sha256))
+            log.info("agent.reconciled", agent=entry.agent, launched=launched)
+            if launched:
+                settled = self._settle_launched(entry, "launched before a restart", log)
+                if settled.pid is None:
+                    self._lost(settled, log)
         for entry in self.ledger.agents_unaccounted():
             log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
             assert entry.pid is not None and entry.agent is not None
@@ -388,30 +444,31 @@ class Engine:
             if self.launcher.adopt(_agent_run(entry), entry.pid, remaining):
                 log.info("agent.adopted", agent=entry.agent, pid=entry.pid)
             else:
-                reason = "its agent ended while the daemon was not running; exit status unknown"
-                self.ledger.update(
-                    entry, entry.state, touch=False, ended=time.time(), reason=reason
-                )
-                log.warning("agent.lost", agent=entry.agent, pid=entry.pid, reason=reason)
-        for entry in self.ledger.in_state(State.LAUNCHING):
-            log = get_logger(file=entry.path, run_id=entry.run_id, step=entry.step)
-            launched = self.launcher.was_launched(launch_key(entry.path, entry.sha256))
-            log.info("agent.reconciled", agent=entry.agent, launched=launched)
-            if launched:
-                self._settle_launched(entry, "launched before a restart", log)
+                self._lost(entry, log)
 
-    def _settle_launched(self, entry: Entry, reason: str, log: Any) -> None:
-        """A launch intent whose marker exists: ACTED, with its decision record."""
+    def _lost(self, entry: Entry, log: Any) -> None:
+        """An agent launched before the restart ended while the daemon was not running."""
+        reason = "its agent ended while the daemon was not running; exit status unknown"
+        self.ledger.update(entry, entry.state, touch=False, ended=time.time(), reason=reason)
+        log.warning("agent.lost", agent=entry.agent, pid=entry.pid, reason=reason)
+
+    def _pid_of(self, entry: Entry) -> int | None:
+        """The pid of `entry`'s launched agent: the ledger's, else the launcher finds it."""
+        return entry.pid if entry.pid is not None else self.launcher.find(_agent_run(entry))
+
+    def _settle_launched(self, entry: Entry, reason: str, log: Any) -> Entry:
+        """A launch intent whose marker exists: ACTED, with its pid and decision record."""
+        pid = self._pid_of(entry)
         path = record_path(self.config.daemon, entry)
         if entry.decision is not None and not path.exists():
             try:
                 write_record(
                     self.config.daemon, entry, entry.decision, State.ACTED, reason,
-                    agent=entry.agent,
+                    agent=entry.agent, pid=pid,
                 )  # fmt: skip
-            except OSError as exc:  # a full disk: the launch happened all the same
-                log.error("record.failed", record=path.name, reason=exc.strerror)
-        self.ledger.update(entry, State.ACTED, reason=reason)
+            except (OSError, UnsafePath) as exc:  # a full disk: the launch happened all the same
+                log.error("record.failed", record=path.name, reason=str(exc))
+        return self.ledger.update(entry, State.ACTED, reason=reason, pid=pid)
 
     def restore(self) -> int:
         """Give a new ledger the history in the decision records; the number of rows restored.

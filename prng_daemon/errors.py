@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
+    "PASSING_ERRNOS",
     "AgentFailed",
     "ConfigError",
     "DaemonError",
@@ -15,6 +18,14 @@ __all__ = [
     "ResultRejected",
     "UnsafePath",
 ]
+
+PASSING_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN,
+     errno.ENOSPC, errno.EDQUOT}
+)  # fmt: skip
+"""Errors that say nothing of the file or the agent at hand (no fd, memory, process or disk
+space left now, a disk hiccup): they pass, so what met one is tried again soon, never
+quarantined or failed. Only a result file's own content can reject it."""
 
 
 class DaemonError(Exception):

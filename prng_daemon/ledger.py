@@ -74,8 +74,10 @@ _MOVES: Mapping[State, frozenset[State]] = {
     State.LAUNCHING: frozenset({State.ACTED, State.ESCALATED, State.FAILED}),
     # An operator's approve acts on the escalation (launch or finish); reject finishes it.
     State.ESCALATED: frozenset({State.LAUNCHING, State.DONE, State.FAILED}),
+    # A launch its launcher undid (a Slurm job that never started): made again, or given up.
+    State.ACTED: frozenset({State.LAUNCHING, State.FAILED}),
 }
-"""Where each state may go (besides staying, to update fields). Settled states go nowhere."""
+"""Where each state may go (besides staying, to update fields). Other settled states go nowhere."""
 
 
 class StateConflict(RuntimeError):

@@ -324,7 +324,7 @@ def _check(chaos: Chaos, capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         ledger.close()
     assert not ws.events("task.gave_up") and not ws.events("daemon.failed"), where
-    # A full disk is one line per file (`result.io_failed`); a traceback is a bug.
+    # A full disk is one line per episode (`result.retry_later`); a traceback is a bug.
     assert not ws.events("result.crashed"), f"{where}: {ws.events('result.crashed')[0]}"
     code, out, _ = cli(capsys, ws, "status")
     first = out.splitlines()[0]
@@ -343,7 +343,7 @@ def _check(chaos: Chaos, capsys: pytest.CaptureFixture[str]) -> None:
     crashed = Counter(e["task"] for e in ws.events("task.crashed"))
     states = Counter(e.state.value for e in entries)
     seen = {name: len(ws.events(name)) for name in ("decision.escalated", "decision.waiting",
-            "command.applied", "command.refused", "result.io_failed", "rescan.failed",
+            "command.applied", "command.refused", "result.retry_later", "rescan.failed",
             "status.write_failed", "watcher.dir_missing", "result.stuck",
             "agent.exit_unrecorded")}  # fmt: skip
     print(f"seed {SEED}: {len(entries)} rows {dict(states)}, {sum(launches.values())} launches,"

@@ -148,9 +148,15 @@ def test_decisions_dir_replaced_by_a_symlink_is_not_written_through(
             return f"{decisions} is a symbolic link or not a directory" in text
 
         wait_until(refused, 20, what="the refusal in the log")
+        # It will not clear by itself: the row is settled at once, with the reason (issue 24.6).
+        wait_until(lambda: ws.ledger_states() == {"failed": 1}, 10, what="the row settled")
         assert proc.poll() is None, "the daemon keeps serving"
     assert list(elsewhere.iterdir()) == []
     assert not ws.launches()
+    reason = f"{decisions} is a symbolic link or not a directory; nothing is written through it"
+    assert _entries(ws.root)["r.json"] == ("failed", reason)
+    [failed] = [e for e in ws.events() if e["level"] == "error"]
+    assert failed["event"] == "agent.failed" and failed["reason"] == reason
 
 
 def test_a_loop_that_keeps_crashing_is_restarted_then_the_daemon_exits_non_zero(

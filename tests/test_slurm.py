@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,6 +234,41 @@ def test_a_controller_that_is_down_is_said_and_the_launch_retried_until_it_is_ba
 
 
 @needs_slurm
+def test_status_during_a_controller_outage_says_so_and_marks_job_states_as_last_seen(
+    tmp_path: Path, fake: FakeLlama, cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27 case 5: slurmctld stopped while a job runs. `status` (and STATUS=) say the
+    controller is unreachable since when, and the job's state is marked as last seen then;
+    with the controller back, both go, and the job's end is reported."""
+    ws = slurm_workspace(tmp_path, fake, full_scoring_agent=0)
+    rid = run_id(2, 0x56)
+    try:
+        with running(ws):
+            drop(ws.results, "r.json", result_document(2, rid))
+            wait_until(lambda: "RUNNING on" in cli(capsys, ws, "status")[1], 30, interval=0.5)
+            cluster.node("stop-controller")
+
+            def outage() -> str:
+                out = cli(capsys, ws, "status")[1]
+                return out if "unreachable since" in out else ""
+
+            out = wait_until(outage, 60, interval=0.5, what="the outage in status")
+            first = out.splitlines()[0]
+            assert "degraded: Slurm controller unreachable since " in first, first
+            assert ": the states below are as last seen" in out
+            seen = r"Slurm job \d+ RUNNING on \S+ \(as last seen at \d\d:\d\d:\d\d\)"
+            assert re.search(seen, out), out
+            cluster.node("start-controller")
+            wait_until(lambda: "unreachable" not in cli(capsys, ws, "status")[1], 60, interval=0.5)
+            go(ws, "full_scoring_agent")
+            [ended] = wait_until(lambda: events(ws, "agent.exited", rid), 60)
+    finally:
+        cluster.node("start-controller")
+    assert (ended["job_state"], ended["exit_code"]) == ("COMPLETED", 0)
+    assert "as last seen" not in cli(capsys, ws, "status")[1]
+
+
+@needs_slurm
 def test_a_job_slurm_refuses_is_escalated_with_its_reason(
     tmp_path: Path, fake: FakeLlama, cluster: Cluster
 ) -> None:
@@ -247,6 +283,53 @@ def test_a_job_slurm_refuses_is_escalated_with_its_reason(
         "agent full_scoring_agent: sbatch refused the job: sbatch: error: Batch job submission"
         " failed: Invalid partition name specified"
     )
+
+
+@needs_slurm
+def test_a_waiting_job_whose_job_dir_was_deleted_never_started_and_is_launched_again(
+    tmp_path: Path, fake: FakeLlama, cluster: Cluster
+) -> None:
+    """Issue 27 case 4: `job_dir` deleted while one job runs and one waits. The waiting one
+    fails in Slurm (JobLaunchFailure, ExitCode 0:53) without its agent running: said so, not
+    read as signal 53, and launched again (job_dir made again); the running one is unharmed."""
+    ws = slurm_workspace(tmp_path, fake, full_scoring_agent=0, ml_meta_agent=0)
+    ws.edit_config(
+        lambda c: c["agents"]["full_scoring_agent"]["slurm"]["sbatch_options"].append("--exclusive")
+    )
+    first, waiting = run_id(2, 0x55), run_id(3, 0x55)
+    a, b = result_document(2, first), result_document(3, waiting, parent_run_id=first)
+    job_dir = ws.root / "state" / "slurm"
+    with running(ws):
+        drop(ws.results, "a.json", a)
+        marker = job_dir / f"{key_of('a.json', a)}.launched"
+        wait_until(marker.exists, 30, what="the first job's agent running (its marker made)")
+        drop(ws.results, "b.json", b)
+        [submitted] = wait_until(lambda: events(ws, "agent.submitted", waiting), 20)
+        assert cluster.jobs(name_of("b.json", b)) == [(submitted["job_id"], "PENDING")]
+        shutil.rmtree(job_dir)
+        go(ws, "full_scoring_agent")
+        go(ws, "ml_meta_agent")
+        [again] = wait_until(lambda: events(ws, "agent.never_started", waiting), 40)
+        [ended] = wait_until(lambda: events(ws, "agent.exited", waiting), 60)
+        wait_until(lambda: events(ws, "agent.exited", first), 20)
+    missing = f"its output directory {job_dir} does not exist"
+    assert again["level"] == "error" and again["reason"] == (
+        f"Slurm job {submitted['job_id']} never started: JobLaunchFailure: {missing}"
+    )
+    assert again["action"] == "launching it again in 2s"
+    [(_, failed), (job, completed)] = sorted(cluster.jobs(name_of("b.json", b)))
+    assert (failed, completed) == ("FAILED", "COMPLETED")
+    assert (ended["pid"], ended["job_state"], ended["exit_code"]) == (job, "COMPLETED", 0)
+    assert [e["exit_code"] for e in ws.events("agent.exited")] == [0, 0], "no signal 53"
+    assert len(ws.events("agent.never_started")) == 1, "the running job was unharmed"
+    ledger = Ledger(ws.root / "state" / "ledger.sqlite3", readonly=True)
+    try:
+        rows = {e.run_id: e for e in ledger.recent()}
+    finally:
+        ledger.close()
+    assert (rows[waiting].state, rows[waiting].pid, rows[waiting].exit_code) == (
+        State.ACTED, job, 0,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import UnsafePath
 
-__all__ = ["record_name", "write_json_atomic"]
+__all__ = ["make_dir", "record_name", "write_json_atomic"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -47,6 +47,16 @@ def _open_dir(directory: Path) -> int:
                 f"{directory} is a symbolic link or not a directory; nothing is written through it"
             ) from None
         raise
+
+
+def make_dir(directory: Path) -> bool:
+    """Make `directory` again if it vanished (a clean-up removed it); True if it was made.
+
+    Raises UnsafePath when a symbolic link (or a file) is in its place: nothing is made or
+    written through it."""
+    existed = os.path.lexists(directory)
+    os.close(_open_dir(directory))
+    return not existed
 
 
 def write_json_atomic(path: Path, document: Any, *, durable: bool = True) -> Path:

@@ -31,7 +31,7 @@ from ..document.metadata import (
     ResultFile,
 )
 from ..document.pipeline import FINAL_AGENT
-from ..errors import ResultRejected
+from ..errors import PASSING_ERRNOS, ResultRejected
 
 __all__ = [
     "Deferred",
@@ -266,6 +266,8 @@ def _read_regular_file(path: Path, max_bytes: int, cheap_bytes: int | None = Non
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ResultRejected("is a symbolic link; only regular files are read") from None
+        if exc.errno in PASSING_ERRNOS:  # the system's fault, not the file's: raised as it is
+            raise
         raise ResultRejected(f"cannot open: {exc.strerror}") from None
     try:
         info = os.fstat(fd)

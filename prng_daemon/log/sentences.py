@@ -81,6 +81,10 @@ _TEMPLATES: dict[str, Callable[[Facts], str]] = {
     "agent.lost": _template("{agent} lost: {reason}"),
     "launcher.selected": _plain("agents start with the {launcher} launcher: {reason}"),
     "agent.adopted": _template("{agent} still running after the restart, adopted"),
+    "agent.never_started": lambda f: (
+        f"{_step(f)}: {f['agent']}: {f['reason']}" + (f"; {f['action']}" if f.get("action") else "")
+    ),
+    "result.retry_later": _plain("{file} waits for a passing fault: {error}; {action}"),
     "escalation.approved": _template("escalation approved by the operator: {decision}"),
     "escalation.rejected": _template("escalation rejected by the operator: the run stops here"),
     "escalation.kept": _template("escalation still pending: {reason}"),

@@ -18,7 +18,7 @@ from ..document.names import printable
 from ..document.pipeline import SERVER_NAMES, ServerName
 from ..errors import DaemonError
 from ..handlers.act import LauncherChoice
-from ..handlers.act.launcher import AgentLauncher
+from ..handlers.act.launcher import AgentLauncher, clock
 from ..ledger import Ledger, State
 from ..servers.gpu import where
 from ..servers.spawn import exit_text
@@ -89,6 +89,7 @@ def publish(
             "launcher": {"kind": choice.kind, "reason": choice.reason},
             "agents_running": launcher.running,
             "agents": launcher.agents(),
+            "outages": launcher.outages(),
         },
     )
 
@@ -126,6 +127,7 @@ def collect(config: Config) -> dict[str, Any]:
     current = published if published and state != "not running" else {}
     report["agents"] = current.get("agents", [])
     report["launcher"] = current.get("launcher")
+    report["outages"] = current.get("outages", []) if report["agents"] else []
     for name in SERVER_NAMES:
         server = config.server(name)
         if not server.managed:  # someone else runs it: the daemon only knows where it is
@@ -205,10 +207,13 @@ def render(report: dict[str, Any]) -> str:
     if report["launcher"]:
         lines.append(f"launcher: {report['launcher']['kind']} ({report['launcher']['reason']})")
     lines.append(f"agents running: {len(report['agents'])}")
+    lines.extend(f"  {outage}: the states below are as last seen" for outage in report["outages"])
     for a in report["agents"]:
         runs_as = f"unit {a['unit']}" if a.get("unit") else f"pid {a['pid']}"
         if a.get("job_id"):
             runs_as = f"Slurm job {a['job_id']} {a['state'] or '?'} on {a['node'] or '-'}"
+            if report["outages"] and a.get("seen"):
+                runs_as += f" (as last seen at {clock(a['seen'])})"
         lines.append(f"  {a['run_id']}  {a['agent']}  {runs_as}")
     if report["agents"]:
         lines.append("  stop one with: prng-llm-daemon stop-agent RUN_ID")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -24,6 +26,7 @@ __all__ = [
     "OnExit",
     "Polled",
     "agent_env",
+    "clock",
     "daemon_environ",
     "exit_file",
     "launch_key",
@@ -36,10 +39,11 @@ class OnExit(Protocol):
 
     def __call__(
         self, launch_id: int, pid: int, code: int | None, duration: float,
-        job_state: str | None = None, /,
+        job_state: str | None = None, never_ran: str | None = None, /,
     ) -> None:  # fmt: skip
         """(launch id, pid — a Slurm agent's job id —, exit code — None when not known, e.g.
-        not the daemon's child to reap —, seconds watched, a Slurm job's final state)."""
+        not the daemon's child to reap —, seconds watched, a Slurm job's final state, why the
+        agent never ran — its launch undone, to be made again —)."""
 
 
 _SYSTEMD_ONLY = frozenset(
@@ -108,6 +112,17 @@ class AgentLauncher(Protocol):
         known; False when neither (it ended unseen and its exit is lost)."""
         ...
 
+    def find(self, run: AgentRun) -> int | None:
+        """The pid (a job id, a unit's MainPID or 0) of a launch that happened but whose pid
+        never reached the ledger (the daemon died right after the start); None when its agent
+        is gone and nothing is left to watch."""
+        ...
+
+    def outages(self) -> list[str]:
+        """What cannot be reached now, one line each (`Slurm controller unreachable since
+        …`): while it lasts, the agents' states are those last seen."""
+        ...
+
     def describe(self, run: AgentRun, pid: int) -> str:
         """Where the started agent runs, as the log and `status` say it: `pid 4242`,
         `prng-agent-<run_id>.service`."""
@@ -130,6 +145,11 @@ def agent_env(launch: Launch) -> dict[str, str]:
     env.update({f"PRNG_{k.upper()}": v for k, v in launch.values.items()})
     env["PRNG_LAUNCH_ID"] = str(launch.run.launch_id)
     return env
+
+
+def clock(ts: float) -> str:
+    """A time.time() as the operator reads it in `status`: local time of day."""
+    return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
 
 
 def marker_file(directory: Path, key: str) -> Path:
@@ -165,6 +185,8 @@ class Polled(Generic[K, V]):
         self._what = what
         """What the items are, for the log: "units", "jobs"."""
         self._task: asyncio.Task[None] | None = None
+        self.failing: tuple[float, Exception] | None = None
+        """Since when (a time.time()) and why every look fails; None while they succeed."""
 
     def add(self, key: K, item: V) -> None:
         self.items[key] = item
@@ -172,22 +194,22 @@ class Polled(Generic[K, V]):
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
-        failing = False
         while self.items:
             await asyncio.sleep(self._seconds)
             keys = list(self.items)
             try:
                 await self._look(keys)
             except Exception as exc:  # said once; the next poll tries again
-                if not failing:
+                if self.failing is None:
                     get_logger().error(
                         "agent.poll_failed", error=repr(exc), **{self._what: len(keys)}
                     )
-                failing = True
+                self.failing = (self.failing[0] if self.failing else time.time(), exc)
                 continue
-            if failing:
+            if self.failing is not None:
                 get_logger().info("agent.poll_recovered", **{self._what: len(keys)})
-            failing = False
+            self.failing = None
+        self.failing = None  # nothing left to watch: nothing is known to be down
 
     async def stop(self, reason: str) -> None:
         """Stop polling; the agents run on (`reason` says so in the log)."""

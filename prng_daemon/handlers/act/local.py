@@ -16,11 +16,12 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from ...errors import AgentFailed
+from ...document.files import make_dir
+from ...errors import PASSING_ERRNOS, AgentFailed
 from ...log import get_logger
 from ...servers.spawn import killpg
 from .launcher import (
@@ -36,6 +37,8 @@ from .launcher import (
 __all__ = ["LocalLauncher", "is_agent", "stop_local_agent"]
 
 KILL_GRACE_SECONDS = 10.0
+POLL_SECONDS = 1.0
+"""How often an agent is looked at when it cannot be watched by a pidfd (no fd left)."""
 
 
 class LocalLauncher:
@@ -84,10 +87,44 @@ class LocalLauncher:
             program = shutil.which("env") or "/usr/bin/env"
         env = self._environ | agent_env(launch)
         log_file = self._logs / f"{launch.values.get('parent_run_id', 'run')}.{name}.log"
-        flags = os.O_WRONLY | os.O_CREAT
         marker = self.marker(launch.run.key)
         try:
-            pid = os.posix_spawn(
+            try:
+                pid = self._spawn(program, argv, env, marker, log_file)
+            except FileNotFoundError:
+                # A clean-up may have removed the markers' or the logs' directory: made again
+                # (never through a link), then one spawn more.
+                made = [str(d) for d in (self._markers, self._logs) if make_dir(d)]
+                if not made:
+                    raise
+                get_logger(agent=name).warning("agent.dir_made", directories=made)
+                pid = self._spawn(program, argv, env, marker, log_file)
+        except OSError as exc:
+            if exc.errno in PASSING_ERRNOS:
+                raise  # no fd, memory or space left now: the launch is tried again soon
+            missing = _missing(program) if exc.errno == errno.ENOENT else None
+            code = errno.errorcode.get(exc.errno or 0, "?")
+            why = f"{missing} does not exist" if missing else f"{exc.strerror} ({code})"
+            raise AgentFailed(f"agent {name}: cannot start {argv[0]}: {why}") from None
+        # The agent first: its exec and dynamic loader run before the daemon's own follow-up
+        # (the log line, the explanation request, the record), where the kernel put it on this
+        # CPU. A no-op otherwise. Measured: the agent starts 0.3 ms sooner (RESULTS §1).
+        os.sched_yield()
+        if launch.config.properties:
+            get_logger(agent=name, pid=pid).warning(
+                "agent.properties_ignored", reason="unit properties need the systemd launcher"
+            )
+        timeout = launch.config.timeout_seconds
+        self._track(launch.run, pid, self._watch(launch.run.launch_id, name, pid, timeout))
+        return pid
+
+    def _spawn(
+        self, program: str, argv: list[str], env: dict[str, str], marker: Path, log_file: Path
+    ) -> int:
+        """posix_spawn the agent in a session of its own, its marker made by the child."""
+        flags = os.O_WRONLY | os.O_CREAT
+        try:
+            return os.posix_spawn(
                 program,
                 argv,
                 env,
@@ -105,29 +142,13 @@ class LocalLauncher:
             raise AlreadyLaunched(
                 "the launch for this file version already happened; not starting it twice"
             ) from None
-        except OSError as exc:
+        except OSError:
             # glibc reports a failed exec (ENOENT from a bad #! line, ENOEXEC from a binary that
             # is not one) as posix_spawn's error, after the child's file actions ran: the
             # marker exists, but nothing was launched. Only this attempt can have made it
             # (O_EXCL), so it goes, and the file version stays launchable.
             marker.unlink(missing_ok=True)
-            code = errno.errorcode.get(exc.errno or 0, "?")
-            if exc.errno == errno.ENOENT and os.path.exists(program):
-                code += ": the program is there, its #! interpreter is not?"
-            raise AgentFailed(
-                f"agent {name}: cannot start {argv[0]}: {exc.strerror} ({code})"
-            ) from None
-        # The agent first: its exec and dynamic loader run before the daemon's own follow-up
-        # (the log line, the explanation request, the record), where the kernel put it on this
-        # CPU. A no-op otherwise. Measured: the agent starts 0.3 ms sooner (RESULTS §1).
-        os.sched_yield()
-        if launch.config.properties:
-            get_logger(agent=name, pid=pid).warning(
-                "agent.properties_ignored", reason="unit properties need the systemd launcher"
-            )
-        timeout = launch.config.timeout_seconds
-        self._track(launch.run, pid, self._watch(launch.run.launch_id, name, pid, timeout))
-        return pid
+            raise
 
     def adopt(self, run: AgentRun, pid: int, timeout: float) -> bool:
         """Watch an agent started before a restart: its end is seen, its exit code is not."""
@@ -136,6 +157,19 @@ class LocalLauncher:
         watch = self._watch(run.launch_id, run.agent, pid, timeout, own_child=False)
         self._track(run, pid, watch)
         return True
+
+    def find(self, run: AgentRun) -> int | None:
+        """The agent of `run` by its environment: the session leader (each agent starts its
+        own session) whose PRNG_LAUNCH_ID is this launch's."""
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                pid = int(entry.name) if entry.name.isdigit() else 0
+                if pid and _leads_session(pid) and is_agent(run.launch_id, pid):
+                    return pid
+        return None
+
+    def outages(self) -> list[str]:
+        return []
 
     def agents(self) -> list[dict[str, Any]]:
         return [
@@ -161,17 +195,24 @@ class LocalLauncher:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._on_exit(launch_id, pid, _reap(pid) if own_child else None, 0.0)
-            return
 
         def on_exit() -> None:
             if not exited.done():
                 exited.set_result(None)
 
-        loop.add_reader(pidfd, on_exit)
+        pidfd: int | None = None
+        polling: asyncio.Task[None] | None = None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._on_exit(launch_id, pid, _reap(pid) if own_child else None, 0.0)
+            return
+        except OSError as exc:  # no fd left (EMFILE): the agent runs all the same, watched
+            log.error("agent.watch_degraded", error=str(exc),
+                      action=f"polling /proc every {POLL_SECONDS:g}s")  # fmt: skip
+            polling = loop.create_task(_poll_end(pid, own_child, on_exit))
+        else:
+            loop.add_reader(pidfd, on_exit)
         try:
             try:
                 await asyncio.wait_for(asyncio.shield(exited), timeout)
@@ -182,8 +223,11 @@ class LocalLauncher:
             log.info("agent.detached", reason="the daemon is stopping; the agent runs on")
             raise
         finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+            if pidfd is not None:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+            if polling is not None:
+                polling.cancel()
         code = _reap(pid) if own_child else None
         self._on_exit(launch_id, pid, code, time.monotonic() - started)
 
@@ -214,12 +258,56 @@ def is_agent(launch_id: int, pid: int) -> bool:
     return f"PRNG_LAUNCH_ID={launch_id}".encode() in environ.split(b"\0")
 
 
+def _missing(program: str) -> str | None:
+    """What is missing when exec said ENOENT: the program, or the interpreter its #! names."""
+    try:
+        with open(program, "rb") as f:
+            head = f.readline(256)
+    except FileNotFoundError:
+        return program
+    except OSError:
+        return None
+    words = head[2:].split() if head.startswith(b"#!") else []
+    if words and not os.path.exists(words[0]):
+        return f"its #! interpreter {os.fsdecode(words[0])}"
+    return None
+
+
+def _leads_session(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold anything
+    return fields[3] == str(pid)
+
+
 def stop_local_agent(launch_id: int, pid: int) -> bool:
     """SIGTERM to the process group of this launch's agent; False if it no longer runs."""
     if not is_agent(launch_id, pid):
         return False
     killpg(pid, signal.SIGTERM)
     return True
+
+
+async def _poll_end(pid: int, own_child: bool, ended: Callable[[], None]) -> None:
+    """Call `ended` once process `pid` has ended, looking every POLL_SECONDS; no fd needed.
+
+    A child is asked without being reaped (WNOWAIT: its exit code is read after); another
+    process is gone when its pid is (init reaps it)."""
+    while True:
+        await asyncio.sleep(POLL_SECONDS)
+        try:
+            if own_child:
+                done = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            else:
+                os.kill(pid, 0)
+                done = False
+        except (ChildProcessError, ProcessLookupError):
+            done = True
+        if done:
+            ended()
+            return
 
 
 def _reap(pid: int) -> int | None:

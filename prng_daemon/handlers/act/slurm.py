@@ -28,7 +28,7 @@ import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from .launcher import (
     OnExit,
     Polled,
     agent_env,
+    clock,
     daemon_environ,
     exit_file,
     marker_file,
@@ -125,6 +126,8 @@ class _Job:
     job_dir: Path
     state: str = "PENDING"
     node: str = ""
+    seen: float = field(default_factory=time.time)
+    """When `state` was last read from slurmctld (at the submission, then every poll)."""
 
 
 class SlurmLauncher:
@@ -274,8 +277,21 @@ class SlurmLauncher:
         self._jobs.add(pid, _Job(run, time.monotonic(), Path(record["job_dir"]), state="?"))
         return True
 
+    def find(self, run: AgentRun) -> int | None:
+        """The job id its launch record holds."""
+        record = self.read_record(run.key)
+        return None if record is None else record["job_id"]
+
     def describe(self, run: AgentRun, pid: int) -> str:
         return f"Slurm job {pid}"
+
+    def outages(self) -> list[str]:
+        failing = self._jobs.failing
+        if failing is None:
+            return []
+        since, exc = failing
+        what = "controller unreachable" if isinstance(exc, _Unreachable) else "not answering"
+        return [f"Slurm {what} since {clock(since)}: {exc}"]
 
     def agents(self) -> list[dict[str, Any]]:
         return [
@@ -286,6 +302,7 @@ class SlurmLauncher:
                 "job_id": job_id,
                 "node": j.node,
                 "state": j.state,
+                "seen": j.seen,
             }  # fmt: skip
             for job_id, j in self._jobs.items.items()
         ]
@@ -296,6 +313,7 @@ class SlurmLauncher:
         for job_id in ids:
             job = self._jobs.items[job_id]
             job.state, job.node = states.get(job_id, ("", job.node))
+            job.seen = time.time()
             if job.state in ENDED or job_id not in states:
                 await self._ended(job_id)
 
@@ -321,6 +339,7 @@ class SlurmLauncher:
         job = self._jobs.items[job_id]
         run, state = job.run, job.state or None
         code = None
+        shown = ""
         if state is not None:
             try:
                 shown = await _slurm(
@@ -330,6 +349,15 @@ class SlurmLauncher:
             except (DaemonError, _Unreachable):
                 pass  # forgotten meanwhile: the exit record says as much as it can
         recorded = _read_exit(exit_file(job.job_dir, run.key))
+        never_ran = _never_started(state, shown)
+        if never_ran is not None and recorded is None:
+            # Slurm says nothing of it ran (JobLaunchFailure's ExitCode 0:53 is no signal): the
+            # launch is undone, like a local exec that failed, for the engine to make again.
+            del self._jobs.items[job_id]
+            _record_path(self._dir, run.key).unlink(missing_ok=True)
+            duration = time.monotonic() - job.started
+            self._on_exit(run.launch_id, job_id, None, duration, state, never_ran)
+            return
         if code is None:
             code = recorded
         log = get_logger(run_id=run.run_id, agent=run.agent, job_id=job_id)
@@ -372,6 +400,14 @@ class WithSlurm:
         if self._slurm.knows(run.key):
             return self._slurm.adopt(run, pid, timeout)
         return self._default.adopt(run, pid, timeout)
+
+    def find(self, run: AgentRun) -> int | None:
+        if self._slurm.knows(run.key):
+            return self._slurm.find(run)
+        return self._default.find(run)
+
+    def outages(self) -> list[str]:
+        return self._default.outages() + self._slurm.outages()
 
     def describe(self, run: AgentRun, pid: int) -> str:
         if self._slurm.knows(run.key):
@@ -420,6 +456,22 @@ def _read_exit(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+NEVER_STARTED = frozenset({"JobLaunchFailure", "launch_failed_requeued_held", "BadConstraints"})
+"""scontrol's Reason= of a job whose batch script never ran."""
+
+
+def _never_started(state: str | None, shown: str) -> str | None:
+    """Why the job's batch script never ran, from `scontrol show job`'s fields; None if it
+    may have run."""
+    reason = _field(shown, "Reason")
+    if not (state == "BOOT_FAIL" or (state in ENDED and reason in NEVER_STARTED)):
+        return None
+    output = _field(shown, "StdOut")
+    if output and not os.path.isdir(os.path.dirname(output)):
+        return f"{reason}: its output directory {os.path.dirname(output)} does not exist"
+    return f"{reason or state} on node {_field(shown, 'NodeList') or '?'}"
 
 
 def _field(shown: str, name: str) -> str:

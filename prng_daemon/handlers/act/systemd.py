@@ -39,6 +39,7 @@ from .launcher import (
     OnExit,
     Polled,
     agent_env,
+    clock,
     daemon_environ,
     exit_file,
     marker_file,
@@ -319,8 +320,26 @@ class SystemdLauncher:
         self._watched.add(unit, _Watched(run, pid, time.monotonic()))
         return True
 
+    def find(self, run: AgentRun) -> int | None:
+        """The unit's MainPID (0 once it ended with its exit recorded, for `adopt` to
+        report); None when systemd no longer knows it and no exit was recorded."""
+        unit = unit_name(run.run_id)
+        try:
+            shown = show_units([unit], ("LoadState", "MainPID")).get(unit, {})
+        except (OSError, subprocess.TimeoutExpired):  # watched by name all the same
+            shown = {"LoadState": "loaded"}
+        if shown.get("LoadState") != "loaded" and not self.exit_file(run.key).exists():
+            return None
+        return int(shown.get("MainPID") or 0)
+
     def describe(self, run: AgentRun, pid: int) -> str:
         return unit_name(run.run_id)
+
+    def outages(self) -> list[str]:
+        failing = self._watched.failing
+        if failing is None:
+            return []
+        return [f"systemd not answering since {clock(failing[0])}: {failing[1]}"]
 
     def agents(self) -> list[dict[str, Any]]:
         return [
