@@ -204,7 +204,9 @@ def test_a_daemon_killed_right_after_sbatch_submits_no_second_job(
         assert cli(capsys, ws, "stop-agent", rid) == (0, f"{rid}: cancelled Slurm job {job}\n")
         [ended] = wait_until(lambda: events(ws, "agent.exited", rid), 20)
     assert cluster.jobs(name_of("r.json", doc)) == [(job, "CANCELLED")], "one job, ever"
-    assert (ended["job_state"], ended["exit_code"]) == ("CANCELLED", -15)
+    # scancel's SIGTERM reaches the batch shell and the agent in either order: the shell killed
+    # by it (-15), or the shell seeing its agent killed and exiting 128 + 15. Either way, by it.
+    assert ended["job_state"] == "CANCELLED" and ended["exit_code"] in (-15, 143)
     assert len(events(ws, "agent.started", rid)) == 1
     assert not ws.events("agent.submitted")
 
