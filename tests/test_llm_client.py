@@ -12,7 +12,7 @@ import pytest
 from prng_daemon.config import Config
 from prng_daemon.errors import ConfigError, LLMBadAnswer, LLMUnavailable
 from prng_daemon.llm import AsyncRouter, Completion, Health, LlamaClient
-from prng_daemon.llm.http1 import MAX_BODY
+from prng_daemon.llm.client import MAX_BODY
 
 from .fake_llama import FakeLlama, llm_config
 from .helpers import free_port, wait_until
