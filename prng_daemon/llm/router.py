@@ -18,8 +18,9 @@ from ..document.metadata import QUERY_TYPES
 from ..document.pipeline import SERVER_NAMES, ServerName
 from ..errors import ConfigError, LLMUnavailable
 from ..log import get_logger
+from .api import Completion, CompletionOptions, Health
 from .apikey import KeyFileError, key_file, read_key
-from .client import BlockingLlamaClient, Completion, CompletionOptions, Health, LlamaClient
+from .client import BlockingLlamaClient, LlamaClient
 
 __all__ = [
     "STOP",
