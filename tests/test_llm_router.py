@@ -213,3 +213,47 @@ def test_blocking_router_closes_once_and_then_refuses(fakes: tuple[FakeLlama, Fa
     llm.close()
     with pytest.raises(RuntimeError, match="closed"):
         llm.route("hello")
+
+
+@pytest.mark.parametrize("fault", ["down", "loading", "hang"])
+def test_the_blocking_router_falls_back_and_accounts_as_the_async_one(
+    fakes: tuple[FakeLlama, FakeLlama], fault: str
+) -> None:
+    orchestrator, math = fakes
+    math_port = free_port() if fault == "down" else math.port
+    math.mode = fault
+    config = llm_config(orchestrator.port, math_port, routing={"request_timeout_seconds": 0.5})
+    with LLMRouter(config) as llm:
+        assert json.loads(llm.calculate("2 + 2"))["decision"] == "proceed"
+        meta = llm.get_llm_metadata()
+    assert meta["orchestrator_calls"] == 1 and meta["math_calls"] == 0
+    assert meta["llm_reasoning_trace"][0]["degraded"] is True
+    assert len(orchestrator.requests) == 1
+
+
+def test_the_blocking_router_says_why_neither_server_answered(
+    fakes: tuple[FakeLlama, FakeLlama],
+) -> None:
+    orchestrator, math = fakes
+    orchestrator.mode = "hang"
+    config = llm_config(orchestrator.port, free_port(), routing={"request_timeout_seconds": 0.3})
+    with LLMRouter(config) as llm, pytest.raises(LLMUnavailable) as info:
+        llm.orchestrate("plan")
+    assert str(info.value).endswith(
+        f"orchestrator: http://127.0.0.1:{orchestrator.port}/completion: no complete answer"
+        " within 0.3s; math: not ready"
+    )
+
+
+def test_an_agent_may_ask_the_blocking_router_from_inside_an_event_loop(
+    fakes: tuple[FakeLlama, FakeLlama],
+) -> None:
+    """An agent written with asyncio (or run in Jupyter) calls it from a running loop: it
+    blocks that loop for the answer, and answers."""
+
+    async def agent(llm: LLMRouter) -> str:
+        return llm.route("think about the next step")
+
+    with LLMRouter(_config(fakes)) as llm:
+        answer = asyncio.run(agent(llm))
+    assert json.loads(answer)["decision"] == "proceed"
