@@ -97,6 +97,9 @@ class _Llama:
             "timeout": timeout,
             "limits": _LIMITS,
             "trust_env": False,
+            # The config's URLs are plain HTTP (ServerConfig.url): no TLS context to build,
+            # which costs 40-140 ms a client (the CA bundle) and an agent makes two.
+            "verify": not base_url.startswith("http://"),
         }
 
     def _where(self, path: str) -> str:
