@@ -15,6 +15,10 @@ from typing import Any, Unpack
 
 import httpx
 
+# Not used here: installed, it is found in sys.modules by httpcore, which imports it several
+# times a request and, without it, searches sys.path each time (pyproject.toml says more).
+import sniffio  # noqa: F401
+
 from ..errors import LLMBadAnswer, LLMError, LLMUnavailable
 from . import api
 from .api import Answer, Completion, CompletionOptions, Health, TokenProbability, TopLogprob
