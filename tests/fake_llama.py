@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import select
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,13 +23,15 @@ from prng_daemon.handlers.decide.prompt import FINDINGS
 
 MODES = (
     "ok", "garbage", "unexplained", "http500", "hang", "loading", "bad_body", "drip", "chunked",
-    "huge",
+    "huge", "not_http",
 )  # fmt: skip
 ACTIONS = ("proceed", "retry", "escalate")
 CHOSEN_PROB = 0.8
 """In "ok" mode the first letter of the decision (or of its finding) gets this probability, the
 other actions' first letters (findings) 0.1 and 0.05, in ACTIONS order."""
 LOADING_BODY = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+CLOSING_SECONDS = 0.3
+"""How long an idle connection takes to close once `idle_close` has passed (see FakeLlama)."""
 
 
 def _chunks(text: str) -> list[str]:
@@ -62,7 +65,13 @@ class FakeLlama:
     at once, the rest wait, like --parallel), `.decision` and `.confidence` (what "ok" answers).
     "drip" answers like "ok", one byte every `.drip_seconds`: each read is quick, the whole slow.
     "chunked" answers like "ok" in chunked transfer encoding, a few bytes a chunk. "huge" sends
-    a body of 4 GiB, as fast as the client reads it.
+    a body of 4 GiB, as fast as the client reads it. "not_http" answers bytes that are not HTTP.
+
+    `.idle_close` (seconds, None: never) closes a kept-alive connection that waited that long for
+    its next request, as llama-server (cpp-httplib) does after 5 s. A request that reaches the
+    server while it closes is dropped unread: the race a client meets when it sends on a
+    connection at that instant. A real server closes within microseconds; this one takes
+    CLOSING_SECONDS, so that a test can land a request in that window.
     """
 
     def __init__(self) -> None:
@@ -70,6 +79,7 @@ class FakeLlama:
         self.latency = 0.0
         self.drip_seconds = 2.0
         self.slots: int | None = None
+        self.idle_close: float | None = None
         self.decision = "proceed"
         self.confidence = "high"
         self.requests: list[dict[str, Any]] = []
@@ -146,6 +156,14 @@ class FakeLlama:
                     fake._connections.discard(self.connection)
                 super().finish()
 
+            def handle_one_request(self) -> None:
+                idle = fake.idle_close
+                if idle is not None and not select.select([self.connection], [], [], idle)[0]:
+                    fake._stopping.wait(CLOSING_SECONDS)
+                    self.close_connection = True
+                    return
+                super().handle_one_request()
+
             def parse_request(self) -> bool:
                 parsed = super().parse_request()
                 if parsed:
@@ -190,6 +208,9 @@ class FakeLlama:
                         self._chunked(json.dumps(fake._completion(body)).encode())
                     elif fake.mode == "huge":
                         self._huge()
+                    elif fake.mode == "not_http":
+                        self.close_connection = True
+                        self.wfile.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
                     elif self.path == "/v1/chat/completions":
                         self._send(200, fake._chat(body))
                     else:

@@ -116,14 +116,19 @@ def test_metrics_become_schema_llm_metadata(fakes: tuple[FakeLlama, FakeLlama]) 
     )
 
 
+def _math_failing(fakes: tuple[FakeLlama, FakeLlama], fault: str) -> Config:
+    """A config whose math server is `fault`: "down" (nothing on its port), or a fake's mode."""
+    orchestrator, math = fakes
+    math_port = free_port() if fault == "down" else math.port
+    math.mode = fault
+    return llm_config(orchestrator.port, math_port, routing={"request_timeout_seconds": 0.5})
+
+
 @pytest.mark.parametrize("fault", ["down", "loading", "hang"])
 def test_the_other_server_answers_when_the_chosen_one_cannot(
     fakes: tuple[FakeLlama, FakeLlama], fault: str
 ) -> None:
-    orchestrator, math = fakes
-    math_port = free_port() if fault == "down" else math.port
-    math.mode = fault
-    config = llm_config(orchestrator.port, math_port, routing={"request_timeout_seconds": 0.5})
+    config = _math_failing(fakes, fault)
 
     async def use(r: AsyncRouter) -> tuple[Routed, dict[str, Any]]:
         return await r.route("compute the entropy"), r.get_llm_metadata()
@@ -214,3 +219,43 @@ def test_blocking_router_closes_once_and_then_refuses(fakes: tuple[FakeLlama, Fa
     llm.close()
     with pytest.raises(RuntimeError, match="closed"):
         llm.route("hello")
+
+
+@pytest.mark.parametrize("fault", ["down", "loading", "hang"])
+def test_the_blocking_router_falls_back_and_accounts_as_the_async_one(
+    fakes: tuple[FakeLlama, FakeLlama], fault: str
+) -> None:
+    with LLMRouter(_math_failing(fakes, fault)) as llm:
+        assert json.loads(llm.calculate("2 + 2"))["decision"] == "proceed"
+        meta = llm.get_llm_metadata()
+    assert (meta["orchestrator_calls"], meta["math_calls"]) == (1, 0)
+    assert meta["llm_reasoning_trace"][0]["degraded"] is True
+    assert len(fakes[0].requests) == 1
+
+
+def test_the_blocking_router_says_why_neither_server_answered(
+    fakes: tuple[FakeLlama, FakeLlama],
+) -> None:
+    orchestrator, math = fakes
+    orchestrator.mode = "hang"
+    config = llm_config(orchestrator.port, free_port(), routing={"request_timeout_seconds": 0.3})
+    with LLMRouter(config) as llm, pytest.raises(LLMUnavailable) as info:
+        llm.orchestrate("plan")
+    assert str(info.value).endswith(
+        f"orchestrator: http://127.0.0.1:{orchestrator.port}/completion: no complete answer"
+        " within 0.3s; math: not ready"
+    )
+
+
+def test_an_agent_may_ask_the_blocking_router_from_inside_an_event_loop(
+    fakes: tuple[FakeLlama, FakeLlama],
+) -> None:
+    """An agent written with asyncio (or run in Jupyter) calls it from a running loop: it
+    blocks that loop for the answer, and answers."""
+
+    async def agent(llm: LLMRouter) -> str:
+        return llm.route("think about the next step")
+
+    with LLMRouter(_config(fakes)) as llm:
+        answer = asyncio.run(agent(llm))
+    assert json.loads(answer)["decision"] == "proceed"

@@ -7,6 +7,7 @@ import asyncio
 import socket
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from prng_daemon.servers.backoff import RestartBudget
@@ -77,11 +78,16 @@ def test_a_task_that_returns_is_finished_not_restarted() -> None:
     assert logs == [] and tasks.problems() == [] and not tasks.failed.is_set()
 
 
-def test_watchdog_pings_stop_while_a_task_is_stuck_and_status_names_it(tmp_path: Path) -> None:
+def test_watchdog_pings_stop_while_a_task_is_stuck_and_status_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """WATCHDOG=1 means every task made progress within its deadline, not that the loop turns."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(tmp_path / "notify"))
-        notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "100000"})
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        monkeypatch.setenv("WATCHDOG_USEC", "100000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        notifier = Notifier()
 
         async def main() -> tuple[list[str], list[str], list[str]]:
             loop = asyncio.get_running_loop()

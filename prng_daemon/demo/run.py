@@ -245,7 +245,7 @@ async def _drive(operator: _Operator, daemon: Daemon) -> list[Entry]:
 
 
 async def _main(config: Config, outcome: DemoOutcome, root: Path, out: TextIO) -> None:
-    daemon = Daemon(config, Notifier({}))
+    daemon = Daemon(config, Notifier(enabled=False))
     runner = asyncio.create_task(daemon.run())
     operator = _Operator(daemon, outcome, root / "operator", out)
     driver = asyncio.create_task(_drive(operator, daemon))

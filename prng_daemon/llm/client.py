@@ -1,180 +1,171 @@
-"""Async client for llama-server (`/health`, `/completion`, `/v1/chat/completions`); raises only
-our errors."""
+"""Clients for llama-server on httpx: the daemon's async one and the agents' blocking one. Both
+keep connections alive under the server's idle close, cap the answer, keep one deadline on the
+whole request, and raise only our errors (docs/llm-client.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
-from enum import StrEnum
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Unpack
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import httpx
 
-from ..errors import LLMBadAnswer, LLMUnavailable
-from .http1 import AnswerTooLarge, ConnectionPool, NoAnswer, Response
+# Not used here: installed, it is found in sys.modules by httpcore, which imports it several
+# times a request and, without it, searches sys.path each time (pyproject.toml says more).
+import sniffio  # noqa: F401
 
-__all__ = ["Completion", "Health", "LlamaClient", "TokenProbability", "TopLogprob"]
+from ..errors import LLMBadAnswer, LLMError, LLMUnavailable
+from . import api
+from .api import Answer, Completion, CompletionOptions, Health, TokenProbability, TopLogprob
 
-# llama-server answers 503 with this message until the model is loaded (503 also means "busy").
-LOADING_MESSAGE = "Loading model"
+# What the clients answer with, from api.py, is theirs to name too.
+__all__ = [
+    "BlockingLlamaClient",
+    "Completion",
+    "CompletionOptions",
+    "Health",
+    "LlamaClient",
+    "TokenProbability",
+    "TopLogprob",
+]
 
-_Shape = TypeVar("_Shape", bound=BaseModel)
+MAX_BODY = 64 * 1024 * 1024
+"""Bytes of answer body read at most (llama-server's answers are kilobytes): a broken server
+cannot make the daemon buffer gigabytes."""
 
+KEEPALIVE_EXPIRY = 4.0
+"""Seconds an idle connection is kept. llama-server (cpp-httplib) closes one idle for 5 s; a
+request sent on it at 4.99 s could meet that close on the way and fail for nothing (httpx's
+default expiry is that same 5 s)."""
 
-class Health(StrEnum):
-    READY = "ready"
-    LOADING = "loading"
-    DOWN = "down"
-
-
-class TopLogprob(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    token: str
-    bytes: list[int] | None = None
-    logprob: float
-
-
-class TokenProbability(BaseModel):
-    """One generated token with the `n_probs` most likely tokens the model saw at that point."""
-
-    model_config = ConfigDict(frozen=True)
-
-    token: str
-    bytes: list[int] | None = None
-    logprob: float
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class Completion(BaseModel):
-    """What one `/completion` call produced.
-
-    `tokens_cached` is the number of prompt tokens taken from the prompt cache (`timings.cache_n`):
-    llama-server's own `tokens_cached` field counts the whole slot, generated tokens included, so
-    it is above zero even for a cold prompt. `tokens_evaluated` is the prompt's length in tokens.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    content: str
-    tokens_predicted: int
-    tokens_evaluated: int
-    tokens_cached: int
-    timings: dict[str, float]
-    probabilities: list[TokenProbability]
+_LIMITS = httpx.Limits(
+    # No bound of the pool's own (httpx's is 100, then a wait): the daemon's LLM slots (the
+    # servers' `parallel`) bound its requests in flight.
+    max_connections=None,
+    max_keepalive_connections=20,
+    keepalive_expiry=KEEPALIVE_EXPIRY,
+)
 
 
-class _Logprobs(BaseModel):
-    content: list[TokenProbability] = Field(default_factory=list)
+class _TooLarge(Exception):
+    pass
 
 
-class _Message(BaseModel):
-    content: str
+class _Capped:
+    """An answer's body as it streams in, refused past MAX_BODY bytes."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > MAX_BODY:
+            raise _TooLarge
+        self._chunks.append(chunk)
+
+    def content(self) -> bytes:
+        return b"".join(self._chunks)
 
 
-class _Choice(BaseModel):
-    message: _Message
-    logprobs: _Logprobs | None = None
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-class _Usage(BaseModel):
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-class _ChatBody(BaseModel):
-    """The fields of a /v1/chat/completions answer that we use; the rest is ignored."""
+class _Llama:
+    """What both clients share: the server's address, headers and httpx settings, and httpx's
+    errors (and the deadline's) turned into ours."""
 
-    choices: list[_Choice] = Field(min_length=1)
-    usage: _Usage
-    timings: dict[str, float] = Field(default_factory=dict)
-
-
-class _Body(BaseModel):
-    """The fields of llama-server's /completion answer that we use; the rest is ignored."""
-
-    content: str
-    tokens_predicted: int = Field(ge=0)
-    tokens_evaluated: int = Field(ge=0)
-    timings: dict[str, float] = Field(default_factory=dict)
-    completion_probabilities: list[TokenProbability] = Field(default_factory=list)
-
-
-def _error_message(content: bytes) -> str:
-    try:
-        message = json.loads(content)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return content.decode(errors="replace")[:200]
-    return str(message)
-
-
-class LlamaClient:
-    """One llama-server. Holds one connection pool; close it with `aclose()`."""
-
-    def __init__(self, base_url: str, *, timeout: float, api_key: str | None = None) -> None:
+    def __init__(self, base_url: str, timeout: float, api_key: str | None) -> None:
         self.base_url = base_url
         self.timeout = timeout
         """Seconds for a whole request, from connecting to the last byte of the answer."""
-        url = urlsplit(base_url)
-        headers = [(b"Host", url.netloc.encode()), (b"Content-Type", b"application/json")]
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if api_key:
-            headers.append((b"Authorization", f"Bearer {api_key}".encode()))
-        self._prefix = url.path.rstrip("/")
-        # Our own pool on asyncio, h11 parsing the answers: httpx's client and transport, and
-        # httpcore's pool under them, cost more a request than the exchange itself (http1.py).
-        self._pool = ConnectionPool(url.hostname or "", url.port or 80, headers)
+            headers["Authorization"] = f"Bearer {api_key}"
+        # trust_env=False: an operator's http_proxy must not send loopback requests elsewhere.
+        # httpx's timeouts are per phase (connect, each read, ...): the whole request's
+        # deadline is each client's own.
+        self._http_options: dict[str, Any] = {
+            "base_url": base_url,
+            "headers": headers,
+            "timeout": timeout,
+            "limits": _LIMITS,
+            "trust_env": False,
+            # The config's URLs are plain HTTP (ServerConfig.url): no TLS context to build,
+            # which costs 40-140 ms a client (the CA bundle) and an agent makes two.
+            "verify": not base_url.startswith("http://"),
+        }
 
-    async def _send(self, method: bytes, path: str, content: bytes | None = None) -> Response:
-        """One exchange, its answer read whole, within `timeout` seconds in all, else
-        TimeoutError: one deadline on the whole exchange, because a server that drips one byte
-        a second would never trip a per-read timeout and would hold a decision slot for ever."""
-        async with asyncio.timeout(self.timeout):
-            return await self._pool.request(method, (self._prefix + path).encode(), content)
+    def _where(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    @contextmanager
+    def _answering(self, path: str) -> Iterator[None]:
+        where = self._where(path)
+        try:
+            yield
+        except (TimeoutError, httpx.TimeoutException):
+            raise LLMUnavailable(f"{where}: no complete answer within {self.timeout:g}s") from None
+        except _TooLarge:
+            raise LLMBadAnswer(f"{where}: answer body over {MAX_BODY} bytes") from None
+        except httpx.TransportError as exc:  # refused, reset, closed mid-answer, not HTTP
+            raise LLMUnavailable(f"{where}: unreachable: {_why(exc)}") from None
+        except httpx.HTTPError as exc:  # an answer httpx cannot decode
+            raise LLMBadAnswer(f"{where}: {_why(exc)}") from None
+
+
+class LlamaClient(_Llama):
+    """One llama-server, for the daemon: one `httpx.AsyncClient` (its own pool of kept-alive
+    connections, its own key); close it with `aclose()`. `transport` replaces httpx's (tests)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        api_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, timeout, api_key)
+        self._http = httpx.AsyncClient(transport=transport, **self._http_options)
+
+    async def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Answer:
+        """One exchange, its answer read whole, within `timeout` seconds in all: one deadline on
+        the whole exchange, because a server that drips one byte a second never trips a
+        per-read timeout and would hold a decision slot for ever. Cancelled (the deadline),
+        httpx closes the connection: its late answer is never read as the next request's."""
+        content = None if body is None else _json(body)
+        with self._answering(path):
+            async with (
+                asyncio.timeout(self.timeout),
+                self._http.stream(method, path, content=content) as response,
+            ):
+                capped = _Capped()
+                async for chunk in response.aiter_bytes():
+                    capped.add(chunk)
+                return Answer(response.status_code, capped.content())
 
     async def health(self) -> Health:
         try:
-            response = await self._send(b"GET", "/health")
-        except (TimeoutError, NoAnswer, AnswerTooLarge):
+            return api.health(await self._send("GET", "/health"))
+        except LLMError:
             return Health.DOWN
-        if response.status == 200:
-            return Health.READY
-        if response.status == 503 and LOADING_MESSAGE in _error_message(response.content):
-            return Health.LOADING
-        return Health.DOWN
 
-    async def complete(
-        self,
-        prompt: str,
-        *,
-        n_predict: int,
-        temperature: float,
-        stop: Sequence[str] = (),
-        json_schema: dict[str, Any] | None = None,
-        n_probs: int = 0,
-        cache_prompt: bool = True,
-    ) -> Completion:
+    async def complete(self, prompt: str, **options: Unpack[CompletionOptions]) -> Completion:
         """Generate from `prompt`; raise LLMUnavailable or LLMBadAnswer, never an HTTP error."""
-        body: dict[str, Any] = {
-            "prompt": prompt,
-            "n_predict": n_predict,
-            "temperature": temperature,
-            "stop": list(stop),
-            "cache_prompt": cache_prompt,
-        }
-        if json_schema is not None:
-            body["json_schema"] = json_schema
-        if n_probs:
-            body["n_probs"] = n_probs
-        parsed = await self._post("/completion", body, _Body)
-        return Completion(
-            content=parsed.content,
-            tokens_predicted=parsed.tokens_predicted,
-            tokens_evaluated=parsed.tokens_evaluated,
-            tokens_cached=int(parsed.timings.get("cache_n", 0)),
-            timings=parsed.timings,
-            probabilities=parsed.completion_probabilities,
+        body = api.completion_request(prompt, options)
+        return api.completion(
+            self._where("/completion"), await self._send("POST", "/completion", body)
         )
 
     async def chat(
@@ -197,61 +188,75 @@ class LlamaClient:
         `logprobs` (the same tokens, bytes and top alternatives) and `content` holds only the
         generated text.
         """
-        body: dict[str, Any] = {
-            "messages": list(messages),
-            "max_tokens": n_predict,
-            "temperature": temperature,
-            "cache_prompt": cache_prompt,
-        }
-        if seed is not None:
-            body["seed"] = seed
-        if id_slot is not None:  # llama-server queues it for that slot, busy or not
-            body["id_slot"] = id_slot
-        if grammar is not None:
-            body["grammar"] = grammar
-        if n_probs:
-            body["logprobs"] = True
-            body["top_logprobs"] = n_probs
-        parsed = await self._post("/v1/chat/completions", body, _ChatBody)
-        choice = parsed.choices[0]
-        content = choice.message.content
-        if messages and messages[-1]["role"] == "assistant":
-            # llama-server returns a continued message whole, prefill included.
-            content = content.removeprefix(messages[-1]["content"])
-        return Completion(
-            content=content,
-            tokens_predicted=parsed.usage.completion_tokens,
-            tokens_evaluated=parsed.usage.prompt_tokens,
-            tokens_cached=int(parsed.timings.get("cache_n", 0)),
-            timings=parsed.timings,
-            probabilities=choice.logprobs.content if choice.logprobs else [],
+        body = api.chat_request(
+            messages, n_predict=n_predict, temperature=temperature, seed=seed, grammar=grammar,
+            n_probs=n_probs, cache_prompt=cache_prompt, id_slot=id_slot,
+        )  # fmt: skip
+        path = "/v1/chat/completions"
+        return api.chat_completion(
+            self._where(path), await self._send("POST", path, body), messages
         )
 
-    async def _post(self, path: str, body: dict[str, Any], shape: type[_Shape]) -> _Shape:
-        """POST `body`; a 200 answer parsed as `shape`, else LLMUnavailable (no answer, busy,
-        loading) or LLMBadAnswer (any other failure, a malformed body included)."""
-        where = f"{self.base_url}{path}"
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        try:
-            response = await self._send(b"POST", path, content.encode())
-        except TimeoutError:
-            raise LLMUnavailable(f"{where}: no complete answer within {self.timeout:g}s") from None
-        except NoAnswer as exc:
-            raise LLMUnavailable(f"{where}: unreachable: {exc}") from None
-        except AnswerTooLarge as exc:
-            raise LLMBadAnswer(f"{where}: {exc}") from None
-        if response.status == 503:
-            message = _error_message(response.content)
-            state = "still loading the model" if LOADING_MESSAGE in message else message
-            raise LLMUnavailable(f"{where}: HTTP 503: {state}")
-        if response.status != 200:
-            raise LLMBadAnswer(
-                f"{where}: HTTP {response.status}: {_error_message(response.content)}"
-            )
-        try:
-            return shape.model_validate_json(response.content)
-        except ValidationError as exc:
-            raise LLMBadAnswer(f"{where}: malformed body: {exc.errors()[0]['msg']}") from None
-
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        await self._http.aclose()
+
+
+class BlockingLlamaClient(_Llama):
+    """One llama-server, for agents (the blocking router): one `httpx.Client`, thread-safe;
+    close it with `close()`. `transport` replaces httpx's (tests)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, timeout, api_key)
+        self._http = httpx.Client(transport=transport, **self._http_options)
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Answer:
+        """One exchange within `timeout` seconds in all, as LlamaClient's. Nothing interrupts a
+        blocking read, and httpx's read timeout restarts with each byte, so the exchange runs
+        in a thread of its own, and the caller stops waiting at the deadline; the thread stops
+        at its next read past it (or its read timeout), closing the connection."""
+        content = None if body is None else _json(body)
+        deadline = time.monotonic() + self.timeout
+        outcome: queue.SimpleQueue[Answer | Exception] = queue.SimpleQueue()
+
+        def exchange() -> None:
+            try:
+                with self._http.stream(method, path, content=content) as response:
+                    capped = _Capped()
+                    for chunk in response.iter_bytes():
+                        capped.add(chunk)
+                        if time.monotonic() > deadline:
+                            raise TimeoutError
+                    outcome.put(Answer(response.status_code, capped.content()))
+            except Exception as exc:  # the caller's to raise, as ours
+                outcome.put(exc)
+
+        threading.Thread(target=exchange, name=f"llm {method} {path}", daemon=True).start()
+        with self._answering(path):
+            try:
+                answer = outcome.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError from None
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    def health(self) -> Health:
+        try:
+            return api.health(self._send("GET", "/health"))
+        except LLMError:
+            return Health.DOWN
+
+    def complete(self, prompt: str, **options: Unpack[CompletionOptions]) -> Completion:
+        """Generate from `prompt`; raise LLMUnavailable or LLMBadAnswer, never an HTTP error."""
+        answer = self._send("POST", "/completion", api.completion_request(prompt, options))
+        return api.completion(self._where("/completion"), answer)
+
+    def close(self) -> None:
+        self._http.close()

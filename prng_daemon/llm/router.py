@@ -7,10 +7,10 @@ import atexit
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ..config import Config, load_config
 from ..config import config_path as resolve_config_path
@@ -18,8 +18,9 @@ from ..document.metadata import QUERY_TYPES
 from ..document.pipeline import SERVER_NAMES, ServerName
 from ..errors import ConfigError, LLMUnavailable
 from ..log import get_logger
+from .api import Completion, CompletionOptions, Health
 from .apikey import KeyFileError, key_file, read_key
-from .client import Completion, Health, LlamaClient
+from .client import BlockingLlamaClient, LlamaClient
 
 __all__ = [
     "STOP",
@@ -35,7 +36,6 @@ STOP = ("</s>", "<|im_end|>", "<|endoftext|>")
 TRACE_KEPT = 10
 """llm_metadata carries the last 10 trace entries (proposal §3.2); older ones are not kept."""
 
-T = TypeVar("T")
 log = get_logger()
 
 
@@ -118,7 +118,92 @@ class LLMMetrics:
         }
 
 
-class AsyncRouter:
+class _Routing:
+    """What both routers share: the choice of server, the order of fallback, and the metrics."""
+
+    def __init__(self, config: Config, is_ready: Callable[[ServerName], bool] | None) -> None:
+        self.config = config
+        self.metrics = LLMMetrics()
+        self._is_ready = is_ready
+        self._keywords = tuple(k.lower() for k in config.routing.math_keywords)
+
+    def _client_options(self, name: ServerName) -> dict[str, Any]:
+        return {
+            "timeout": self.config.routing.request_timeout_seconds,
+            "api_key": read_api_key(self.config, name),
+        }
+
+    def choose(self, prompt: str) -> ServerName:
+        text = prompt.lower()
+        return "math" if any(k in text for k in self._keywords) else "orchestrator"
+
+    def _wanted(self, prompt: str, force_endpoint: str | None) -> ServerName:
+        if force_endpoint is None:
+            return self.choose(prompt)
+        if force_endpoint not in SERVER_NAMES:
+            raise ValueError(
+                f"force_endpoint: expected one of {SERVER_NAMES}, got {force_endpoint!r}"
+            )
+        return force_endpoint
+
+    def _options(
+        self,
+        temperature: float | None,
+        max_tokens: int | None,
+        json_schema: dict[str, Any] | None = None,
+        n_probs: int = 0,
+    ) -> CompletionOptions:
+        routing = self.config.routing
+        return {
+            "n_predict": max_tokens or routing.default_max_tokens,
+            "temperature": routing.default_temperature if temperature is None else temperature,
+            "stop": STOP,
+            "json_schema": json_schema,
+            "n_probs": n_probs,
+        }
+
+    @staticmethod
+    def _order(wanted: ServerName, query_type: str) -> tuple[ServerName, ...]:
+        """The wanted server, then the other."""
+        if query_type not in QUERY_TYPES:
+            raise ValueError(f"query_type: expected one of {QUERY_TYPES}, got {query_type!r}")
+        return (wanted, *(n for n in SERVER_NAMES if n != wanted))
+
+    def _answered(
+        self,
+        completion: Completion,
+        name: ServerName,
+        wanted: ServerName,
+        query_type: str,
+        started: float,
+        problems: list[str],
+    ) -> Routed:
+        routed = Routed(
+            completion=completion,
+            endpoint=name,
+            wanted=wanted,
+            degraded=name != wanted,
+            query_type=query_type,
+            latency_ms=int((time.monotonic() - started) * 1000),
+            timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        if routed.degraded:
+            log.warning("llm.degraded", wanted=wanted, answered=name, why=problems)
+        self.metrics.record(routed)
+        return routed
+
+    def get_llm_metadata(self) -> dict[str, Any]:
+        return self.metrics.llm_metadata(self.config)
+
+    def reset_metrics(self) -> None:
+        self.metrics = LLMMetrics()
+
+
+def _none_answered(problems: list[str]) -> LLMUnavailable:
+    return LLMUnavailable("no llama-server could answer: " + "; ".join(problems))
+
+
+class AsyncRouter(_Routing):
     """Sends each prompt to the math specialist or the orchestrator; the other one stands in."""
 
     def __init__(
@@ -127,22 +212,11 @@ class AsyncRouter:
         *,
         is_ready: Callable[[ServerName], bool] | None = None,
     ) -> None:
-        self.config = config
-        self.metrics = LLMMetrics()
-        self._is_ready = is_ready
-        self._keywords = tuple(k.lower() for k in config.routing.math_keywords)
+        super().__init__(config, is_ready)
         self.clients = {
-            name: LlamaClient(
-                config.server(name).url,
-                timeout=config.routing.request_timeout_seconds,
-                api_key=read_api_key(config, name),
-            )
+            name: LlamaClient(config.server(name).url, **self._client_options(name))
             for name in SERVER_NAMES
         }
-
-    def choose(self, prompt: str) -> ServerName:
-        text = prompt.lower()
-        return "math" if any(k in text for k in self._keywords) else "orchestrator"
 
     async def _ready(self, name: ServerName) -> bool:
         if self._is_ready is not None:
@@ -161,25 +235,13 @@ class AsyncRouter:
         query_type: str | None = None,
     ) -> Routed:
         """Ask the chosen server, else the other; raise LLMUnavailable when neither answers."""
-        if force_endpoint is not None and force_endpoint not in SERVER_NAMES:
-            raise ValueError(
-                f"force_endpoint: expected one of {SERVER_NAMES}, got {force_endpoint!r}"
-            )
-        routing = self.config.routing
+        wanted = self._wanted(prompt, force_endpoint)
+        options = self._options(temperature, max_tokens, json_schema, n_probs)
 
         def ask(client: LlamaClient) -> Awaitable[Completion]:
-            return client.complete(
-                prompt,
-                n_predict=max_tokens or routing.default_max_tokens,
-                temperature=routing.default_temperature if temperature is None else temperature,
-                stop=STOP,
-                json_schema=json_schema,
-                n_probs=n_probs,
-            )
+            return client.complete(prompt, **options)
 
-        return await self._first_answer(
-            force_endpoint or self.choose(prompt), ask, query_type or classify_query(prompt)
-        )
+        return await self._first_answer(wanted, ask, query_type or classify_query(prompt))
 
     async def chat(
         self,
@@ -216,10 +278,8 @@ class AsyncRouter:
         ask: Callable[[LlamaClient], Awaitable[Completion]],
         query_type: str,
     ) -> Routed:
-        if query_type not in QUERY_TYPES:
-            raise ValueError(f"query_type: expected one of {QUERY_TYPES}, got {query_type!r}")
-        problems = []
-        for name in (wanted, *(n for n in SERVER_NAMES if n != wanted)):
+        problems: list[str] = []
+        for name in self._order(wanted, query_type):
             if not await self._ready(name):
                 problems.append(f"{name}: not ready")
                 continue
@@ -229,32 +289,14 @@ class AsyncRouter:
             except LLMUnavailable as exc:
                 problems.append(f"{name}: {exc}")
                 continue
-            routed = Routed(
-                completion=completion,
-                endpoint=name,
-                wanted=wanted,
-                degraded=name != wanted,
-                query_type=query_type,
-                latency_ms=int((time.monotonic() - started) * 1000),
-                timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            )
-            if routed.degraded:
-                log.warning("llm.degraded", wanted=wanted, answered=name, why=problems)
-            self.metrics.record(routed)
-            return routed
-        raise LLMUnavailable("no llama-server could answer: " + "; ".join(problems))
+            return self._answered(completion, name, wanted, query_type, started, problems)
+        raise _none_answered(problems)
 
     async def orchestrate(self, task: str, **kw: Any) -> Routed:
         return await self.route(task, force_endpoint="orchestrator", **kw)
 
     async def calculate(self, query: str, **kw: Any) -> Routed:
         return await self.route(query, force_endpoint="math", **kw)
-
-    def get_llm_metadata(self) -> dict[str, Any]:
-        return self.metrics.llm_metadata(self.config)
-
-    def reset_metrics(self) -> None:
-        self.metrics = LLMMetrics()
 
     async def health_check(self) -> dict[str, bool]:
         states = await asyncio.gather(*(self.clients[n].health() for n in SERVER_NAMES))
@@ -267,26 +309,25 @@ class AsyncRouter:
             await client.aclose()
 
 
-class LLMRouter:
-    """The blocking API agents use (proposal §3.5): same methods, answers as plain text.
-
-    It runs its own private event loop, so it must not be called from inside a running one.
-    """
+class LLMRouter(_Routing):
+    """The blocking API agents use (proposal §3.5): the same routing, answers as plain text, on
+    blocking clients (httpx.Client); callable from any thread, or from inside an event loop."""
 
     def __init__(
         self, config: Config, *, is_ready: Callable[[ServerName], bool] | None = None
     ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._lock = threading.Lock()
-        self._router = AsyncRouter(config, is_ready=is_ready)
+        super().__init__(config, is_ready)
+        self._lock = threading.Lock()  # the metrics, and `closed`
+        self.clients = {
+            name: BlockingLlamaClient(config.server(name).url, **self._client_options(name))
+            for name in SERVER_NAMES
+        }
         self.closed = False
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        with self._lock:
-            if self.closed:
-                coro.close()
-                raise RuntimeError("LLMRouter is closed")
-            return self._loop.run_until_complete(coro)
+    def _ready(self, name: ServerName) -> bool:
+        if self._is_ready is not None:
+            return self._is_ready(name)
+        return self.clients[name].health() is Health.READY
 
     def route(
         self,
@@ -295,15 +336,27 @@ class LLMRouter:
         temperature: float | None = None,
         max_tokens: int | None = None,
     ) -> str:
-        routed = self._run(
-            self._router.route(
-                prompt,
-                force_endpoint=force_endpoint,
-                temperature=temperature,
-                max_tokens=max_tokens,
-            )
-        )
-        return routed.completion.content
+        """The chosen server's answer, else the other's; LLMUnavailable when neither answers."""
+        if self.closed:
+            raise RuntimeError("LLMRouter is closed")
+        wanted = self._wanted(prompt, force_endpoint)
+        options = self._options(temperature, max_tokens)
+        query_type = classify_query(prompt)
+        problems: list[str] = []
+        for name in self._order(wanted, query_type):
+            if not self._ready(name):
+                problems.append(f"{name}: not ready")
+                continue
+            started = time.monotonic()
+            try:
+                completion = self.clients[name].complete(prompt, **options)
+            except LLMUnavailable as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            with self._lock:
+                self._answered(completion, name, wanted, query_type, started, problems)
+            return completion.content
+        raise _none_answered(problems)
 
     def orchestrate(self, task: str) -> str:
         return self.route(task, force_endpoint="orchestrator")
@@ -312,21 +365,23 @@ class LLMRouter:
         return self.route(math_query, force_endpoint="math")
 
     def get_llm_metadata(self) -> dict[str, Any]:
-        return self._router.get_llm_metadata()
+        with self._lock:
+            return super().get_llm_metadata()
 
     def reset_metrics(self) -> None:
-        self._router.reset_metrics()
+        with self._lock:
+            super().reset_metrics()
 
     def health_check(self) -> dict[str, bool]:
-        return self._run(self._router.health_check())
+        return {name: self.clients[name].health() is Health.READY for name in SERVER_NAMES}
 
     def close(self) -> None:
         with self._lock:
             if self.closed:
                 return
-            self._loop.run_until_complete(self._router.aclose())
-            self._loop.close()
             self.closed = True
+        for client in self.clients.values():
+            client.close()
 
     def __enter__(self) -> LLMRouter:
         return self

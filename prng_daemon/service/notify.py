@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping
 
@@ -28,55 +27,36 @@ def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
     return usec / 2 / 1e6 if usec > 0 else None
 
 
-class _Transport(sdnotify.SystemdNotifier):  # type: ignore[misc]  # sdnotify has no types
-    """sdnotify's notifier, connected to the Notifier's own address, never blocking.
-
-    sdnotify's own __init__ reads $NOTIFY_SOCKET from os.environ; this one takes the address
-    the Notifier read from its environment (a test's, a child's) and connects the same way.
-    `debug=True`: a failed connect or send raises (sdnotify otherwise swallows it, and after a
-    failed connect never connects again), so the Notifier says so and the next call starts
-    afresh.
-    """
-
-    def __init__(self, address: str) -> None:
-        self.debug = True
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            # Non-blocking: a full notify queue must cost a lost ping, never a stalled loop.
-            self.socket.setblocking(False)
-            # "@name" is an abstract-namespace socket: its kernel name starts with a NUL byte.
-            self.socket.connect("\0" + address[1:] if address.startswith("@") else address)
-        except OSError:
-            self.socket.close()
-            raise
-
-    def send(self, text: str) -> None:
-        # sdnotify encodes as Latin-1; systemd wants UTF-8 (it ignores a STATUS= that is not):
-        # hand it the UTF-8 bytes as the Latin-1 characters that encode back to them. A lone
-        # surrogate (a name's undecodable byte) is written as an escape, not raised.
-        self.notify(text.encode("utf-8", "backslashreplace").decode("latin-1"))
-
-    def close(self) -> None:
-        self.socket.close()
-
-
 def _one_line(text: str) -> str:
     # A newline ends the assignment: a result file named "x\nMAINPID=1" must not become one.
     return " ".join(text.splitlines())
 
 
-class Notifier:
-    """Talks to the service manager over $NOTIFY_SOCKET; every call is silent without one.
+def _as_sent(text: str) -> str:
+    """`text` as sdnotify must be handed it to send its UTF-8 bytes.
 
-    One datagram per call through the `sdnotify` package (`_Transport`), a fresh notifier each
-    time, so a failed send is retried by the next call. Never raises, never blocks.
+    sdnotify encodes what it sends as Latin-1: a character beyond it (`→`) cannot be sent, and
+    one within it but not ASCII (`é`) would go as a byte systemd refuses (it ignores a STATUS=
+    that is not UTF-8). So it is handed the UTF-8 bytes as the Latin-1 characters that encode
+    back to exactly those bytes. A lone surrogate (a name's undecodable byte) goes as an escape.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("latin-1")
+
+
+class Notifier:
+    """Talks to the service manager over $NOTIFY_SOCKET; every call is silent without one, or
+    with `enabled=False` (the demo).
+
+    One datagram per call through the `sdnotify` package, a fresh `SystemdNotifier` each time
+    (as libsystemd's sd_notify() opens a socket per call), so a failed send is retried by the
+    next call. Never raises, never blocks.
     """
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        self._address = env.get("NOTIFY_SOCKET", "")
+    def __init__(self, *, enabled: bool = True) -> None:
+        # sdnotify reads $NOTIFY_SOCKET from os.environ itself: so does this.
+        self._address = os.environ.get("NOTIFY_SOCKET", "") if enabled else ""
         self.enabled = bool(self._address)
-        self.watchdog_interval = _watchdog_interval(env) if self.enabled else None
+        self.watchdog_interval = _watchdog_interval(os.environ) if self.enabled else None
         self._last_status: str | None = None
         self._failing = False
 
@@ -147,13 +127,15 @@ class Notifier:
         if not self.enabled:
             return
         try:
-            # A fresh notifier per call, as libsystemd's sd_notify() does: one whose send failed
-            # is never reused, and no descriptor is held between calls.
-            transport = _Transport(self._address)
+            # debug=True: a failed connect or send raises, for the warning below (else sdnotify
+            # swallows it without a word).
+            notifier = sdnotify.SystemdNotifier(debug=True)
             try:
-                transport.send("\n".join(lines))
+                # Non-blocking: a full notify queue must cost a lost ping, never a stalled loop.
+                notifier.socket.setblocking(False)
+                notifier.notify(_as_sent("\n".join(lines)))
             finally:
-                transport.close()
+                notifier.socket.close()  # no descriptor held between calls
         except OSError as exc:
             # Once per failing streak: a daemon that cannot notify must keep working, and must
             # not fill the journal with one warning per watchdog ping.
