@@ -330,6 +330,11 @@ class PolicyConfig(_Section):
     decision_deadline_seconds: Seconds = 300.0
     """The whole decision, every model call and answer attempt included; its explanation,
     asked for after it, gets as long again."""
+    vote_neighbours: Annotated[int, Field(ge=1, le=50)] = 5
+    """How many of the nearest labelled cases vote (docs/learning.md)."""
+    on_disagreement: Literal["escalate", "stronger"] = "stronger"
+    """Where the model and the cases' vote disagree: escalate, or follow the stronger (the
+    vote's strength against the model's probability)."""
 
 
 class Config(_Section):

@@ -4,6 +4,7 @@ guardrails (README "How a decision is made")."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from ...errors import LLMBadAnswer, LLMError, LLMUnavailable
 from ...llm.router import AsyncRouter, LLMMetrics, Routed
 from ...log import get_logger
 from .claims import stated_claims
+from .combine import Signals, combine
 from .prompt import (
     EXPLAIN_GRAMMAR,
     FAILURE_FINDINGS,
@@ -31,8 +33,19 @@ from .prompt import (
     finding_grammar,
     finding_probabilities,
 )
+from .vote import CaseIndex, CaseVote
 
-__all__ = ["Decider", "Unexplained", "open_findings", "rules_decision", "settled_by_rules"]
+__all__ = [
+    "CaseSource",
+    "Decider",
+    "Unexplained",
+    "open_findings",
+    "rules_decision",
+    "settled_by_rules",
+]
+
+CaseSource = Callable[[PolicyConfig], CaseIndex | None]
+"""The labelled cases as they stand now (None: none yet)."""
 
 log = get_logger()
 
@@ -46,6 +59,7 @@ class Unexplained:
     meta: AgentMetadata
     model: ModelAnswer
     metrics: LLMMetrics
+    cases: CaseVote | None
 
 
 def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
@@ -86,10 +100,18 @@ def settled_by_rules(meta: AgentMetadata, policy: PolicyConfig) -> str | None:
 class Decider:
     """Asks the step's primary LLM(s) what the report shows, and applies the policy."""
 
-    def __init__(self, config: Config, router: AsyncRouter) -> None:
+    def __init__(
+        self, config: Config, router: AsyncRouter, cases: CaseSource | None = None
+    ) -> None:
         self.config = config
         self.policy = config.policy
         self.router = router
+        self.cases = cases
+
+    def vote(self, meta: AgentMetadata) -> CaseVote | None:
+        """The labelled cases' vote on `meta`; None with no cases."""
+        index = self.cases(self.policy) if self.cases is not None else None
+        return index.vote(meta) if index is not None else None
 
     async def _chat(
         self, endpoint: ServerName, messages: list[dict[str, str]], prefill: str, **kw: Any
@@ -202,11 +224,12 @@ class Decider:
         still to ask for with `explain`: the action never depends on it, so a launch need not
         wait for it. LLMUnavailable only under when_no_llm="wait"."""
         metrics, policy = LLMMetrics(), self.policy
-        settled = settled_by_rules(meta, policy)
+        settled, cases = settled_by_rules(meta, policy), self.vote(meta)
         if settled is not None:
+            signals = Signals("escalate", True, cases=cases)
             return self._decision(
                 meta, "escalate", meta.confidence, None, f"guardrail: {settled}", "guardrail",
-                metrics,
+                metrics, signals,
             )  # fmt: skip
         try:
             async with asyncio.timeout(policy.decision_deadline_seconds):
@@ -223,12 +246,13 @@ class Decider:
             log.warning("decision.rules_fallback", reason=problem)
             action, why = rules_decision(meta, policy)
             return self._decision(
-                meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics
-            )
-        decision = self._model_decision(meta, model, None, metrics)
+                meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics,
+                Signals(action, False, cases=cases),
+            )  # fmt: skip
+        decision = self._model_decision(meta, model, None, metrics, cases)
         if not policy.explain_decisions:
             return decision
-        return Unexplained(decision, meta, model, metrics)
+        return Unexplained(decision, meta, model, metrics, cases)
 
     async def explain(self, taken: Unexplained) -> Decision:
         """`taken.decision` with the model's confidence word and reasoning, or as it is when
@@ -241,13 +265,14 @@ class Decider:
         except TimeoutError:
             log.warning("llm.no_explanation", reason=f"none within {deadline:g}s")
         # Made again even without one: an answer that could not be used still counts as a call.
-        return self._model_decision(taken.meta, taken.model, explained, taken.metrics)
+        return self._model_decision(taken.meta, taken.model, explained, taken.metrics, taken.cases)
 
     def _model_decision(
         self, meta: AgentMetadata, model: ModelAnswer, explained: Answer | None,
-        metrics: LLMMetrics,
+        metrics: LLMMetrics, cases: CaseVote | None,
     ) -> Decision:  # fmt: skip
-        """The policy applied to the model's finding; `explained` only words the record."""
+        """The policy applied to the model's finding and the cases' vote; `explained` only
+        words the record."""
         policy, probability = self.policy, model.probability
         found = f"{model.finding} (p={probability:.2f})"
         held = [c.text for c in stated_claims(meta.reasoning or "") if c.holds]
@@ -264,10 +289,17 @@ class Decider:
             why = "the math specialist and the orchestrator disagree"
         elif probability < policy.min_action_probability:
             why = f"the model gives {model.action} only p={probability:.2f}"
+        signals = Signals(rules_decision(meta, policy)[0], False, model.action, probability, cases)
         if why and action != "escalate":
             action, path = "escalate", "guardrail"
             reasoning = f"guardrail: {why} (the model said {model.action}: {reasoning})"
-        return self._decision(meta, action, confidence, probability, reasoning, path, metrics)
+        elif (combined := combine(signals, policy)) != (action, ""):
+            action, why = combined
+            path = "guardrail" if action == "escalate" else "cases"
+            reasoning = f"{path}: {why} (the model said {model.action}: {reasoning})"
+        return self._decision(
+            meta, action, confidence, probability, reasoning, path, metrics, signals
+        )
 
     def _decision(
         self,
@@ -278,6 +310,7 @@ class Decider:
         reasoning: str,
         path: DecidedBy,
         metrics: LLMMetrics,
+        signals: Signals,
     ) -> Decision:
         llm_metadata = metrics.llm_metadata(self.config)
         llm_metadata["llm_decision"] = action
@@ -290,4 +323,5 @@ class Decider:
             suggested_params=dict(meta.suggested_params or {}),
             decided_by=path,
             llm_metadata=llm_metadata,
+            signals=signals.record(),
         )
