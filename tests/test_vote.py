@@ -1,0 +1,150 @@
+"""The labelled cases' vote and how it combines with the rules and the model (issue 26)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from prng_daemon.config import PolicyConfig
+from prng_daemon.document.case import Case, new_case
+from prng_daemon.document.decision import Action, Decision
+from prng_daemon.handlers.decide.combine import Signals, combine
+from prng_daemon.handlers.decide.policy import Decider
+from prng_daemon.handlers.decide.vote import CaseIndex, CaseVote, Neighbour
+from prng_daemon.llm import AsyncRouter
+
+from .fake_llama import FakeLlama, llm_config
+from .test_llm_decision import meta_for
+
+LEAK = "Holdout AUC 0.97; the label column was among the features."
+NODE = "Node rig-6600 lost mid-sweep; partial output discarded."
+CLEAN = "Best trial score 0.847 with k_folds=5; search converged."
+
+
+def case(label: Action, reasoning: str, step: int = 2, met: bool = True, n: int = 0) -> Case:
+    meta = meta_for(step, reasoning=reasoning, success_criteria_met=met)
+    return new_case(
+        meta, sha256=f"{n:064x}", file=f"c{n}.json", decision=None, label=label, source="seed"
+    )
+
+
+def test_the_nearest_report_in_words_wins() -> None:
+    pool = [case("escalate", LEAK, n=1), case("proceed", CLEAN, n=2), case("proceed", CLEAN, n=3)]
+    index = CaseIndex(pool, PolicyConfig(vote_neighbours=1))
+    vote = index.vote(meta_for(2, reasoning="Holdout AUC 0.98: the label column leaked in."))
+    assert vote is not None and (vote.action, vote.strength, vote.scope) == ("escalate", 1, "step")
+    assert [n.file for n in vote.neighbours] == ["c1.json"]
+
+
+def test_same_step_and_flag_come_first_then_the_flag_then_any() -> None:
+    """Identical words in another step or with the other success flag are not nearer than the
+    same step's cases; with too few of those, the flag's; with none of those, any."""
+    pool = [
+        case("escalate", CLEAN, step=3, n=1),
+        case("retry", CLEAN, met=False, n=2),
+        case("proceed", NODE, n=3),
+    ]
+    index = CaseIndex(pool, PolicyConfig(vote_neighbours=1))
+    vote = index.vote(meta_for(2, reasoning=CLEAN))
+    assert vote is not None and (vote.action, vote.scope) == ("proceed", "step")
+    vote = CaseIndex(pool[:2], PolicyConfig(vote_neighbours=1)).vote(meta_for(2, reasoning=CLEAN))
+    assert vote is not None and (vote.action, vote.scope) == ("escalate", "flag")
+    vote = CaseIndex(pool[1:2], PolicyConfig(vote_neighbours=1)).vote(meta_for(2, reasoning=CLEAN))
+    assert vote is not None and (vote.action, vote.scope) == ("retry", "all")
+
+
+def test_numbers_against_their_bars_count_not_just_words() -> None:
+    """The same words, a gap under its bar or over it: the stated comparison decides."""
+    pool = [
+        case("proceed", "Train AUC 0.81, holdout 0.77: gap 0.04 against the 0.08 bar.", n=1),
+        case("escalate", "Train AUC 0.95, holdout 0.70: gap 0.25 against the 0.08 bar.", n=2),
+    ]
+    index = CaseIndex(pool, PolicyConfig(vote_neighbours=1))
+    for gap, action in (("0.31", "escalate"), ("0.02", "proceed")):
+        report = f"Train AUC 0.90, holdout 0.62: gap {gap} against the 0.1 bar."
+        vote = index.vote(meta_for(2, reasoning=report))
+        assert vote is not None and vote.action == action, gap
+
+
+def test_the_strength_is_the_winners_share_and_a_case_can_be_left_out() -> None:
+    pool = [case("escalate", LEAK, n=1), case("escalate", LEAK, n=2), case("proceed", CLEAN, n=3)]
+    index = CaseIndex(pool, PolicyConfig(vote_neighbours=3))
+    vote = index.vote(meta_for(2, reasoning=LEAK))
+    assert vote is not None and vote.action == "escalate" and 0.5 < vote.strength < 1
+    vote = index.vote(meta_for(2, reasoning=LEAK), exclude=f"{1:064x}")
+    assert vote is not None and [n.file for n in vote.neighbours][0] == "c2.json"
+    assert CaseIndex([], PolicyConfig()).vote(meta_for(2)) is None
+
+
+def _vote(action: Action, strength: float) -> CaseVote:
+    return CaseVote(action, strength, (Neighbour(None, "c.json", action, 0.9),), "step")
+
+
+@pytest.mark.parametrize(
+    ("signals", "policy", "action"),
+    [
+        (Signals("escalate", True, "proceed", 0.99, _vote("proceed", 1.0)), {}, "escalate"),
+        (Signals("proceed", False, None, None, _vote("escalate", 1.0)), {}, "proceed"),
+        (Signals("proceed", False, "proceed", 0.9, None), {}, "proceed"),
+        (Signals("proceed", False, "proceed", 0.9, _vote("proceed", 0.6)), {}, "proceed"),
+        (Signals("proceed", False, "proceed", 0.7, _vote("escalate", 0.8)), {}, "escalate"),
+        (Signals("proceed", False, "proceed", 0.9, _vote("escalate", 0.8)), {}, "proceed"),
+        (
+            Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)),
+            {"on_disagreement": "escalate"},
+            "escalate",
+        ),  # fmt: skip
+    ],
+)
+def test_one_decision_from_three_signals(
+    signals: Signals, policy: dict[str, Any], action: Action
+) -> None:
+    """A guardrail stands; no model, the rules; agreement stands; a disagreement escalates
+    or goes to the stronger signal."""
+    assert combine(signals, PolicyConfig(**policy))[0] == action
+
+
+def test_support_is_what_the_signals_give_the_action() -> None:
+    signals = Signals("proceed", False, "proceed", 0.8, _vote("escalate", 0.6))
+    assert signals.supports("proceed") == pytest.approx((0.8 + 0.4) / 2)
+    assert signals.supports("escalate") == pytest.approx((0.2 + 0.6) / 2)
+    assert Signals("escalate", True).supports("escalate") == 1.0
+
+
+def _decide(fake: FakeLlama, pool: list[Case], meta_reasoning: str, **policy: Any) -> Decision:
+    config = llm_config(fake.port, fake.port, policy=policy)
+
+    async def go() -> Decision:
+        router = AsyncRouter(config)
+        index = CaseIndex(pool, config.policy)
+        try:
+            decider = Decider(config, router, lambda _: index)
+            return await decider.decide(meta_for(2, reasoning=meta_reasoning))
+        finally:
+            await router.aclose()
+
+    return asyncio.run(go())
+
+
+def test_the_decision_names_each_signal_and_the_cases_can_overrule_the_model(
+    fake: FakeLlama,
+) -> None:
+    pool = [case("escalate", LEAK, n=1)]
+    d = _decide(fake, pool, LEAK)
+    assert (d.action, d.decided_by) == ("escalate", "guardrail")
+    assert d.signals["model"]["action"] == "proceed"
+    assert d.signals["cases"]["action"] == "escalate"
+    assert d.signals["cases"]["neighbours"][0]["file"] == "c1.json"
+    assert d.reasoning.startswith("guardrail: the cases are the stronger: the model says proceed")
+    d = _decide(fake, [case("retry", LEAK, n=1)], LEAK)
+    assert (d.action, d.decided_by) == ("retry", "cases")
+    d = _decide(fake, [case("proceed", LEAK, n=1)], LEAK, on_disagreement="escalate")
+    assert (d.action, d.decided_by) == ("proceed", "llm"), "they agree"
+
+
+def test_with_no_cases_the_decision_is_the_models(fake: FakeLlama) -> None:
+    d = _decide(fake, [], LEAK)
+    assert (d.action, d.decided_by) == ("proceed", "llm")
+    assert d.signals.keys() == {"rules", "model"}
