@@ -332,6 +332,10 @@ class PolicyConfig(_Section):
     asked for after it, gets as long again."""
     vote_neighbours: Annotated[int, Field(ge=1, le=50)] = 5
     """How many of the nearest labelled cases vote (docs/learning.md)."""
+    calibration_min_cases: Annotated[int, Field(ge=2)] = 30
+    """Decided cases needed to calibrate the confidence: per step, else pooled over steps."""
+    min_calibrated_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """A decision whose calibrated confidence is lower escalates (0: never)."""
     on_disagreement: Literal["escalate", "stronger"] = "stronger"
     """Where the model and the cases' vote disagree: escalate, or follow the stronger (the
     vote's strength against the model's probability)."""

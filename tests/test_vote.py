@@ -10,6 +10,7 @@ import pytest
 from prng_daemon.config import PolicyConfig
 from prng_daemon.document.case import Case, new_case
 from prng_daemon.document.decision import Action, Decision
+from prng_daemon.handlers.decide.calibrate import Calibration, isotonic
 from prng_daemon.handlers.decide.combine import Signals, combine
 from prng_daemon.handlers.decide.policy import Decider
 from prng_daemon.handlers.decide.vote import CaseIndex, CaseVote, Neighbour
@@ -147,4 +148,52 @@ def test_the_decision_names_each_signal_and_the_cases_can_overrule_the_model(
 def test_with_no_cases_the_decision_is_the_models(fake: FakeLlama) -> None:
     d = _decide(fake, [], LEAK)
     assert (d.action, d.decided_by) == ("proceed", "llm")
-    assert d.signals.keys() == {"rules", "model"}
+    assert d.signals.keys() == {"rules", "model", "support"}
+
+
+def test_isotonic_pools_adjacent_violators() -> None:
+    points = [(0.1, False), (0.2, True), (0.3, False), (0.5, True), (0.9, True)]
+    assert isotonic(points) == [(0.1, 0.0, 1), (0.3, 0.5, 2), (0.9, 1.0, 2)]
+    # One score cannot map to two rates: a tie joins its block, and what it breaks.
+    assert isotonic([*points, (0.9, False)]) == [(0.1, 0.0, 1), (0.9, 0.6, 5)]
+
+
+def decided_case(label: Action, action: Action, support: float, step: int, n: int) -> Case:
+    """A case the daemon decided `action` with `support`, whose right answer is `label`."""
+    decision = Decision(
+        action=action, confidence=0.9, calibrated_confidence=None, reasoning="", decided_by="llm",
+        suggested_params={}, llm_metadata={}, signals={"support": support},
+    )  # fmt: skip
+    meta = meta_for(step, reasoning=f"report {n}")
+    return new_case(
+        meta, sha256=f"{n:064x}", file=f"d{n}.json", decision=decision, label=label,
+        source="correct",
+    )  # fmt: skip
+
+
+def test_calibration_per_step_once_it_has_enough_cases_pooled_before() -> None:
+    """Step 2: right when the signals backed the action above 0.7; step 3 has too few cases
+    of its own and gets the pooled map. Fewer than calibration_min_cases: none at all."""
+    cases = [
+        decided_case("proceed", "proceed" if s > 0.7 else "retry", s, 2, i)
+        for i, s in enumerate([0.55, 0.6, 0.65, 0.75, 0.8, 0.85, 0.9, 0.95])
+    ]
+    cases += [decided_case("proceed", "proceed", 0.6, 3, 100), case("proceed", CLEAN, n=101)]
+    calibration = Calibration(cases, PolicyConfig(calibration_min_cases=8))
+    assert calibration.size == 9, "the seed case without a decision does not count"
+    assert calibration.calibrated(2, 0.6) == pytest.approx(1 / 5, abs=1e-4)  # 0 of 3, shrunk
+    assert calibration.calibrated(2, 0.9) == pytest.approx(6 / 7, abs=1e-4)  # 5 of 5, shrunk
+    assert calibration.calibrated(3, 0.6) == pytest.approx(2 / 6, abs=1e-4)  # pooled: 1 of 4
+    assert Calibration(cases, PolicyConfig(calibration_min_cases=10)).calibrated(2, 0.9) is None
+
+
+def test_a_decision_under_the_calibrated_minimum_escalates(fake: FakeLlama) -> None:
+    """The fake model says proceed (p=0.89); on record, such decisions were right one time in
+    five: the confidence shown is that, and under the minimum the decision escalates."""
+    pool = [decided_case("escalate", "proceed", 0.89, 2, i) for i in range(4)]
+    pool.append(decided_case("proceed", "proceed", 0.89, 2, 4))
+    d = _decide(fake, pool, CLEAN, calibration_min_cases=5)
+    assert (d.action, d.calibrated_confidence) == ("proceed", pytest.approx(2 / 7, abs=1e-4))
+    d = _decide(fake, pool, CLEAN, calibration_min_cases=5, min_calibrated_confidence=0.5)
+    assert (d.action, d.decided_by) == ("escalate", "guardrail")
+    assert d.reasoning.startswith("guardrail: calibrated confidence 0.29 under 0.5")

@@ -17,6 +17,7 @@ from ...document.pipeline import PrimaryLLM, ServerName, step
 from ...errors import LLMBadAnswer, LLMError, LLMUnavailable
 from ...llm.router import AsyncRouter, LLMMetrics, Routed
 from ...log import get_logger
+from .calibrate import Calibration
 from .claims import stated_claims
 from .combine import Signals, combine
 from .prompt import (
@@ -60,6 +61,7 @@ class Unexplained:
     model: ModelAnswer
     metrics: LLMMetrics
     cases: CaseVote | None
+    calibration: Calibration | None
 
 
 def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
@@ -108,10 +110,13 @@ class Decider:
         self.router = router
         self.cases = cases
 
-    def vote(self, meta: AgentMetadata) -> CaseVote | None:
-        """The labelled cases' vote on `meta`; None with no cases."""
+    def consult(self, meta: AgentMetadata) -> tuple[CaseVote | None, Calibration | None]:
+        """The labelled cases' vote on `meta`, and the calibration fitted on them; None, None
+        with no cases."""
         index = self.cases(self.policy) if self.cases is not None else None
-        return index.vote(meta) if index is not None else None
+        if index is None:
+            return None, None
+        return index.vote(meta), index.calibration
 
     async def _chat(
         self, endpoint: ServerName, messages: list[dict[str, str]], prefill: str, **kw: Any
@@ -224,12 +229,13 @@ class Decider:
         still to ask for with `explain`: the action never depends on it, so a launch need not
         wait for it. LLMUnavailable only under when_no_llm="wait"."""
         metrics, policy = LLMMetrics(), self.policy
-        settled, cases = settled_by_rules(meta, policy), self.vote(meta)
+        settled = settled_by_rules(meta, policy)
+        cases, calibration = self.consult(meta)
         if settled is not None:
             signals = Signals("escalate", True, cases=cases)
             return self._decision(
                 meta, "escalate", meta.confidence, None, f"guardrail: {settled}", "guardrail",
-                metrics, signals,
+                metrics, signals, calibration,
             )  # fmt: skip
         try:
             async with asyncio.timeout(policy.decision_deadline_seconds):
@@ -247,12 +253,12 @@ class Decider:
             action, why = rules_decision(meta, policy)
             return self._decision(
                 meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics,
-                Signals(action, False, cases=cases),
+                Signals(action, False, cases=cases), calibration,
             )  # fmt: skip
-        decision = self._model_decision(meta, model, None, metrics, cases)
+        decision = self._model_decision(meta, model, None, metrics, cases, calibration)
         if not policy.explain_decisions:
             return decision
-        return Unexplained(decision, meta, model, metrics, cases)
+        return Unexplained(decision, meta, model, metrics, cases, calibration)
 
     async def explain(self, taken: Unexplained) -> Decision:
         """`taken.decision` with the model's confidence word and reasoning, or as it is when
@@ -265,11 +271,13 @@ class Decider:
         except TimeoutError:
             log.warning("llm.no_explanation", reason=f"none within {deadline:g}s")
         # Made again even without one: an answer that could not be used still counts as a call.
-        return self._model_decision(taken.meta, taken.model, explained, taken.metrics, taken.cases)
+        return self._model_decision(
+            taken.meta, taken.model, explained, taken.metrics, taken.cases, taken.calibration
+        )
 
     def _model_decision(
         self, meta: AgentMetadata, model: ModelAnswer, explained: Answer | None,
-        metrics: LLMMetrics, cases: CaseVote | None,
+        metrics: LLMMetrics, cases: CaseVote | None, calibration: Calibration | None,
     ) -> Decision:  # fmt: skip
         """The policy applied to the model's finding and the cases' vote; `explained` only
         words the record."""
@@ -298,7 +306,7 @@ class Decider:
             path = "guardrail" if action == "escalate" else "cases"
             reasoning = f"{path}: {why} (the model said {model.action}: {reasoning})"
         return self._decision(
-            meta, action, confidence, probability, reasoning, path, metrics, signals
+            meta, action, confidence, probability, reasoning, path, metrics, signals, calibration
         )
 
     def _decision(
@@ -311,17 +319,39 @@ class Decider:
         path: DecidedBy,
         metrics: LLMMetrics,
         signals: Signals,
+        calibration: Calibration | None,
     ) -> Decision:
+        """The decision as recorded. Its calibrated confidence is the calibration's, once
+        fitted (else `calibrated`: the model's probability, or None); one under
+        policy.min_calibrated_confidence escalates."""
+        fitted = self._calibrated(meta, action, signals, calibration)
+        least = self.policy.min_calibrated_confidence
+        if fitted is not None and fitted < least and action != "escalate":
+            reasoning = (
+                f"guardrail: calibrated confidence {fitted:.2f} under {least:g}"
+                f" (it would have been {action}: {reasoning})"
+            )
+            action, path = "escalate", "guardrail"
+            fitted = self._calibrated(meta, action, signals, calibration)
+        record = {**signals.record(), "support": round(signals.supports(action), 4)}
         llm_metadata = metrics.llm_metadata(self.config)
         llm_metadata["llm_decision"] = action
         llm_metadata["human_override_requested"] = action == "escalate"
         return Decision(
             action=action,
             confidence=confidence,
-            calibrated_confidence=calibrated,
+            calibrated_confidence=calibrated if fitted is None else fitted,
             reasoning=reasoning,
             suggested_params=dict(meta.suggested_params or {}),
             decided_by=path,
             llm_metadata=llm_metadata,
-            signals=signals.record(),
+            signals=record,
         )
+
+    @staticmethod
+    def _calibrated(
+        meta: AgentMetadata, action: Action, signals: Signals, calibration: Calibration | None
+    ) -> float | None:
+        if calibration is None:
+            return None
+        return calibration.calibrated(meta.pipeline_step, signals.supports(action))

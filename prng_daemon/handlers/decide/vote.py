@@ -21,6 +21,7 @@ from ...document.case import Case
 from ...document.decision import ACTIONS, Action
 from ...document.metadata import AgentMetadata
 from ...ledger import Ledger
+from .calibrate import Calibration
 from .claims import stated_claims
 
 __all__ = ["CaseIndex", "CaseVote", "LedgerCases", "Neighbour"]
@@ -81,6 +82,7 @@ class CaseIndex:
         n = len(self.cases)
         self._idf = {t: math.log((1 + n) / (1 + k)) + 1.0 for t, k in df.items()}
         self._vectors = [self._vector(c) for c in counts]
+        self.calibration = Calibration(self.cases, policy)
 
     def __len__(self) -> int:
         return len(self.cases)
