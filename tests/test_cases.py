@@ -129,6 +129,8 @@ def test_a_correction_to_a_running_daemon_steers_its_next_decision(
         assert code == 0 and "kept as a labelled case (1 cases)" in out
         drop(ws.results, "b.json", result_document(2, second, reasoning=OVERFIT + " Done."))
         wait_until(lambda: ws.finished(2), 15, what="b.json decided")
+        code, out, _ = cli(capsys, ws, "status")
+        assert "\nlabelled cases: 1 (add: prng-llm-daemon correct RUN_ID" in out
     assert ws.ledger_states() == {"acted": 1, "escalated": 1}
     assert len(ws.launches()) == 1
     record = record_of(ws, "b.json")

@@ -334,6 +334,8 @@ class Decider:
             action, path = "escalate", "guardrail"
             fitted = self._calibrated(meta, action, signals, calibration)
         record = {**signals.record(), "support": round(signals.supports(action), 4)}
+        if fitted is not None and calibration is not None:
+            record["calibrated_on"] = calibration.size  # cases: the confidence is calibrated
         llm_metadata = metrics.llm_metadata(self.config)
         llm_metadata["llm_decision"] = action
         llm_metadata["human_override_requested"] = action == "escalate"
