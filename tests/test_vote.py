@@ -10,7 +10,7 @@ import pytest
 from prng_daemon.config import PolicyConfig
 from prng_daemon.document.case import Case, new_case
 from prng_daemon.document.decision import Action, Decision
-from prng_daemon.handlers.decide.calibrate import Calibration, isotonic
+from prng_daemon.handlers.decide.calibrate import Calibration, platt
 from prng_daemon.handlers.decide.combine import Signals, combine
 from prng_daemon.handlers.decide.policy import Decider
 from prng_daemon.handlers.decide.vote import CaseIndex, CaseVote, Neighbour
@@ -109,9 +109,9 @@ def test_one_decision_from_three_signals(
 
 def test_support_is_what_the_signals_give_the_action() -> None:
     signals = Signals("proceed", False, "proceed", 0.8, _vote("escalate", 0.6))
-    assert signals.supports("proceed") == pytest.approx((0.8 + 0.4) / 2)
-    assert signals.supports("escalate") == pytest.approx((0.2 + 0.6) / 2)
-    assert Signals("escalate", True).supports("escalate") == 1.0
+    assert signals.supports("proceed") == pytest.approx((0.8 + 3 * 0.4) / 4)
+    assert signals.supports("escalate") == pytest.approx((0.2 + 3 * 0.6) / 4)
+    assert Signals("escalate", True, cases=_vote("proceed", 1.0)).supports("escalate") == 1.0
 
 
 def _decide(fake: FakeLlama, pool: list[Case], meta_reasoning: str, **policy: Any) -> Decision:
@@ -151,11 +151,16 @@ def test_with_no_cases_the_decision_is_the_models(fake: FakeLlama) -> None:
     assert d.signals.keys() == {"rules", "model", "support"}
 
 
-def test_isotonic_pools_adjacent_violators() -> None:
-    points = [(0.1, False), (0.2, True), (0.3, False), (0.5, True), (0.9, True)]
-    assert isotonic(points) == [(0.1, 0.0, 1), (0.3, 0.5, 2), (0.9, 1.0, 2)]
-    # One score cannot map to two rates: a tie joins its block, and what it breaks.
-    assert isotonic([*points, (0.9, False)]) == [(0.1, 0.0, 1), (0.9, 0.6, 5)]
+def test_platt_is_monotone_and_never_certain() -> None:
+    """Right above 0.7, wrong below: a steep rising curve, short of 0 and 1; no relation, or a
+    falling one, is no evidence: the smoothed base rate everywhere."""
+    points = [(s, s > 0.7) for s in (0.55, 0.6, 0.65, 0.75, 0.8, 0.85, 0.9, 0.95)]
+    fitted = platt(points)
+    values = [fitted(x) for x in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    assert values == sorted(values) and 0 < values[0] < 0.15 and 0.9 < values[-1] < 1
+    falling = platt([(0.9, False), (0.95, False), (0.5, True), (0.6, True)])
+    assert falling.slope == 0 and falling(0.9) == pytest.approx(0.5)
+    assert platt([(0.89, False)] * 4 + [(0.89, True)])(0.3) == pytest.approx(2 / 7)
 
 
 def decided_case(label: Action, action: Action, support: float, step: int, n: int) -> Case:
@@ -173,17 +178,19 @@ def decided_case(label: Action, action: Action, support: float, step: int, n: in
 
 def test_calibration_per_step_once_it_has_enough_cases_pooled_before() -> None:
     """Step 2: right when the signals backed the action above 0.7; step 3 has too few cases
-    of its own and gets the pooled map. Fewer than calibration_min_cases: none at all."""
+    of its own and gets the pooled curve. Fewer than calibration_min_cases: none at all."""
     cases = [
         decided_case("proceed", "proceed" if s > 0.7 else "retry", s, 2, i)
         for i, s in enumerate([0.55, 0.6, 0.65, 0.75, 0.8, 0.85, 0.9, 0.95])
     ]
-    cases += [decided_case("proceed", "proceed", 0.6, 3, 100), case("proceed", CLEAN, n=101)]
+    cases += [decided_case("retry", "proceed", 0.9, 3, 100), case("proceed", CLEAN, n=101)]
     calibration = Calibration(cases, PolicyConfig(calibration_min_cases=8))
     assert calibration.size == 9, "the seed case without a decision does not count"
-    assert calibration.calibrated(2, 0.6) == pytest.approx(1 / 5, abs=1e-4)  # 0 of 3, shrunk
-    assert calibration.calibrated(2, 0.9) == pytest.approx(6 / 7, abs=1e-4)  # 5 of 5, shrunk
-    assert calibration.calibrated(3, 0.6) == pytest.approx(2 / 6, abs=1e-4)  # pooled: 1 of 4
+    step2 = platt([(c.decision.signals["support"], c.decision.action == c.label)
+                   for c in cases[:8] if c.decision])  # fmt: skip
+    own, pooled = calibration.calibrated(2, 0.9), calibration.calibrated(3, 0.9)
+    assert own == pytest.approx(step2(0.9), abs=1e-4)
+    assert pooled is not None and own is not None and pooled < own, "step 3's wrong one counts"
     assert Calibration(cases, PolicyConfig(calibration_min_cases=10)).calibrated(2, 0.9) is None
 
 

@@ -53,9 +53,9 @@ def new_case(
     label: Action,
     source: Source,
     why: str = "",
-    **extra: Any,
+    operator: str = "",
 ) -> Case:
-    """A case given now by whoever runs this process."""
+    """A case given now, by `operator` (default: whoever runs this process)."""
     return Case(
         run_id=meta.run_id,
         sha256=sha256,
@@ -64,7 +64,6 @@ def new_case(
         decision=decision,
         label=label,
         source=source,
-        operator=getpass.getuser(),
+        operator=operator or getpass.getuser(),
         why=why,
-        **extra,
     )

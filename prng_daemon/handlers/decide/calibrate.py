@@ -1,46 +1,59 @@
 """Confidence calibrated from the daemon's own record (issue 26): a monotone map from how much
-the signals backed a decision (`Signals.supports`) to how often such decisions were right, fitted
-on the labelled cases that carry the daemon's decision. Isotonic regression (pool adjacent
-violators): no shape assumed, a few microseconds per case, refitted whenever the pool changes.
-Per step once a step has policy.calibration_min_cases, pooled over all steps before.
+the signals backed a decision (`Signals.supports`) to how often such decisions were right,
+fitted on the labelled cases that carry the daemon's decision. Platt scaling (a logistic curve,
+two numbers, fitted by Newton's method in microseconds, again whenever the pool changes): it
+keeps the order of the support, where an isotonic fit on a hundred cases with a handful wrong
+flattened into one or two steps (bench/RESULTS-cases.md). Per step once a step has
+policy.calibration_min_cases, pooled over all steps before.
 """
 
 from __future__ import annotations
 
-import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...config import PolicyConfig
 from ...document.case import Case
 
-__all__ = ["Calibration", "isotonic"]
-
-
-def isotonic(points: Sequence[tuple[float, bool]]) -> list[tuple[float, float, int]]:
-    """The non-decreasing step function closest (least squares) to `points` (score, right):
-    [(the highest score of a block, its rate of being right, its size)], in score order."""
-    blocks: list[tuple[float, int, float]] = []  # (right, count, highest score)
-    for score, right in sorted(points):
-        blocks.append((float(right), 1, score))
-        # A violator, or the same score (one score cannot map to two rates), joins the last.
-        while len(blocks) > 1 and (
-            blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]
-            or blocks[-2][2] == blocks[-1][2]
-        ):
-            last, before = blocks.pop(), blocks.pop()
-            blocks.append((before[0] + last[0], before[1] + last[1], last[2]))
-    return [(top, right / n, n) for right, n, top in blocks]
+__all__ = ["Calibration", "Platt", "platt"]
 
 
 @dataclass(frozen=True)
-class _Map:
-    tops: list[float]
-    rates: list[float]
+class Platt:
+    slope: float
+    intercept: float
 
-    def __call__(self, score: float) -> float:
-        i = bisect.bisect_left(self.tops, score)
-        return self.rates[min(i, len(self.rates) - 1)]
+    def __call__(self, support: float) -> float:
+        z = self.slope * support + self.intercept
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+def platt(points: Sequence[tuple[float, bool]], iterations: int = 50) -> Platt:
+    """The logistic curve of P(right) on the score that fits `points` (score, right) best,
+    with Platt's targets (a right answer counts (n+1)/(n+2), a wrong one 1/(m+2)): a pool with
+    no wrong answer yet does not say "certain". Never decreasing: a slope that would fall is
+    no evidence, and the curve is the (smoothed) base rate."""
+    n_right = sum(r for _, r in points)
+    n_wrong = len(points) - n_right
+    hi, lo = (n_right + 1) / (n_right + 2), 1 / (n_wrong + 2)
+    a, b = 0.0, math.log((n_right + 1) / (n_wrong + 1))
+    for _ in range(iterations):
+        g_a = g_b = h_aa = h_ab = h_bb = 0.0
+        for x, right in points:
+            p = Platt(a, b)(x)
+            d, w = p - (hi if right else lo), max(p * (1 - p), 1e-12)
+            g_a, g_b = g_a + d * x, g_b + d
+            h_aa, h_ab, h_bb = h_aa + w * x * x, h_ab + w * x, h_bb + w
+        h_aa, h_bb = h_aa + 1e-6, h_bb + 1e-6  # a pool of one score: still solvable
+        det = h_aa * h_bb - h_ab * h_ab
+        step_a, step_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
+        a, b = a - step_a, b - step_b
+        if abs(step_a) + abs(step_b) < 1e-9:
+            break
+    if a < 0:
+        return Platt(0.0, math.log((n_right + 1) / (n_wrong + 1)))
+    return Platt(a, b)
 
 
 class Calibration:
@@ -59,20 +72,9 @@ class Calibration:
         pooled = [p for step in points.values() for p in step]
         self.size = len(pooled)
         least = policy.calibration_min_cases
-        self._pooled = _fit(pooled) if len(pooled) >= least else None
-        self._per_step = {s: _fit(p) for s, p in points.items() if len(p) >= least}
+        self._pooled = platt(pooled) if len(pooled) >= least else None
+        self._per_step = {s: platt(p) for s, p in points.items() if len(p) >= least}
 
     def calibrated(self, step: int, support: float) -> float | None:
         fitted = self._per_step.get(step, self._pooled)
         return round(fitted(support), 4) if fitted is not None else None
-
-
-def _fit(points: list[tuple[float, bool]]) -> _Map:
-    """The isotonic map, each block's rate shrunk towards 1/2 by one right and one wrong
-    answer (Laplace): 3 right of 3 is not certainty. A running maximum keeps it monotone."""
-    tops: list[float] = []
-    rates: list[float] = []
-    for top, rate, n in isotonic(points):
-        tops.append(top)
-        rates.append(max((rate * n + 1) / (n + 2), rates[-1] if rates else 0.0))
-    return _Map(tops, rates)

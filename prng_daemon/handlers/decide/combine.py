@@ -12,6 +12,11 @@ from .vote import CaseVote
 
 __all__ = ["Signals", "combine"]
 
+WEIGHTS = {"model": 1.0, "cases": 3.0}
+"""How much each signal counts in `Signals.supports`. The model's own probability barely
+tells its right answers from its wrong ones (AUROC 0.46-0.62 on the blind and held-out sets,
+bench/RESULTS-cases.md); the vote's strength does (0.84-0.94)."""
+
 
 @dataclass(frozen=True)
 class Signals:
@@ -25,19 +30,23 @@ class Signals:
     cases: CaseVote | None = None
 
     def supports(self, action: Action) -> float:
-        """How much the signals back `action` (0..1): the mean over those present of the
-        signal's strength when it says `action`, else one less it. Calibration maps it to the
-        observed rate of being right."""
-        parts = [1.0 if self.rules == action else 0.0] if self.settled else []
+        """How much the signals back `action` (0..1): a guardrail's escalation, fully (the
+        cases cannot overrule it, and it is the rules' arithmetic on the report's own words);
+        else the mean over the signals present, weighted by WEIGHTS, of the signal's strength
+        when it says `action`, else one less it. Calibration maps it to the observed rate of
+        being right."""
+        if self.settled:
+            return float(self.rules == action)
+        parts = []
         if self.model is not None and self.probability is not None:
             p = self.probability
-            parts.append(p if self.model == action else 1.0 - p)
+            parts.append((WEIGHTS["model"], p if self.model == action else 1.0 - p))
         if self.cases is not None:
             s = self.cases.strength
-            parts.append(s if self.cases.action == action else 1.0 - s)
+            parts.append((WEIGHTS["cases"], s if self.cases.action == action else 1.0 - s))
         if not parts:  # the rules alone, unsettled: a default, not evidence
-            parts.append(0.5)
-        return sum(parts) / len(parts)
+            return 0.5
+        return sum(w * x for w, x in parts) / sum(w for w, _ in parts)
 
     def record(self) -> dict[str, Any]:
         """The signals as the decision record names them."""
