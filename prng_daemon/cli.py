@@ -26,6 +26,7 @@ from .handlers.act.local import stop_local_agent
 from .handlers.act.slurm import cancel_job
 from .handlers.act.systemd import stop_unit
 from .handlers.decide.policy import Decider
+from .handlers.decide.vote import LedgerCases
 from .handlers.validate import Loaded, load_result
 from .ledger import Entry, Ledger
 from .llm import AsyncRouter
@@ -127,11 +128,17 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 
 async def _decide(config: Config, loaded: Loaded) -> Decision:
+    """Decided as the daemon would now: with the ledger's labelled cases, when it has one."""
     router = AsyncRouter(config)
+    path = config.daemon.ledger_path
+    ledger = Ledger(path, readonly=True) if path.exists() else None
     try:
-        return await Decider(config, router).decide(loaded.document.agent_metadata)
+        cases = LedgerCases(ledger) if ledger is not None else None
+        return await Decider(config, router, cases).decide(loaded.document.agent_metadata)
     finally:
         await router.aclose()
+        if ledger is not None:
+            ledger.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

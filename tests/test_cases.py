@@ -94,6 +94,17 @@ def test_correct_without_a_daemon_keeps_a_case_and_acts_on_nothing(
     assert len(ws.launches()) == 1, "no agent started or re-run"
 
 
+def test_decide_from_the_cli_votes_with_the_ledgers_cases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
+) -> None:
+    ws, rid = decided(tmp_path, fake)
+    assert cli(capsys, ws, "correct", rid, "--should", "retry")[0] == 0
+    code, out, _ = cli(capsys, ws, "decide", str(ws.results / "r.json"), "--json")
+    decision = json.loads(out)
+    assert code == 0 and decision["signals"]["cases"]["neighbours"][0]["run_id"] == rid
+    assert (decision["action"], decision["decided_by"]) == ("retry", "cases")
+
+
 def test_correct_says_why_it_cannot_keep_a_case(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
 ) -> None:
