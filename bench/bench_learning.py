@@ -119,7 +119,11 @@ def score(results: list[dict[str, Any]]) -> dict[str, Any]:
     scored = [r for r in results if r["calibrated"] is not None]
     right = [r["policy"] == r["label"] for r in scored]
     cal = [r["calibrated"] for r in scored]
-    out["calibration"] = {"n": len(scored), "r": point_biserial(cal, right), "auroc": auroc(cal, right)}
+    out["calibration"] = {
+        "n": len(scored),
+        "r": point_biserial(cal, right),
+        "auroc": auroc(cal, right),
+    }
     return out
 
 
@@ -224,13 +228,20 @@ def main() -> None:
         body = []
         for point in points:
             s = point["scores"]
-            body.append([point["pool"], point["draws"],
-                         *(pct(mean(s, who, "all")) for who in WHO),
-                         *(pct(mean(s, "policy", label)) for label in ACTIONS),
-                         _num(mean(s, "calibration", "r")), _num(mean(s, "calibration", "auroc"))])  # fmt: skip
-        tables[f"Learning curve on the {blind} set ({len(test)} files; pool from the other sets)"] = table(
+            body.append(
+                [
+                    point["pool"],
+                    point["draws"],
+                    *(pct(mean(s, who, "all")) for who in WHO),
+                    *(pct(mean(s, "policy", label)) for label in ACTIONS),
+                    _num(mean(s, "calibration", "r")),
+                    _num(mean(s, "calibration", "auroc")),
+                ]
+            )
+        title = f"Learning curve on the {blind} set ({len(test)} files; pool from the other sets)"
+        tables[title] = table(
             ["pool", "draws", *WHO, *(f"policy, label {a}" for a in ACTIONS), "r", "AUROC"], body
-        )  # fmt: skip
+        )
         full = points[-1]["scores"][0]
         tables[f"Accuracy per class at the full pool ({len(others)} cases), {blind} set"] = table(
             ["signal", *(f"label {a}" for a in ACTIONS), "all"],
