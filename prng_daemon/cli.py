@@ -159,13 +159,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if report["running"] else EXIT_INVALID
 
 
-def _open_ledger(config: Config, what: str) -> Ledger | None:
-    """The ledger for writing, or None (said on stderr) when there is none yet: opening one
-    would create it, owned by whoever runs this, not the service user."""
-    if not config.daemon.ledger_path.exists():
-        print(f"{what}: no ledger at {config.daemon.ledger_path}", file=sys.stderr)
-        return None
-    return Ledger(config.daemon.ledger_path)
+LedgerVerb = Callable[[argparse.Namespace, Config, Ledger], int]
+
+
+def _on_ledger(act: LedgerVerb, *, readonly: bool = False) -> Command:
+    """A verb on the ledger. None there yet is an error: opening one would create it, owned
+    by whoever runs this, not the service user."""
+
+    def run(args: argparse.Namespace) -> int:
+        config = read_config(args)
+        path = config.daemon.ledger_path
+        if not path.exists():
+            what = getattr(args, "run_id", None) or f"cases {args.action}"
+            print(f"{what}: no ledger at {path}", file=sys.stderr)
+            return EXIT_INVALID
+        ledger = Ledger(path, readonly=readonly)
+        try:
+            return act(args, config, ledger)
+        finally:
+            ledger.close()
+
+    return run
 
 
 def _keep_case(
@@ -187,37 +201,27 @@ def _keep_case(
 
 
 def _command(verb: str) -> Command:
-    def run(args: argparse.Namespace) -> int:
-        config = read_config(args)
-        ledger = _open_ledger(config, args.run_id)
-        if ledger is None:
+    def run(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+        # Every escalated row of the run id: the same content under several names.
+        escalated = ledger.escalated(args.run_id)
+        if not escalated:
+            entry = ledger.by_run_id(args.run_id)
+            state = entry.state.value if entry else "unknown"
+            print(f"{args.run_id}: no pending escalation (state: {state})", file=sys.stderr)
             return EXIT_INVALID
-        try:
-            # Every escalated row of the run id: the same content under several names.
-            escalated = ledger.escalated(args.run_id)
-            if not escalated:
-                entry = ledger.by_run_id(args.run_id)
-                state = entry.state.value if entry else "unknown"
-                print(f"{args.run_id}: no pending escalation (state: {state})", file=sys.stderr)
-                return EXIT_INVALID
-            name = "approve-retry" if verb == "approve" and args.retry else verb
-            # The verdict is knowledge whatever becomes of the command: kept first, once;
-            # said after the command's answer.
-            kept = _keep_case(config, ledger, escalated[-1], name, args.why)
-            command_id = ledger.add_command(args.run_id, name)
-            state, _ = status.daemon_state(config)
-            answer: tuple[str, str] | None = None
-            if state == "running":
-                answer = _wait_for_answer(ledger, command_id)
-        finally:
-            ledger.close()
+        name = "approve-retry" if verb == "approve" and args.retry else verb
+        # The verdict is knowledge whatever becomes of the command: kept first, once; said
+        # after the command's answer.
+        kept = _keep_case(config, ledger, escalated[-1], name, args.why)
+        command_id = ledger.add_command(args.run_id, name)
+        state, _ = status.daemon_state(config)
         code = EXIT_OK
         if state != "running":
             print(
                 f"{args.run_id}: {name} queued; the daemon will apply it when it runs"
                 + (" (it is not responding now)" if state == "not responding" else "")
             )
-        elif answer is None:
+        elif (answer := _wait_for_answer(ledger, command_id)) is None:
             print(f"{args.run_id}: {name} queued; the daemon did not answer within"
                   f" {COMMAND_WAIT_SECONDS:g}s and will apply it when it can")  # fmt: skip
         elif answer[0] == "applied":
@@ -228,7 +232,7 @@ def _command(verb: str) -> Command:
         print(kept[0], file=sys.stdout if kept[1] else sys.stderr)
         return code
 
-    return run
+    return _on_ledger(run)
 
 
 def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
@@ -241,66 +245,49 @@ def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
     return answer
 
 
-def cmd_correct(args: argparse.Namespace) -> int:
+def _correct(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
     """Keep the right answer for a decision the daemon took: a labelled case, nothing else."""
-    config = read_config(args)
-    ledger = _open_ledger(config, args.run_id)
-    if ledger is None:
+    entry = ledger.by_run_id(args.run_id)
+    if entry is None:
+        print(f"{args.run_id}: no such run in the ledger", file=sys.stderr)
         return EXIT_INVALID
     try:
-        entry = ledger.by_run_id(args.run_id)
-        if entry is None:
-            print(f"{args.run_id}: no such run in the ledger", file=sys.stderr)
-            return EXIT_INVALID
-        try:
-            case = case_of(config, entry, args.should, "correct", args.why)
-        except DaemonError as exc:
-            print(f"not kept: {exc}", file=sys.stderr)
-            return EXIT_INVALID
-        ledger.add_case(case)
-        count = ledger.cases_mark()[0]
-    finally:
-        ledger.close()
-    assert entry.decision is not None
+        case = case_of(config, entry, args.should, "correct", args.why)
+    except DaemonError as exc:
+        print(f"not kept: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    ledger.add_case(case)
+    assert entry.decision is not None  # case_of refuses a row with none
     said = f"{entry.decision.action} ({entry.decision.decided_by})"
-    verdict = (
-        "it was right" if said.startswith(args.should) else f"it should have been {args.should}"
-    )
-    print(
-        f"{args.run_id}: the daemon said {said}; {verdict}: kept as a labelled case ({count} cases)"
-    )
+    right = entry.decision.action == args.should
+    verdict = "it was right" if right else f"it should have been {args.should}"
+    count = ledger.cases_mark()[0]
+    print(f"{args.run_id}: the daemon said {said}; {verdict}: kept as a labelled case"
+          f" ({count} cases)")  # fmt: skip
     print("  nothing was run, stopped or re-run: a correction is knowledge for the next"
           " decisions, not an action on an agent")  # fmt: skip
     return EXIT_OK
 
 
-def cmd_cases(args: argparse.Namespace) -> int:
-    config = read_config(args)
-    if args.action == "export":
-        if not config.daemon.ledger_path.exists():
-            print(f"cases export: no ledger at {config.daemon.ledger_path}", file=sys.stderr)
-            return EXIT_INVALID
-        reader = Ledger(config.daemon.ledger_path, readonly=True)
-        try:
-            n = export_cases(reader, sys.stdout)
-        finally:
-            reader.close()
-        print(f"cases export: {n} cases", file=sys.stderr)
-        return EXIT_OK
-    ledger = _open_ledger(config, "cases import")
-    if ledger is None:
-        return EXIT_INVALID
-    try:
-        for name in args.files:
-            if name == "-":
-                new, replaced = import_cases(ledger, sys.stdin, "stdin")
-            else:
-                with open(name, encoding="utf-8") as lines:
-                    new, replaced = import_cases(ledger, lines, name)
-            print(f"{name}: {new} new cases, {replaced} replaced")
-    finally:
-        ledger.close()
+def _export(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    print(f"cases export: {export_cases(ledger, sys.stdout)} cases", file=sys.stderr)
     return EXIT_OK
+
+
+def _import(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    for name in args.files:
+        if name == "-":
+            new, replaced = import_cases(ledger, sys.stdin, "stdin")
+        else:
+            with open(name, encoding="utf-8") as lines:
+                new, replaced = import_cases(ledger, lines, name)
+        print(f"{name}: {new} new cases, {replaced} replaced")
+    return EXIT_OK
+
+
+def cmd_cases(args: argparse.Namespace) -> int:
+    verb = _on_ledger(_export, readonly=True) if args.action == "export" else _on_ledger(_import)
+    return verb(args)
 
 
 def cmd_stop_agent(args: argparse.Namespace) -> int:
@@ -429,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (ap, rj):
         sub.add_argument("--why", default="", metavar="TEXT", help="kept with the case")
     co = with_config(
-        verb("correct", cmd_correct, "keep the right answer for a decision (acts on nothing)")
+        verb(
+            "correct",
+            _on_ledger(_correct),
+            "keep the right answer for a decision (acts on nothing)",
+        )
     )
     co.add_argument("run_id", metavar="RUN_ID")
     co.add_argument("--should", required=True, choices=list(ACTIONS), help="the right action")

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from prng_daemon.cli import main
 from prng_daemon.ledger import Ledger
 
 from .fake_llama import FakeLlama
 from .helpers import wait_until
+from .test_status_cli import cli
 from .workspace import (
     Workspace,
     drop,
@@ -28,12 +28,6 @@ from .workspace import (
 
 OVERFIT = "Train AUC 0.99 on every fold; holdout numbers look fine."
 """A success whose text the model reads as supported, and an operator knows better."""
-
-
-def cli(capsys: pytest.CaptureFixture[str], ws: Workspace, verb: str, *args: str) -> Any:
-    code = main([verb, "--config", str(ws.config_path), *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def ledger_of(ws: Workspace) -> Ledger:
