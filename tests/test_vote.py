@@ -183,9 +183,14 @@ def test_calibration_per_step_once_it_has_enough_cases_pooled_before() -> None:
         decided_case("proceed", "proceed" if s > 0.7 else "retry", s, 2, i)
         for i, s in enumerate([0.55, 0.6, 0.65, 0.75, 0.8, 0.85, 0.9, 0.95])
     ]
+    approved = decided_case("proceed", "proceed", 0.2, 2, 102)
+    assert approved.decision is not None
+    approved = approved.model_copy(
+        update={"decision": approved.decision.model_copy(update={"decided_by": "operator"})}
+    )
     cases += [decided_case("retry", "proceed", 0.9, 3, 100), case("proceed", CLEAN, n=101)]
-    calibration = Calibration(cases, PolicyConfig(calibration_min_cases=8))
-    assert calibration.size == 9, "the seed case without a decision does not count"
+    calibration = Calibration([*cases, approved], PolicyConfig(calibration_min_cases=8))
+    assert calibration.size == 9, "neither a seed case nor an operator's decision counts"
     step2 = platt([(c.decision.signals["support"], c.decision.action == c.label)
                    for c in cases[:8] if c.decision])  # fmt: skip
     own, pooled = calibration.calibrated(2, 0.9), calibration.calibrated(3, 0.9)

@@ -67,6 +67,8 @@ class Calibration:
             support = decision.signals.get("support") if decision is not None else None
             if decision is None or not isinstance(support, float | int):
                 continue  # a seed case the daemon never decided, or one from before issue 26
+            if decision.decided_by == "operator":
+                continue  # an approved escalation: its support was the escalation's
             right = decision.action == case.label
             points.setdefault(case.agent_metadata.pipeline_step, []).append((support, right))
         pooled = [p for step in points.values() for p in step]
