@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from prng_daemon.ledger import Ledger
+from prng_daemon.document.decision import Decision
+from prng_daemon.ledger import Ledger, State
 
 from .fake_llama import FakeLlama
-from .helpers import wait_until
+from .helpers import free_port, wait_until
 from .test_status_cli import cli
 from .workspace import (
     Workspace,
@@ -201,3 +202,28 @@ def test_a_ledger_from_before_cases_gets_the_table_and_a_read_only_one_has_none(
     Ledger(path).close()
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*) FROM cases").fetchone() == (0,)
+
+
+def test_status_shows_a_confidence_as_calibrated_only_once_fitted_on_cases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = make_workspace(tmp_path, free_port())
+    ledger = ledger_of(ws)
+    try:
+        for name, signals in (("fitted.json", {"calibrated_on": 40}), ("model.json", {})):
+            decision = Decision(
+                action="proceed", confidence=0.9, calibrated_confidence=0.912, reasoning="",
+                suggested_params={}, decided_by="llm", llm_metadata={}, signals=signals,
+            )  # fmt: skip
+            seen, _ = ledger.claim(name, name * 4, run_id=run_id(2, len(name)), step=2)
+            decided = ledger.update(seen, State.DECIDED, decision=decision, action="proceed")
+            ledger.update(decided, State.DONE)
+    finally:
+        ledger.close()
+    code, out, _ = cli(capsys, ws, "status")
+    lines = out.splitlines()
+    assert "labelled cases: 0 (add: prng-llm-daemon correct RUN_ID --should ACTION)" in lines
+    [fitted] = [line for line in lines if "fitted.json" in line]
+    [model] = [line for line in lines if "model.json" in line]
+    assert fitted.endswith("fitted.json  done  proceed (calibrated 0.91)")
+    assert model.endswith("model.json  done  proceed")
