@@ -121,7 +121,11 @@ def _decide(fake: FakeLlama, pool: list[Case], meta_reasoning: str, **policy: An
         router = AsyncRouter(config)
         index = CaseIndex(pool, config.policy)
         try:
-            decider = Decider(config, router, lambda _: index)
+
+            async def source(_: PolicyConfig) -> CaseIndex:
+                return index
+
+            decider = Decider(config, router, source)
             return await decider.decide(meta_for(2, reasoning=meta_reasoning))
         finally:
             await router.aclose()

@@ -4,7 +4,7 @@ guardrails (README "How a decision is made")."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ __all__ = [
     "settled_by_rules",
 ]
 
-CaseSource = Callable[[PolicyConfig], CaseIndex | None]
+CaseSource = Callable[[PolicyConfig], Awaitable[CaseIndex | None]]
 """The labelled cases as they stand now (None: none yet)."""
 
 log = get_logger()
@@ -110,13 +110,13 @@ class Decider:
         self.router = router
         self.cases = cases
 
-    def consult(self, meta: AgentMetadata) -> tuple[CaseVote | None, Calibration | None]:
-        """The labelled cases' vote on `meta`, and the calibration fitted on them; None, None
-        with no cases."""
-        index = self.cases(self.policy) if self.cases is not None else None
+    async def consult(self, meta: AgentMetadata) -> tuple[CaseVote | None, Calibration | None]:
+        """The labelled cases' vote on `meta` (a few ms: in a worker thread), and the
+        calibration fitted on them; None, None with no cases."""
+        index = await self.cases(self.policy) if self.cases is not None else None
         if index is None:
             return None, None
-        return index.vote(meta), index.calibration
+        return await asyncio.to_thread(index.vote, meta), index.calibration
 
     async def _chat(
         self, endpoint: ServerName, messages: list[dict[str, str]], prefill: str, **kw: Any
@@ -230,7 +230,7 @@ class Decider:
         wait for it. LLMUnavailable only under when_no_llm="wait"."""
         metrics, policy = LLMMetrics(), self.policy
         settled = settled_by_rules(meta, policy)
-        cases, calibration = self.consult(meta)
+        cases, calibration = await self.consult(meta)
         if settled is not None:
             signals = Signals("escalate", True, cases=cases)
             return self._decision(

@@ -10,6 +10,7 @@ It costs a few milliseconds and no model call: the prompt, and its cache, stay a
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections import Counter
@@ -129,16 +130,19 @@ class CaseIndex:
 
 class LedgerCases:
     """The ledger's cases as an index, built again when a case was added (by the CLI, from
-    another process: one cheap query per decision tells) or the policy changed."""
+    another process: one cheap query per decision tells) or the policy changed. Read on the
+    event loop's thread (the ledger's), built in a worker thread: 0.2 s for 150 cases, 0.9 s
+    for 1,000 is too long to hold the loop."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self._built: tuple[tuple[int, float], PolicyConfig] | None = None
         self._index: CaseIndex | None = None
 
-    def __call__(self, policy: PolicyConfig) -> CaseIndex | None:
+    async def __call__(self, policy: PolicyConfig) -> CaseIndex | None:
         mark = self.ledger.cases_mark()
         if self._built != (mark, policy):
-            self._index = CaseIndex(self.ledger.cases(), policy) if mark[0] else None
+            cases = self.ledger.cases() if mark[0] else []
+            self._index = await asyncio.to_thread(CaseIndex, cases, policy) if cases else None
             self._built = (mark, policy)
         return self._index
