@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .cases import VERDICT_LABELS, case_of, export_cases, import_cases
 from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from .daemon import Daemon
 from .document.case import Source
@@ -34,6 +33,7 @@ from .log import configure_logging, pick_format
 from .log.journal import JOURNAL_SOCKET
 from .servers.preflight import environment_problems
 from .service import status
+from .service.cases import VERDICT_LABELS, case_of, export_cases, import_cases
 from .service.notify import Notifier
 
 __all__ = ["main"]

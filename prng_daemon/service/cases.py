@@ -10,12 +10,12 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from .config import Config
-from .document.case import Case, Source, new_case
-from .document.decision import Action
-from .errors import DaemonError, ResultRejected
-from .handlers.validate import load_result
-from .ledger import OUTCOMES, Entry, Ledger
+from ..config import Config
+from ..document.case import Case, Source, new_case
+from ..document.decision import Action
+from ..errors import DaemonError, ResultRejected
+from ..handlers.validate import load_result
+from ..ledger import OUTCOMES, Entry, Ledger
 
 __all__ = ["VERDICT_LABELS", "case_of", "export_cases", "import_cases"]
 
