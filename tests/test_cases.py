@@ -43,7 +43,7 @@ def record_of(ws: Workspace, name: str) -> dict[str, Any]:
 
 def decided(tmp_path: Path, fake: FakeLlama) -> tuple[Workspace, str]:
     """A workspace whose daemon decided (proceed) and launched one step 2 result, stopped."""
-    ws = make_workspace(tmp_path, fake.port)
+    ws = make_workspace(tmp_path, fake.port, policy={"vote_min_cases": 1})
     rid = run_id(2, 1)
     with running(ws):
         wait_ready(ws)
@@ -97,13 +97,13 @@ def test_decide_from_the_cli_votes_with_the_ledgers_cases(
     code, out, _ = cli(capsys, ws, "decide", str(ws.results / "r.json"), "--json")
     decision = json.loads(out)
     assert code == 0 and decision["signals"]["cases"]["neighbours"][0]["run_id"] == rid
-    assert (decision["action"], decision["decided_by"]) == ("retry", "cases")
+    assert (decision["action"], decision["decided_by"]) == ("escalate", "guardrail")
 
 
 def test_correct_says_why_it_cannot_keep_a_case(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
 ) -> None:
-    ws = make_workspace(tmp_path, fake.port)
+    ws = make_workspace(tmp_path, fake.port, policy={"vote_min_cases": 1})
     code, _, err = cli(capsys, ws, "correct", run_id(2, 1), "--should", "retry")
     assert code == 1 and err.startswith(f"{run_id(2, 1)}: no ledger at ")
     ws, rid = decided(tmp_path / "again", fake)
@@ -123,9 +123,9 @@ def test_a_correction_to_a_running_daemon_steers_its_next_decision(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
 ) -> None:
     """The model says proceed for both files; the operator's correction of the first is the
-    nearest case of the second, and stronger than the model: the second escalates, and its
+    nearest case of the second, and disagrees with the model: the second escalates, and its
     record names each signal. The first file's agent is neither stopped nor run again."""
-    ws = make_workspace(tmp_path, fake.port)
+    ws = make_workspace(tmp_path, fake.port, policy={"vote_min_cases": 1})
     first, second = run_id(2, 1), run_id(2, 2)
     with running(ws):
         wait_ready(ws)
@@ -146,7 +146,7 @@ def test_a_correction_to_a_running_daemon_steers_its_next_decision(
     assert signals["rules"] == {"action": "proceed", "settled": False}
     assert signals["cases"]["action"] == "escalate" and signals["cases"]["strength"] == 1.0
     assert [n["run_id"] for n in signals["cases"]["neighbours"]] == [first]
-    assert "the cases are the stronger" in record["reasoning"]
+    assert record["reasoning"].startswith("guardrail: the model says proceed")
     assert "cases" not in record_of(ws, "a.json")["signals"], "no cases then"
 
 

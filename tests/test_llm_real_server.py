@@ -152,7 +152,7 @@ def test_with_labelled_cases_the_decision_names_every_signal(servers: Config) ->
         )  # fmt: skip
         for n, label in enumerate(("escalate", "escalate", "proceed"))
     ]
-    index = CaseIndex(pool, servers.policy)
+    index = CaseIndex(pool, servers.policy.model_copy(update={"vote_min_cases": 1}))
 
     async def cases(_: PolicyConfig) -> CaseIndex:
         return index

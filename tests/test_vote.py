@@ -19,6 +19,8 @@ from prng_daemon.llm import AsyncRouter
 from .fake_llama import FakeLlama, llm_config
 from .test_llm_decision import meta_for
 
+ONE = PolicyConfig(vote_neighbours=1, vote_min_cases=1)
+"""The nearest case alone votes, in a pool of any size."""
 LEAK = "Holdout AUC 0.97; the label column was among the features."
 NODE = "Node rig-6600 lost mid-sweep; partial output discarded."
 CLEAN = "Best trial score 0.847 with k_folds=5; search converged."
@@ -33,7 +35,7 @@ def case(label: Action, reasoning: str, step: int = 2, met: bool = True, n: int 
 
 def test_the_nearest_report_in_words_wins() -> None:
     pool = [case("escalate", LEAK, n=1), case("proceed", CLEAN, n=2), case("proceed", CLEAN, n=3)]
-    index = CaseIndex(pool, PolicyConfig(vote_neighbours=1))
+    index = CaseIndex(pool, ONE)
     vote = index.vote(meta_for(2, reasoning="Holdout AUC 0.98: the label column leaked in."))
     assert vote is not None and (vote.action, vote.strength, vote.scope) == ("escalate", 1, "step")
     assert [n.file for n in vote.neighbours] == ["c1.json"]
@@ -47,12 +49,12 @@ def test_same_step_and_flag_come_first_then_the_flag_then_any() -> None:
         case("retry", CLEAN, met=False, n=2),
         case("proceed", NODE, n=3),
     ]
-    index = CaseIndex(pool, PolicyConfig(vote_neighbours=1))
+    index = CaseIndex(pool, ONE)
     vote = index.vote(meta_for(2, reasoning=CLEAN))
     assert vote is not None and (vote.action, vote.scope) == ("proceed", "step")
-    vote = CaseIndex(pool[:2], PolicyConfig(vote_neighbours=1)).vote(meta_for(2, reasoning=CLEAN))
+    vote = CaseIndex(pool[:2], ONE).vote(meta_for(2, reasoning=CLEAN))
     assert vote is not None and (vote.action, vote.scope) == ("escalate", "flag")
-    vote = CaseIndex(pool[1:2], PolicyConfig(vote_neighbours=1)).vote(meta_for(2, reasoning=CLEAN))
+    vote = CaseIndex(pool[1:2], ONE).vote(meta_for(2, reasoning=CLEAN))
     assert vote is not None and (vote.action, vote.scope) == ("retry", "all")
 
 
@@ -62,7 +64,7 @@ def test_numbers_against_their_bars_count_not_just_words() -> None:
         case("proceed", "Train AUC 0.81, holdout 0.77: gap 0.04 against the 0.08 bar.", n=1),
         case("escalate", "Train AUC 0.95, holdout 0.70: gap 0.25 against the 0.08 bar.", n=2),
     ]
-    index = CaseIndex(pool, PolicyConfig(vote_neighbours=1))
+    index = CaseIndex(pool, ONE)
     for gap, action in (("0.31", "escalate"), ("0.02", "proceed")):
         report = f"Train AUC 0.90, holdout 0.62: gap {gap} against the 0.1 bar."
         vote = index.vote(meta_for(2, reasoning=report))
@@ -71,12 +73,17 @@ def test_numbers_against_their_bars_count_not_just_words() -> None:
 
 def test_the_strength_is_the_winners_share_and_a_case_can_be_left_out() -> None:
     pool = [case("escalate", LEAK, n=1), case("escalate", LEAK, n=2), case("proceed", CLEAN, n=3)]
-    index = CaseIndex(pool, PolicyConfig(vote_neighbours=3))
+    index = CaseIndex(pool, PolicyConfig(vote_neighbours=3, vote_min_cases=1))
     vote = index.vote(meta_for(2, reasoning=LEAK))
     assert vote is not None and vote.action == "escalate" and 0.5 < vote.strength < 1
     vote = index.vote(meta_for(2, reasoning=LEAK), exclude=f"{1:064x}")
     assert vote is not None and [n.file for n in vote.neighbours][0] == "c2.json"
     assert CaseIndex([], PolicyConfig()).vote(meta_for(2)) is None
+    # Fewer than policy.vote_min_cases: no vote yet.
+    assert CaseIndex(pool, PolicyConfig(vote_min_cases=4)).vote(meta_for(2, reasoning=LEAK)) is None
+
+
+STRONGER = {"on_disagreement": "stronger"}
 
 
 def _vote(action: Action, strength: float) -> CaseVote:
@@ -90,13 +97,9 @@ def _vote(action: Action, strength: float) -> CaseVote:
         (Signals("proceed", False, None, None, _vote("escalate", 1.0)), {}, "proceed"),
         (Signals("proceed", False, "proceed", 0.9, None), {}, "proceed"),
         (Signals("proceed", False, "proceed", 0.9, _vote("proceed", 0.6)), {}, "proceed"),
-        (Signals("proceed", False, "proceed", 0.7, _vote("escalate", 0.8)), {}, "escalate"),
-        (Signals("proceed", False, "proceed", 0.9, _vote("escalate", 0.8)), {}, "proceed"),
-        (
-            Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)),
-            {"on_disagreement": "escalate"},
-            "escalate",
-        ),  # fmt: skip
+        (Signals("proceed", False, "proceed", 0.7, _vote("retry", 0.8)), STRONGER, "retry"),
+        (Signals("proceed", False, "proceed", 0.9, _vote("retry", 0.8)), STRONGER, "proceed"),
+        (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), {}, "escalate"),
     ],
 )
 def test_one_decision_from_three_signals(
@@ -115,7 +118,7 @@ def test_support_is_what_the_signals_give_the_action() -> None:
 
 
 def _decide(fake: FakeLlama, pool: list[Case], meta_reasoning: str, **policy: Any) -> Decision:
-    config = llm_config(fake.port, fake.port, policy=policy)
+    config = llm_config(fake.port, fake.port, policy={"vote_min_cases": 1, **policy})
 
     async def go() -> Decision:
         router = AsyncRouter(config)
@@ -137,15 +140,18 @@ def test_the_decision_names_each_signal_and_the_cases_can_overrule_the_model(
     fake: FakeLlama,
 ) -> None:
     pool = [case("escalate", LEAK, n=1)]
-    d = _decide(fake, pool, LEAK)
+    d = _decide(fake, pool, LEAK, **STRONGER)
     assert (d.action, d.decided_by) == ("escalate", "guardrail")
     assert d.signals["model"]["action"] == "proceed"
     assert d.signals["cases"]["action"] == "escalate"
     assert d.signals["cases"]["neighbours"][0]["file"] == "c1.json"
     assert d.reasoning.startswith("guardrail: the cases are the stronger: the model says proceed")
-    d = _decide(fake, [case("retry", LEAK, n=1)], LEAK)
+    d = _decide(fake, [case("retry", LEAK, n=1)], LEAK, **STRONGER)
     assert (d.action, d.decided_by) == ("retry", "cases")
-    d = _decide(fake, [case("proceed", LEAK, n=1)], LEAK, on_disagreement="escalate")
+    d = _decide(fake, [case("retry", LEAK, n=1)], LEAK)
+    assert (d.action, d.decided_by) == ("escalate", "guardrail"), "by default"
+    assert d.reasoning.startswith("guardrail: the model says proceed (p=0.89), the cases retry")
+    d = _decide(fake, [case("proceed", LEAK, n=1)], LEAK)
     assert (d.action, d.decided_by) == ("proceed", "llm"), "they agree"
 
 
@@ -208,8 +214,10 @@ def test_a_decision_under_the_calibrated_minimum_escalates(fake: FakeLlama) -> N
     five: the confidence shown is that, and under the minimum the decision escalates."""
     pool = [decided_case("escalate", "proceed", 0.89, 2, i) for i in range(4)]
     pool.append(decided_case("proceed", "proceed", 0.89, 2, 4))
-    d = _decide(fake, pool, CLEAN, calibration_min_cases=5)
+    d = _decide(fake, pool, CLEAN, calibration_min_cases=5, **STRONGER)
     assert (d.action, d.calibrated_confidence) == ("proceed", pytest.approx(2 / 7, abs=1e-4))
-    d = _decide(fake, pool, CLEAN, calibration_min_cases=5, min_calibrated_confidence=0.5)
+    d = _decide(
+        fake, pool, CLEAN, calibration_min_cases=5, min_calibrated_confidence=0.5, **STRONGER
+    )
     assert (d.action, d.decided_by) == ("escalate", "guardrail")
     assert d.reasoning.startswith("guardrail: calibrated confidence 0.29 under 0.5")

@@ -95,10 +95,13 @@ class CaseIndex:
         return {t: w / norm for t, w in v.items()}
 
     def vote(self, meta: AgentMetadata, exclude: str | None = None) -> CaseVote | None:
-        """The nearest cases' action for `meta`, or None when the pool has none to compare
-        (`exclude`: a content hash left out, for measuring on the pool itself)."""
+        """The nearest cases' action for `meta`, or None when the pool has fewer than
+        policy.vote_min_cases (`exclude`: a content hash left out, for measuring on the pool
+        itself)."""
         k = self.policy.vote_neighbours
         pool = [i for i, c in enumerate(self.cases) if c.sha256 != exclude]
+        if len(pool) < self.policy.vote_min_cases:
+            return None
         flag = meta.success_criteria_met
         scopes = (
             ("step", [i for i in pool if self._meta(i).pipeline_step == meta.pipeline_step
