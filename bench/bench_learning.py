@@ -254,7 +254,7 @@ def main() -> None:
             [[r["threshold"], pct(r["autonomous"]), pct(r["accuracy"])] for r in curve_rows],
         )  # fmt: skip
         data["sets"][blind] = {
-            "curve": [{k: v for k, v in p.items()} for p in points],
+            "curve": [{k: v for k, v in p.items() if k != "results"} for p in points],
             "autonomy": curve_rows,
             "timing": timing(others, test, policy),
         }
