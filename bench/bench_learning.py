@@ -199,9 +199,13 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
         xs = [100 * r["autonomous"] for r in rows]
         ys = [100 * r["accuracy"] for r in rows]
         ax.plot(xs, ys, marker="o", label=f"{name} set")
+        # Thresholds that change nothing share a point: one label ("0-0.7") for them.
+        points: dict[tuple[float, float], list[float]] = {}
         for r, x, y in zip(rows, xs, ys, strict=True):
-            ax.annotate(f"{r['threshold']:g}", (x, y), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)  # fmt: skip
+            points.setdefault((x, y), []).append(r["threshold"])
+        for (x, y), ts in points.items():
+            text = f"{ts[0]:g}" if len(ts) == 1 else f"{ts[0]:g}-{ts[-1]:g}"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("files decided without a person (%)")
     ax.set_ylabel("decisions right (%)")
     ax.set_title("autonomy vs accuracy at each min_calibrated_confidence", fontsize=9)
