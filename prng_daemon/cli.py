@@ -7,15 +7,16 @@ import asyncio
 import faulthandler
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, PolicyConfig, config_path, load_config
 from .daemon import Daemon
-from .document.case import Source
+from .document.case import Case, Source
 from .document.decision import ACTIONS, Decision
 from .document.metadata import MAX_RESULT_BYTES
 from .document.names import printable
@@ -25,7 +26,7 @@ from .handlers.act.local import stop_local_agent
 from .handlers.act.slurm import cancel_job
 from .handlers.act.systemd import stop_unit
 from .handlers.decide.policy import Decider
-from .handlers.decide.vote import LedgerCases
+from .handlers.decide.vote import CaseIndex
 from .handlers.validate import Loaded, load_result
 from .ledger import Entry, Ledger
 from .llm import AsyncRouter
@@ -127,18 +128,36 @@ def cmd_decide(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ledger_cases(config: Config) -> list[Case]:
+    """The ledger's labelled cases; none (said on stderr) when it cannot be read: `decide`
+    acts on nothing, and decides without them rather than not at all."""
+    path = config.daemon.ledger_path
+    if not path.exists():
+        return []
+    try:
+        ledger = Ledger(path, readonly=True)
+        try:
+            return ledger.cases()
+        finally:
+            ledger.close()
+    except (sqlite3.Error, DaemonError) as exc:
+        print(f"decide: without labelled cases: cannot read the ledger: {exc}", file=sys.stderr)
+        return []
+
+
 async def _decide(config: Config, loaded: Loaded) -> Decision:
     """Decided as the daemon would now: with the ledger's labelled cases, when it has one."""
+    cases = _ledger_cases(config)
+    index = CaseIndex(cases, config.policy) if cases else None
+
+    async def source(policy: PolicyConfig) -> CaseIndex | None:
+        return index
+
     router = AsyncRouter(config)
-    path = config.daemon.ledger_path
-    ledger = Ledger(path, readonly=True) if path.exists() else None
     try:
-        cases = LedgerCases(ledger) if ledger is not None else None
-        return await Decider(config, router, cases).decide(loaded.document.agent_metadata)
+        return await Decider(config, router, source).decide(loaded.document.agent_metadata)
     finally:
         await router.aclose()
-        if ledger is not None:
-            ledger.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

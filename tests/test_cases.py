@@ -102,6 +102,18 @@ def test_decide_from_the_cli_votes_with_the_ledgers_cases(
     assert (decision["action"], decision["decided_by"]) == ("escalate", "guardrail")
 
 
+def test_decide_from_the_cli_decides_without_cases_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
+) -> None:
+    ws = make_workspace(tmp_path, fake.port)
+    (ws.root / "state").mkdir()
+    (ws.root / "state" / "ledger.sqlite3").write_bytes(b"not a database" * 100)
+    result = drop(ws.results, "r.json", result_document(2, run_id(2, 1)))
+    code, out, err = cli(capsys, ws, "decide", str(result), "--json")
+    assert code == 0 and json.loads(out)["action"] == "proceed"
+    assert err.startswith("decide: without labelled cases: cannot read the ledger: ")
+
+
 def test_correct_says_why_it_cannot_keep_a_case(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
 ) -> None:
