@@ -114,6 +114,7 @@ async def run(config: Config, model_alone: bool, cases: Labelled) -> list[dict[s
             row["policy_cost"] = cost(router.calls[before:], time.perf_counter() - start)
             row["policy"], row["path"] = decision.action, decision.decided_by
             row["policy_calibrated"] = decision.calibrated_confidence
+            row["signals"] = decision.signals
             row["settled"] = settled_by_rules(meta, config.policy) is not None
             before, start = len(router.calls), time.perf_counter()
             try:

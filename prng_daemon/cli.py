@@ -7,15 +7,17 @@ import asyncio
 import faulthandler
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, PolicyConfig, config_path, load_config
 from .daemon import Daemon
-from .document.decision import Decision
+from .document.case import Case, Source
+from .document.decision import ACTIONS, Decision
 from .document.metadata import MAX_RESULT_BYTES
 from .document.names import printable
 from .errors import ConfigError, DaemonError, LedgerCorrupt, ResultRejected
@@ -24,13 +26,15 @@ from .handlers.act.local import stop_local_agent
 from .handlers.act.slurm import cancel_job
 from .handlers.act.systemd import stop_unit
 from .handlers.decide.policy import Decider
+from .handlers.decide.vote import CaseIndex
 from .handlers.validate import Loaded, load_result
-from .ledger import Ledger
+from .ledger import Entry, Ledger
 from .llm import AsyncRouter
 from .log import configure_logging, pick_format
 from .log.journal import JOURNAL_SOCKET
 from .servers.preflight import environment_problems
 from .service import status
+from .service.cases import VERDICT_LABELS, case_of, export_cases, import_cases
 from .service.notify import Notifier
 
 __all__ = ["main"]
@@ -124,10 +128,34 @@ def cmd_decide(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ledger_cases(config: Config) -> list[Case]:
+    """The ledger's labelled cases; none (said on stderr) when it cannot be read: `decide`
+    acts on nothing, and decides without them rather than not at all."""
+    path = config.daemon.ledger_path
+    if not path.exists():
+        return []
+    try:
+        ledger = Ledger(path, readonly=True)
+        try:
+            return ledger.cases()
+        finally:
+            ledger.close()
+    except (sqlite3.Error, DaemonError) as exc:
+        print(f"decide: without labelled cases: cannot read the ledger: {exc}", file=sys.stderr)
+        return []
+
+
 async def _decide(config: Config, loaded: Loaded) -> Decision:
+    """Decided as the daemon would now: with the ledger's labelled cases, when it has one."""
+    cases = _ledger_cases(config)
+    index = CaseIndex(cases, config.policy) if cases else None
+
+    async def source(policy: PolicyConfig) -> CaseIndex | None:
+        return index
+
     router = AsyncRouter(config)
     try:
-        return await Decider(config, router).decide(loaded.document.agent_metadata)
+        return await Decider(config, router, source).decide(loaded.document.agent_metadata)
     finally:
         await router.aclose()
 
@@ -150,45 +178,80 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if report["running"] else EXIT_INVALID
 
 
-def _command(verb: str) -> Command:
+LedgerVerb = Callable[[argparse.Namespace, Config, Ledger], int]
+
+
+def _on_ledger(act: LedgerVerb, *, readonly: bool = False) -> Command:
+    """A verb on the ledger. None there yet is an error: opening one would create it, owned
+    by whoever runs this, not the service user."""
+
     def run(args: argparse.Namespace) -> int:
         config = read_config(args)
-        if not config.daemon.ledger_path.exists():
-            # Opening one would create it, owned by whoever runs this, not the service user.
-            print(f"{args.run_id}: no ledger at {config.daemon.ledger_path}", file=sys.stderr)
+        path = config.daemon.ledger_path
+        if not path.exists():
+            what = getattr(args, "run_id", None) or f"cases {args.action}"
+            print(f"{what}: no ledger at {path}", file=sys.stderr)
             return EXIT_INVALID
-        ledger = Ledger(config.daemon.ledger_path)
+        ledger = Ledger(path, readonly=readonly)
         try:
-            # Every escalated row of the run id: the same content under several names.
-            if not ledger.escalated(args.run_id):
-                entry = ledger.by_run_id(args.run_id)
-                state = entry.state.value if entry else "unknown"
-                print(f"{args.run_id}: no pending escalation (state: {state})", file=sys.stderr)
-                return EXIT_INVALID
-            name = "approve-retry" if verb == "approve" and args.retry else verb
-            command_id = ledger.add_command(args.run_id, name)
-            state, _ = status.daemon_state(config)
-            if state != "running":
-                print(
-                    f"{args.run_id}: {name} queued; the daemon will apply it when it runs"
-                    + (" (it is not responding now)" if state == "not responding" else "")
-                )
-                return EXIT_OK
-            answer = _wait_for_answer(ledger, command_id)
+            return act(args, config, ledger)
         finally:
             ledger.close()
-        if answer is None:
-            print(f"{args.run_id}: {name} queued; the daemon did not answer within"
-                  f" {COMMAND_WAIT_SECONDS:g}s and will apply it when it can")  # fmt: skip
-            return EXIT_OK
-        outcome, message = answer
-        if outcome == "applied":
-            print(message)
-            return EXIT_OK
-        print(f"{outcome}: {message}", file=sys.stderr)
-        return EXIT_INVALID
 
     return run
+
+
+def _keep_case(
+    config: Config, ledger: Ledger, entry: Entry, verb: str, why: str
+) -> tuple[str, bool]:
+    """Keep an operator's verdict on escalated `entry` as a labelled case: (what became of it,
+    whether kept). A verdict on a file since deleted or changed cannot be: its content is gone."""
+    source: Source = "reject" if verb == "reject" else "approve"
+    try:
+        case = case_of(config, entry, VERDICT_LABELS[verb], source, why)
+    except DaemonError as exc:
+        return f"not kept as a labelled case: {exc}", False
+    ledger.add_case(case)
+    count = ledger.cases_mark()[0]
+    return (
+        f"{entry.run_id}: kept as a labelled case (right answer: {case.label}; {count} cases)",
+        True,
+    )
+
+
+def _command(verb: str) -> Command:
+    def run(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+        # Every escalated row of the run id: the same content under several names.
+        escalated = ledger.escalated(args.run_id)
+        if not escalated:
+            entry = ledger.by_run_id(args.run_id)
+            state = entry.state.value if entry else "unknown"
+            print(f"{args.run_id}: no pending escalation (state: {state})", file=sys.stderr)
+            return EXIT_INVALID
+        name = "approve-retry" if verb == "approve" and args.retry else verb
+        # The verdict is knowledge whatever becomes of the command: kept first, once; said
+        # after the command's answer.
+        kept = _keep_case(config, ledger, escalated[-1], name, args.why)
+        command_id = ledger.add_command(args.run_id, name)
+        state, _ = status.daemon_state(config)
+        code = EXIT_OK
+        if state != "running":
+            print(
+                f"{args.run_id}: {name} queued; the daemon will apply it when it runs"
+                + (" (it is not responding now)" if state == "not responding" else "")
+            )
+        elif (answer := _wait_for_answer(ledger, command_id)) is None:
+            print(f"{args.run_id}: {name} queued; the daemon did not answer within"
+                  f" {COMMAND_WAIT_SECONDS:g}s and will apply it when it can")  # fmt: skip
+        elif answer[0] == "applied":
+            print(answer[1])
+        else:
+            print(f"{answer[0]}: {answer[1]}", file=sys.stderr)
+            code = EXIT_INVALID
+        print(kept[0], file=sys.stdout if kept[1] else sys.stderr)
+        return code
+
+    return _on_ledger(run)
 
 
 def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
@@ -199,6 +262,51 @@ def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
             return None
         time.sleep(ANSWER_POLL_SECONDS)
     return answer
+
+
+def _correct(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    """Keep the right answer for a decision the daemon took: a labelled case, nothing else."""
+    entry = ledger.by_run_id(args.run_id)
+    if entry is None:
+        print(f"{args.run_id}: no such run in the ledger", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        case = case_of(config, entry, args.should, "correct", args.why)
+    except DaemonError as exc:
+        print(f"not kept: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    ledger.add_case(case)
+    assert entry.decision is not None  # case_of refuses a row with none
+    said = f"{entry.decision.action} ({entry.decision.decided_by})"
+    right = entry.decision.action == args.should
+    verdict = "it was right" if right else f"it should have been {args.should}"
+    count = ledger.cases_mark()[0]
+    print(f"{args.run_id}: the daemon said {said}; {verdict}: kept as a labelled case"
+          f" ({count} cases)")  # fmt: skip
+    print("  nothing was run, stopped or re-run: a correction is knowledge for the next"
+          " decisions, not an action on an agent")  # fmt: skip
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    print(f"cases export: {export_cases(ledger, sys.stdout)} cases", file=sys.stderr)
+    return EXIT_OK
+
+
+def _import(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    for name in args.files:
+        if name == "-":
+            new, replaced = import_cases(ledger, sys.stdin, "stdin")
+        else:
+            with open(name, encoding="utf-8") as lines:
+                new, replaced = import_cases(ledger, lines, name)
+        print(f"{name}: {new} new cases, {replaced} replaced")
+    return EXIT_OK
+
+
+def cmd_cases(args: argparse.Namespace) -> int:
+    verb = _on_ledger(_export, readonly=True) if args.action == "export" else _on_ledger(_import)
+    return verb(args)
 
 
 def cmd_stop_agent(args: argparse.Namespace) -> int:
@@ -328,6 +436,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retry", action="store_true", help="run the step again instead")
     rj = with_config(verb("reject", _command("reject"), "stop an escalated run here"))
     rj.add_argument("run_id", metavar="RUN_ID")
+    for sub in (ap, rj):
+        sub.add_argument("--why", default="", metavar="TEXT", help="kept with the case")
+    co = with_config(
+        verb(
+            "correct",
+            _on_ledger(_correct),
+            "keep the right answer for a decision (acts on nothing)",
+        )
+    )
+    co.add_argument("run_id", metavar="RUN_ID")
+    co.add_argument("--should", required=True, choices=list(ACTIONS), help="the right action")
+    co.add_argument("--why", default="", metavar="TEXT", help="kept with the case")
+    ca = with_config(verb("cases", cmd_cases, "export or import labelled cases as JSON lines"))
+    ca.add_argument("action", choices=["export", "import"])
+    ca.add_argument("files", nargs="*", metavar="FILE", help="import: JSONL files ('-': stdin)")
     sa = with_config(verb("stop-agent", cmd_stop_agent, "stop the running agent of RUN_ID"))
     sa.add_argument("run_id", metavar="RUN_ID")
     d = with_config(verb("decide", cmd_decide, "ask the LLMs about one result; act on nothing"))

@@ -332,6 +332,19 @@ class PolicyConfig(_Section):
     decision_deadline_seconds: Seconds = 300.0
     """The whole decision, every model call and answer attempt included; its explanation,
     asked for after it, gets as long again."""
+    vote_neighbours: Annotated[int, Field(ge=1, le=50)] = 5
+    """How many of the nearest labelled cases vote (docs/learning.md)."""
+    vote_min_cases: Annotated[int, Field(ge=1)] = 100
+    """The cases vote once there are this many: with 25 or 50 the vote cost more right
+    decisions than it saved (bench/RESULTS-cases.md)."""
+    calibration_min_cases: Annotated[int, Field(ge=2)] = 30
+    """Decided cases needed to calibrate the confidence: per step, else pooled over steps."""
+    min_calibrated_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """A decision whose calibrated confidence is lower escalates (0: never)."""
+    on_disagreement: Literal["escalate", "stronger"] = "escalate"
+    """Where the model and the cases' vote disagree: escalate, or follow the stronger (the
+    vote's strength against the model's probability). Escalate measured as right as often,
+    and its confidence better calibrated (bench/RESULTS-cases.md)."""
 
 
 class Config(_Section):

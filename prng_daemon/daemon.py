@@ -26,6 +26,7 @@ from .engine import Engine, Explaining
 from .errors import ConfigError, DaemonError
 from .handlers.act import choose_launcher, make_launcher
 from .handlers.decide.policy import Decider, Unexplained
+from .handlers.decide.vote import LedgerCases
 from .ledger import OUTCOMES, TRANSIENT, Ledger, State
 from .llm.router import AsyncRouter
 from .log import get_logger
@@ -149,7 +150,8 @@ class Daemon:
             raise
         self.supervisor = Supervisor(config, on_change=self._server_changed)
         self.router = AsyncRouter(config, is_ready=self.supervisor.is_ready)
-        self._decisions = Decider(config, self.router)
+        self._cases = LedgerCases(self.ledger)
+        self._decisions = Decider(config, self.router, self._cases)
         self.engine = Engine(
             config,
             self.ledger,
@@ -463,7 +465,9 @@ class Daemon:
             log.error("config.reload_refused", keys=refused, reason=reason, kept=kept)
             return
         try:
-            parts = await reload.build(self.config, new, self.supervisor.is_ready, self._watch)
+            parts = await reload.build(
+                self.config, new, self.supervisor.is_ready, self._watch, self._cases
+            )
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems, kept=kept)
             return

@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from .document.case import Case
 from .document.decision import Decision
 from .errors import LedgerCorrupt
 
@@ -119,6 +120,21 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 """
 
+_CASES = """
+CREATE TABLE IF NOT EXISTS cases (
+    id INTEGER PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    run_id TEXT,
+    step INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    source TEXT NOT NULL,
+    updated REAL NOT NULL,
+    body TEXT NOT NULL
+);
+"""
+"""Labelled cases (issue 26), added after the first release: a ledger made before gets the
+table at open. One row per file content; a later verdict on it replaces the earlier."""
+
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
 _COMMAND_COLUMNS = {"outcome": "TEXT", "message": "TEXT"}
@@ -213,6 +229,7 @@ class Ledger:
         if readonly:
             return
         self._db.executescript(_SCHEMA)
+        self._db.executescript(_CASES)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         if "attempts" not in columns:  # a ledger from before the sweep
             self._db.execute("ALTER TABLE files ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
@@ -455,3 +472,41 @@ class Ledger:
             (command_id,),
         ).fetchone()
         return (str(row[0]), str(row[1])) if row else None
+
+    # Labelled cases: an operator's verdicts (approve, reject, correct) and imported ones,
+    # written by the CLI whether the daemon runs or not, read by the decisions' case vote.
+
+    def add_case(self, case: Case) -> bool:
+        """Store `case`; True when its file content had no case yet (else it replaces it)."""
+        with self._transaction() as db:
+            new = not db.execute("SELECT 1 FROM cases WHERE sha256 = ?", (case.sha256,)).fetchone()
+            db.execute(
+                "INSERT INTO cases (sha256, run_id, step, label, source, updated, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET"
+                " run_id = excluded.run_id, step = excluded.step, label = excluded.label,"
+                " source = excluded.source, updated = excluded.updated, body = excluded.body",
+                (case.sha256, case.run_id, case.agent_metadata.pipeline_step, case.label,
+                 case.source, time.time(), case.model_dump_json()),
+            )  # fmt: skip
+        return new
+
+    def cases(self) -> list[Case]:
+        """Every labelled case, oldest first; none in a ledger from before cases (read-only)."""
+        if not self._has_cases():
+            return []
+        rows = self._query("SELECT body FROM cases ORDER BY id").fetchall()
+        return [Case.model_validate_json(r[0]) for r in rows]
+
+    def cases_mark(self) -> tuple[int, float]:
+        """(how many cases, when the last was written): changes whenever a case is added."""
+        if not self._has_cases():
+            return 0, 0.0
+        n, last = self._query("SELECT count(*), max(updated) FROM cases").fetchone()
+        return int(n), float(last or 0.0)
+
+    def _has_cases(self) -> bool:
+        return bool(
+            self._query(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cases'"
+            ).fetchone()
+        )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import Config
 from .document.pipeline import SERVER_NAMES, ServerName
-from .handlers.decide.policy import Decider
+from .handlers.decide.policy import CaseSource, Decider
 from .llm.apikey import make_key
 from .llm.router import AsyncRouter, read_api_key
 from .watcher import Watcher
@@ -56,6 +56,7 @@ async def build(
     new: Config,
     is_ready: Callable[[ServerName], bool],
     watch: Callable[[Path], Watcher],
+    cases: CaseSource | None = None,
 ) -> Parts:
     """Make every config-dependent part from `new`; the running ones are not touched.
 
@@ -69,7 +70,7 @@ async def build(
         read_api_key(new, name)
     router = AsyncRouter(new, is_ready=is_ready)
     try:
-        decisions = Decider(new, router)
+        decisions = Decider(new, router, cases)
         watcher = None
         if new.daemon.results_dir != old.daemon.results_dir:
             new.daemon.decisions_dir.mkdir(parents=True, exist_ok=True)

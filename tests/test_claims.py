@@ -50,6 +50,17 @@ from prng_daemon.handlers.decide.claims import stated_claims
         # A count against a percentage compares nothing; a fraction against one does.
         ("0 exact matches in 200 known outputs (baseline 0.39%)", {"zero": False}),
         ("hit rate 0.041 (baseline 0.4%)", {"chance": True}),
+        # A train/holdout gap only between the same metric; a loss overfits upwards.
+        ("Train loss 0.412 and holdout Brier score 0.186.", {}),
+        ("Train loss 0.21; holdout loss 0.52.", {"gap": False}),
+        ("Train accuracy 0.91, validation accuracy 0.89.", {"gap": True}),
+        # The report's own comparison with a named bar settles it; a range is not one.
+        (
+            "Train loss 0.412, holdout Brier score 0.186 (gap 4.6%, limit 10%).",
+            {"gap": True},
+        ),
+        ("Calibration done (gap 14%, limit 10%).", {"gap": False}),
+        ("Per-shard pass counts look uniform (min 2, max 9).", {}),
         # Numbers with no stated bar say nothing.
         ("Best trial #73: threshold=0.012, k_folds=5, score 0.847.", {}),
     ],

@@ -284,6 +284,20 @@ def test_what_the_numbers_settle_is_not_asked(fakes: tuple[FakeLlama, FakeLlama]
     assert fakes[1].requests[0]["grammar"] == finding_grammar(open_)
 
 
+def test_a_success_pairing_two_metrics_is_no_contradiction(
+    fakes: tuple[FakeLlama, FakeLlama],
+) -> None:
+    """Issue 26: a train loss and a holdout Brier score are not a gap of 0.226; the report's
+    own "(gap 4.6%, limit 10%)" settles the gap, and the model decides the rest."""
+    report = (
+        "Anti-overfit training converged. Train loss 0.412, holdout Brier score 0.186"
+        " (gap 4.6%, limit 10%). Model saved."
+    )
+    d = decide(_config(fakes), meta_for(5, reasoning=report))
+    assert (d.action, d.decided_by) == ("proceed", "llm")
+    assert "[its numbers hold: gap 4.6%, limit 10%]" in d.reasoning
+
+
 def test_an_unsure_model_is_overruled(fakes: tuple[FakeLlama, FakeLlama]) -> None:
     d = decide(_config(fakes, min_action_probability=0.95), meta_for(2))
     assert (d.action, d.decided_by, d.confidence) == ("escalate", "guardrail", 0.9)

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from prng_daemon.config import Config, PolicyConfig
+from prng_daemon.document.case import new_case
 from prng_daemon.document.decision import ACTIONS, Decision
 from prng_daemon.document.metadata import LLMMetadata
 from prng_daemon.handlers.decide.policy import Decider
 from prng_daemon.handlers.decide.prompt import FINDINGS, build_messages
+from prng_daemon.handlers.decide.vote import CaseIndex
 from prng_daemon.llm import AsyncRouter, Health, LlamaClient, Routed
 
 from .fake_llama import llm_config
@@ -133,6 +135,40 @@ def test_a_decision_is_well_formed_and_its_tokens_are_counted(servers: Config) -
     assert meta.total_tokens_generated == after - before > 0
     assert meta.llm_reasoning_trace and not any(t.degraded for t in meta.llm_reasoning_trace)
     assert meta.llm_decision == d.action
+
+
+def test_with_labelled_cases_the_decision_names_every_signal(servers: Config) -> None:
+    """Issue 26 on a real llama-server: the cases vote beside the model, and the record says
+    what each signal answered (the tiny model's answer is random; its shape is not)."""
+    meta = meta_for(2, reasoning="Holdout AUC 0.97; the label column was among the features.")
+    pool = [
+        new_case(
+            meta.model_copy(update={"run_id": None}),
+            sha256=f"{n:064x}",
+            file=f"{n}.json",
+            decision=None,
+            label=label,
+            source="seed",
+        )  # fmt: skip
+        for n, label in enumerate(("escalate", "escalate", "proceed"))
+    ]
+    index = CaseIndex(pool, servers.policy.model_copy(update={"vote_min_cases": 1}))
+
+    async def cases(_: PolicyConfig) -> CaseIndex:
+        return index
+
+    async def go() -> Decision:
+        router = AsyncRouter(servers)
+        try:
+            return await Decider(servers, router, cases).decide(meta)
+        finally:
+            await router.aclose()
+
+    d = asyncio.run(go())
+    assert d.action in ACTIONS and d.signals["model"]["action"] in ACTIONS
+    assert d.signals["cases"]["action"] == "escalate"
+    assert len(d.signals["cases"]["neighbours"]) == 3 and 0 <= d.signals["support"] <= 1
+    assert d.decided_by in ("llm", "cases", "guardrail")
 
 
 def test_the_second_decision_reuses_the_prompt_cache(

@@ -171,6 +171,8 @@ def approve(capsys: pytest.CaptureFixture[str], ws: Workspace, *args: str) -> fl
     code, out, _ = cli(capsys, ws, *args)
     verb = "approved for a retry" if "--retry" in args else "approved"
     assert code == 0 and out.startswith(f"{verb}: {args[-1]} -> started "), out
+    label = "retry" if "--retry" in args else "proceed"
+    assert f"{args[-1]}: kept as a labelled case (right answer: {label};" in out
     wait_until(ws.launches, 10, what="the launch after the approval")
     return time.monotonic() - approved
 
@@ -204,7 +206,11 @@ def test_rejected_escalation_is_done_with_no_launch(
     rid = run_id(2, 1)
     with escalated(tmp_path, fake, result_document(2, rid)) as (ws, _):
         code, out, _ = cli(capsys, ws, "reject", rid)
-        assert (code, out) == (0, f"rejected: {rid} -> stops here\n")
+        assert (code, out) == (
+            0,
+            f"rejected: {rid} -> stops here\n"
+            f"{rid}: kept as a labelled case (right answer: escalate; 1 cases)\n",
+        )
         assert ws.ledger_states() == {"done": 1}, "applied before the CLI returned"
         code, out, _ = cli(capsys, ws, "status")
         assert "pending escalations: 0" in out
@@ -249,9 +255,13 @@ def test_approve_of_a_deleted_escalation_is_refused_and_the_daemon_keeps_serving
         assert err == (
             f"refused: {gone}: still escalated:"
             " the result file was deleted since it was escalated\n"
+            f"not kept as a labelled case: {gone}: its result file gone.json: no such file\n"
         )
         code, out, _ = cli(capsys, ws, "approve", good)
-        assert (code, out) == (0, f"approved: {good} -> started full_scoring_agent\n")
+        assert (code, out.splitlines()[0]) == (
+            0,
+            f"approved: {good} -> started full_scoring_agent",
+        )
         wait_until(ws.launches, 10, what="the approved launch")
         ws.edit_config(lambda c: c["policy"].update(confidence_threshold=0.2))
         proc.send_signal(signal.SIGHUP)
@@ -265,7 +275,7 @@ def test_approve_of_a_deleted_escalation_is_refused_and_the_daemon_keeps_serving
         code, out, _ = cli(capsys, ws, "status")
         assert "pending escalations: 1" in out and f"  {gone}  step 2  gone.json: " in out
         code, out, _ = cli(capsys, ws, "reject", gone)
-        assert (code, out) == (0, f"rejected: {gone} -> stops here\n")
+        assert (code, out) == (0, f"rejected: {gone} -> stops here\n")  # and no case: no file
     finally:
         assert stop(proc) == 0
     [refused] = ws.events("command.refused")
@@ -282,7 +292,11 @@ def test_approve_without_a_running_daemon_is_queued_and_applied_at_its_start(
     with escalated(tmp_path, fake, result_document(2, rid)) as (ws, _):
         pass
     code, out, _ = cli(capsys, ws, "approve", rid)
-    assert (code, out) == (0, f"{rid}: approve queued; the daemon will apply it when it runs\n")
+    assert (code, out) == (
+        0,
+        f"{rid}: approve queued; the daemon will apply it when it runs\n"
+        f"{rid}: kept as a labelled case (right answer: proceed; 1 cases)\n",
+    )
     proc = ws.start()
     try:
         wait_until(ws.launches, 20, what="the queued approval applied at start")
@@ -392,7 +406,9 @@ def test_approve_of_an_invalid_file_or_a_removed_agent_is_refused_with_the_reaso
         proc.send_signal(signal.SIGHUP)
         wait_until(lambda: ws.events("config.reloaded"), 10, what="config.reloaded")
         code, out, err = cli(capsys, ws, "approve", orphan)
-        assert (code, out) == (1, "")
+        # Refused as a command; still the operator's verdict on what the file shows.
+        assert (code, out) == (1, f"{orphan}: kept as a labelled case (right answer: proceed;"
+                                  " 1 cases)\n")  # fmt: skip
         assert err.startswith("refused: ") and "ml_meta_agent" in err
     finally:
         assert stop(proc) == 0

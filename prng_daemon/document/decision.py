@@ -15,7 +15,7 @@ Level = Literal["low", "medium", "high"]
 CONFIDENCE_LEVELS: dict[str, float] = {"low": 0.25, "medium": 0.6, "high": 0.9}
 """A word even a 0.5B model writes reliably (it starts a number like `0.9` where a grammar
 wants an integer), mapped to a number for the decision record."""
-DecidedBy = Literal["llm", "llm_degraded", "guardrail", "rules", "operator"]
+DecidedBy = Literal["llm", "llm_degraded", "guardrail", "rules", "cases", "operator"]
 
 
 class Decision(BaseModel):
@@ -31,3 +31,5 @@ class Decision(BaseModel):
     # Ledger rows written before the field had this name call it `path`: read as they are.
     decided_by: DecidedBy = Field(validation_alias=AliasChoices("decided_by", "path"))
     llm_metadata: dict[str, Any]
+    signals: dict[str, Any] = Field(default_factory=dict)
+    """Each signal's answer (rules, model, cases) and strength; empty in older records."""

@@ -60,6 +60,7 @@ def write_record(
         "reasoning": decision.reasoning,
         "suggested_params": decision.suggested_params,
         "llm_metadata": decision.llm_metadata,
+        "signals": decision.signals,
         "agent": agent,
         "pid": pid,
         "approved_by": approved_by or None,
@@ -97,6 +98,7 @@ def _from_record(record: dict[str, Any]) -> tuple[str, str, State, dict[str, Any
         # Records written before the field had this name call it `policy_path`.
         decided_by=record.get("decided_by") or record["policy_path"],
         llm_metadata=record["llm_metadata"],
+        signals=record.get("signals") or {},  # none in records from before issue 26
     )
     fields = {
         "run_id": record["run_id"],

@@ -135,7 +135,7 @@ def collect(config: Config) -> dict[str, Any]:
     ledger_path = config.daemon.ledger_path
     if not ledger_path.exists():
         empty: dict[str, Any] = {"escalations": [], "recent": [], "pipeline_runs": []}
-        return report | empty | {"counts": {}, "attention": []}
+        return report | empty | {"counts": {}, "attention": [], "cases": 0}
     try:
         ledger = Ledger(ledger_path, readonly=True)
         try:
@@ -150,6 +150,7 @@ def collect(config: Config) -> dict[str, Any]:
             report["recent"] = [_row(e) for e in ledger.recent(10)]
             report["pipeline_runs"] = [_row(e) for e in ledger.pipeline_runs()]
             report["counts"] = ledger.counts()
+            report["cases"] = ledger.cases_mark()[0]
         finally:
             ledger.close()
     except sqlite3.Error as exc:
@@ -169,6 +170,12 @@ def _row(entry: Any) -> dict[str, Any]:
         "exit_code": entry.exit_code,
         "reason": entry.reason,
         "updated": entry.updated,
+        # Only a confidence fitted on labelled cases is shown as calibrated.
+        "calibrated_confidence": (
+            entry.decision.calibrated_confidence
+            if entry.decision is not None and "calibrated_on" in entry.decision.signals
+            else None
+        ),
     }
 
 
@@ -229,6 +236,9 @@ def render(report: dict[str, Any]) -> str:
         plan = f" ({e['decision']})" if stuck and e["decision"] else ""
         lines.append(f"  {e['run_id'] or '-'}  step {e['step']}  {e['file']}: {what}{plan}"
                      + (f": {e['reason']}" if e["reason"] else ""))  # fmt: skip
+    lines.append(
+        f"labelled cases: {report['cases']} (add: prng-llm-daemon correct RUN_ID --should ACTION)"
+    )
     lines.append("pipeline runs:")
     for e in report["pipeline_runs"]:
         lines.append(
@@ -240,6 +250,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"  {_when(e['updated'])}  {e['file']}  {e['state']}"
             + (f"  {e['decision']}" if e["decision"] else "")
+            + (f" (calibrated {c:.2f})" if (c := e["calibrated_confidence"]) is not None else "")
             + (f"  ({e['reason']})" if e["reason"] else "")
         )
     # File names, reasons and run ids come from files anyone could drop: no raw newline or

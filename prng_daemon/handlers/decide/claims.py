@@ -55,10 +55,21 @@ _PAREN = re.compile(
 _OPERATOR = re.compile(rf"{NUMBER}\s*(?P<op>[<>]=?|[≤≥])\s*{NUMBER}")
 # The metric's name may sit between ("train AUC 0.83", "holdout R^2 0.58"), not a sentence
 # ("training stopped at epoch 23").
-_METRIC_WORDS = r"(?:\s+(?!at\b|on\b|in\b|for\b|after\b|with\b|epoch)[A-Za-z^0-9²]+){0,2}?"
+_METRIC_WORDS = (
+    r"(?P<metric>(?:\s+(?!at\b|on\b|in\b|for\b|after\b|with\b|epoch)[A-Za-z^0-9²]+){0,2}?)"
+)
 _TRAIN = re.compile(rf"\btrain(?:ing)?\b{_METRIC_WORDS}[:=]?\s+{NUMBER}", re.IGNORECASE)
 _HOLDOUT = re.compile(
     rf"\b(?:hold-?out|validation|test)\b{_METRIC_WORDS}[:=]?\s+{NUMBER}", re.IGNORECASE
+)
+_NOT_A_METRIC = frozenset({"score", "set", "split", "data", "fold", "folds", "mean", "the"})
+_BAR_NOUNS = r"limit|max|maximum|ceiling|cap|target|min|minimum|floor|threshold|bar"
+# The report's own comparison with a named bar and no relation word: "(gap 4.6%, limit 10%)";
+# not a range ("min 2, max 9").
+_NAMED_BAR = re.compile(
+    rf"\b(?!(?:{_BAR_NOUNS})\b)[A-Za-z-]+\s*[:=]?\s*"
+    rf"{NUMBER}\s*[,;]\s*(?P<noun>{_BAR_NOUNS})\s*(?:of\s+)?:?\s*{NUMBER}",
+    re.IGNORECASE,
 )
 _AUC = re.compile(rf"\bAUC\s+(?:of\s+)?{NUMBER}", re.IGNORECASE)
 # What the step exists to find, counted as none; not "no survivors were lost", nor "its hash
@@ -163,6 +174,21 @@ def _kind(words: str, before: str, operator_under: bool | None) -> tuple[Finding
     return None
 
 
+def _metric(m: re.Match[str]) -> set[str]:
+    return {w for w in m["metric"].lower().split() if w not in _NOT_A_METRIC}
+
+
+def _same_metric(train: re.Match[str] | None, holdout: re.Match[str] | None) -> str | None:
+    """What a train and a holdout score both measure ("" when neither names it), or None when
+    they name different metrics: "train loss 0.412 … holdout Brier score 0.186" is no gap."""
+    if train is None or holdout is None:
+        return None
+    a, b = _metric(train), _metric(holdout)
+    if a and b and a != b:
+        return None
+    return " ".join(sorted(a or b))
+
+
 @lru_cache(maxsize=64)
 def stated_claims(report: str) -> tuple[Claim, ...]:
     """The comparisons `report` states, each checked; one per finding and span of text.
@@ -191,6 +217,12 @@ def stated_claims(report: str) -> tuple[Claim, ...]:
         pair = _pair(m, 1, 6)
         if kind is not None and pair is not None:
             add(_versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
+    for m in _NAMED_BAR.finditer(report):
+        # What the value measures is named just before it, inside the match: "gap 4.6%".
+        kind = _kind(m["noun"], report[max(0, m.start() - CONTEXT) : m.start(1)], None)
+        pair = _pair(m, 1, 4)
+        if kind is not None and pair is not None:
+            add(_versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
     for m in _OPERATOR.finditer(report):
         # A bare "(0.041 < 0.06)": the report's own inequality, true or not.
         pair, under = _pair(m, 1, 4), _OPERATORS[m["op"]]
@@ -201,8 +233,11 @@ def stated_claims(report: str) -> tuple[Claim, ...]:
         finding: Finding = "gap" if _GAP.search(before) else "target"
         add(Claim(finding, (value <= bar) if under else (value >= bar), _quote(m[0])), m.span())
     train, holdout = _TRAIN.search(report), _HOLDOUT.search(report)
-    if train and holdout and not any(c.finding == "gap" for c in claims):
-        gap = _value(train[1], train[2]) - _value(holdout[1], holdout[2])
+    metric = _same_metric(train, holdout)
+    if train and holdout and metric is not None and not any(c.finding == "gap" for c in claims):
+        gap = _value(train[2], train[3]) - _value(holdout[2], holdout[3])
+        if _LOWER_IS_BETTER.search(metric):  # a loss or an error overfits upwards
+            gap = -gap
         text = _quote(f"{train[0]} / {holdout[0]} (gap {gap:.3f})")
         if gap <= GAP_OK:
             add(Claim("gap", True, text), (0, 0))

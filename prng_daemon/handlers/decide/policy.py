@@ -4,6 +4,7 @@ guardrails (docs/decisions.md)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,9 @@ from ...document.pipeline import PrimaryLLM, ServerName, step
 from ...errors import LLMBadAnswer, LLMError, LLMUnavailable
 from ...llm.router import AsyncRouter, LLMMetrics, Routed
 from ...log import get_logger
+from .calibrate import Calibration
 from .claims import stated_claims
+from .combine import Signals, combine
 from .prompt import (
     EXPLAIN_GRAMMAR,
     FAILURE_FINDINGS,
@@ -31,8 +34,19 @@ from .prompt import (
     finding_grammar,
     finding_probabilities,
 )
+from .vote import CaseIndex, CaseVote
 
-__all__ = ["Decider", "Unexplained", "open_findings", "rules_decision", "settled_by_rules"]
+__all__ = [
+    "CaseSource",
+    "Decider",
+    "Unexplained",
+    "open_findings",
+    "rules_decision",
+    "settled_by_rules",
+]
+
+CaseSource = Callable[[PolicyConfig], Awaitable[CaseIndex | None]]
+"""The labelled cases as they stand now (None: none yet)."""
 
 log = get_logger()
 
@@ -46,6 +60,8 @@ class Unexplained:
     meta: AgentMetadata
     model: ModelAnswer
     metrics: LLMMetrics
+    cases: CaseVote | None
+    calibration: Calibration | None
 
 
 def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
@@ -86,10 +102,21 @@ def settled_by_rules(meta: AgentMetadata, policy: PolicyConfig) -> str | None:
 class Decider:
     """Asks the step's primary LLM(s) what the report shows, and applies the policy."""
 
-    def __init__(self, config: Config, router: AsyncRouter) -> None:
+    def __init__(
+        self, config: Config, router: AsyncRouter, cases: CaseSource | None = None
+    ) -> None:
         self.config = config
         self.policy = config.policy
         self.router = router
+        self.cases = cases
+
+    async def consult(self, meta: AgentMetadata) -> tuple[CaseVote | None, Calibration | None]:
+        """The labelled cases' vote on `meta` (a few ms: in a worker thread), and the
+        calibration fitted on them; None, None with no cases."""
+        index = await self.cases(self.policy) if self.cases is not None else None
+        if index is None:
+            return None, None
+        return await asyncio.to_thread(index.vote, meta), index.calibration
 
     async def _chat(
         self, endpoint: ServerName, messages: list[dict[str, str]], prefill: str, **kw: Any
@@ -203,10 +230,12 @@ class Decider:
         wait for it. LLMUnavailable only under when_no_llm="wait"."""
         metrics, policy = LLMMetrics(), self.policy
         settled = settled_by_rules(meta, policy)
+        cases, calibration = await self.consult(meta)
         if settled is not None:
+            signals = Signals("escalate", True, cases=cases)
             return self._decision(
                 meta, "escalate", meta.confidence, None, f"guardrail: {settled}", "guardrail",
-                metrics,
+                metrics, signals, calibration,
             )  # fmt: skip
         try:
             async with asyncio.timeout(policy.decision_deadline_seconds):
@@ -223,12 +252,13 @@ class Decider:
             log.warning("decision.rules_fallback", reason=problem)
             action, why = rules_decision(meta, policy)
             return self._decision(
-                meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics
-            )
-        decision = self._model_decision(meta, model, None, metrics)
+                meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics,
+                Signals(action, False, cases=cases), calibration,
+            )  # fmt: skip
+        decision = self._model_decision(meta, model, None, metrics, cases, calibration)
         if not policy.explain_decisions:
             return decision
-        return Unexplained(decision, meta, model, metrics)
+        return Unexplained(decision, meta, model, metrics, cases, calibration)
 
     async def explain(self, taken: Unexplained) -> Decision:
         """`taken.decision` with the model's confidence word and reasoning, or as it is when
@@ -241,13 +271,16 @@ class Decider:
         except TimeoutError:
             log.warning("llm.no_explanation", reason=f"none within {deadline:g}s")
         # Made again even without one: an answer that could not be used still counts as a call.
-        return self._model_decision(taken.meta, taken.model, explained, taken.metrics)
+        return self._model_decision(
+            taken.meta, taken.model, explained, taken.metrics, taken.cases, taken.calibration
+        )
 
     def _model_decision(
         self, meta: AgentMetadata, model: ModelAnswer, explained: Answer | None,
-        metrics: LLMMetrics,
+        metrics: LLMMetrics, cases: CaseVote | None, calibration: Calibration | None,
     ) -> Decision:  # fmt: skip
-        """The policy applied to the model's finding; `explained` only words the record."""
+        """The policy applied to the model's finding and the cases' vote; `explained` only
+        words the record."""
         policy, probability = self.policy, model.probability
         found = f"{model.finding} (p={probability:.2f})"
         held = [c.text for c in stated_claims(meta.reasoning or "") if c.holds]
@@ -264,10 +297,17 @@ class Decider:
             why = "the math specialist and the orchestrator disagree"
         elif probability < policy.min_action_probability:
             why = f"the model gives {model.action} only p={probability:.2f}"
+        signals = Signals(rules_decision(meta, policy)[0], False, model.action, probability, cases)
         if why and action != "escalate":
             action, path = "escalate", "guardrail"
             reasoning = f"guardrail: {why} (the model said {model.action}: {reasoning})"
-        return self._decision(meta, action, confidence, probability, reasoning, path, metrics)
+        elif (combined := combine(signals, policy)) != (action, ""):
+            action, why = combined
+            path = "guardrail" if action == "escalate" else "cases"
+            reasoning = f"{path}: {why} (the model said {model.action}: {reasoning})"
+        return self._decision(
+            meta, action, confidence, probability, reasoning, path, metrics, signals, calibration
+        )
 
     def _decision(
         self,
@@ -278,16 +318,42 @@ class Decider:
         reasoning: str,
         path: DecidedBy,
         metrics: LLMMetrics,
+        signals: Signals,
+        calibration: Calibration | None,
     ) -> Decision:
+        """The decision as recorded. Its calibrated confidence is the calibration's, once
+        fitted (else `calibrated`: the model's probability, or None); one under
+        policy.min_calibrated_confidence escalates."""
+        fitted = self._calibrated(meta, action, signals, calibration)
+        least = self.policy.min_calibrated_confidence
+        if fitted is not None and fitted < least and action != "escalate":
+            reasoning = (
+                f"guardrail: calibrated confidence {fitted:.2f} under {least:g}"
+                f" (it would have been {action}: {reasoning})"
+            )
+            action, path = "escalate", "guardrail"
+            fitted = self._calibrated(meta, action, signals, calibration)
+        record = {**signals.record(), "support": round(signals.supports(action), 4)}
+        if fitted is not None and calibration is not None:
+            record["calibrated_on"] = calibration.size  # cases: the confidence is calibrated
         llm_metadata = metrics.llm_metadata(self.config)
         llm_metadata["llm_decision"] = action
         llm_metadata["human_override_requested"] = action == "escalate"
         return Decision(
             action=action,
             confidence=confidence,
-            calibrated_confidence=calibrated,
+            calibrated_confidence=calibrated if fitted is None else fitted,
             reasoning=reasoning,
             suggested_params=dict(meta.suggested_params or {}),
             decided_by=path,
             llm_metadata=llm_metadata,
+            signals=record,
         )
+
+    @staticmethod
+    def _calibrated(
+        meta: AgentMetadata, action: Action, signals: Signals, calibration: Calibration | None
+    ) -> float | None:
+        if calibration is None:
+            return None
+        return calibration.calibrated(meta.pipeline_step, signals.supports(action))

@@ -1,0 +1,88 @@
+"""One decision from three signals (issue 26): the rules' arithmetic, the model's finding and
+the labelled cases' vote. Pure functions, so the bench replays them on saved model answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...config import PolicyConfig
+from ...document.decision import Action
+from .vote import CaseVote
+
+__all__ = ["Signals", "combine"]
+
+WEIGHTS = {"model": 1.0, "cases": 3.0}
+"""How much each signal counts in `Signals.supports`. The model's own probability tells its
+right answers from its wrong ones poorly (AUROC 0.77 on the blind set, 0.34 on the held-out
+set, bench/RESULTS-cases.md); the vote's strength well (0.87 and 1.00)."""
+
+
+@dataclass(frozen=True)
+class Signals:
+    rules: Action
+    """The rules' action: a guardrail's escalation, else proceed on success, retry on failure."""
+    settled: bool
+    """A guardrail settled it: neither the model nor the cases can overrule it."""
+    model: Action | None = None
+    probability: float | None = None
+    """The model's probability for its action (among the open findings)."""
+    cases: CaseVote | None = None
+
+    def supports(self, action: Action) -> float:
+        """How much the signals back `action` (0..1): a guardrail's escalation, fully (the
+        cases cannot overrule it, and it is the rules' arithmetic on the report's own words);
+        else the mean over the signals present, weighted by WEIGHTS, of the signal's strength
+        when it says `action`, else one less it. Calibration maps it to the observed rate of
+        being right."""
+        if self.settled:
+            return float(self.rules == action)
+        parts = []
+        if self.model is not None and self.probability is not None:
+            p = self.probability
+            parts.append((WEIGHTS["model"], p if self.model == action else 1.0 - p))
+        if self.cases is not None:
+            s = self.cases.strength
+            parts.append((WEIGHTS["cases"], s if self.cases.action == action else 1.0 - s))
+        if not parts:  # the rules alone, unsettled: a default, not evidence
+            return 0.5
+        return sum(w * x for w, x in parts) / sum(w for w, _ in parts)
+
+    def record(self) -> dict[str, Any]:
+        """The signals as the decision record names them."""
+        out: dict[str, Any] = {"rules": {"action": self.rules, "settled": self.settled}}
+        if self.model is not None:
+            out["model"] = {"action": self.model, "probability": self.probability}
+        if self.cases is not None:
+            out["cases"] = {
+                "action": self.cases.action,
+                "strength": round(self.cases.strength, 4),
+                "scope": self.cases.scope,
+                "neighbours": [
+                    {
+                        "run_id": n.run_id,
+                        "file": n.file,
+                        "label": n.label,
+                        "similarity": round(n.similarity, 4),
+                    }
+                    for n in self.cases.neighbours
+                ],  # fmt: skip
+            }
+        return out
+
+
+def combine(signals: Signals, policy: PolicyConfig) -> tuple[Action, str]:
+    """(action, why it overrides the model's, "" when it does not). A guardrail stands; with
+    no model answer the rules decide; where the model and the cases agree, that is the action;
+    where they disagree, policy.on_disagreement: escalate, or follow the stronger of the two."""
+    if signals.settled or signals.model is None:
+        return signals.rules, ""
+    vote, model = signals.cases, signals.model
+    if vote is None or vote.action == model:
+        return model, ""
+    said = f"the model says {model} (p={signals.probability or 0:.2f}), the cases {vote.describe()}"
+    if policy.on_disagreement == "escalate":
+        return "escalate", said
+    if vote.strength > (signals.probability or 0.0):
+        return vote.action, f"the cases are the stronger: {said}"
+    return model, ""
