@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
 from .config import AgentConfig, Config
 from .document.decision import Decision
 from .document.files import record_name, write_json_atomic
@@ -187,7 +189,7 @@ class Engine:
             except Deferred:
                 return await asyncio.to_thread(load_result, path, **limits)
 
-    def _vanished(self, name: str, log: Any) -> None:
+    def _vanished(self, name: str, log: FilteringBoundLogger) -> None:
         """The file is gone before it could be read: nothing to quarantine. A row of it left
         waiting or mid-way can never go on; it is settled now (this worker holds the name, so
         none of them is in flight)."""
@@ -197,7 +199,9 @@ class Engine:
         for entry in rows:
             self._settle_stuck(entry, f"the file was deleted while {entry.state}", log)
 
-    def _reject(self, path: Path, exc: ResultRejected, source: Source, log: Any) -> None:
+    def _reject(
+        self, path: Path, exc: ResultRejected, source: Source, log: FilteringBoundLogger
+    ) -> None:
         if exc.maybe_partial and source == "scan" and _recently_changed(path):
             log.debug("result.incomplete", reason=str(exc))
             return
@@ -212,7 +216,9 @@ class Engine:
         log.error("result.rejected", reason=exc.reason, pointer=exc.pointer or "/", source=source)
         self._on_change()
 
-    async def _decide_and_act(self, entry: Entry, loaded: Loaded, log: Any) -> None:
+    async def _decide_and_act(
+        self, entry: Entry, loaded: Loaded, log: FilteringBoundLogger
+    ) -> None:
         meta = loaded.document.agent_metadata
         row = step(meta.pipeline_step)
         self.current = f"step {row.number}/6 {row.name}: deciding"
@@ -251,7 +257,7 @@ class Engine:
         entry: Entry,
         loaded: Loaded,
         decision: Decision,
-        log: Any,
+        log: FilteringBoundLogger,
         approved_by: str = "",
         explained: Awaitable[Decision] | None = None,
     ) -> None:
@@ -298,7 +304,13 @@ class Engine:
         self.ledger.update(entry, final, reason=reason, pid=pid, **worded)
 
     async def _launch(
-        self, entry: Entry, loaded: Loaded, decision: Decision, agent: str, retry: bool, log: Any
+        self,
+        entry: Entry,
+        loaded: Loaded,
+        decision: Decision,
+        agent: str,
+        retry: bool,
+        log: FilteringBoundLogger,
     ) -> tuple[Entry, State, str | None, int | None]:
         """Start `agent` for `entry` at most once: (entry, final state, reason, pid)."""
         key = launch_key(entry.path, entry.sha256)
@@ -446,7 +458,7 @@ class Engine:
             else:
                 self._lost(entry, log)
 
-    def _lost(self, entry: Entry, log: Any) -> None:
+    def _lost(self, entry: Entry, log: FilteringBoundLogger) -> None:
         """An agent launched before the restart ended while the daemon was not running."""
         reason = "its agent ended while the daemon was not running; exit status unknown"
         self.ledger.update(entry, entry.state, touch=False, ended=time.time(), reason=reason)
@@ -456,7 +468,7 @@ class Engine:
         """The pid of `entry`'s launched agent: the ledger's, else the launcher finds it."""
         return entry.pid if entry.pid is not None else self.launcher.find(_agent_run(entry))
 
-    def _settle_launched(self, entry: Entry, reason: str, log: Any) -> Entry:
+    def _settle_launched(self, entry: Entry, reason: str, log: FilteringBoundLogger) -> Entry:
         """A launch intent whose marker exists: ACTED, with its pid and decision record."""
         pid = self._pid_of(entry)
         path = record_path(self.config.daemon, entry)
@@ -517,7 +529,7 @@ class Engine:
         self._resumed.update(p.name for p in again)
         return again
 
-    def _settle_stuck(self, entry: Entry, reason: str, log: Any) -> None:
+    def _settle_stuck(self, entry: Entry, reason: str, log: FilteringBoundLogger) -> None:
         """A row that cannot go on: FAILED with `reason`, or ACTED if its launch marker exists."""
         key = launch_key(entry.path, entry.sha256)
         if entry.state is State.LAUNCHING and self.launcher.was_launched(key):
@@ -570,7 +582,9 @@ class Engine:
             message += f"; {_RESOLVED[verb]}: {listed(done)}"
         return False, message
 
-    async def _resolve_one(self, entry: Entry, verb: str, log: Any) -> tuple[bool, str]:
+    async def _resolve_one(
+        self, entry: Entry, verb: str, log: FilteringBoundLogger
+    ) -> tuple[bool, str]:
         """Resolve one escalated row: (True, what happened) or (False, why it stays escalated)."""
         if entry.decision is None or entry.step is None:
             return False, "it has no recorded decision to act on; reject it"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from ..document.names import printable
 from .journal import JournalSender, field_name
@@ -124,6 +124,7 @@ def configure_logging(
     )
 
 
-def get_logger(**context: Any) -> Any:
+def get_logger(**context: Any) -> FilteringBoundLogger:
     """A logger with `context` on every line it writes (lazy: safe to call at import time)."""
-    return structlog.get_logger(**context)
+    logger: FilteringBoundLogger = structlog.get_logger(**context)
+    return logger

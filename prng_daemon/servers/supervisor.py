@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from structlog.typing import FilteringBoundLogger
+
 from ..config import Config, ServerConfig
 from ..document.pipeline import SERVER_NAMES, ServerName
 from ..errors import LLMError
@@ -90,7 +92,7 @@ class _Ended:
 @dataclass
 class _Child:
     name: ServerName
-    log: Any
+    log: FilteringBoundLogger
     budget: RestartBudget
     status: ChildStatus
     output: ChildLog | None = None

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
 from ...config import SlurmOptions
 from ...document.files import write_json_atomic
 from ...errors import DaemonError, LaunchUnavailable
@@ -206,7 +208,12 @@ class SlurmLauncher:
         return job_id
 
     async def _submit(
-        self, launch: Launch, options: SlurmOptions, job_dir: Path, look_first: bool, log: Any
+        self,
+        launch: Launch,
+        options: SlurmOptions,
+        job_dir: Path,
+        look_first: bool,
+        log: FilteringBoundLogger,
     ) -> int:
         run = launch.run
         name = job_name(run.key)
