@@ -13,27 +13,24 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from .config import AgentConfig, Config
+from .config import Config
 from .document.decision import Decision
-from .document.files import record_name, write_json_atomic
 from .document.metadata import AgentMetadata
 from .document.names import utf8_name
 from .document.pipeline import step
 from .errors import AgentFailed, LaunchUnavailable, LLMUnavailable, ResultRejected, UnsafePath
 from .handlers.act.launcher import (
     AgentLauncher,
-    AgentRun,
     AlreadyLaunched,
-    Launch,
     OnExit,
     launch_key,
 )
+from .handlers.act.plan import agent_for, agent_run, derived_run_id, launch_for
 from .handlers.record import read_records, record_path, write_record
 from .handlers.validate import Deferred, Loaded, load_result
 from .ledger import RESUMABLE, Entry, Ledger, State
@@ -283,10 +280,9 @@ class Engine:
             final, reason = State.DONE, "pipeline run complete"
             log.info("pipeline.completed", pipeline_run=entry.root_run_id)
         else:
-            retry = decision.action == "retry"
-            agent = row.agent if retry else row.follow_up_agent
+            agent = agent_for(row, decision.action)
             entry, final, reason, pid = await self._launch(
-                entry, loaded, decision, agent, retry, log
+                entry, loaded, decision, agent, decision.action == "retry", log
             )
         if explained is not None:
             decision = await explained
@@ -330,7 +326,7 @@ class Engine:
         if config is None:  # launched before a restart, removed from the config since
             return entry, State.ACTED, "launched before a restart", None
         try:
-            launch = self._launch_for(entry, loaded, decision, config, retry)
+            launch = launch_for(self.config.daemon, entry, loaded, decision, config, retry)
             pid = await self.launcher.start(launch)
         except UnsafePath as exc:  # its params file: nothing launched, and nothing will be
             log.error("agent.failed", agent=agent, reason=str(exc))
@@ -351,27 +347,6 @@ class Engine:
         log.info("agent.started", agent=agent, pid=pid, decision=decision.action,
                  launcher=kind, started_as=where)  # fmt: skip
         return entry, State.ACTED, None, pid
-
-    def _launch_for(
-        self, entry: Entry, loaded: Loaded, decision: Decision, agent: AgentConfig, retry: bool
-    ) -> Launch:
-        path, sha256, meta = loaded.path, loaded.sha256, loaded.document.agent_metadata
-        decisions = self.config.daemon.decisions_dir
-        params_file = decisions / record_name(path, sha256, "params")
-        params = decision.suggested_params
-        write_json_atomic(params_file, params, durable=False)
-        run_id = entry.run_id or ""
-        values = {
-            "parent_run_id": (meta.parent_run_id or "") if retry else run_id,
-            "step": str(meta.pipeline_step if retry else meta.pipeline_step + 1),
-            "retry_count": str(meta.retries + 1 if retry else 0),
-            "params_file": str(params_file),
-            "result_file": str(path),
-            "results_dir": str(self.config.daemon.results_dir),
-            "decision": decision.action,
-            "decision_file": str(record_path(self.config.daemon, entry)),
-        }
-        return Launch(_agent_run(entry), agent, values)
 
     def _agent_exited(
         self, launch_id: int, pid: int, code: int | None, duration: float,
@@ -453,7 +428,7 @@ class Engine:
             agent = self.config.agents.get(entry.agent)
             timeout = agent.timeout_seconds if agent else ADOPTED_TIMEOUT_SECONDS
             remaining = max(1.0, timeout - (time.time() - entry.updated))
-            if self.launcher.adopt(_agent_run(entry), entry.pid, remaining):
+            if self.launcher.adopt(agent_run(entry), entry.pid, remaining):
                 log.info("agent.adopted", agent=entry.agent, pid=entry.pid)
             else:
                 self._lost(entry, log)
@@ -466,7 +441,7 @@ class Engine:
 
     def _pid_of(self, entry: Entry) -> int | None:
         """The pid of `entry`'s launched agent: the ledger's, else the launcher finds it."""
-        return entry.pid if entry.pid is not None else self.launcher.find(_agent_run(entry))
+        return entry.pid if entry.pid is not None else self.launcher.find(agent_run(entry))
 
     def _settle_launched(self, entry: Entry, reason: str, log: FilteringBoundLogger) -> Entry:
         """A launch intent whose marker exists: ACTED, with its pid and decision record."""
@@ -600,7 +575,7 @@ class Engine:
                 return True, "stops here"
             action = "retry" if verb == "approve-retry" else "proceed"
             row = step(entry.step)
-            agent = row.agent if action == "retry" else row.follow_up_agent
+            agent = agent_for(row, action)
             if not (action == "proceed" and row.is_last) and agent not in self.config.agents:
                 return False, f"agent {agent} is not configured"
             loaded = await self._load(
@@ -629,18 +604,6 @@ class Engine:
 
 
 _RESOLVED = {"approve": "approved", "approve-retry": "approved for a retry", "reject": "rejected"}
-
-
-def _agent_run(entry: Entry) -> AgentRun:
-    """The launch of a ledger row (one in LAUNCHING or later, so its agent is known)."""
-    assert entry.agent is not None
-    return AgentRun(entry.id, launch_key(entry.path, entry.sha256), entry.run_id or "", entry.agent)
-
-
-def derived_run_id(path: Path, step_number: int, sha256: str) -> str:
-    """A stable run id for a result that carries none: its step, mtime and content hash."""
-    stamp = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y%m%d_%H%M%S")
-    return f"step{step_number}_{stamp}_{sha256[:6]}"
 
 
 def _recently_changed(path: Path) -> bool:

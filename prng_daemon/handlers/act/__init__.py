@@ -1,7 +1,8 @@
 """Third stage: start the follow-up agent exactly once, on this host (`local`), as a systemd
 transient unit (`systemd`) or as a Slurm job (`slurm`, per agent), behind one interface
-(`launcher`). `choose_launcher` decides which one `daemon.launcher` gets, checked for real;
-`make_launcher` puts it together."""
+(`launcher`); `plan` says what a decision starts (the agent, its placeholders).
+`choose_launcher` decides which one `daemon.launcher` gets, checked for real; `make_launcher`
+puts it together."""
 
 from __future__ import annotations
 
