@@ -212,7 +212,7 @@ class Daemon:
         code = 0
         try:
             self._watcher = self._watch(settings.results_dir).__enter__()
-            self.engine.reconcile()
+            self.engine.recovery.reconcile(self.config)
             await self._catch_up(at_start=True)
             # What start-up made (modules, schemas, the config) lives as long as the daemon:
             # frozen, the collector never walks it again. Its full passes were the latency
@@ -370,7 +370,7 @@ class Daemon:
         # WAITING: no LLM answered last time. The sweep: rows left mid-way (at start, any).
         for entry in self.ledger.in_state(State.WAITING):
             self.enqueue(self.config.daemon.results_dir / entry.path, "retry")
-        for path in self.engine.sweep(at_start=at_start):
+        for path in self.engine.recovery.sweep(self.config.daemon, at_start=at_start):
             self.enqueue(path, "retry")
         if found:
             log.info("daemon.catch_up", files=len(found))

@@ -20,10 +20,11 @@ from prng_daemon.config import load_config
 from prng_daemon.document.decision import Decision
 from prng_daemon.document.files import record_name
 from prng_daemon.document.metadata import AgentMetadata
-from prng_daemon.engine import MAX_RESUMES, Engine
+from prng_daemon.engine import Engine
 from prng_daemon.handlers.act.launcher import launch_key
 from prng_daemon.handlers.act.local import LocalLauncher
 from prng_daemon.ledger import Ledger, State
+from prng_daemon.recovery import MAX_RESUMES
 
 from .helpers import free_port, wait_until
 from .workspace import Workspace, drop, make_workspace, result_document, run_id
@@ -97,17 +98,19 @@ def test_a_row_stuck_mid_way_is_resumed_then_settled_failed_after_its_resumes(
         _decided_but_not_acted(engine, ws, "r.json", "escalate")
         _unwritable_record(ws, engine)
         now = time.time()
-        assert engine.sweep(now) == [], "not yet past the deadline"
+        assert engine.recovery.sweep(engine.config.daemon, now) == [], "not yet past the deadline"
         with capture_logs() as logs:
             for n in range(1, MAX_RESUMES + 1):
                 now += DEADLINE + 1
-                [path] = engine.sweep(now)
-                assert engine.sweep(now + DEADLINE + 1) == [], "handed out, not stuck"
+                [path] = engine.recovery.sweep(engine.config.daemon, now)
+                assert engine.recovery.sweep(engine.config.daemon, now + DEADLINE + 1) == [], (
+                    "handed out, not stuck"
+                )
                 assert _state(engine, "r.json") == (State.DECIDED, None, n)
                 with pytest.raises(IsADirectoryError):
                     await engine.process(path, "retry")
             now += DEADLINE + 1
-            assert engine.sweep(now) == []
+            assert engine.recovery.sweep(engine.config.daemon, now) == []
         state, reason, _ = _state(engine, "r.json")
         assert (state, reason) == (State.FAILED, f"still decided after {MAX_RESUMES} resumes")
         [stuck] = [e for e in logs if e["event"] == "result.stuck"]
@@ -121,7 +124,7 @@ def test_a_resumed_row_finishes_where_it_stopped_without_a_new_decision(
 ) -> None:
     async def body(ws: Workspace, engine: Engine) -> None:
         _decided_but_not_acted(engine, ws, "r.json", "escalate")
-        [path] = engine.sweep(at_start=True)
+        [path] = engine.recovery.sweep(engine.config.daemon, at_start=True)
         assert _state(engine, "r.json")[2] == 0, "a resume at start is not counted"
         assert await engine.process(path, "retry")
         state, reason, _ = _state(engine, "r.json")
@@ -134,7 +137,7 @@ def test_a_stuck_row_whose_file_is_gone_is_settled_at_once(tmp_path: Path) -> No
     async def body(ws: Workspace, engine: Engine) -> None:
         _decided_but_not_acted(engine, ws, "r.json", "proceed")
         (ws.results / "r.json").unlink()
-        assert engine.sweep(at_start=True) == []
+        assert engine.recovery.sweep(engine.config.daemon, at_start=True) == []
         state, reason, _ = _state(engine, "r.json")
         assert (state, reason) == (State.FAILED, "the file was deleted while decided")
 
@@ -153,7 +156,7 @@ def test_a_launch_intent_left_by_a_failed_record_write_is_settled_by_its_marker(
             await engine.process(ws.results / "r.json", "retry")
         assert _state(engine, "r.json")[0] is State.LAUNCHING
         record.rmdir()
-        [path] = engine.sweep(time.time() + DEADLINE + 1)
+        [path] = engine.recovery.sweep(engine.config.daemon, time.time() + DEADLINE + 1)
         assert await engine.process(path, "retry")
         state, reason, _ = _state(engine, "r.json")
         assert state is State.ACTED and reason and "already happened" in reason

@@ -113,7 +113,7 @@ def test_an_agent_whose_pid_never_reached_the_ledger_is_found_by_its_launch_id(
             with contextlib.closing(sqlite3.connect(engine.ledger.path)) as db, db:
                 db.execute("UPDATE files SET state = 'launching', pid = NULL")
             with capture_logs() as logs:
-                engine.reconcile()
+                engine.recovery.reconcile(engine.config)
             [adopted] = [e for e in logs if e["event"] == "agent.adopted"]
             assert adopted["pid"] == entry.pid
             after = engine.ledger.get(entry.id)

@@ -15,6 +15,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ledger", "watcher", "llm"),
     ("servers",),
     ("handlers",),
+    ("recovery",),
     ("engine", "service", "reload", "sdk"),
     ("daemon",),
     ("demo",),
