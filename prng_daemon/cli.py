@@ -9,11 +9,11 @@ import json
 import os
 import sqlite3
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .commands import COMMAND_WAIT_SECONDS, wait_for_answer
 from .config import DEFAULT_CONFIG_PATH, Config, PolicyConfig, config_path, load_config
 from .daemon import Daemon
 from .document.case import Case, Source
@@ -40,9 +40,6 @@ from .service.notify import Notifier
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
-COMMAND_WAIT_SECONDS = 10.0
-"""How long approve/reject wait for the running daemon's answer (it polls every second)."""
-ANSWER_POLL_SECONDS = 0.1
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -240,7 +237,7 @@ def _command(verb: str) -> Command:
                 f"{args.run_id}: {name} queued; the daemon will apply it when it runs"
                 + (" (it is not responding now)" if state == "not responding" else "")
             )
-        elif (answer := _wait_for_answer(ledger, command_id)) is None:
+        elif (answer := wait_for_answer(ledger, command_id)) is None:
             print(f"{args.run_id}: {name} queued; the daemon did not answer within"
                   f" {COMMAND_WAIT_SECONDS:g}s and will apply it when it can")  # fmt: skip
         elif answer[0] == "applied":
@@ -252,16 +249,6 @@ def _command(verb: str) -> Command:
         return code
 
     return _on_ledger(run)
-
-
-def _wait_for_answer(ledger: Ledger, command_id: int) -> tuple[str, str] | None:
-    """The running daemon's (outcome, message) for the command, or None at the deadline."""
-    deadline = time.monotonic() + COMMAND_WAIT_SECONDS
-    while (answer := ledger.command_outcome(command_id)) is None:
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(ANSWER_POLL_SECONDS)
-    return answer
 
 
 def _correct(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:

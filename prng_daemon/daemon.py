@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import reload
+from .commands import Commands
 from .config import Config
 from .document.decision import Decision
 from .document.metadata import AgentMetadata
@@ -40,7 +41,6 @@ from .watcher import Watcher
 __all__ = ["EXIT_TASK_FAILED", "Daemon", "lock_state_dir"]
 
 STATUS_POLL_SECONDS = 0.25
-COMMAND_POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30.0
 BUSY_RETRY_SECONDS = 0.2
 DEGRADED_RESCAN_SECONDS = 2.0
@@ -160,6 +160,7 @@ class Daemon:
             on_change=self._changed,
             requeue=self.enqueue,
         )
+        self._commands = Commands(self.engine, on_change=self._changed)
 
     # -- plumbing between the parts ------------------------------------------------------
 
@@ -267,7 +268,8 @@ class Daemon:
             for n in range(self._workers)
         ]
         tasks.start("rescan", self._rescan_loop, self._rescan_deadline())
-        tasks.start("commands", self._command_loop, work)
+        beat = partial(tasks.beat, "commands")
+        tasks.start("commands", partial(self._commands.serve, beat, self._reload), work)
         tasks.start("status", self._status_loop, STATUS_DEADLINE_SECONDS)
         # The pinger checks the others; if it is stuck itself, the pings stop all the same.
         tasks.start(
@@ -413,35 +415,15 @@ class Daemon:
                 self._changed()
             missing = False
 
-    async def _command_loop(self) -> None:
-        while True:
-            self._tasks.beat("commands")
-            for command_id, run_id, verb in self.ledger.pending_commands():
-                await self._apply_command(command_id, run_id, verb)
-            if self._reload_requested:
-                await self._reload()
-            await asyncio.sleep(COMMAND_POLL_SECONDS)
-
-    async def _apply_command(self, command_id: int, run_id: str, verb: str) -> None:
-        """Answer one operator command, whatever happens: it is never left to be replayed."""
-        clog = log.bind(run_id=run_id, command=verb)
-        try:
-            applied, message = await self.engine.resolve(run_id, verb)
-        except Exception as exc:
-            clog.exception("command.crashed", error=repr(exc))
-            outcome, message = "crashed", f"internal error (see the daemon's log): {exc!r}"
-        else:
-            outcome = "applied" if applied else "refused"
-            (clog.info if applied else clog.warning)(f"command.{outcome}", message=message)
-        self.ledger.finish_command(command_id, outcome, message)
-        self._changed()
-
     # -- reload, status ----------------------------------------------------------------------
 
     def _request_reload(self) -> None:
         self._reload_requested = True
 
     async def _reload(self) -> None:
+        """Reload the config if SIGHUP asked for it (between two rounds of commands)."""
+        if not self._reload_requested:
+            return
         self._reload_requested = False
         if self._reload_config is None:
             return

@@ -2,7 +2,7 @@
 
 The ledger is consulted before any work and written at every step, so a crash at any point
 is reconciled at the next start: never a second launch, never a lost one. A row left mid-way
-is resumed or settled by `sweep`; operator commands are answered by `resolve`, never raised.
+is resumed or settled by the sweep (`recovery`); operator commands are answered in `commands`.
 """
 
 from __future__ import annotations
@@ -105,12 +105,16 @@ class Engine:
         if path.name in self._busy:
             return False
         self.recovery.taken_up(path.name)
-        with self._holding(path.name):
+        with self.holding(path.name):
             await self._process(path, source)
         return True
 
+    def in_flight(self, name: str) -> bool:
+        """True while `name`'s rows are being worked on (`holding`)."""
+        return name in self._busy
+
     @contextmanager
-    def _holding(self, name: str) -> Iterator[None]:
+    def holding(self, name: str) -> Iterator[None]:
         """While held, `name`'s rows are being worked on: the sweep leaves them alone."""
         self._busy.add(name)
         try:
@@ -126,7 +130,7 @@ class Engine:
             self._reject(path, ResultRejected(NAME_NOT_UTF8), source, log)
             return
         try:
-            loaded = await self._load(
+            loaded = await self.load(
                 path,
                 max_bytes=settings.max_result_bytes,
                 root=settings.results_dir,
@@ -166,7 +170,7 @@ class Engine:
         if not lock.locked():
             self._run_locks.pop(root, None)
 
-    async def _load(self, path: Path, **limits: Any) -> Loaded:
+    async def load(self, path: Path, **limits: Any) -> Loaded:
         """load_result, one file at a time: on the loop where that is cheap, else in a worker
         thread (15 MB is seconds of CPU).
 
@@ -394,99 +398,6 @@ class Engine:
             path = self.config.daemon.results_dir / entry.path
             loop.call_later(delay, self._requeue, path, "retry")
         self._on_change()
-
-    # -- operator commands ---------------------------------------------------------------
-
-    async def resolve(self, run_id: str, verb: str) -> tuple[bool, str]:
-        """Apply `approve`, `approve-retry` or `reject` to every pending escalation of `run_id`
-        (the same content under several names is several escalations of one run id).
-
-        Returns (applied to all, one line for the operator: `approved: RUN -> started AGENT`).
-        Never raises for what operators and files do: a file deleted, changed or made invalid
-        since, an agent no longer configured leave that escalation pending, with the reason in
-        the message, to be approved once fixed or rejected (which always works).
-        """
-        log = get_logger(run_id=run_id, command=verb)
-        if verb not in _RESOLVED:
-            return False, f"{run_id}: unknown command {verb!r}"
-        entries = self.ledger.escalated(run_id)
-        if not entries:
-            latest = self.ledger.by_run_id(run_id)
-            state = latest.state.value if latest else "unknown"
-            log.warning("escalation.unknown", state=state)
-            return False, f"{run_id}: no pending escalation (state: {state})"
-        done: list[tuple[str, str]] = []
-        pending: list[tuple[str, str]] = []
-        for entry in entries:
-            if entry.path in self._busy:
-                pending.append((entry.path, "being processed, try again"))
-                continue
-            with self._holding(entry.path):
-                ok, what = await self._resolve_one(entry, verb, log)
-            if not ok:
-                log.warning("escalation.kept", file=entry.path, reason=what)
-            (done if ok else pending).append((entry.path, what))
-        self._on_change()
-
-        def listed(items: list[tuple[str, str]]) -> str:
-            if len(entries) == 1:
-                return items[0][1]
-            return "; ".join(f"{name}: {what}" for name, what in items)
-
-        if not pending:
-            return True, f"{_RESOLVED[verb]}: {run_id} -> {listed(done)}"
-        message = f"{run_id}: still escalated: {listed(pending)}"
-        if done:
-            message += f"; {_RESOLVED[verb]}: {listed(done)}"
-        return False, message
-
-    async def _resolve_one(
-        self, entry: Entry, verb: str, log: FilteringBoundLogger
-    ) -> tuple[bool, str]:
-        """Resolve one escalated row: (True, what happened) or (False, why it stays escalated)."""
-        if entry.decision is None or entry.step is None:
-            return False, "it has no recorded decision to act on; reject it"
-        decision = entry.decision
-        settings = self.config.daemon
-        path = settings.results_dir / entry.path
-        try:
-            if verb == "reject":
-                reason = "rejected by operator"
-                await asyncio.to_thread(write_record, settings, entry, decision, State.DONE, reason)
-                self.ledger.update(entry, State.DONE, reason=reason)
-                log.info("escalation.rejected", file=entry.path)
-                return True, "stops here"
-            action = "retry" if verb == "approve-retry" else "proceed"
-            row = step(entry.step)
-            agent = agent_for(row, action)
-            if not (action == "proceed" and row.is_last) and agent not in self.config.agents:
-                return False, f"agent {agent} is not configured"
-            loaded = await self._load(
-                path, max_bytes=settings.max_result_bytes, root=settings.results_dir
-            )
-            if loaded.sha256 != entry.sha256:
-                return False, "the result file changed since it was escalated"
-            decision = decision.model_copy(update={"action": action, "decided_by": "operator"})
-            entry = self.ledger.update(entry, entry.state, decision=decision, action=action)
-            log.info("escalation.approved", file=entry.path, decision=action)
-            await self.act(entry, loaded, decision, log, "operator")
-        except ResultRejected as exc:
-            if not os.path.lexists(path):
-                return False, "the result file was deleted since it was escalated"
-            return False, f"the result file cannot be used: {exc}"
-        except OSError as exc:  # a full disk: a launch intent is resumed by the sweep
-            return False, f"cannot act on it now: {exc.strerror or exc}"
-        after = self.ledger.get(entry.id)
-        if after.state is State.DONE:
-            return True, "pipeline run complete"
-        if after.state is State.FAILED:
-            return True, f"{agent} could not start: {after.reason}"
-        if after.state is State.ESCALATED:  # e.g. its agent vanished between check and launch
-            return True, f"escalated again: {after.reason}"
-        return True, f"started {agent}"
-
-
-_RESOLVED = {"approve": "approved", "approve-retry": "approved for a retry", "reject": "rejected"}
 
 
 def _recently_changed(path: Path) -> bool:

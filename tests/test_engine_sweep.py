@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from prng_daemon.commands import Commands
 from prng_daemon.config import load_config
 from prng_daemon.document.decision import Decision
 from prng_daemon.document.files import record_name
@@ -178,7 +179,7 @@ def test_resolve_answers_instead_of_raising_and_keeps_the_escalation(tmp_path: P
         (ws.results / "gone.json").unlink()
         drop(ws.results, "changed.json", result_document(2, rid, confidence=0.5))
         (ws.results / "invalid.json").write_text("{")
-        applied, message = await engine.resolve(rid, "approve")
+        applied, message = await Commands(engine).resolve(rid, "approve")
         assert not applied
         assert message.startswith(f"{rid}: still escalated: ")
         assert message.endswith("; approved: ok.json: started full_scoring_agent")
@@ -190,17 +191,17 @@ def test_resolve_answers_instead_of_raising_and_keeps_the_escalation(tmp_path: P
         agents = {k: v for k, v in config.agents.items() if k != "full_scoring_agent"}
         engine.config = config.model_copy(update={"agents": agents})  # as a reload would
         drop(ws.results, "changed.json", result_document(2, rid))  # restored
-        applied, message = await engine.resolve(rid, "approve")
+        applied, message = await Commands(engine).resolve(rid, "approve")
         assert not applied and "changed.json: agent full_scoring_agent is not configured" in message
-        assert await engine.resolve(rid, "reject") == (
+        assert await Commands(engine).resolve(rid, "reject") == (
             True,
             f"rejected: {rid} -> gone.json: stops here; changed.json: stops here;"
             " invalid.json: stops here",
         )  # fmt: skip
-        assert await engine.resolve(rid, "reject") == (
+        assert await Commands(engine).resolve(rid, "reject") == (
             False, f"{rid}: no pending escalation (state: acted)"
         )  # fmt: skip
-        assert await engine.resolve("step2_20260101_000000_ffffff", "approve") == (
+        assert await Commands(engine).resolve("step2_20260101_000000_ffffff", "approve") == (
             False, "step2_20260101_000000_ffffff: no pending escalation (state: unknown)"
         )  # fmt: skip
         assert engine.ledger.counts() == {"acted": 1, "done": 3}

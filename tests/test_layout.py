@@ -17,6 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("handlers",),
     ("recovery",),
     ("engine", "service", "reload", "sdk"),
+    ("commands",),
     ("daemon",),
     ("demo",),
     ("cli",),
