@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,8 @@ class Daemon:
         self._draining = False
         self._tasks = Tasks()
         self._watcher: Watcher | None = None
+        self._watching = ExitStack()
+        """Holds the running watcher: entered by `run`, its watcher swapped by a reload."""
         self._retry: set[Path] = set()
         """Files a fault that can clear stopped (a full disk, no fd left): tried again soon."""
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -212,40 +215,45 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         code = 0
         try:
-            self._watcher = self._watch(settings.results_dir).__enter__()
-            self.engine.recovery.reconcile(self.config)
-            await self._catch_up(at_start=True)
-            # What start-up made (modules, schemas, the config) lives as long as the daemon:
-            # frozen, the collector never walks it again. Its full passes were the latency
-            # tail (a file's p99 8.2 -> 7.1 ms, the worst 17.5 -> 8.2 ms; RESULTS §1).
-            gc.collect()
-            gc.freeze()
-            log.info("daemon.started", results_dir=str(settings.results_dir), pid=os.getpid())
-            # READY as soon as the daemon serves: models may take minutes to load, and
-            # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
-            self._notifier.ready(self.status_line())
-            await self.supervisor.start()
-            workers = self._start_tasks()
-            stop = loop.create_task(self._stop.wait())
-            failed = loop.create_task(self._tasks.failed.wait())
-            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            failed.cancel()
-            if self._tasks.failed.is_set():
-                log.error("daemon.failed", reason=self._tasks.failure)
-                code = EXIT_TASK_FAILED
-            log.info("daemon.stopping")
-            self._notifier.stopping()
-            await self._drain(workers)
+            # The watcher stops when this block ends: the one given back by a reload too
+            # (`_swap` moves it into this stack, and the old one out).
+            with self._watching:
+                try:
+                    self._watcher = self._watching.enter_context(self._watch(settings.results_dir))
+                    self.engine.recovery.reconcile(self.config)
+                    await self._catch_up(at_start=True)
+                    # What start-up made (modules, schemas, the config) lives as long as the daemon:
+                    # frozen, the collector never walks it again. Its full passes were the latency
+                    # tail (a file's p99 8.2 -> 7.1 ms, the worst 17.5 -> 8.2 ms; RESULTS §1).
+                    gc.collect()
+                    gc.freeze()
+                    log.info(
+                        "daemon.started", results_dir=str(settings.results_dir), pid=os.getpid()
+                    )
+                    # READY as soon as the daemon serves: models may take minutes to load, and
+                    # STATUS= says so (TimeoutStartSec need not cover a 14B model load).
+                    self._notifier.ready(self.status_line())
+                    await self.supervisor.start()
+                    workers = self._start_tasks()
+                    stop = loop.create_task(self._stop.wait())
+                    failed = loop.create_task(self._tasks.failed.wait())
+                    await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+                    stop.cancel()
+                    failed.cancel()
+                    if self._tasks.failed.is_set():
+                        log.error("daemon.failed", reason=self._tasks.failure)
+                        code = EXIT_TASK_FAILED
+                    log.info("daemon.stopping")
+                    self._notifier.stopping()
+                    await self._drain(workers)
+                finally:
+                    if self._retry_timer is not None:
+                        self._retry_timer.cancel()
+                    await self._tasks.stop()
+                    await self.supervisor.stop()
+                    await self.engine.launcher.stop()
+                    await self.router.aclose()
         finally:
-            if self._retry_timer is not None:
-                self._retry_timer.cancel()
-            await self._tasks.stop()
-            await self.supervisor.stop()
-            await self.engine.launcher.stop()
-            await self.router.aclose()
-            if self._watcher is not None:
-                self._watcher.__exit__(None, None, None)
             try:
                 self._write_status(self.status_line(), stopped=True)
             except OSError as exc:
@@ -471,7 +479,8 @@ class Daemon:
         or against servers going away; waiting decisions resume on the new parts.
         """
         restart = reload.servers_to_restart(self.config, new)
-        old_router, old_watcher, slots = self.router, self._watcher, self._llm_slots
+        old_router, slots = self.router, self._llm_slots
+        old_watching: ExitStack | None = None
         held = 0
         try:
             for _ in range(self._slot_count):
@@ -483,21 +492,24 @@ class Daemon:
             self.router, self._decisions = parts.router, parts.decisions
             self._slot_count = sum(new.server(n).parallel for n in SERVER_NAMES)
             self._llm_slots = asyncio.Semaphore(self._slot_count)
-            self.config = self.engine.config = new
+            self.config = new
+            self.engine.reconfigure(new)
             if parts.watcher is not None:
+                # The new watcher is already armed; the old one leaves the stack run() holds.
                 self._watcher = parts.watcher
+                old_watching = self._watching.pop_all()
+                self._watching.enter_context(parts.watching)
         except BaseException:
             if self.router is not parts.router:
                 await parts.router.aclose()
-                if parts.watcher is not None:
-                    parts.watcher.__exit__(None, None, None)
+                parts.watching.close()
             raise
         finally:
             for _ in range(held):
                 slots.release()
         await old_router.aclose()
-        if parts.watcher is not None and old_watcher is not None:
-            old_watcher.__exit__(None, None, None)
+        if old_watching is not None:
+            old_watching.close()
         work = work_deadline(new)
         for n in range(self._workers):
             self._tasks.set_deadline(f"worker-{n}", work)

@@ -95,6 +95,11 @@ class Engine:
         self.current: str = "idle"
         """What the engine is doing now, for STATUS= and `status`."""
 
+    def reconfigure(self, new: Config) -> None:
+        """Work by `new` from the next file on (a reload): the one way the engine's config
+        changes. The ledger, launcher, locks and busy names live on; only settings change."""
+        self.config = new
+
     # -- the pipeline ---------------------------------------------------------------------
 
     async def process(self, path: Path, source: Source) -> bool:

@@ -7,6 +7,7 @@ first; the daemon swaps them in only when all of them were made, then closes the
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class Parts:
     decisions: Decider
     watcher: Watcher | None
     """A started watcher on the new results dir, when it changed."""
+    watching: ExitStack
+    """Stops `watcher`: the daemon closes it if the swap fails, else keeps it in its own."""
 
 
 async def build(
@@ -69,13 +72,14 @@ async def build(
     for name in SERVER_NAMES:
         read_api_key(new, name)
     router = AsyncRouter(new, is_ready=is_ready)
+    watching = ExitStack()
     try:
         decisions = Decider(new, router, cases)
         watcher = None
         if new.daemon.results_dir != old.daemon.results_dir:
             new.daemon.decisions_dir.mkdir(parents=True, exist_ok=True)
-            watcher = watch(new.daemon.results_dir).__enter__()
+            watcher = watching.enter_context(watch(new.daemon.results_dir))
     except BaseException:
         await router.aclose()
         raise
-    return Parts(router, decisions, watcher)
+    return Parts(router, decisions, watcher, watching)

@@ -189,7 +189,7 @@ def test_resolve_answers_instead_of_raising_and_keeps_the_escalation(tmp_path: P
         assert len(list((ws.root / "state" / "launches").iterdir())) == 1, "ok.json's only"
         config = engine.config
         agents = {k: v for k, v in config.agents.items() if k != "full_scoring_agent"}
-        engine.config = config.model_copy(update={"agents": agents})  # as a reload would
+        engine.reconfigure(config.model_copy(update={"agents": agents}))  # as a reload would
         drop(ws.results, "changed.json", result_document(2, rid))  # restored
         applied, message = await Commands(engine).resolve(rid, "approve")
         assert not applied and "changed.json: agent full_scoring_agent is not configured" in message
