@@ -55,7 +55,7 @@ class State(StrEnum):
 
 TRANSIENT = frozenset({State.SEEN, State.DECIDED, State.LAUNCHING})
 """Work in progress: a row stays here only while a worker holds it, or past a deadline when
-the daemon stopped or failed mid-way (then `Engine.sweep` resumes or settles it)."""
+the daemon stopped or failed mid-way (then `Recovery.sweep` resumes or settles it)."""
 
 RESUMABLE = TRANSIENT | {State.WAITING}
 """Rows the pipeline takes up again when it meets their file: where it stopped, never anew."""
@@ -163,7 +163,7 @@ class Entry:
     created: float
     updated: float
     attempts: int
-    """How often `Engine.sweep` found the row stuck in a transient state and resumed it."""
+    """How often `Recovery.sweep` found the row stuck in a transient state and resumed it."""
 
 
 def _entry(row: sqlite3.Row) -> Entry:

@@ -1,4 +1,5 @@
-"""The engine on its own: the sweep of rows left mid-way, and `resolve`'s answers.
+"""The engine on its own: the sweep of rows left mid-way (`recovery`), and the answers of
+`resolve` (`commands`).
 
 Real ledger, real launcher and agents, real files; the decider is the engine's injected
 decision function returning a fixed decision (which decision is not what is tested here).
