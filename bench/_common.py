@@ -281,9 +281,9 @@ PHASES = {
     # label: (module, attribute path) of what is wrapped; coroutines are timed to completion.
     "engine.process (whole file)": ("prng_daemon.engine", "Engine.process"),
     "load_result (read, hash, JSON, schema, pydantic)": ("prng_daemon.engine", "load_result"),
-    "Engine._load (load_result, a worker thread for big files)": (
+    "Engine.load (load_result, a worker thread for big files)": (
         "prng_daemon.engine",
-        "Engine._load",
+        "Engine.load",
     ),
     "ledger.claim": ("prng_daemon.ledger", "Ledger.claim"),
     "ledger.update": ("prng_daemon.ledger", "Ledger.update"),
@@ -292,7 +292,8 @@ PHASES = {
     "decide (prompt + HTTP + checks)": ("prng_daemon.handlers.decide.policy", "Decider.take"),
     "explain (after the launch)": ("prng_daemon.handlers.decide.policy", "Decider.explain"),
     "HTTP chat (client, answer parsed)": ("prng_daemon.llm.client", "LlamaClient.chat"),
-    "write_json_atomic (params, record)": ("prng_daemon.engine", "write_json_atomic"),
+    "write_json_atomic (params)": ("prng_daemon.handlers.act.plan", "write_json_atomic"),
+    "write_json_atomic (record)": ("prng_daemon.handlers.record", "write_json_atomic"),
     "launcher.start (posix_spawn until exec)": (
         "prng_daemon.handlers.act.local",
         "LocalLauncher.start",
