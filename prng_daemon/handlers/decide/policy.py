@@ -116,6 +116,8 @@ class Decider:
         index = await self.cases(self.policy) if self.cases is not None else None
         if index is None:
             return None, None
+        if len(index) < index.policy.vote_min_cases:  # too few to vote: no hop to a thread
+            return None, index.calibration
         return await asyncio.to_thread(index.vote, meta), index.calibration
 
     async def _chat(
