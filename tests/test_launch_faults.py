@@ -33,10 +33,11 @@ WAITING_AGENT = """\
 import os, pathlib, sys, time
 marker_dir = pathlib.Path(os.environ["MARKERS"])
 (marker_dir / f"{os.environ['PRNG_LAUNCH_ID']}-{os.getpid()}").write_text("")
-while not os.path.exists(sys.argv[1]):
+deadline = time.monotonic() + 300  # a failed test must not leave it running for ever
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
     time.sleep(0.05)
 """
-"""An agent that runs until the file named by its argument exists."""
+"""An agent that runs until the file named by its argument exists (at most 5 minutes)."""
 
 
 def _waiting_agents(ws: Workspace, go: Path) -> None:
@@ -138,7 +139,10 @@ def test_a_watch_without_a_file_descriptor_polls_instead_of_dying(tmp_path: Path
     script = tmp_path / "agent.py"
     script.write_text(
         "import os, sys, time\n"
-        "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.05)\nsys.exit(3)\n"
+        "deadline = time.monotonic() + 300\n"
+        "while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "sys.exit(3)\n"
     )
     ended: list[tuple[int, int | None]] = []
 
