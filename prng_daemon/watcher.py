@@ -22,6 +22,7 @@ from types import TracebackType
 
 from watchdog.events import (
     DirDeletedEvent,
+    DirMovedEvent,
     EventsLostEvent,
     FileClosedEvent,
     FileDeletedEvent,
@@ -91,7 +92,7 @@ class _Handler(FileSystemEventHandler):
     def on_closed(self, event: FileClosedEvent) -> None:
         self._post(self._watcher.arrived, os.fsdecode(event.src_path), "closed")
 
-    def on_moved(self, event: FileMovedEvent) -> None:  # type: ignore[override]
+    def on_moved(self, event: DirMovedEvent | FileMovedEvent) -> None:
         if event.dest_path and not event.is_directory:  # "": moved out of the directory
             self._post(self._watcher.arrived, os.fsdecode(event.dest_path), "moved")
 
