@@ -6,6 +6,7 @@ so the test helpers (`tests.workspace`, `tests.fake_llama`) import as they do in
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -20,8 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from prng_daemon.llm.router import AsyncRouter, Routed
+from tests import fake_llama
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The configs the benchmarks build with `fake_llama.llm_config` keep their state (llm.key) in a
+# directory of the run's own, as conftest gives the tests one: never the machine's
+# /var/lib/prng-llm-daemon.
+fake_llama.STATE_DIR = Path(tempfile.mkdtemp(prefix="prng-bench-state-"))
+atexit.register(shutil.rmtree, fake_llama.STATE_DIR, True)
 
 RESULTS_DIR = REPO / "bench" / "results"
 

@@ -5,10 +5,11 @@ what the vote costs per decision.
     .venv/bin/python -m bench.bench_learning [--draws 5] [--write-seed examples/seed-cases.jsonl]
 
 It replays the policy on the model's saved answers: run bench_quality once per labelled set
-first (`--name signals_blind --set bench/labelled/blind`, `signals_heldout`, `signals_main`):
+first (`--name signals_blind --set bench/labelled/blind`, `signals_heldout`, `signals_main`,
+`signals_fresh`):
 the prompt does not depend on the cases, so the model's answer for a file is the same at every
-pool size, and only the rules, the vote and the combination are recomputed here. A blind set
-is never in the pool: it is drawn from the other two sets. Writes bench/results/learning.json
+pool size, and only the rules, the vote and the combination are recomputed here. A tested set
+is never in its own pool (TESTED says which pool each gets). Writes bench/results/learning.json
 and learning_autonomy.png.
 """
 
@@ -33,7 +34,16 @@ from prng_daemon.handlers.decide.policy import rules_decision, settled_by_rules
 from prng_daemon.handlers.decide.vote import CaseIndex
 from prng_daemon.handlers.validate import load_result
 
-SETS = {"main": LABELLED, "heldout": LABELLED / "heldout", "blind": LABELLED / "blind"}
+SETS = {
+    "main": LABELLED,
+    "heldout": LABELLED / "heldout",
+    "blind": LABELLED / "blind",
+    "fresh": LABELLED / "fresh",
+}
+TESTED = ("fresh", "blind", "heldout")
+"""The sets each tested with a pool from the others. `fresh` (written blind to the final method,
+measured once) is never in a pool: the pool of the two older sets is the other two (109 cases),
+as when the method was chosen, and the fresh set's is all three (151, the shipped seed)."""
 SIZES = (0, 25, 50, 100)
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 WHO = ("rules", "model", "cases", "policy")
@@ -225,9 +235,9 @@ def main() -> None:
     tables: dict[str, str] = {}
     data: dict[str, Any] = {"policy": policy.model_dump(mode="json"), "sets": {}}
     autonomy_curves = {}
-    for blind in ("blind", "heldout"):
+    for blind in TESTED:
         test = loaded[blind]
-        others = [i for name, its in loaded.items() if name != blind for i in its]
+        others = [i for name, its in loaded.items() if name not in (blind, "fresh") for i in its]
         points = curve(test, others, args.draws, policy)
         body = []
         for point in points:
@@ -271,7 +281,7 @@ def main() -> None:
          for name, t in ((n, data["sets"][n]["timing"]) for n in data["sets"])],
     )  # fmt: skip
     if args.write_seed:
-        everything = [i for its in loaded.values() for i in its]
+        everything = [i for name, its in loaded.items() if name != "fresh" for i in its]
         index = decided_pool(everything, policy)
         args.write_seed.write_text("".join(c.model_dump_json() + "\n" for c in index.cases))
         print(f"written: {args.write_seed} ({len(index.cases)} cases)")
