@@ -31,7 +31,7 @@ from prng_daemon.config import PolicyConfig
 from prng_daemon.document.case import Case, new_case
 from prng_daemon.document.decision import ACTIONS, Action, Decision
 from prng_daemon.handlers.decide.combine import Signals, combine
-from prng_daemon.handlers.decide.policy import rules_decision, settled_by_rules
+from prng_daemon.handlers.decide.policy import rules_decision, settled_by_rules, stated_cause
 from prng_daemon.handlers.decide.vote import CaseIndex
 from prng_daemon.handlers.validate import load_result
 
@@ -97,7 +97,7 @@ def replay(item: Item, index: CaseIndex | None, policy: PolicyConfig) -> dict[st
     elif row["path"] == "guardrail":  # the model's own guardrail (two models disagreeing)
         signals, action = Signals(rules, False, model, p, vote), "escalate"
     else:
-        signals = Signals(rules, False, model, p, vote)
+        signals = Signals(rules, False, model, p, vote, stated_cause(meta, item.payload))
         action = combine(signals, policy)[0]
     calibration = index.calibration if index is not None else None
     support = signals.supports(action)

@@ -28,6 +28,9 @@ class Signals:
     probability: float | None = None
     """The model's probability for its action (among the open findings)."""
     cases: CaseVote | None = None
+    cause: str | None = None
+    """The transient cause a failure states ("preempted", "connection reset"): the rules' retry
+    then rests on the report's words, not on a default."""
 
     def supports(self, action: Action) -> float:
         """How much the signals back `action` (0..1): a guardrail's escalation, fully (the
@@ -51,6 +54,8 @@ class Signals:
     def record(self) -> dict[str, Any]:
         """The signals as the decision record names them."""
         out: dict[str, Any] = {"rules": {"action": self.rules, "settled": self.settled}}
+        if self.cause is not None:
+            out["rules"]["cause"] = self.cause
         if self.model is not None:
             out["model"] = {"action": self.model, "probability": self.probability}
         if self.cases is not None:
@@ -73,13 +78,16 @@ class Signals:
 
 def combine(signals: Signals, policy: PolicyConfig) -> tuple[Action, str]:
     """(action, why it overrides the model's, "" when it does not). A guardrail stands; with
-    no model answer the rules decide; where the model and the cases agree, that is the action;
-    where they disagree, policy.on_disagreement: escalate, or follow the stronger of the two."""
+    no model answer the rules decide; where the model and the cases agree, that is the action,
+    and where the rules' stated cause (a transient failure's) agrees with the model, too; where
+    they disagree, policy.on_disagreement: escalate, or follow the stronger of the two."""
     if signals.settled or signals.model is None:
         return signals.rules, ""
     vote, model = signals.cases, signals.model
     if vote is None or vote.action == model:
         return model, ""
+    if signals.cause is not None and signals.rules == model:
+        return model, ""  # two signals, one of them the report's stated cause
     said = f"the model says {model} (p={signals.probability or 0:.2f}), the cases {vote.describe()}"
     if policy.on_disagreement == "escalate":
         return "escalate", said

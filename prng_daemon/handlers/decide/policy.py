@@ -18,7 +18,7 @@ from ...errors import LLMBadAnswer, LLMError, LLMUnavailable
 from ...llm.router import AsyncRouter, LLMMetrics, Routed
 from ...log import get_logger
 from .calibrate import Calibration
-from .causes import failure_text, permanent_cause
+from .causes import failure_text, permanent_cause, transient_cause
 from .claims import stated_claims
 from .combine import Signals, combine
 from .consistency import contradictions
@@ -46,6 +46,7 @@ __all__ = [
     "open_findings",
     "rules_decision",
     "settled_by_rules",
+    "stated_cause",
 ]
 
 CaseSource = Callable[[PolicyConfig], Awaitable[CaseIndex | None]]
@@ -67,6 +68,8 @@ class Unexplained:
     metrics: LLMMetrics
     cases: CaseVote | None
     calibration: Calibration | None
+    cause: str | None
+    """The transient cause the failure states (`stated_cause`)."""
 
 
 def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
@@ -112,6 +115,13 @@ def settled_by_rules(
     if cause is not None:
         return f"a rerun would fail the same way: {cause}"
     return None
+
+
+def stated_cause(meta: AgentMetadata, payload: Payload = None) -> str | None:
+    """The transient cause a failure states (for `Signals.cause`), or None."""
+    if meta.success_criteria_met:
+        return None
+    return transient_cause(failure_text(meta.reasoning or "", payload))
 
 
 class Decider:
@@ -273,10 +283,11 @@ class Decider:
                 meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics,
                 Signals(action, False, cases=cases), calibration,
             )  # fmt: skip
-        decision = self._model_decision(meta, model, None, metrics, cases, calibration)
+        cause = stated_cause(meta, payload)
+        decision = self._model_decision(meta, model, None, metrics, cases, calibration, cause)
         if not policy.explain_decisions:
             return decision
-        return Unexplained(decision, meta, model, metrics, cases, calibration)
+        return Unexplained(decision, meta, model, metrics, cases, calibration, cause)
 
     async def explain(self, taken: Unexplained) -> Decision:
         """`taken.decision` with the model's confidence word and reasoning, or as it is when
@@ -290,15 +301,17 @@ class Decider:
             log.warning("llm.no_explanation", reason=f"none within {deadline:g}s")
         # Made again even without one: an answer that could not be used still counts as a call.
         return self._model_decision(
-            taken.meta, taken.model, explained, taken.metrics, taken.cases, taken.calibration
-        )
+            taken.meta, taken.model, explained, taken.metrics, taken.cases, taken.calibration,
+            taken.cause,
+        )  # fmt: skip
 
     def _model_decision(
         self, meta: AgentMetadata, model: ModelAnswer, explained: Answer | None,
         metrics: LLMMetrics, cases: CaseVote | None, calibration: Calibration | None,
+        cause: str | None,
     ) -> Decision:  # fmt: skip
-        """The policy applied to the model's finding and the cases' vote; `explained` only
-        words the record."""
+        """The policy applied to the model's finding, the cases' vote and the failure's stated
+        cause; `explained` only words the record."""
         policy, probability = self.policy, model.probability
         found = f"{model.finding} (p={probability:.2f})"
         held = [c.text for c in stated_claims(meta.reasoning or "") if c.holds]
@@ -315,7 +328,8 @@ class Decider:
             why = "the math specialist and the orchestrator disagree"
         elif probability < policy.min_action_probability:
             why = f"the model gives {model.action} only p={probability:.2f}"
-        signals = Signals(rules_decision(meta, policy)[0], False, model.action, probability, cases)
+        rules = rules_decision(meta, policy)[0]
+        signals = Signals(rules, False, model.action, probability, cases, cause)
         if why and action != "escalate":
             action, path = "escalate", "guardrail"
             reasoning = f"guardrail: {why} (the model said {model.action}: {reasoning})"
