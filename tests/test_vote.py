@@ -35,7 +35,8 @@ def case(label: Action, reasoning: str, step: int = 2, met: bool = True, n: int 
 
 
 def test_the_nearest_report_in_words_wins() -> None:
-    pool = [case("escalate", SUSPECT, n=1), case("proceed", CLEAN, n=2), case("proceed", CLEAN, n=3)]
+    pool = [case("escalate", SUSPECT, n=1), case("proceed", CLEAN, n=2)]
+    pool.append(case("proceed", CLEAN, n=3))
     index = CaseIndex(pool, ONE)
     vote = index.vote(meta_for(2, reasoning="Holdout AUC 0.98: the label column leaked in."))
     assert vote is not None and (vote.action, vote.strength, vote.scope) == ("escalate", 1, "step")
@@ -73,7 +74,8 @@ def test_numbers_against_their_bars_count_not_just_words() -> None:
 
 
 def test_the_strength_is_the_winners_share_and_a_case_can_be_left_out() -> None:
-    pool = [case("escalate", SUSPECT, n=1), case("escalate", SUSPECT, n=2), case("proceed", CLEAN, n=3)]
+    pool = [case("escalate", SUSPECT, n=1), case("escalate", SUSPECT, n=2)]
+    pool.append(case("proceed", CLEAN, n=3))
     index = CaseIndex(pool, PolicyConfig(vote_neighbours=3, vote_min_cases=1))
     vote = index.vote(meta_for(2, reasoning=SUSPECT))
     assert vote is not None and vote.action == "escalate" and 0.5 < vote.strength < 1
@@ -81,7 +83,8 @@ def test_the_strength_is_the_winners_share_and_a_case_can_be_left_out() -> None:
     assert vote is not None and [n.file for n in vote.neighbours][0] == "c2.json"
     assert CaseIndex([], PolicyConfig()).vote(meta_for(2)) is None
     # Fewer than policy.vote_min_cases: no vote yet.
-    assert CaseIndex(pool, PolicyConfig(vote_min_cases=4)).vote(meta_for(2, reasoning=SUSPECT)) is None
+    few = CaseIndex(pool, PolicyConfig(vote_min_cases=4))
+    assert few.vote(meta_for(2, reasoning=SUSPECT)) is None
 
 
 STRONGER = {"on_disagreement": "stronger"}

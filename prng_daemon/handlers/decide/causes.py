@@ -36,7 +36,8 @@ _PERMANENT = {
         r"\b(?:corrupt\w*|truncated|malformed|garbled)\b|"
         r"\bnot (?:divisible by|a (?:whole )?multiple of)\b|"
         r"\bends? in the middle of\b|"
-        r"\b(?:sha-?256|hash|checksum)\b[^.]{0,30}\b(?:does not|doesn't|no longer|did not) match\b|"
+        r"\b(?:sha-?256|hash|checksum)\b[^.]{0,30}\b(?:does not|doesn't|no longer|did not) "
+        r"match(?:es)?\b|"
         r"\b(?:hash|checksum) mismatch\b|"
         r"\bbytes\b[^.]{0,20}\b(?:where|but|while)\b[^.]{0,30}\bexpected\b",
         re.IGNORECASE,

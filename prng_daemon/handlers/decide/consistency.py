@@ -72,10 +72,12 @@ _PERFECT = re.compile(
     r"\bAUC\s+(?:of\s+)?1(?:\.0+)?\b[^.]{0,40}\b(?:every|all|each)\b[^.]{0,20}\bfolds?\b",
     re.IGNORECASE,
 )
-_NEGATED = r"(?<!\bno )(?<!\bnot )(?<!\bzero )(?<!\b0 )(?<!\bwithout )(?<!\bany )"
+# "no leakage", "checked for leakage": the word, denied or looked for, states nothing.
+_DENIED = re.compile(
+    r"\b(?:no|not|without|zero|0|none|any|for|free of)\s+(?:\w+\s+)?$", re.IGNORECASE
+)
 _LEAKAGE = re.compile(
-    rf"{_NEGATED}\b(?:leak(?:s|ed|age)?|label(?:s)? leak\w*)\b(?!\s+(?:check|test)\w*\s+"
-    r"(?:passed|clean|found nothing))|"
+    r"\b(?:leak(?:s|ed|age)?|label(?:s)? leak\w*)\b|"
     r"\b(?:in|among) both (?:the )?train(?:ing)?\b[^.]{0,25}\btest\b|"
     r"\bshow up in both\b|"
     r"\b(?:target|label)\b[^.]{0,40}\b(?:among|in|is one of) the features\b|"
@@ -178,7 +180,7 @@ def _payload(payload: Mapping[str, Any]) -> Iterator[str]:
             yield f"{name} {value:,.0f}: the same rows on both sides"
         elif words & {"auc", "probability", "p"} and not 0 <= value <= 1:
             yield f"{name} {value:g} is outside 0..1"
-    folds = [v for n, v in flatten(payload) if "auc" in _words(n) and isinstance(v, list)]
+    folds = [v for n, v in flatten(payload) if "auc" in n and isinstance(v, list)]
     for values in folds:
         if len(values) > 1 and all(isinstance(x, int | float) and x >= PERFECT_AUC for x in values):
             yield f"AUC {values[0]} on every one of {len(values)} folds"
@@ -206,9 +208,10 @@ def _prose(text: str) -> Iterator[str]:
         if (m[3] and value > 100) or (not m[3] and m["metric"].lower() == "auc" and value > 1):
             yield f"{' '.join(m[0].split())}: outside its range"
     for pattern in (_PERFECT, _LEAKAGE, _EMPTY_OUTPUT):
-        found = pattern.search(text)
-        if found:
-            yield " ".join(found[0].split())
+        for found in pattern.finditer(text):
+            if not _DENIED.search(text[max(0, found.start() - 20) : found.start()]):
+                yield " ".join(found[0].split())
+                break
 
 
 def contradictions(reasoning: str, payload: Mapping[str, Any] | None = None) -> tuple[str, ...]:
