@@ -104,13 +104,17 @@ def _vote(action: Action, strength: float) -> CaseVote:
         (Signals("proceed", False, "proceed", 0.7, _vote("retry", 0.8)), STRONGER, "retry"),
         (Signals("proceed", False, "proceed", 0.9, _vote("retry", 0.8)), STRONGER, "proceed"),
         (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), {}, "escalate"),
+        (Signals("retry", False, "retry", 0.6, _vote("escalate", 0.9), "preempted"), {}, "retry"),
+        (Signals("retry", False, "escalate", 0.6, _vote("retry", 0.9), "preempted"), {},
+         "escalate"),
     ],
-)
+)  # fmt: skip
 def test_one_decision_from_three_signals(
     signals: Signals, policy: dict[str, Any], action: Action
 ) -> None:
-    """A guardrail stands; no model, the rules; agreement stands; a disagreement escalates
-    or goes to the stronger signal."""
+    """A guardrail stands; no model, the rules; agreement stands, the model's retry backed by
+    the failure's stated transient cause too; a disagreement escalates or goes to the stronger
+    signal."""
     assert combine(signals, PolicyConfig(**policy))[0] == action
 
 
