@@ -30,7 +30,10 @@ from bench.bench_quality import LABELLED, auroc, labelled, point_biserial
 from prng_daemon.config import PolicyConfig
 from prng_daemon.document.case import Case, new_case
 from prng_daemon.document.decision import ACTIONS, Action, Decision
+from prng_daemon.handlers.decide.causes import failure_text, permanent_cause
+from prng_daemon.handlers.decide.claims import stated_claims
 from prng_daemon.handlers.decide.combine import Signals, combine
+from prng_daemon.handlers.decide.consistency import contradictions
 from prng_daemon.handlers.decide.policy import rules_decision, settled_by_rules, stated_cause
 from prng_daemon.handlers.decide.vote import CaseIndex
 from prng_daemon.handlers.validate import load_result
@@ -145,6 +148,24 @@ def score(results: list[dict[str, Any]]) -> dict[str, Any]:
         "auroc": auroc(cal, right),
     }
     return out
+
+
+def rule_hits(test: list[Item]) -> list[list[Any]]:
+    """What each family of rules escalates on `test`, right (the label is escalate) or not:
+    one row per family, so a rule that only fits the sets it was written against shows."""
+    families: dict[str, list[bool]] = {"stated bar (claims)": [], "own numbers (consistency)": [],
+                                       "permanent cause (causes)": []}  # fmt: skip
+    for item in test:
+        meta, right = item.meta, item.case.label == "escalate"
+        reasoning = meta.reasoning or ""
+        if meta.success_criteria_met:
+            if any(not c.holds for c in stated_claims(reasoning)):
+                families["stated bar (claims)"].append(right)
+            if contradictions(reasoning, item.payload):
+                families["own numbers (consistency)"].append(right)
+        elif permanent_cause(failure_text(reasoning, item.payload)):
+            families["permanent cause (causes)"].append(right)
+    return [[name, sum(hits), len(hits) - sum(hits)] for name, hits in families.items()]
 
 
 def _share(hits: list[bool]) -> float | None:
@@ -282,6 +303,9 @@ def main() -> None:
             ["signal", *(f"label {a}" for a in ACTIONS), "all"],
             [[who, *(pct(full[who][a]) for a in (*ACTIONS, "all"))] for who in WHO],
         )  # fmt: skip
+        tables[f"What each family of rules escalates, {blind} set"] = table(
+            ["rules", "right (label escalate)", "wrong"], rule_hits(test)
+        )
         curve_rows = autonomy(points[-1]["results"][0])
         autonomy_curves[blind] = curve_rows
         tables[f"Autonomy and accuracy at each min_calibrated_confidence, {blind} set"] = table(
