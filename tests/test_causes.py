@@ -45,6 +45,11 @@ def test_a_cause_a_rerun_repeats_is_permanent(report: str, cause: str) -> None:
         ("ConnectionResetError while streaming the model; the file itself is fine (sha256"
          " verified afterwards).", "ConnectionResetError"),
         ("Requested 6 GiB on a 12 GiB card that another process was using.", "another process"),
+        ("Needs 10 GiB, only 4 GiB free on the shared GPU.", "shared GPU"),
+        ("Training diverged (NaN loss, ValueError raised); node rebooted after.", "rebooted"),
+        ("Node crashed; log truncated at 200 lines. A rerun on the same node will likely work.",
+         "Node crashed"),
+        ("Ran in deterministic mode; the job timed out at the wall-time limit.", "timed out"),
     ],
 )  # fmt: skip
 def test_a_passing_cause_is_transient_not_permanent(report: str, transient: str) -> None:

@@ -56,6 +56,8 @@ def test_a_payload_contradicting_itself_is_found(payload: dict[str, Any], found:
         # Nothing left over or dropped is no empty output; no overlap is no leakage.
         {"duplicate_rows_dropped": 0, "train_test_overlap_rows": 0, "ecc_corrected": 3},
         {"fold_aucs": [0.81, 0.79, 0.8], "cv_auc": 0.8},
+        # An expected count is no whole; errors and logs are no output.
+        {"hits": 40, "expected_hits": 4, "output_errors": 0, "stderr_bytes": 0},
     ],
 )  # fmt: skip
 def test_a_consistent_payload_says_nothing(payload: dict[str, Any]) -> None:
@@ -90,6 +92,8 @@ def test_prose_contradicting_itself_is_found(report: str, found: str) -> None:
         "Input re-fetched and its checksum verified; 3 of 5 folds above 0.8, AUC 0.82.",
         "Train 0.80 / val 0.78 / test 0.77 AUC; gap 0.02 under the 0.05 limit.",
         "Cleared the empty cache dir before the run; 1000 predictions written (48 KiB).",
+        "Done in 14 min: 1,204 survivors in 3 minutes of GPU time, 2,000 predictions from 500.",
+        "A small memory leak in the dataloader, harmless; AUC 0.81.",
     ],
 )
 def test_a_harmless_success_says_nothing(report: str) -> None:

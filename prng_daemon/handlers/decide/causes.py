@@ -31,9 +31,14 @@ _CAPACITY = re.compile(
     rf"{_SIZE}\s+(?:is|being) the (?:biggest|largest|most)",
     re.IGNORECASE,
 )
+_EXCEPTION = "an exception the code raises on its data"
+_DIVERGED = re.compile(r"\bdiverg\w*|\bNaN\b|\b(?:inf|infinite|exploding) (?:loss|gradients?)\b",
+                       re.IGNORECASE)  # fmt: skip
 _PERMANENT = {
     "corrupt or truncated input": re.compile(
-        r"\b(?:corrupt\w*|truncated|malformed|garbled)\b|"
+        r"\b(?:corrupt\w*|malformed|garbled)\b|"
+        r"\b(?:input|file|capture|data|stream|records?|\w+\.(?:bin|json|csv))\b[^.]{0,40}"
+        r"\btruncated\b|\btruncated (?:input|file|capture|data|\w+ stream|records?)\b|"
         r"\bnot (?:divisible by|a (?:whole )?multiple of)\b|"
         r"\bends? in the middle of\b|"
         r"\b(?:sha-?256|hash|checksum)\b[^.]{0,30}\b(?:does not|doesn't|no longer|did not) "
@@ -42,7 +47,7 @@ _PERMANENT = {
         r"\bbytes\b[^.]{0,20}\b(?:where|but|while)\b[^.]{0,30}\bexpected\b",
         re.IGNORECASE,
     ),
-    "an exception the code raises on its data": re.compile(
+    _EXCEPTION: re.compile(
         r"\b(?:Type|Key|Value|Assertion|Attribute|Index|Import|ModuleNotFound|Name|Syntax|"
         r"NotImplemented|ZeroDivision|Unicode(?:Decode|Encode)?|JSONDecode|Schema|Validation)"
         r"Error\b|\bKeyError\b",
@@ -73,9 +78,10 @@ _PERMANENT = {
     "the same failure on every attempt": re.compile(
         r"\b(?:fail(?:s|ed)?|crash(?:es|ed)?|dies|died) (?:identically|the same way)\b|"
         r"\bsame (?:error|exception|failure) (?:on|in|for) every\b|"
-        r"\bdeterministic(?!ally seeded)\b|"
-        r"\b(?:rerun\w*|retrain\w*|re-?run\w*|another (?:run|attempt)|every attempt)\b"
-        r"[^.]{0,30}\b(?:same|identical\w*)\b",
+        r"(?<!non-)\bdeterministic(?:ally)?\b(?!\s+(?:mode|seed\w*|algorithms?|ops|kernels?))|"
+        r"\b(?:rerun\w*|re-run\w*|retrain\w*|another (?:run|attempt)|every attempt)\b"
+        r"[^.]{0,30}\b(?:would|will|gives?|hits?)\s+(?:just\s+)?(?:hit\s+|read\s+|fail\s+)?"
+        r"(?:the\s+)?(?:same|identical)\b",
         re.IGNORECASE,
     ),
 }
@@ -110,12 +116,14 @@ def permanent_cause(text: str) -> str | None:
     """The stated cause of a failure that a rerun repeats, quoted, or None."""
     text = _RECALLED.sub(" ", text)
     request, capacity = _REQUEST.search(text), _CAPACITY.search(text)
-    if request and capacity:
+    if request and capacity and transient_cause(text) is None:  # not "12 GiB free: shared"
         wanted, largest = _gib(request[1], request[2]), _gib(*[g for g in capacity.groups() if g])
         if wanted > largest:
             return f"a request larger than any device: {request[0]!r} vs {capacity[0]!r}"
     for why, pattern in _PERMANENT.items():
         found = pattern.search(text)
+        if found and why == _EXCEPTION and _DIVERGED.search(text):
+            continue  # a NaN loss raises too: an unlucky start, not the code
         if found:
             return f"{why}: {' '.join(found[0].split())!r}"
     return None

@@ -23,7 +23,7 @@ __all__ = ["contradictions", "flatten"]
 # the names with an earlier one ("bidirectional" survivors are in both the "forward" and the
 # "reverse" pass; "passed" were first "scored", which were the "input").
 _WHOLE = frozenset({"total", "planned", "budget", "draws", "input", "in", "n", "candidates",
-                    "forward", "reverse", "records", "requested", "expected"})  # fmt: skip
+                    "forward", "reverse", "records"})  # fmt: skip
 _SCORED = frozenset({"scored", "evaluated", "processed", "tested", "done", "completed", "run"})
 _PART = frozenset({"passed", "hits", "successes", "ok", "bidirectional", "written", "kept",
                    "positives", "matched", "unique", "survived", "accepted"})  # fmt: skip
@@ -43,6 +43,10 @@ _BAR_KINDS: tuple[tuple[frozenset[str], Finding, bool], ...] = (
 """A bar's words, the finding it settles, and whether under it is good."""
 _LOWER_IS_BETTER = frozenset({"loss", "logloss", "error", "rmse", "mse", "mae", "brier"})
 _OUTPUT = re.compile(r"(?:^|_)(?:written|output)(?:_|$)")
+# Counts and sizes of what went wrong or aside: none of them is the step's output.
+_ASIDE = frozenset({"error", "errors", "warning", "warnings", "failed", "missing", "skipped",
+                    "dropped", "lost", "duplicate", "duplicates", "stderr", "log",
+                    "nan"})  # fmt: skip
 # What a bar's name may add to the metric it is for ("target_val_auc"): not the metric itself.
 _QUALIFIERS = frozenset({"train", "training", "val", "validation", "test", "holdout", "cv",
                          "best", "mean", "overall"})  # fmt: skip
@@ -54,8 +58,8 @@ PERFECT_AUC = 0.999
 
 # In the prose: a part "of" a whole ("1,412 of 1,000"); hits "in" draws.
 _OF = re.compile(
-    rf"{NUMBER}\s+(?:[a-z-]+\s+){{0,2}}?(?:of|in|out of|over|from)\s+{NUMBER}\s+(?!%)"
-    rf"(?P<noun>[a-z-]+)",
+    rf"{NUMBER}\s+(?:(?:[a-z-]+\s+){{0,2}}?(?:of|out of)|(?:hits|successes|matches|correct)\s+"
+    rf"(?:in|over|across))\s+{NUMBER}\s+(?!%)(?P<noun>[a-z-]+)",
     re.IGNORECASE,
 )
 _NAMED = re.compile(
@@ -77,7 +81,8 @@ _DENIED = re.compile(
     r"\b(?:no|not|without|zero|0|none|any|for|free of)\s+(?:\w+\s+)?$", re.IGNORECASE
 )
 _LEAKAGE = re.compile(
-    r"\b(?:leak(?:s|ed|age)?|label(?:s)? leak\w*)\b|"
+    r"(?<!memory )(?<!handle )\b(?:leak(?:s|ed|age)?|label(?:s)? leak\w*)\b"
+    r"(?!\s+(?:in|of|from) (?:the )?(?:memory|dataloader|worker|process|file handles?))|"
     r"\b(?:in|among) both (?:the )?train(?:ing)?\b[^.]{0,25}\btest\b|"
     r"\bshow up in both\b|"
     r"\b(?:target|label)\b[^.]{0,40}\b(?:among|in|is one of) the features\b|"
@@ -172,6 +177,8 @@ def _payload(payload: Mapping[str, Any]) -> Iterator[str]:
     yield from (c.text for c in _metric_bars(numbers) if not c.holds)
     for name, value in numbers.items():
         words = _words(name)
+        if words & _ASIDE:
+            continue
         if _OUTPUT.search(name) and not words & _WORK and value == 0:
             yield f"{name} is 0"
         elif "bytes" in words and value <= EMPTY_JSON_BYTES:
