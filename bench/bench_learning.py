@@ -2,16 +2,18 @@
 of the combined policy, calibration of `calibrated_confidence`, the autonomy-accuracy curve, and
 what the vote costs per decision.
 
-    .venv/bin/python -m bench.bench_learning [--draws 5] [--write-seed examples/seed-cases.jsonl]
+    .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh2] [--no-payload]
+        [--write-seed examples/seed-cases.jsonl]
 
 It replays the policy on the model's saved answers: run bench_quality once per labelled set
 first (`--name signals_blind --set bench/labelled/blind`, `signals_heldout`, `signals_main`,
-`signals_fresh`):
-the prompt does not depend on the cases, so the model's answer for a file is the same at every
-pool size, and only the rules, the vote and the combination are recomputed here. Every set is
-tested with a pool of the others (POOLS); a tested set is never in its own pool. The rules read
-the file's `result` too, as `Decider.take(meta, payload)` does; `--no-payload` replays them on
-agent_metadata alone. Writes bench/results/learning.json and learning_autonomy.png.
+`signals_fresh`; the final blind set: `--name signals_fresh2 --set bench/labelled/fresh2`, then
+`--sets fresh2` here, once): the prompt does not depend on the cases, so the model's answer
+for a file is the same at every pool size, and only the rules, the vote and the combination
+are recomputed here. Every set is tested with a pool of the others (POOLS); a tested set is
+never in its own pool. The rules read the file's `result` too, as `Decider.take(meta, payload)`
+does; `--no-payload` replays them on agent_metadata alone. Writes bench/results/learning.json
+and learning_autonomy.png.
 """
 
 from __future__ import annotations
@@ -271,6 +273,8 @@ def main() -> None:
     present = [name for name, directory in SETS.items() if (directory / "labels.json").exists()]
     tested = args.sets or present
     needed = {*tested, *(p for name in tested for p in POOLS.get(name, POOLS))}
+    if args.write_seed:
+        needed |= POOLS.keys()
     loaded = {name: items(name, not args.no_payload) for name in present if name in needed}
     tables: dict[str, str] = {}
     data: dict[str, Any] = {"policy": policy.model_dump(mode="json"), "sets": {}}
