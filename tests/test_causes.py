@@ -27,6 +27,11 @@ from prng_daemon.handlers.decide.causes import failure_text, permanent_cause, tr
         ("Batch of 65,536 asks for 19.5 GiB and the biggest GPU we have is 12 GiB.",
          "larger than any device"),
         ("It failed identically on zeus and on the rigs.", "every attempt"),
+        ("Reader stopped: unexpected EOF in seed_outputs.bin.", "corrupt"),
+        ("CRC error in shard 12 of the capture archive.", "corrupt"),
+        ("FileNotFoundError: holdout_ids.json", "exception"),
+        ("Permission denied writing to /data/results.", "configuration"),
+        ("The extension was compiled against CUDA 11; the nodes run CUDA 12.", "version"),
         ("Retraining would hit the same empty holdout.", "every attempt"),
     ],
 )  # fmt: skip
@@ -65,3 +70,11 @@ def test_the_payload_error_message_is_read_too() -> None:
     assert "error_message: requested 19.5 GiB" in text
     found = permanent_cause(text)
     assert found is not None and "larger than any device" in found
+
+
+def test_a_request_for_more_gpus_than_the_cluster_has_is_permanent() -> None:
+    report = "The job requests 32 GPUs and waits in the queue for ever."
+    found = permanent_cause(report, total_gpus=26)
+    assert found is not None and "larger than the cluster" in found
+    assert permanent_cause(report, total_gpus=64) is None
+    assert permanent_cause(report) is None, "no cluster_resources: nothing to compare"

@@ -32,6 +32,8 @@ from prng_daemon.handlers.decide.consistency import contradictions, flatten
         ({"train_test_overlap_rows": 17}, "train_test_overlap_rows 17: the same rows"),
         ({"fold_aucs": [1.0, 1.0, 1.0]}, "AUC 1.0 on every one of 3 folds"),
         ({"cv_auc": 1.3}, "cv_auc 1.3 is outside 0..1"),
+        ({"coverage": 130}, "coverage 130 is outside 0..100 %"),
+        ({"fwd": 300, "rev": 310, "bidir": 400}, "bidir 400 > fwd 300"),
     ],
 )  # fmt: skip
 def test_a_payload_contradicting_itself_is_found(payload: dict[str, Any], found: str) -> None:
@@ -58,6 +60,8 @@ def test_a_payload_contradicting_itself_is_found(payload: dict[str, Any], found:
         {"fold_aucs": [0.81, 0.79, 0.8], "cv_auc": 0.8},
         # An expected count is no whole; errors and logs are no output.
         {"hits": 40, "expected_hits": 4, "output_errors": 0, "stderr_bytes": 0},
+        # A score, a learning rate or a sample rate has no 0..100 range.
+        {"best_score": -1234.5, "learning_rate": 0.001, "sample_rate": 44100},
     ],
 )  # fmt: skip
 def test_a_consistent_payload_says_nothing(payload: dict[str, Any]) -> None:
@@ -75,6 +79,8 @@ def test_a_consistent_payload_says_nothing(payload: dict[str, Any]) -> None:
         ("Great scores, a little label leakage to clean up later.", "leakage"),
         ("Predictions done; predictions.json is empty for now.", "predictions.json is empty"),
         ("Coverage 130% of the known outputs.", "outside its range"),
+        ("Scoring done, 1,412 passed; the writer wrote 0 rows.", "wrote 0 rows"),
+        ("predictions.json is 0 bytes on disk.", "0 bytes"),
     ],
 )
 def test_prose_contradicting_itself_is_found(report: str, found: str) -> None:
@@ -94,6 +100,7 @@ def test_prose_contradicting_itself_is_found(report: str, found: str) -> None:
         "Cleared the empty cache dir before the run; 1000 predictions written (48 KiB).",
         "Done in 14 min: 1,204 survivors in 3 minutes of GPU time, 2,000 predictions from 500.",
         "A small memory leak in the dataloader, harmless; AUC 0.81.",
+        "Resumed from the checkpoint with 0 bytes lost; 1,000 predictions written.",
     ],
 )
 def test_a_harmless_success_says_nothing(report: str) -> None:

@@ -26,6 +26,10 @@ _REQUEST = re.compile(
     rf"\b(?:asks? for|requests?|requested|needs?|requires?|required|allocate)\b\D{{0,40}}?{_SIZE}",
     re.IGNORECASE,
 )
+_GPUS = re.compile(
+    r"\b(?:asks? for|requests?|requested|needs?|requires?|required)\s+(\d+)\s+GPUs?\b",
+    re.IGNORECASE,
+)
 _CAPACITY = re.compile(
     rf"\b(?:biggest|largest|max(?:imum)?|most|only has|each has|have only)\b\D{{0,40}}?{_SIZE}|"
     rf"{_SIZE}\s+(?:is|being) the (?:biggest|largest|most)",
@@ -43,20 +47,24 @@ _PERMANENT = {
         r"\bends? in the middle of\b|"
         r"\b(?:sha-?256|hash|checksum)\b[^.]{0,30}\b(?:does not|doesn't|no longer|did not) "
         r"match(?:es)?\b|"
-        r"\b(?:hash|checksum) mismatch\b|"
+        r"\b(?:hash|checksum|CRC) (?:mismatch|error)\b|"
+        r"\bunexpected (?:EOF|end of (?:file|stream))\b|"
+        r"\b(?:invalid|bad|unknown) (?:header|magic|file format|encoding)\b|"
         r"\bbytes\b[^.]{0,20}\b(?:where|but|while)\b[^.]{0,30}\bexpected\b",
         re.IGNORECASE,
     ),
     _EXCEPTION: re.compile(
         r"\b(?:Type|Key|Value|Assertion|Attribute|Index|Import|ModuleNotFound|Name|Syntax|"
-        r"NotImplemented|ZeroDivision|Unicode(?:Decode|Encode)?|JSONDecode|Schema|Validation)"
-        r"Error\b|\bKeyError\b",
+        r"NotImplemented|ZeroDivision|Unicode(?:Decode|Encode)?|JSONDecode|Schema|Validation|"
+        r"FileNotFound|Permission)Error\b|\bdevice-side assert\b",
     ),
     "an invalid configuration": re.compile(
         r"\b(?:invalid|unknown|unrecognized|unsupported|missing)\s+(?:config\w*|option|"
         r"parameter|key|field|column|setting|block|section|argument)\b|"
         r"\bhas no [\w'`\"-]+ (?:column|field|key|block|section)\b|"
         r"\bno such (?:file|key|column|option)\b|"
+        r"\b(?:permission|access) denied\b|\b(?:authentication|authorization) failed\b|"
+        r"\binvalid credentials\b|"
         r"\blow(?:er bound)?\s*>\s*high\b|\bmisconfigur\w+\b|\bconfig\w* error\b|"
         r"\b(?:config\w*|input|set|\w+\.(?:json|ya?ml|bin|csv))\b[^.]{0,20}\bis empty\b|"
         r"\b(?:needs|requires|has to be|must be) (?:a )?(?:corrected|regenerated|redone|"
@@ -72,7 +80,7 @@ _PERMANENT = {
         r"\b(?:size|shape|version|dimension|schema) mismatch\b|\bincompatible\b|"
         r"\b(?:written|produced|built|generated|created|saved|exported) (?:by|with|for) "
         r"(?:an? |the )?(?:older|newer|previous|earlier|different|\d+(?:\.\d+)+)\b|"
-        r"\bAPI (?:changed|was changed)\b",
+        r"\bAPI (?:changed|was changed)\b|\b(?:compiled|built) against\b|\bversion conflict\b",
         re.IGNORECASE,
     ),
     "the same failure on every attempt": re.compile(
@@ -112,9 +120,13 @@ def _gib(number: str, unit: str) -> float:
     return float(number) * _UNITS[unit.lower()]
 
 
-def permanent_cause(text: str) -> str | None:
-    """The stated cause of a failure that a rerun repeats, quoted, or None."""
+def permanent_cause(text: str, total_gpus: int | None = None) -> str | None:
+    """The stated cause of a failure that a rerun repeats, quoted, or None. `total_gpus` (the
+    report's cluster_resources) bounds what a job may ask for."""
     text = _RECALLED.sub(" ", text)
+    gpus = _GPUS.search(text)
+    if gpus and total_gpus is not None and int(gpus[1]) > total_gpus:
+        return f"a request larger than the cluster: {gpus[0]!r}, {total_gpus} GPUs in all"
     request, capacity = _REQUEST.search(text), _CAPACITY.search(text)
     if request and capacity and transient_cause(text) is None:  # not "12 GiB free: shared"
         wanted, largest = _gib(request[1], request[2]), _gib(*[g for g in capacity.groups() if g])

@@ -23,15 +23,22 @@ __all__ = ["contradictions", "flatten"]
 # the names with an earlier one ("bidirectional" survivors are in both the "forward" and the
 # "reverse" pass; "passed" were first "scored", which were the "input").
 _WHOLE = frozenset({"total", "planned", "budget", "draws", "input", "in", "n", "candidates",
-                    "forward", "reverse", "records"})  # fmt: skip
+                    "forward", "fwd", "reverse", "rev", "records", "attempted",
+                    "submitted"})  # fmt: skip
 _SCORED = frozenset({"scored", "evaluated", "processed", "tested", "done", "completed", "run"})
-_PART = frozenset({"passed", "hits", "successes", "ok", "bidirectional", "written", "kept",
-                   "positives", "matched", "unique", "survived", "accepted"})  # fmt: skip
+_PART = frozenset({"passed", "hits", "successes", "ok", "bidirectional", "bidir", "both",
+                   "intersection", "written", "kept", "positives", "matched", "unique",
+                   "survived", "accepted", "correct", "succeeded"})  # fmt: skip
 # Units of work, not the items a step counts: 1,412 survivors passed in 48 shards.
 _WORK = frozenset({"shards", "configs", "configurations", "trials", "epochs", "folds", "windows",
                    "nodes", "gpus", "attempts", "jobs", "classes", "steps"})  # fmt: skip
 _COUNT_WORDS = _WHOLE | _SCORED | _PART
 _METRIC = re.compile(r"(?:^|_)(auc|accuracy|acc|rate|score|f1|r2|coverage|precision|recall)(?:_|$)")
+# Shares, as a fraction or a percentage: never under 0 nor over 100 (a score or a rate in
+# general may be: a log-likelihood, a learning rate, a sample rate).
+_PERCENTAGE = re.compile(
+    r"(?:^|_)(?:accuracy|coverage|precision|recall|f1|(?:hit|match|pass)_rate)(?:_|$)"
+)
 _FLOOR = frozenset({"target", "min", "minimum", "required", "floor"})
 _CEILING = frozenset({"max", "maximum", "limit", "ceiling", "cap"})
 _CHANCE = frozenset({"baseline", "chance", "random"})
@@ -91,7 +98,9 @@ _LEAKAGE = re.compile(
     re.IGNORECASE,
 )
 _EMPTY_OUTPUT = re.compile(
-    r"\b(?:0|zero)[- ]byte\b|\b(?:0|zero) rows (?:were )?written\b|"
+    r"\b(?:0|zero)[- ]bytes?\b(?!\s+(?:lost|missing|dropped|skipped|of))|"
+    r"\b(?:0|zero) rows (?:were )?written\b|"
+    r"\bwrote (?:0|zero|no) (?:rows|records|predictions|lines|bytes)\b|"
     r"\b(?:output|file|predictions?(?:\.json)?) (?:is|was) empty\b",
     re.IGNORECASE,
 )
@@ -187,6 +196,8 @@ def _payload(payload: Mapping[str, Any]) -> Iterator[str]:
             yield f"{name} {value:,.0f}: the same rows on both sides"
         elif words & {"auc", "probability", "p"} and not 0 <= value <= 1:
             yield f"{name} {value:g} is outside 0..1"
+        elif _PERCENTAGE.search(name) and not 0 <= value <= 100:
+            yield f"{name} {value:g} is outside 0..100 %"
     folds = [v for n, v in flatten(payload) if "auc" in n and isinstance(v, list)]
     for values in folds:
         if len(values) > 1 and all(isinstance(x, int | float) and x >= PERFECT_AUC for x in values):

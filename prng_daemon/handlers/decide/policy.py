@@ -111,7 +111,9 @@ def settled_by_rules(
         if failed:
             return "success claimed, but its own numbers say otherwise: " + "; ".join(failed)
         return None
-    cause = permanent_cause(failure_text(reasoning, payload))
+    resources = meta.cluster_resources
+    total_gpus = resources.total_gpus if resources is not None else None
+    cause = permanent_cause(failure_text(reasoning, payload), total_gpus)
     if cause is not None:
         return f"a rerun would fail the same way: {cause}"
     return None
