@@ -55,6 +55,7 @@ def test_a_cause_a_rerun_repeats_is_permanent(report: str, cause: str) -> None:
         ("Node crashed; log truncated at 200 lines. A rerun on the same node will likely work.",
          "Node crashed"),
         ("Ran in deterministic mode; the job timed out at the wall-time limit.", "timed out"),
+        ("The input is not corrupt (checked); the node was preempted.", "preempted"),
     ],
 )  # fmt: skip
 def test_a_passing_cause_is_transient_not_permanent(report: str, transient: str) -> None:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .consistency import flatten
+from .consistency import first_stated, flatten
 
 __all__ = ["failure_text", "permanent_cause", "transient_cause"]
 
@@ -133,7 +133,7 @@ def permanent_cause(text: str, total_gpus: int | None = None) -> str | None:
         if wanted > largest:
             return f"a request larger than any device: {request[0]!r} vs {capacity[0]!r}"
     for why, pattern in _PERMANENT.items():
-        found = pattern.search(text)
+        found = first_stated(pattern, text)
         if found and why == _EXCEPTION and _DIVERGED.search(text):
             continue  # a NaN loss raises too: an unlucky start, not the code
         if found:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .claims import NUMBER, Claim, Finding, versus
 
-__all__ = ["contradictions", "flatten"]
+__all__ = ["contradictions", "first_stated", "flatten"]
 
 # How far a count is from the whole it is a part of: a name with a later word counts a part of
 # the names with an earlier one ("bidirectional" survivors are in both the "forward" and the
@@ -83,9 +83,12 @@ _PERFECT = re.compile(
     r"\bAUC\s+(?:of\s+)?1(?:\.0+)?\b[^.]{0,40}\b(?:every|all|each)\b[^.]{0,20}\bfolds?\b",
     re.IGNORECASE,
 )
-# "no leakage", "checked for leakage": the word, denied or looked for, states nothing.
+# "no leakage", "checked for leakage", "the file is not corrupt": a word denied or looked for
+# states nothing.
 _DENIED = re.compile(
-    r"\b(?:no|not|without|zero|0|none|any|for|free of)\s+(?:\w+\s+)?$", re.IGNORECASE
+    r"\b(?:no|not|never|isn't|wasn't|without|zero|0|none|any|for|free of|ruled out)\s+"
+    r"(?:\w+\s+)?$",
+    re.IGNORECASE,
 )
 _LEAKAGE = re.compile(
     r"(?<!memory )(?<!handle )\b(?:leak(?:s|ed|age)?|label(?:s)? leak\w*)\b"
@@ -104,6 +107,14 @@ _EMPTY_OUTPUT = re.compile(
     r"\b(?:output|file|predictions?(?:\.json)?) (?:is|was) empty\b",
     re.IGNORECASE,
 )
+
+
+def first_stated(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The first match of `pattern` in `text` that the words just before do not deny."""
+    for found in pattern.finditer(text):
+        if not _DENIED.search(text[max(0, found.start() - 20) : found.start()]):
+            return found
+    return None
 
 
 def flatten(payload: Mapping[str, Any], prefix: str | None = None) -> Iterator[tuple[str, Any]]:
@@ -226,10 +237,9 @@ def _prose(text: str) -> Iterator[str]:
         if (m[3] and value > 100) or (not m[3] and m["metric"].lower() == "auc" and value > 1):
             yield f"{' '.join(m[0].split())}: outside its range"
     for pattern in (_PERFECT, _LEAKAGE, _EMPTY_OUTPUT):
-        for found in pattern.finditer(text):
-            if not _DENIED.search(text[max(0, found.start() - 20) : found.start()]):
-                yield " ".join(found[0].split())
-                break
+        found = first_stated(pattern, text)
+        if found:
+            yield " ".join(found[0].split())
 
 
 def contradictions(reasoning: str, payload: Mapping[str, Any] | None = None) -> tuple[str, ...]:
