@@ -81,6 +81,10 @@ def test_a_consistent_payload_says_nothing(payload: dict[str, Any]) -> None:
         ("Coverage 130% of the known outputs.", "outside its range"),
         ("Scoring done, 1,412 passed; the writer wrote 0 rows.", "wrote 0 rows"),
         ("predictions.json is 0 bytes on disk.", "0 bytes"),
+        (
+            "Holdout accuracy 10.3% on the 10-way bucket target (minimum required: 15%).",
+            "minimum required: 15%",
+        ),
     ],
 )
 def test_prose_contradicting_itself_is_found(report: str, found: str) -> None:
@@ -101,6 +105,8 @@ def test_prose_contradicting_itself_is_found(report: str, found: str) -> None:
         "Done in 14 min: 1,204 survivors in 3 minutes of GPU time, 2,000 predictions from 500.",
         "A small memory leak in the dataloader, harmless; AUC 0.81.",
         "Resumed from the checkpoint with 0 bytes lost; 1,000 predictions written.",
+        "Holdout accuracy 17.1% on the 10-way bucket target (minimum required: 15%).",
+        "Coverage 94.6% at the nominal level (target 95%).",
     ],
 )
 def test_a_harmless_success_says_nothing(report: str) -> None:
