@@ -60,6 +60,8 @@ def test_a_payload_contradicting_itself_is_found(payload: dict[str, Any], found:
         {"fold_aucs": [0.81, 0.79, 0.8], "cv_auc": 0.8},
         # An expected count is no whole; errors and logs are no output.
         {"hits": 40, "expected_hits": 4, "output_errors": 0, "stderr_bytes": 0},
+        # Survivors overlapping between folds is step 2's stability, not leakage.
+        {"best_config": {"threshold": 0.012}, "fold_overlap": 0.87},
         # A score, a learning rate or a sample rate has no 0..100 range.
         {"best_score": -1234.5, "learning_rate": 0.001, "sample_rate": 44100},
     ],

@@ -57,7 +57,10 @@ _ASIDE = frozenset({"error", "errors", "warning", "warnings", "failed", "missing
 # What a bar's name may add to the metric it is for ("target_val_auc"): not the metric itself.
 _QUALIFIERS = frozenset({"train", "training", "val", "validation", "test", "holdout", "cv",
                          "best", "mean", "overall"})  # fmt: skip
-_LEAK = re.compile(r"(?:^|_)(?:overlap|leak|leakage|leaked)(?:_|$)")
+_LEAK = frozenset({"leak", "leakage", "leaked"})
+# An overlap of the training and the test (or validation) set; not a "fold_overlap", which in
+# step 2 is how stable the survivors are between folds, the more the better.
+_SPLITS = frozenset({"train", "training", "test", "holdout", "val", "validation"})
 EMPTY_JSON_BYTES = 2
 """The size of "[]" or "{}": a JSON output no larger holds nothing."""
 PERFECT_AUC = 0.999
@@ -211,7 +214,7 @@ def _payload(payload: Mapping[str, Any]) -> Iterator[str]:
             yield f"{name} is 0"
         elif "bytes" in words and value <= EMPTY_JSON_BYTES:
             yield f"{name} is {value:g}: an empty file"
-        elif _LEAK.search(name) and value > 0:
+        elif (words & _LEAK or "overlap" in words and words & _SPLITS) and value > 0:
             yield f"{name} {value:,.0f}: the same rows on both sides"
         elif words & {"auc", "probability", "p"} and not 0 <= value <= 1:
             yield f"{name} {value:g} is outside 0..1"
