@@ -6,7 +6,10 @@ from typing import Any
 
 import pytest
 
+from prng_daemon.demo.agent import Scenario, result_for
+from prng_daemon.handlers.decide.causes import failure_text, permanent_cause
 from prng_daemon.handlers.decide.consistency import contradictions, flatten
+from prng_daemon.sdk import RunContext
 
 
 @pytest.mark.parametrize(
@@ -118,3 +121,18 @@ def test_a_harmless_success_says_nothing(report: str) -> None:
 def test_nested_names_are_joined_below_the_top_level() -> None:
     payload = {"result": {"error": {"type": "KeyError"}, "passed": 3}, "note": "x"}
     assert dict(flatten(payload)) == {"error_type": "KeyError", "passed": 3, "note": "x"}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_demo_agents_reports_read_as_they_are_meant(seed: int) -> None:
+    """The demo's clean successes contradict nothing and its transient failures state no
+    permanent cause, for every step (the demo keeps showing the decisions it shows now)."""
+    scenario = Scenario.from_seed(seed)
+    for step in range(1, 7):
+        for retry_count in (0, 1):
+            meta, payload = result_for(RunContext(step, retry_count=retry_count), scenario, False)
+            text = meta["reasoning"]
+            if meta["success_criteria_met"]:
+                assert contradictions(text, {"result": payload}) == (), text
+            elif step == scenario.retry_step:
+                assert permanent_cause(failure_text(text, {"result": payload}), 26) is None, text
