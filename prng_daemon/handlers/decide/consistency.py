@@ -201,6 +201,7 @@ def _metric_bars(numbers: dict[str, float]) -> Iterator[Claim]:
 
 
 def _payload(payload: Mapping[str, Any]) -> Iterator[str]:
+    """The contradictions in the numbers the agent wrote beside its metadata."""
     numbers = _numbers(payload)
     yield from _parts_over_wholes(
         {n: v for n, v in numbers.items() if not _METRIC.search(n) and v >= 0}
@@ -231,6 +232,7 @@ def _value(number: str) -> float:
 
 
 def _prose(text: str) -> Iterator[str]:
+    """The contradictions the reasoning states in words."""
     for m in _OF.finditer(text):
         if m[2] or m[4] or "." in m[1] or "." in m[3] or m["noun"].lower() in _WORK:
             continue  # a percentage, a decimal or the shards they ran in is no whole
