@@ -2,14 +2,17 @@
 of the combined policy, calibration of `calibrated_confidence`, the autonomy-accuracy curve, and
 what the vote costs per decision.
 
-    .venv/bin/python -m bench.bench_learning [--draws 5] [--write-seed examples/seed-cases.jsonl]
+    .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh2] [--no-payload]
+        [--write-seed examples/seed-cases.jsonl]
 
 It replays the policy on the model's saved answers: run bench_quality once per labelled set
 first (`--name signals_blind --set bench/labelled/blind`, `signals_heldout`, `signals_main`,
-`signals_fresh`):
-the prompt does not depend on the cases, so the model's answer for a file is the same at every
-pool size, and only the rules, the vote and the combination are recomputed here. A tested set
-is never in its own pool (TESTED says which pool each gets). Writes bench/results/learning.json
+`signals_fresh`; the final blind set: `--name signals_fresh2 --set bench/labelled/fresh2`, then
+`--sets fresh2` here, once): the prompt does not depend on the cases, so the model's answer
+for a file is the same at every pool size, and only the rules, the vote and the combination
+are recomputed here. Every set is tested with a pool of the others (POOLS); a tested set is
+never in its own pool. The rules read the file's `result` too, as `Decider.take(meta, payload)`
+does; `--no-payload` replays them on agent_metadata alone. Writes bench/results/learning.json
 and learning_autonomy.png.
 """
 
@@ -29,8 +32,11 @@ from bench.bench_quality import LABELLED, auroc, labelled, point_biserial
 from prng_daemon.config import PolicyConfig
 from prng_daemon.document.case import Case, new_case
 from prng_daemon.document.decision import ACTIONS, Action, Decision
+from prng_daemon.handlers.decide.causes import failure_text, permanent_cause
+from prng_daemon.handlers.decide.claims import stated_claims
 from prng_daemon.handlers.decide.combine import Signals, combine
-from prng_daemon.handlers.decide.policy import rules_decision, settled_by_rules
+from prng_daemon.handlers.decide.consistency import contradictions
+from prng_daemon.handlers.decide.policy import rules_decision, settled_by_rules, stated_cause
 from prng_daemon.handlers.decide.vote import CaseIndex
 from prng_daemon.handlers.validate import load_result
 
@@ -39,11 +45,18 @@ SETS = {
     "heldout": LABELLED / "heldout",
     "blind": LABELLED / "blind",
     "fresh": LABELLED / "fresh",
+    "fresh2": LABELLED / "fresh2",
 }
-TESTED = ("fresh", "blind", "heldout")
-"""The sets each tested with a pool from the others. `fresh` (written blind to the final method,
-measured once) is never in a pool: the pool of the two older sets is the other two (109 cases),
-as when the method was chosen, and the fresh set's is all three (151, the shipped seed)."""
+NEVER_POOLED = frozenset({"fresh2"})
+"""A blind set measured once: tested with a pool of every other set, never in one."""
+POOLS = {
+    "main": ("heldout", "blind", "fresh"),
+    "heldout": ("main", "blind", "fresh"),
+    "blind": ("main", "heldout", "fresh"),
+    "fresh": ("main", "heldout", "blind"),
+}
+"""The sets each set is tested with (all four are tuning data now; `fresh` keeps the pool it
+was measured with, the 151-case shipped seed). A set not named here (fresh2) gets all of them."""
 SIZES = (0, 25, 50, 100)
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 WHO = ("rules", "model", "cases", "policy")
@@ -52,12 +65,12 @@ WHO = ("rules", "model", "cases", "policy")
 class Item:
     """One labelled file, with the model's saved answer on it."""
 
-    def __init__(self, case: Case, row: dict[str, Any]) -> None:
-        self.case, self.row = case, row
+    def __init__(self, case: Case, row: dict[str, Any], payload: dict[str, Any]) -> None:
+        self.case, self.row, self.payload = case, row, payload
         self.meta = case.agent_metadata
 
 
-def items(name: str) -> list[Item]:
+def items(name: str, with_payload: bool = True) -> list[Item]:
     directory = SETS[name]
     saved = RESULTS_DIR / f"signals_{name}.json"
     if not saved.exists():
@@ -65,10 +78,12 @@ def items(name: str) -> list[Item]:
     rows = {r["file"]: r for r in json.loads(saved.read_text())["rows"]}
     out = []
     for file, meta, label, _ in labelled(directory):
-        sha = load_result(directory / file, max_bytes=1 << 20).sha256
+        loaded = load_result(directory / file, max_bytes=1 << 20)
+        sha = loaded.sha256
+        payload = dict(loaded.document.model_extra or {}) if with_payload else {}
         case = new_case(meta, sha256=sha, file=f"{name}/{file}", decision=None, label=label,
                         source="seed", operator="prng-llm-daemon labelled sets")  # fmt: skip
-        out.append(Item(case, rows[file]))
+        out.append(Item(case, rows[file], payload))
     return out
 
 
@@ -77,8 +92,8 @@ def replay(item: Item, index: CaseIndex | None, policy: PolicyConfig) -> dict[st
     the model's saved answer (the policy's own path when no case was in its pool)."""
     meta, row = item.meta, item.row
     vote = index.vote(meta, exclude=item.case.sha256) if index is not None else None
-    rules: Action = rules_decision(meta, policy)[0]
-    settled = settled_by_rules(meta, policy) is not None
+    rules: Action = rules_decision(meta, policy, item.payload)[0]
+    settled = settled_by_rules(meta, policy, item.payload) is not None
     model, p = row["policy"], row["policy_calibrated"]
     if settled:
         signals, action = Signals("escalate", True, cases=vote), "escalate"
@@ -87,7 +102,7 @@ def replay(item: Item, index: CaseIndex | None, policy: PolicyConfig) -> dict[st
     elif row["path"] == "guardrail":  # the model's own guardrail (two models disagreeing)
         signals, action = Signals(rules, False, model, p, vote), "escalate"
     else:
-        signals = Signals(rules, False, model, p, vote)
+        signals = Signals(rules, False, model, p, vote, stated_cause(meta, item.payload))
         action = combine(signals, policy)[0]
     calibration = index.calibration if index is not None else None
     support = signals.supports(action)
@@ -135,6 +150,24 @@ def score(results: list[dict[str, Any]]) -> dict[str, Any]:
         "auroc": auroc(cal, right),
     }
     return out
+
+
+def rule_hits(test: list[Item]) -> list[list[Any]]:
+    """What each family of rules escalates on `test`, right (the label is escalate) or not:
+    one row per family, so a rule that only fits the sets it was written against shows."""
+    families: dict[str, list[bool]] = {"stated bar (claims)": [], "own numbers (consistency)": [],
+                                       "permanent cause (causes)": []}  # fmt: skip
+    for item in test:
+        meta, right = item.meta, item.case.label == "escalate"
+        reasoning = meta.reasoning or ""
+        if meta.success_criteria_met:
+            if any(not c.holds for c in stated_claims(reasoning)):
+                families["stated bar (claims)"].append(right)
+            if contradictions(reasoning, item.payload):
+                families["own numbers (consistency)"].append(right)
+        elif permanent_cause(failure_text(reasoning, item.payload)):
+            families["permanent cause (causes)"].append(right)
+    return [[name, sum(hits), len(hits) - sum(hits)] for name, hits in families.items()]
 
 
 def _share(hits: list[bool]) -> float | None:
@@ -228,16 +261,29 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=5, help="pools drawn per pool size")
-    parser.add_argument("--write-seed", type=Path, help="write every labelled case as JSONL")
+    parser.add_argument("--write-seed", type=Path, help="write every poolable case as JSONL")
+    parser.add_argument(
+        "--sets", nargs="+", choices=list(SETS), help="test only these (default: every set there)"
+    )
+    parser.add_argument(
+        "--no-payload", action="store_true", help="rules on agent_metadata alone (no `result`)"
+    )
     args = parser.parse_args()
     policy = PolicyConfig()
-    loaded = {name: items(name) for name in SETS}
+    present = [name for name, directory in SETS.items() if (directory / "labels.json").exists()]
+    tested = args.sets or present
+    needed = {*tested, *(p for name in tested for p in POOLS.get(name, POOLS))}
+    if args.write_seed:
+        needed |= POOLS.keys()
+    loaded = {name: items(name, not args.no_payload) for name in present if name in needed}
     tables: dict[str, str] = {}
     data: dict[str, Any] = {"policy": policy.model_dump(mode="json"), "sets": {}}
+    if args.no_payload:
+        data["payload"] = "none: the rules read agent_metadata alone"
     autonomy_curves = {}
-    for blind in TESTED:
+    for blind in tested:
         test = loaded[blind]
-        others = [i for name, its in loaded.items() if name not in (blind, "fresh") for i in its]
+        others = [i for name in POOLS.get(blind, POOLS) for i in loaded[name]]
         points = curve(test, others, args.draws, policy)
         body = []
         for point in points:
@@ -261,6 +307,9 @@ def main() -> None:
             ["signal", *(f"label {a}" for a in ACTIONS), "all"],
             [[who, *(pct(full[who][a]) for a in (*ACTIONS, "all"))] for who in WHO],
         )  # fmt: skip
+        tables[f"What each family of rules escalates, {blind} set"] = table(
+            ["rules", "right (label escalate)", "wrong"], rule_hits(test)
+        )
         curve_rows = autonomy(points[-1]["results"][0])
         autonomy_curves[blind] = curve_rows
         tables[f"Autonomy and accuracy at each min_calibrated_confidence, {blind} set"] = table(
@@ -281,7 +330,7 @@ def main() -> None:
          for name, t in ((n, data["sets"][n]["timing"]) for n in data["sets"])],
     )  # fmt: skip
     if args.write_seed:
-        everything = [i for name, its in loaded.items() if name != "fresh" for i in its]
+        everything = [i for name in POOLS for i in loaded[name]]
         index = decided_pool(everything, policy)
         args.write_seed.write_text("".join(c.model_dump_json() + "\n" for c in index.cases))
         print(f"written: {args.write_seed} ({len(index.cases)} cases)")

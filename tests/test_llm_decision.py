@@ -59,11 +59,11 @@ def fakes() -> Iterator[tuple[FakeLlama, FakeLlama]]:
         yield orchestrator, math
 
 
-def decide(config: Config, meta: AgentMetadata) -> Decision:
+def decide(config: Config, meta: AgentMetadata, payload: dict[str, Any] | None = None) -> Decision:
     async def go() -> Decision:
         router = AsyncRouter(config)
         try:
-            return await Decider(config, router).decide(meta)
+            return await Decider(config, router).decide(meta, payload)
         finally:
             await router.aclose()
 
@@ -258,6 +258,30 @@ def test_clear_escalations_are_settled_without_the_model(
     assert d.llm_metadata["math_calls"] == 0
 
 
+def test_a_result_contradicting_itself_is_settled_without_the_model(
+    fakes: tuple[FakeLlama, FakeLlama],
+) -> None:
+    """Issue 26: the numbers in the file's `result` are checked too, when the caller passes it:
+    an intersection larger than one of the sets it intersects is no success."""
+    payload = {"result": {"forward_survivors": 52880, "bidirectional_survivors": 71402}}
+    meta = meta_for(1, reasoning="Sweep converged; survivors look healthy.")
+    d = decide(_config(fakes), meta, payload)
+    assert (d.action, d.decided_by) == ("escalate", "guardrail")
+    assert "bidirectional_survivors 71,402 > forward_survivors 52,880" in d.reasoning
+    assert fakes[0].requests == [] == fakes[1].requests
+    assert decide(_config(fakes), meta).action == "proceed", "without it, the model decides"
+
+
+def test_a_failure_a_rerun_repeats_escalates_with_retries_left(
+    fakes: tuple[FakeLlama, FakeLlama],
+) -> None:
+    report = "All 60 configurations failed with the same TypeError. Possibly flaky; will retry."
+    d = decide(_config(fakes), meta_for(4, success_criteria_met=False, reasoning=report))
+    assert (d.action, d.decided_by) == ("escalate", "guardrail")
+    assert "a rerun would fail the same way: an exception" in d.reasoning
+    assert fakes[0].requests == [] == fakes[1].requests
+
+
 @pytest.mark.parametrize("met", [True, False])
 def test_the_model_chooses_only_among_the_open_findings(
     fakes: tuple[FakeLlama, FakeLlama], met: bool
@@ -318,6 +342,10 @@ def test_retry_within_budget_stands(fakes: tuple[FakeLlama, FakeLlama]) -> None:
         (False, 0.9, 1, "retry", "Node lost."),
         (False, 0.9, 2, "escalate", "Node lost."),
         (True, 0.9, 0, "escalate", "Done: 0 survivors above the threshold."),
+        (True, 0.9, 0, "escalate", "Done: 1,214 hits in 1,000 draws."),
+        (True, 0.9, 0, "proceed", "Done after the zeus crash; input re-fetched, 3 of 5 passed."),
+        (False, 0.9, 0, "escalate", "KeyError: 'k_folds' in the template; will retry."),
+        (False, 0.9, 0, "retry", "Preempted; the input's checksum was verified afterwards."),
     ],
 )
 def test_rules_policy(met: bool, confidence: float, retries: int, action: str, report: str) -> None:

@@ -21,7 +21,8 @@ from .test_llm_decision import meta_for
 
 ONE = PolicyConfig(vote_neighbours=1, vote_min_cases=1)
 """The nearest case alone votes, in a pool of any size."""
-LEAK = "Holdout AUC 0.97; the label column was among the features."
+# Too good to be true in a way no rule reads from its numbers: only the cases know it.
+SUSPECT = "Holdout AUC 0.97, far above every earlier run on this PRNG family."
 NODE = "Node rig-6600 lost mid-sweep; partial output discarded."
 CLEAN = "Best trial score 0.847 with k_folds=5; search converged."
 
@@ -34,7 +35,8 @@ def case(label: Action, reasoning: str, step: int = 2, met: bool = True, n: int 
 
 
 def test_the_nearest_report_in_words_wins() -> None:
-    pool = [case("escalate", LEAK, n=1), case("proceed", CLEAN, n=2), case("proceed", CLEAN, n=3)]
+    pool = [case("escalate", SUSPECT, n=1), case("proceed", CLEAN, n=2)]
+    pool.append(case("proceed", CLEAN, n=3))
     index = CaseIndex(pool, ONE)
     vote = index.vote(meta_for(2, reasoning="Holdout AUC 0.98: the label column leaked in."))
     assert vote is not None and (vote.action, vote.strength, vote.scope) == ("escalate", 1, "step")
@@ -72,15 +74,17 @@ def test_numbers_against_their_bars_count_not_just_words() -> None:
 
 
 def test_the_strength_is_the_winners_share_and_a_case_can_be_left_out() -> None:
-    pool = [case("escalate", LEAK, n=1), case("escalate", LEAK, n=2), case("proceed", CLEAN, n=3)]
+    pool = [case("escalate", SUSPECT, n=1), case("escalate", SUSPECT, n=2)]
+    pool.append(case("proceed", CLEAN, n=3))
     index = CaseIndex(pool, PolicyConfig(vote_neighbours=3, vote_min_cases=1))
-    vote = index.vote(meta_for(2, reasoning=LEAK))
+    vote = index.vote(meta_for(2, reasoning=SUSPECT))
     assert vote is not None and vote.action == "escalate" and 0.5 < vote.strength < 1
-    vote = index.vote(meta_for(2, reasoning=LEAK), exclude=f"{1:064x}")
+    vote = index.vote(meta_for(2, reasoning=SUSPECT), exclude=f"{1:064x}")
     assert vote is not None and [n.file for n in vote.neighbours][0] == "c2.json"
     assert CaseIndex([], PolicyConfig()).vote(meta_for(2)) is None
     # Fewer than policy.vote_min_cases: no vote yet.
-    assert CaseIndex(pool, PolicyConfig(vote_min_cases=4)).vote(meta_for(2, reasoning=LEAK)) is None
+    few = CaseIndex(pool, PolicyConfig(vote_min_cases=4))
+    assert few.vote(meta_for(2, reasoning=SUSPECT)) is None
 
 
 STRONGER = {"on_disagreement": "stronger"}
@@ -100,13 +104,17 @@ def _vote(action: Action, strength: float) -> CaseVote:
         (Signals("proceed", False, "proceed", 0.7, _vote("retry", 0.8)), STRONGER, "retry"),
         (Signals("proceed", False, "proceed", 0.9, _vote("retry", 0.8)), STRONGER, "proceed"),
         (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), {}, "escalate"),
+        (Signals("retry", False, "retry", 0.6, _vote("escalate", 0.9), "preempted"), {}, "retry"),
+        (Signals("retry", False, "escalate", 0.6, _vote("retry", 0.9), "preempted"), {},
+         "escalate"),
     ],
-)
+)  # fmt: skip
 def test_one_decision_from_three_signals(
     signals: Signals, policy: dict[str, Any], action: Action
 ) -> None:
-    """A guardrail stands; no model, the rules; agreement stands; a disagreement escalates
-    or goes to the stronger signal."""
+    """A guardrail stands; no model, the rules; agreement stands, the model's retry backed by
+    the failure's stated transient cause too; a disagreement escalates or goes to the stronger
+    signal."""
     assert combine(signals, PolicyConfig(**policy))[0] == action
 
 
@@ -139,24 +147,24 @@ def _decide(fake: FakeLlama, pool: list[Case], meta_reasoning: str, **policy: An
 def test_the_decision_names_each_signal_and_the_cases_can_overrule_the_model(
     fake: FakeLlama,
 ) -> None:
-    pool = [case("escalate", LEAK, n=1)]
-    d = _decide(fake, pool, LEAK, **STRONGER)
+    pool = [case("escalate", SUSPECT, n=1)]
+    d = _decide(fake, pool, SUSPECT, **STRONGER)
     assert (d.action, d.decided_by) == ("escalate", "guardrail")
     assert d.signals["model"]["action"] == "proceed"
     assert d.signals["cases"]["action"] == "escalate"
     assert d.signals["cases"]["neighbours"][0]["file"] == "c1.json"
     assert d.reasoning.startswith("guardrail: the cases are the stronger: the model says proceed")
-    d = _decide(fake, [case("retry", LEAK, n=1)], LEAK, **STRONGER)
+    d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT, **STRONGER)
     assert (d.action, d.decided_by) == ("retry", "cases")
-    d = _decide(fake, [case("retry", LEAK, n=1)], LEAK)
+    d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT)
     assert (d.action, d.decided_by) == ("escalate", "guardrail"), "by default"
     assert d.reasoning.startswith("guardrail: the model says proceed (p=0.89), the cases retry")
-    d = _decide(fake, [case("proceed", LEAK, n=1)], LEAK)
+    d = _decide(fake, [case("proceed", SUSPECT, n=1)], SUSPECT)
     assert (d.action, d.decided_by) == ("proceed", "llm"), "they agree"
 
 
 def test_with_no_cases_the_decision_is_the_models(fake: FakeLlama) -> None:
-    d = _decide(fake, [], LEAK)
+    d = _decide(fake, [], SUSPECT)
     assert (d.action, d.decided_by) == ("proceed", "llm")
     assert d.signals.keys() == {"rules", "model", "support"}
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from ...document.names import printable
 
-__all__ = ["Claim", "stated_claims"]
+__all__ = ["NUMBER", "Claim", "Finding", "stated_claims", "versus"]
 
 Finding = Literal["gap", "chance", "target", "zero", "missing"]
 
@@ -141,7 +141,7 @@ def _quote(text: str) -> str:
     return printable(" ".join(text.split()))[:80]
 
 
-def _versus(
+def versus(
     finding: Finding, value: float, bar: float, under_is_good: bool, text: str
 ) -> Claim | None:
     """A value against its bar: holds on the good side, fails clearly on the wrong side, no
@@ -208,7 +208,7 @@ def stated_claims(report: str) -> tuple[Claim, ...]:
         kind = _kind(m["noun"], report[max(0, m.start() - CONTEXT) : m.start()], None)
         pair = _pair(m, 1, 5)
         if kind is not None and pair is not None:
-            add(_versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
+            add(versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
     for m in _STATED.finditer(report):
         # A word ("above", "inside") with no bar named says nothing; an inequality does.
         said_under = _OPERATORS[m["op"]] if m["op"] else None
@@ -216,13 +216,13 @@ def stated_claims(report: str) -> tuple[Claim, ...]:
         kind = _kind(f"{m['between']} {m['after']}", before, said_under)
         pair = _pair(m, 1, 6)
         if kind is not None and pair is not None:
-            add(_versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
+            add(versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
     for m in _NAMED_BAR.finditer(report):
         # What the value measures is named just before it, inside the match: "gap 4.6%".
         kind = _kind(m["noun"], report[max(0, m.start() - CONTEXT) : m.start(1)], None)
         pair = _pair(m, 1, 4)
         if kind is not None and pair is not None:
-            add(_versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
+            add(versus(kind[0], *pair, kind[1], _quote(m[0])), m.span())
     for m in _OPERATOR.finditer(report):
         # A bare "(0.041 < 0.06)": the report's own inequality, true or not.
         pair, under = _pair(m, 1, 4), _OPERATORS[m["op"]]

@@ -4,7 +4,7 @@ guardrails (docs/decisions.md)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +18,10 @@ from ...errors import LLMBadAnswer, LLMError, LLMUnavailable
 from ...llm.router import AsyncRouter, LLMMetrics, Routed
 from ...log import get_logger
 from .calibrate import Calibration
+from .causes import failure_text, permanent_cause, transient_cause
 from .claims import stated_claims
 from .combine import Signals, combine
+from .consistency import contradictions
 from .prompt import (
     EXPLAIN_GRAMMAR,
     FAILURE_FINDINGS,
@@ -39,14 +41,18 @@ from .vote import CaseIndex, CaseVote
 __all__ = [
     "CaseSource",
     "Decider",
+    "Payload",
     "Unexplained",
     "open_findings",
     "rules_decision",
     "settled_by_rules",
+    "stated_cause",
 ]
 
 CaseSource = Callable[[PolicyConfig], Awaitable[CaseIndex | None]]
 """The labelled cases as they stand now (None: none yet)."""
+Payload = Mapping[str, Any] | None
+"""What the result file holds besides agent_metadata (its `result`), when the caller has it."""
 
 log = get_logger()
 
@@ -62,6 +68,8 @@ class Unexplained:
     metrics: LLMMetrics
     cases: CaseVote | None
     calibration: Calibration | None
+    cause: str | None
+    """The transient cause the failure states (`stated_cause`)."""
 
 
 def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
@@ -74,9 +82,11 @@ def open_findings(meta: AgentMetadata) -> tuple[str, ...]:
     return tuple(f for f in SUCCESS_FINDINGS if f not in settled)
 
 
-def rules_decision(meta: AgentMetadata, policy: PolicyConfig) -> tuple[Action, str]:
+def rules_decision(
+    meta: AgentMetadata, policy: PolicyConfig, payload: Payload = None
+) -> tuple[Action, str]:
     """The deterministic policy used when no LLM can answer: (action, reasoning)."""
-    settled = settled_by_rules(meta, policy)
+    settled = settled_by_rules(meta, policy, payload)
     if settled is not None:
         return "escalate", settled
     if meta.success_criteria_met:
@@ -84,8 +94,11 @@ def rules_decision(meta: AgentMetadata, policy: PolicyConfig) -> tuple[Action, s
     return "retry", f"success criteria not met; retry {meta.retries + 1} of {policy.max_retries}"
 
 
-def settled_by_rules(meta: AgentMetadata, policy: PolicyConfig) -> str | None:
+def settled_by_rules(
+    meta: AgentMetadata, policy: PolicyConfig, payload: Payload = None
+) -> str | None:
     """Why this result is escalated whatever its text says, or None when the model decides."""
+    reasoning = meta.reasoning or ""
     if policy.escalate_on_human_override and meta.human_override_requested:
         return "a human override was requested"
     if not meta.success_criteria_met and meta.retries >= policy.max_retries:
@@ -93,10 +106,24 @@ def settled_by_rules(meta: AgentMetadata, policy: PolicyConfig) -> str | None:
     if meta.success_criteria_met and meta.confidence < policy.confidence_threshold:
         return f"the agent itself is unsure (confidence {meta.confidence:g})"
     if meta.success_criteria_met:
-        failed = [c.text for c in stated_claims(meta.reasoning or "") if not c.holds]
+        failed = [c.text for c in stated_claims(reasoning) if not c.holds]
+        failed += contradictions(reasoning, payload)
         if failed:
             return "success claimed, but its own numbers say otherwise: " + "; ".join(failed)
+        return None
+    resources = meta.cluster_resources
+    total_gpus = resources.total_gpus if resources is not None else None
+    cause = permanent_cause(failure_text(reasoning, payload), total_gpus)
+    if cause is not None:
+        return f"a rerun would fail the same way: {cause}"
     return None
+
+
+def stated_cause(meta: AgentMetadata, payload: Payload = None) -> str | None:
+    """The transient cause a failure states (for `Signals.cause`), or None."""
+    if meta.success_criteria_met:
+        return None
+    return transient_cause(failure_text(meta.reasoning or "", payload))
 
 
 class Decider:
@@ -220,18 +247,19 @@ class Decider:
                         content=routed.completion.content[:200])  # fmt: skip
             return None
 
-    async def decide(self, meta: AgentMetadata) -> Decision:
+    async def decide(self, meta: AgentMetadata, payload: Payload = None) -> Decision:
         """The decision for one validated result, explained; LLMUnavailable only under
         when_no_llm="wait"."""
-        taken = await self.take(meta)
+        taken = await self.take(meta, payload)
         return await self.explain(taken) if isinstance(taken, Unexplained) else taken
 
-    async def take(self, meta: AgentMetadata) -> Decision | Unexplained:
+    async def take(self, meta: AgentMetadata, payload: Payload = None) -> Decision | Unexplained:
         """The decision for one validated result, its explanation (policy.explain_decisions)
         still to ask for with `explain`: the action never depends on it, so a launch need not
-        wait for it. LLMUnavailable only under when_no_llm="wait"."""
+        wait for it. `payload` (the file's `result`) lets the rules check its numbers too.
+        LLMUnavailable only under when_no_llm="wait"."""
         metrics, policy = LLMMetrics(), self.policy
-        settled = settled_by_rules(meta, policy)
+        settled = settled_by_rules(meta, policy, payload)
         cases, calibration = await self.consult(meta)
         if settled is not None:
             signals = Signals("escalate", True, cases=cases)
@@ -252,15 +280,16 @@ class Decider:
             if policy.when_no_llm == "wait":
                 raise LLMUnavailable(f"no LLM decision, waiting: {problem}") from None
             log.warning("decision.rules_fallback", reason=problem)
-            action, why = rules_decision(meta, policy)
+            action, why = rules_decision(meta, policy, payload)
             return self._decision(
                 meta, action, meta.confidence, None, f"rules: {why}", "rules", metrics,
                 Signals(action, False, cases=cases), calibration,
             )  # fmt: skip
-        decision = self._model_decision(meta, model, None, metrics, cases, calibration)
+        cause = stated_cause(meta, payload)
+        decision = self._model_decision(meta, model, None, metrics, cases, calibration, cause)
         if not policy.explain_decisions:
             return decision
-        return Unexplained(decision, meta, model, metrics, cases, calibration)
+        return Unexplained(decision, meta, model, metrics, cases, calibration, cause)
 
     async def explain(self, taken: Unexplained) -> Decision:
         """`taken.decision` with the model's confidence word and reasoning, or as it is when
@@ -274,15 +303,17 @@ class Decider:
             log.warning("llm.no_explanation", reason=f"none within {deadline:g}s")
         # Made again even without one: an answer that could not be used still counts as a call.
         return self._model_decision(
-            taken.meta, taken.model, explained, taken.metrics, taken.cases, taken.calibration
-        )
+            taken.meta, taken.model, explained, taken.metrics, taken.cases, taken.calibration,
+            taken.cause,
+        )  # fmt: skip
 
     def _model_decision(
         self, meta: AgentMetadata, model: ModelAnswer, explained: Answer | None,
         metrics: LLMMetrics, cases: CaseVote | None, calibration: Calibration | None,
+        cause: str | None,
     ) -> Decision:  # fmt: skip
-        """The policy applied to the model's finding and the cases' vote; `explained` only
-        words the record."""
+        """The policy applied to the model's finding, the cases' vote and the failure's stated
+        cause; `explained` only words the record."""
         policy, probability = self.policy, model.probability
         found = f"{model.finding} (p={probability:.2f})"
         held = [c.text for c in stated_claims(meta.reasoning or "") if c.holds]
@@ -299,7 +330,8 @@ class Decider:
             why = "the math specialist and the orchestrator disagree"
         elif probability < policy.min_action_probability:
             why = f"the model gives {model.action} only p={probability:.2f}"
-        signals = Signals(rules_decision(meta, policy)[0], False, model.action, probability, cases)
+        rules = rules_decision(meta, policy)[0]
+        signals = Signals(rules, False, model.action, probability, cases, cause)
         if why and action != "escalate":
             action, path = "escalate", "guardrail"
             reasoning = f"guardrail: {why} (the model said {model.action}: {reasoning})"
