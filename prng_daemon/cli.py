@@ -152,7 +152,10 @@ async def _decide(config: Config, loaded: Loaded) -> Decision:
 
     router = AsyncRouter(config)
     try:
-        return await Decider(config, router, source).decide(loaded.document.agent_metadata)
+        document = loaded.document
+        return await Decider(config, router, source).decide(
+            document.agent_metadata, document.model_extra
+        )
     finally:
         await router.aclose()
 

@@ -12,7 +12,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -180,7 +180,9 @@ class Daemon:
     def _changed(self, *_: Any) -> None:
         self._status_dirty = True
 
-    async def _decide(self, meta: AgentMetadata) -> Decision | Explaining:
+    async def _decide(
+        self, meta: AgentMetadata, payload: Mapping[str, Any]
+    ) -> Decision | Explaining:
         states = {s.state for s in self.supervisor.status().values()}
         if ChildState.READY not in states and {ChildState.STARTING, ChildState.STOPPED} & states:
             # Models still loading are not models that are down: wait for them rather than let
@@ -190,7 +192,7 @@ class Daemon:
         slots, decisions = self._llm_slots, self._decisions
         await slots.acquire()
         try:
-            taken = await decisions.take(meta)
+            taken = await decisions.take(meta, payload)
         except BaseException:
             slots.release()
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,9 @@ class Explaining:
     """The same decision with the model's confidence word and reasoning; never an LLM error."""
 
 
-DecideFn = Callable[[AgentMetadata], Awaitable[Decision | Explaining]]
+DecideFn = Callable[[AgentMetadata, Mapping[str, Any]], Awaitable[Decision | Explaining]]
+"""Decides a result from its agent_metadata and what the file holds beside it (its `result`:
+the rules check its numbers too)."""
 Source = str
 """Why a path is looked at: "closed", "moved", "scan" or "retry"."""
 
@@ -226,7 +228,7 @@ class Engine:
         self.current = f"step {row.number}/6 {row.name}: deciding"
         self._on_change()
         try:
-            taken = await self._decide(meta)
+            taken = await self._decide(meta, loaded.document.model_extra or {})
         except LLMUnavailable as exc:
             self.ledger.update(entry, State.WAITING, reason=str(exc))
             log.warning("decision.waiting", reason=str(exc))

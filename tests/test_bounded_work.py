@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from prng_daemon.config import load_config
 from prng_daemon.document.decision import Decision
@@ -39,7 +40,7 @@ def checked_with_the_loop_turning(
     path = make(ws.results / "result.json")
     ledger = Ledger(config.daemon.ledger_path)
 
-    async def never(meta: AgentMetadata) -> Decision:
+    async def never(meta: AgentMetadata, payload: Mapping[str, Any]) -> Decision:
         raise AssertionError("a file over the limits is never decided")
 
     async def scenario() -> int:

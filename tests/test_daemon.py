@@ -331,3 +331,24 @@ def test_sigkill_after_the_launch_before_the_explanation_neither_repeats_nor_los
     assert record["reasoning"].startswith("supported (p=") and ": fake" not in record["reasoning"]
     assert len(ws.launches()) == 1, "launched once, across the crash"
     assert ws.events("agent.reconciled")[0]["launched"] is True
+
+
+def test_a_success_its_own_result_contradicts_is_escalated_though_the_model_says_proceed(
+    tmp_path: Path, fake: FakeLlama
+) -> None:
+    """The rules read the file's `result`, not only its agent_metadata: an intersection larger
+    than either of its sides is no success, whatever the model and the prose say."""
+    ws = make_workspace(tmp_path, fake.port)
+    document = result_document(1, run_id(1, 7), reasoning="Sweep complete; criteria met.")
+    document["result"] = {"forward_survivors": 52880, "bidirectional_survivors": 71402}
+    with running(ws):
+        drop(ws.results, "contradicts.json", document)
+        drop(ws.results, "clean.json", result_document(1, run_id(1, 8)))
+        wait_until(lambda: len(list((ws.results / "decisions").glob("*.decision.json"))) == 2,
+                   20, what="both decision records")  # fmt: skip
+    [launch] = ws.launches()
+    assert (ws.markers / launch).read_text().split()[0] == run_id(1, 8), "only the clean one"
+    [record] = (ws.results / "decisions").glob("contradicts.*.decision.json")
+    escalated = json.loads(record.read_text())
+    assert escalated["decision"] == "escalate"
+    assert "bidirectional_survivors 71,402 > forward_survivors 52,880" in escalated["reasoning"]

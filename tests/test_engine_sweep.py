@@ -11,8 +11,9 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -37,7 +38,7 @@ DEADLINE = 300.0
 def _engine(ws: Workspace, action: str) -> Engine:
     config = load_config(ws.config_path)
 
-    async def decide(meta: AgentMetadata) -> Decision:
+    async def decide(meta: AgentMetadata, payload: Mapping[str, Any]) -> Decision:
         return Decision(action=action, confidence=0.9, calibrated_confidence=None,
                         reasoning=f"{action} (test)", suggested_params={}, path="rules",
                         llm_metadata={})  # fmt: skip

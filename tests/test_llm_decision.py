@@ -416,6 +416,20 @@ def test_cli_decide_prints_the_decision_and_its_metadata(
     assert len(fakes[1].requests) == 2  # the decision, its explanation
 
 
+def test_cli_decide_reads_the_result_beside_the_metadata(
+    fakes: tuple[FakeLlama, FakeLlama], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`decide FILE` decides as the daemon does: the file's `result` is checked too."""
+    config = _write_config(tmp_path, fakes[0].port, fakes[1].port)
+    doc = json.loads(Path(STEP2_FILE).read_text())
+    doc["result"] = {"hits": 1214, "draws": 1000}
+    contradicted = tmp_path / "contradicted.json"
+    contradicted.write_text(json.dumps(doc))
+    assert main(["decide", str(contradicted), "--config", config, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["action"] == "escalate" and "hits 1,214 > draws 1,000" in out["reasoning"]
+
+
 def test_cli_decide_without_servers_says_the_rules_decided(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
