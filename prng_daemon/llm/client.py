@@ -95,8 +95,8 @@ class _Llama:
         # trust_env=False: an operator's http_proxy must not send loopback requests elsewhere.
         # httpx's timeouts are per phase (connect, each read, ...): the whole request's
         # deadline is each client's own.
+        self._urls: dict[str, httpx.URL] = {}
         self._http_options: dict[str, Any] = {
-            "base_url": base_url,
             "headers": headers,
             "timeout": timeout,
             "limits": _LIMITS,
@@ -108,6 +108,14 @@ class _Llama:
 
     def _where(self, path: str) -> str:
         return f"{self.base_url}{path}"
+
+    def _url(self, path: str) -> httpx.URL:
+        """`path` on the server, parsed once: httpx parses a URL given as text (and merges it
+        with a base URL) on every request, 0.1 ms of a request's 1.1 ms of CPU."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self._where(path))
+        return url
 
     @contextmanager
     def _answering(self, path: str) -> Iterator[None]:
@@ -148,7 +156,7 @@ class LlamaClient(_Llama):
         with self._answering(path):
             async with (
                 asyncio.timeout(self.timeout),
-                self._http.stream(method, path, content=content) as response,
+                self._http.stream(method, self._url(path), content=content) as response,
             ):
                 capped = _Capped()
                 async for chunk in response.aiter_bytes():
@@ -227,7 +235,7 @@ class BlockingLlamaClient(_Llama):
 
         def exchange() -> None:
             try:
-                with self._http.stream(method, path, content=content) as response:
+                with self._http.stream(method, self._url(path), content=content) as response:
                     capped = _Capped()
                     for chunk in response.iter_bytes():
                         capped.add(chunk)
