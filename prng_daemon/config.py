@@ -345,8 +345,8 @@ class PolicyConfig(_Section):
     """Where the model and the cases' vote disagree: escalate, or follow the stronger (the
     vote's strength against the model's probability). Once the rules saw contradictions
     themselves, escalating escalated clean successes more often than it caught a
-    contradiction: stronger is right on 242 of the 247 labelled files, escalate on 234, and it
-    is chosen in every leave-one-set-out fold (bench/RESULTS-cases.md, dev numbers)."""
+    contradiction: stronger is right on 242 of the 247 labelled files, escalate on 234, and no
+    leave-one-set-out fold chooses escalate (bench/RESULTS-cases.md, dev numbers)."""
 
 
 class Config(_Section):
