@@ -101,8 +101,15 @@ def test_an_interruption_that_keeps_its_work_is_transient(report: str, transient
     assert transient_cause(report) == transient
 
 
-def test_a_checkpoint_does_not_excuse_a_stated_permanent_cause() -> None:
-    """Mirror trap: a kept checkpoint beside a corrupt input still fails the same way."""
-    report = "Checkpoint kept at chunk 78, but the capture is corrupt from offset 4096."
+@pytest.mark.parametrize(
+    "report",
+    [
+        "Checkpoint kept at chunk 78, but the capture is corrupt from offset 4096.",
+        "Node drained for maintenance; what it left is nothing but corrupt shards.",
+    ],
+)
+def test_an_interruption_does_not_excuse_a_stated_permanent_cause(report: str) -> None:
+    """Mirror traps: a kept checkpoint or a maintenance window beside a corrupt input still
+    fails the same way; "nothing but" denies nothing."""
     found = permanent_cause(report)
     assert found is not None and "corrupt" in found

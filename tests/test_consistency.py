@@ -176,6 +176,8 @@ def test_a_metric_against_any_named_bar_or_relation_is_checked(
         # A ceiling named with a threshold stays a ceiling; a bar's spread is no metric.
         {"max_error_threshold": 0.1, "val_error": 0.05},
         {"cv_auc": 0.8, "cv_auc_std": 0.01, "auc_cutoff": 0.75},
+        # An acceptance rate is a metric, not a bar for the hit rate.
+        {"acceptance_rate": 0.23, "hit_rate": 0.004},
     ],
 )  # fmt: skip
 def test_a_metric_meeting_its_named_bar_says_nothing(payload: dict[str, Any]) -> None:

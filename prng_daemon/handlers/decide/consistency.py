@@ -42,8 +42,7 @@ _PERCENTAGE = re.compile(
 _FLOOR = frozenset({"min", "minimum", "floor"})
 _CEILING = frozenset({"max", "maximum", "limit", "ceiling", "cap"})
 # A bar whose side the metric says: a score over it, a loss or an error under it.
-_EITHER = frozenset({"target", "required", "requirement", "acceptance", "threshold", "cutoff",
-                     "bar", "goal"})  # fmt: skip
+_EITHER = frozenset({"target", "required", "requirement", "threshold", "cutoff", "bar", "goal"})
 # Of these, the ones that also name a parameter (a scorer's "threshold"): a bar only when its
 # name says for which metric ("acceptance_threshold_cv_auc").
 _NAMED_ONLY = frozenset({"threshold", "cutoff", "bar"})
@@ -67,8 +66,10 @@ _ASIDE = frozenset({"error", "errors", "warning", "warnings", "failed", "missing
                     "dropped", "lost", "duplicate", "duplicates", "stderr", "log",
                     "nan"})  # fmt: skip
 # What a bar's name may add to the metric it is for ("target_val_auc"): not the metric itself.
+# "acceptance" names a bar only beside a bar word ("acceptance_threshold_cv_auc"): an MCMC's
+# `acceptance_rate` is a metric.
 _QUALIFIERS = frozenset({"train", "training", "val", "validation", "test", "holdout", "cv",
-                         "best", "mean", "overall"})  # fmt: skip
+                         "best", "mean", "overall", "acceptance"})  # fmt: skip
 _LEAK = frozenset({"leak", "leakage", "leaked"})
 # An overlap of the training and the test (or validation) set; not a "fold_overlap", which in
 # step 2 is how stable the survivors are between folds, the more the better.
@@ -115,7 +116,7 @@ _PERFECT = re.compile(
 _DENIED = re.compile(
     r"\b(?:no|not|never|nothing|neither|nor|isn't|wasn't|without|zero|0|none|any|for|"
     r"free of|ruled out)\s+"
-    r"(?:\w+\s+)?$",
+    r"(?!but\s)(?:\w+\s+)?$",
     re.IGNORECASE,
 )
 _LEAKAGE = re.compile(
