@@ -176,6 +176,11 @@ def test_a_metric_against_any_named_bar_or_relation_is_checked(
         # A ceiling named with a threshold stays a ceiling; a bar's spread is no metric.
         {"max_error_threshold": 0.1, "val_error": 0.05},
         {"cv_auc": 0.8, "cv_auc_std": 0.01, "auc_cutoff": 0.75},
+        # An improvement or a macro average need not keep the relation of the metric itself.
+        {"rmse_improvement": 0.01, "mae_improvement": 0.02},
+        {"precision_macro": 0.8, "recall_macro": 0.6, "f1_macro": 0.58},
+        {"best_precision": 1.0, "best_recall": 1.0, "best_f1": 0.18, "cv_f1": 0.2,
+         "cv_precision": 0.9, "cv_recall": 0.8},
         # An acceptance rate is a metric, not a bar for the hit rate.
         {"acceptance_rate": 0.23, "hit_rate": 0.004},
     ],

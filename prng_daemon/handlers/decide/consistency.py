@@ -80,6 +80,7 @@ PERFECT_AUC = 0.999
 RELATION_SLACK = 0.01
 """Rounding a metric to two or three digits may break a relation by this much (relative)."""
 _TOP_K = re.compile(r"top\d+")
+_RELATED = frozenset({"rmse", "f1", "accuracy", "acc"})
 """An out-of-sample AUC at or above this on every fold is a label in the features."""
 
 # In the prose: a part "of" a whole ("1,412 of 1,000"); hits "in" draws.
@@ -230,13 +231,19 @@ def _counterpart(name: str, word: str, other: str) -> str:
 def _relations(numbers: dict[str, float]) -> Iterator[str]:
     """Relations between metrics on the same set that hold for any data: an RMSE is never
     under the MAE (a root mean square is at least the mean), an F1 lies between its precision
-    and its recall (their harmonic mean), a top-k accuracy is never under the top-1."""
+    and its recall (their harmonic mean), a top-k accuracy is never under the top-1. Only for
+    a metric the name qualifies by its set alone: an improvement, a spread or a macro average
+    of either need not keep the relation."""
     for name, v in numbers.items():
         words = name.split("_")
+        if not {w for w in words if not _TOP_K.fullmatch(w)} - _RELATED <= _QUALIFIERS:
+            continue
         if "rmse" in words and (mae := _counterpart(name, "rmse", "mae")) in numbers:
             if v < numbers[mae] * (1 - RELATION_SLACK):
                 yield f"{name} {v:g} < {mae} {numbers[mae]:g}: an RMSE is never under the MAE"
-        if "f1" in words:
+        if "f1" in words and set(words) - {"f1"} <= _SPLITS:
+            # Not a best or a mean over trials or folds: its F1, precision and recall may
+            # each come from another one.
             p = numbers.get(_counterpart(name, "f1", "precision"))
             r = numbers.get(_counterpart(name, "f1", "recall"))
             if p is not None and r is not None:
