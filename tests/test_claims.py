@@ -66,6 +66,8 @@ from prng_daemon.handlers.decide.claims import stated_claims
         ("Validation loss 0.61 against the 0.50 target.", {"target": False}),
         ("Train/holdout gap 0.04, under the 0.05 target.", {"gap": True}),
         ("Holdout F1 0.48 against the 0.55 required.", {"target": False}),
+        ("CV AUC 0.64, below the 0.70 cutoff.", {"target": False, "chance": True}),
+        ("Validation loss 0.30, under the 0.35 goal.", {"target": True}),
         # Numbers with no stated bar say nothing.
         ("Best trial #73: threshold=0.012, k_folds=5, score 0.847.", {}),
     ],
