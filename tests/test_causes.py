@@ -92,6 +92,8 @@ def test_a_request_for_more_gpus_than_the_cluster_has_is_permanent() -> None:
         ("SIGTERM at chunk 80; will resume from the last checkpoint.",
          "resume from the last checkpoint"),
         ("Killed at chunk 80, checkpoint kept at chunk 78.", "checkpoint kept"),
+        ("GPU 3 fell off the bus at trial 41; the rest of the node is fine.", "fell off the bus"),
+        ("rig-6600b hit a kernel panic overnight.", "kernel panic"),
     ],
 )  # fmt: skip
 def test_an_interruption_that_keeps_its_work_is_transient(report: str, transient: str) -> None:

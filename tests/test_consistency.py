@@ -153,6 +153,8 @@ def test_the_demo_agents_reports_read_as_they_are_meant(seed: int) -> None:
         ({"top1_accuracy": 0.42, "top5_accuracy": 0.31}, "a top-k accuracy is never under"),
         ({"accuracy": 0.42, "accuracy_top5": 0.31}, "a top-k accuracy is never under"),
         ({"hit_probability": 1.4}, "hit_probability 1.4 is outside 0..1"),
+        ({"survival_rate": -0.02}, "survival_rate -0.02 is outside 0..100 %"),
+        ({"fpr": 140}, "fpr 140 is outside 0..100 %"),
     ],
 )  # fmt: skip
 def test_a_metric_against_any_named_bar_or_relation_is_checked(

@@ -102,7 +102,8 @@ _TRANSIENT = re.compile(
     r"\b(?:timed? ?out|timeout)\b|\bconnection (?:reset|refused|lost|dropped)\b|"
     r"\bConnection\w*Error\b|\blost the connection\b|\bnetwork (?:blip|partition|glitch)\b|"
     r"\b(?:busy|shared) (?:GPU|card|device)\b|\banother (?:job|process|user)\b|"
-    r"\bXid\b|\bECC\b|\bNFS (?:stall|hiccup|timeout)\b|\bwall[- ]?time\b|\bspot instance\b",
+    r"\bXid\b|\bECC\b|\bNFS (?:stall|hiccup|timeout)\b|\bwall[- ]?time\b|\bspot instance\b|"
+    r"\bfell off the bus\b|\bkernel panic\b",
     re.IGNORECASE,
 )
 # What only recalls a fault that no longer holds: not the cause of this failure.

@@ -37,7 +37,8 @@ _METRIC = re.compile(r"(?:^|_)(auc|accuracy|acc|rate|score|f1|r2|coverage|precis
 # Shares, as a fraction or a percentage: never under 0 nor over 100 (a score or a rate in
 # general may be: a log-likelihood, a learning rate, a sample rate).
 _PERCENTAGE = re.compile(
-    r"(?:^|_)(?:accuracy|coverage|precision|recall|f1|(?:hit|match|pass)_rate)(?:_|$)"
+    r"(?:^|_)(?:accuracy|coverage|precision|recall|f1|fpr|tpr|fnr|tnr|"
+    r"(?:hit|match|pass|failure|success|survival)_rate)(?:_|$)"
 )
 _FLOOR = frozenset({"min", "minimum", "floor"})
 _CEILING = frozenset({"max", "maximum", "limit", "ceiling", "cap"})
