@@ -94,12 +94,16 @@ def replay(item: Item, index: CaseIndex | None, policy: PolicyConfig) -> dict[st
     vote = index.vote(meta, exclude=item.case.sha256) if index is not None else None
     rules: Action = rules_decision(meta, policy, item.payload)[0]
     settled = settled_by_rules(meta, policy, item.payload) is not None
-    model, p = row["policy"], row["policy_calibrated"]
+    model, p, path = row["policy"], row["policy_calibrated"], row["path"]
+    if row["settled"] and not settled:
+        # Settled by the rules when it was measured, so the policy never asked the model: the
+        # model's answer with every finding open (bench_quality's "model" column) stands in.
+        model, p, path = row["model"], row["model_calibrated"], "llm"
     if settled:
         signals, action = Signals("escalate", True, cases=vote), "escalate"
-    elif row["path"] == "rules":  # no model answer: the rules decide
+    elif path == "rules":  # no model answer: the rules decide
         signals, action = Signals(rules, False, cases=vote), rules
-    elif row["path"] == "guardrail":  # the model's own guardrail (two models disagreeing)
+    elif path == "guardrail":  # the model's own guardrail (two models disagreeing)
         signals, action = Signals(rules, False, model, p, vote), "escalate"
     else:
         signals = Signals(rules, False, model, p, vote, stated_cause(meta, item.payload))

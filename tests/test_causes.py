@@ -79,3 +79,39 @@ def test_a_request_for_more_gpus_than_the_cluster_has_is_permanent() -> None:
     assert found is not None and "larger than the cluster" in found
     assert permanent_cause(report, total_gpus=64) is None
     assert permanent_cause(report) is None, "no cluster_resources: nothing to compare"
+
+
+@pytest.mark.parametrize(
+    ("report", "transient"),
+    [
+        ("Paused at 212 of 300 chunks when zeus went down for its maintenance reboot. Checkpoint"
+         " is on disk, nothing is corrupt.", "went down"),
+        ("The spot instance was reclaimed at 04:10; nothing is truncated.", "spot instance"),
+        ("Spot interruption notice, the job stopped cleanly.", "Spot interruption"),
+        ("rig-6600 was drained for a driver update; nothing was malformed.", "drained"),
+        ("SIGTERM at chunk 80; will resume from the last checkpoint.",
+         "resume from the last checkpoint"),
+        ("Killed at chunk 80, checkpoint kept at chunk 78.", "checkpoint kept"),
+        ("GPU 3 fell off the bus at trial 41; the rest of the node is fine.", "fell off the bus"),
+        ("rig-6600b hit a kernel panic overnight.", "kernel panic"),
+    ],
+)  # fmt: skip
+def test_an_interruption_that_keeps_its_work_is_transient(report: str, transient: str) -> None:
+    """Maintenance, a reclaimed spot node, a drained node or a kept checkpoint: a rerun picks
+    up where it stopped; a fault the report denies ("nothing is corrupt") is none."""
+    assert permanent_cause(report) is None
+    assert transient_cause(report) == transient
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "Checkpoint kept at chunk 78, but the capture is corrupt from offset 4096.",
+        "Node drained for maintenance; what it left is nothing but corrupt shards.",
+    ],
+)
+def test_an_interruption_does_not_excuse_a_stated_permanent_cause(report: str) -> None:
+    """Mirror traps: a kept checkpoint or a maintenance window beside a corrupt input still
+    fails the same way; "nothing but" denies nothing."""
+    found = permanent_cause(report)
+    assert found is not None and "corrupt" in found

@@ -61,6 +61,13 @@ from prng_daemon.handlers.decide.claims import stated_claims
         ),
         ("Calibration done (gap 14%, limit 10%).", {"gap": False}),
         ("Per-shard pass counts look uniform (min 2, max 9).", {}),
+        # A target's side is what it measures: a loss or a gap under it, a score over it.
+        ("Validation loss 0.42 under the 0.50 target.", {"target": True}),
+        ("Validation loss 0.61 against the 0.50 target.", {"target": False}),
+        ("Train/holdout gap 0.04, under the 0.05 target.", {"gap": True}),
+        ("Holdout F1 0.48 against the 0.55 required.", {"target": False}),
+        ("CV AUC 0.64, below the 0.70 cutoff.", {"target": False, "chance": True}),
+        ("Validation loss 0.30, under the 0.35 goal.", {"target": True}),
         # Numbers with no stated bar say nothing.
         ("Best trial #73: threshold=0.012, k_folds=5, score 0.847.", {}),
     ],

@@ -136,3 +136,68 @@ def test_the_demo_agents_reports_read_as_they_are_meant(seed: int) -> None:
                 assert contradictions(text, {"result": payload}) == (), text
             elif step == scenario.retry_step:
                 assert permanent_cause(failure_text(text, {"result": payload}), 26) is None, text
+
+
+@pytest.mark.parametrize(
+    ("payload", "found"),
+    [
+        # A bar under any of its names, on the metric's own side: a score over it, a loss under.
+        ({"best_cv_auc": 0.641, "acceptance_threshold_cv_auc": 0.7}, "best_cv_auc 0.641 vs"),
+        ({"val_f1": 0.52, "required_val_f1": 0.6}, "val_f1 0.52 vs required_val_f1"),
+        ({"val_rmse": 0.09, "rmse_threshold": 0.05}, "val_rmse 0.09 vs rmse_threshold"),
+        ({"test_logloss": 0.71, "target_logloss": 0.6}, "test_logloss 0.71 vs target_logloss"),
+        ({"cv_accuracy": 0.31, "accuracy_cutoff": 0.4}, "cv_accuracy 0.31 vs accuracy_cutoff"),
+        # Relations that hold for any data.
+        ({"val_mae": 0.052, "val_rmse": 0.041}, "an RMSE is never under the MAE"),
+        ({"precision": 0.8, "recall": 0.6, "f1": 0.9}, "f1 0.9 outside precision"),
+        ({"top1_accuracy": 0.42, "top5_accuracy": 0.31}, "a top-k accuracy is never under"),
+        ({"accuracy": 0.42, "accuracy_top5": 0.31}, "a top-k accuracy is never under"),
+        ({"hit_probability": 1.4}, "hit_probability 1.4 is outside 0..1"),
+        ({"survival_rate": -0.02}, "survival_rate -0.02 is outside 0..100 %"),
+        ({"fpr": 140}, "fpr 140 is outside 0..100 %"),
+    ],
+)  # fmt: skip
+def test_a_metric_against_any_named_bar_or_relation_is_checked(
+    payload: dict[str, Any], found: str
+) -> None:
+    said = contradictions("Done, criteria met.", {"result": payload})
+    assert any(found in line for line in said), said
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # Mirror traps: the same names, numbers that hold.
+        {"best_cv_auc": 0.741, "best_cv_auc_std": 0.019, "acceptance_threshold_cv_auc": 0.7},
+        {"val_rmse": 0.04, "rmse_threshold": 0.05, "val_mae": 0.031},
+        {"test_logloss": 0.52, "target_logloss": 0.6},
+        {"precision": 0.8, "recall": 0.6, "f1": 0.686},
+        {"top1_accuracy": 0.42, "top5_accuracy": 0.71},
+        # A scorer's threshold is a parameter, not a bar: a bare one bars nothing.
+        {"threshold": 0.012, "pass_rate": 0.004, "best_params": {"threshold": 0.009}},
+        # A ceiling named with a threshold stays a ceiling; a bar's spread is no metric.
+        {"max_error_threshold": 0.1, "val_error": 0.05},
+        {"cv_auc": 0.8, "cv_auc_std": 0.01, "auc_cutoff": 0.75},
+        # An improvement or a macro average need not keep the relation of the metric itself.
+        {"rmse_improvement": 0.01, "mae_improvement": 0.02},
+        {"precision_macro": 0.8, "recall_macro": 0.6, "f1_macro": 0.58},
+        {"best_precision": 1.0, "best_recall": 1.0, "best_f1": 0.18, "cv_f1": 0.2,
+         "cv_precision": 0.9, "cv_recall": 0.8},
+        # An acceptance rate is a metric, not a bar for the hit rate.
+        {"acceptance_rate": 0.23, "hit_rate": 0.004},
+    ],
+)  # fmt: skip
+def test_a_metric_meeting_its_named_bar_says_nothing(payload: dict[str, Any]) -> None:
+    assert contradictions("Done, criteria met.", {"result": payload}) == ()
+
+
+@pytest.mark.parametrize(
+    ("report", "contradicted"),
+    [
+        ("Best CV AUC 0.64 on the held-out folds (acceptance threshold 0.70).", True),
+        ("Best CV AUC 0.74 on the held-out folds (acceptance threshold 0.70).", False),
+        ("Validation F1 0.48 after tuning (requirement: 0.55).", True),
+    ],
+)
+def test_a_bar_in_parentheses_under_any_name_is_read(report: str, contradicted: bool) -> None:
+    assert bool(contradictions(report)) is contradicted

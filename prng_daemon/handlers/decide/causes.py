@@ -95,11 +95,15 @@ _PERMANENT = {
 }
 _TRANSIENT = re.compile(
     r"\bpreempt\w*|\bevicted\b|\bmaintenance\b|\bnode (?:crash\w*|failure|went down|lost)\b|"
+    r"\b(?:spot|capacity) (?:reclaim\w*|interrupt\w*)|\breclaimed\b|\bdrain(?:ed|ing)\b|"
+    r"\b(?:resum\w+|restart\w*|pick(?:s|ed)? up) from (?:the |its |a )?(?:last )?checkpoint\b|"
+    r"\bcheckpoint\b[^.]{0,30}\b(?:kept|saved|on disk|intact|written)\b|"
     r"\b(?:crash(?:ed)?|went down|rebooted|reboot|power (?:blip|cut|loss)|mains drop)\b|"
     r"\b(?:timed? ?out|timeout)\b|\bconnection (?:reset|refused|lost|dropped)\b|"
     r"\bConnection\w*Error\b|\blost the connection\b|\bnetwork (?:blip|partition|glitch)\b|"
     r"\b(?:busy|shared) (?:GPU|card|device)\b|\banother (?:job|process|user)\b|"
-    r"\bXid\b|\bECC\b|\bNFS (?:stall|hiccup|timeout)\b|\bwall[- ]?time\b|\bspot instance\b",
+    r"\bXid\b|\bECC\b|\bNFS (?:stall|hiccup|timeout)\b|\bwall[- ]?time\b|\bspot instance\b|"
+    r"\bfell off the bus\b|\bkernel panic\b",
     re.IGNORECASE,
 )
 # What only recalls a fault that no longer holds: not the cause of this failure.

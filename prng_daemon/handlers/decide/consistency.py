@@ -37,26 +37,40 @@ _METRIC = re.compile(r"(?:^|_)(auc|accuracy|acc|rate|score|f1|r2|coverage|precis
 # Shares, as a fraction or a percentage: never under 0 nor over 100 (a score or a rate in
 # general may be: a log-likelihood, a learning rate, a sample rate).
 _PERCENTAGE = re.compile(
-    r"(?:^|_)(?:accuracy|coverage|precision|recall|f1|(?:hit|match|pass)_rate)(?:_|$)"
+    r"(?:^|_)(?:accuracy|coverage|precision|recall|f1|fpr|tpr|fnr|tnr|"
+    r"(?:hit|match|pass|failure|success|survival)_rate)(?:_|$)"
 )
-_FLOOR = frozenset({"target", "min", "minimum", "required", "floor"})
+_FLOOR = frozenset({"min", "minimum", "floor"})
 _CEILING = frozenset({"max", "maximum", "limit", "ceiling", "cap"})
+# A bar whose side the metric says: a score over it, a loss or an error under it.
+_EITHER = frozenset({"target", "required", "requirement", "threshold", "cutoff", "bar", "goal"})
+# Of these, the ones that also name a parameter (a scorer's "threshold"): a bar only when its
+# name says for which metric ("acceptance_threshold_cv_auc").
+_NAMED_ONLY = frozenset({"threshold", "cutoff", "bar"})
 _CHANCE = frozenset({"baseline", "chance", "random"})
-_BAR_KINDS: tuple[tuple[frozenset[str], Finding, bool], ...] = (
+_BAR_WORDS = _FLOOR | _CEILING | _EITHER | _CHANCE
+_BAR_KINDS: tuple[tuple[frozenset[str], Finding, bool | None], ...] = (
     (_FLOOR, "target", False),
     (_CEILING, "target", True),
+    (_EITHER, "target", None),
     (_CHANCE, "chance", False),
 )
-"""A bar's words, the finding it settles, and whether under it is good."""
+"""A bar's words, the finding it settles, and whether under it is good (None: the metric
+says)."""
 _LOWER_IS_BETTER = frozenset({"loss", "logloss", "error", "rmse", "mse", "mae", "brier"})
+# How much a metric varies, not the metric: an AUC's std 0.02 is not an AUC under its bar.
+_SPREAD = frozenset({"std", "stdev", "sd", "var", "variance", "se", "sem", "ci", "iqr", "delta",
+                     "diff", "change", "gap"})  # fmt: skip
 _OUTPUT = re.compile(r"(?:^|_)(?:written|output)(?:_|$)")
 # Counts and sizes of what went wrong or aside: none of them is the step's output.
 _ASIDE = frozenset({"error", "errors", "warning", "warnings", "failed", "missing", "skipped",
                     "dropped", "lost", "duplicate", "duplicates", "stderr", "log",
                     "nan"})  # fmt: skip
 # What a bar's name may add to the metric it is for ("target_val_auc"): not the metric itself.
+# "acceptance" names a bar only beside a bar word ("acceptance_threshold_cv_auc"): an MCMC's
+# `acceptance_rate` is a metric.
 _QUALIFIERS = frozenset({"train", "training", "val", "validation", "test", "holdout", "cv",
-                         "best", "mean", "overall"})  # fmt: skip
+                         "best", "mean", "overall", "acceptance"})  # fmt: skip
 _LEAK = frozenset({"leak", "leakage", "leaked"})
 # An overlap of the training and the test (or validation) set; not a "fold_overlap", which in
 # step 2 is how stable the survivors are between folds, the more the better.
@@ -64,6 +78,10 @@ _SPLITS = frozenset({"train", "training", "test", "holdout", "val", "validation"
 EMPTY_JSON_BYTES = 2
 """The size of "[]" or "{}": a JSON output no larger holds nothing."""
 PERFECT_AUC = 0.999
+RELATION_SLACK = 0.01
+"""Rounding a metric to two or three digits may break a relation by this much (relative)."""
+_TOP_K = re.compile(r"top\d+")
+_RELATED = frozenset({"rmse", "f1", "accuracy", "acc"})
 """An out-of-sample AUC at or above this on every fold is a label in the features."""
 
 # In the prose: a part "of" a whole ("1,412 of 1,000"); hits "in" draws.
@@ -86,7 +104,8 @@ _PERCENT_METRIC = re.compile(
 # 10-way target (minimum required: 15%)". Only a miss is taken from it: a pass is claims.py's.
 _METRIC_THEN_BAR = re.compile(
     rf"\b(?:AUC|accuracy|F1|R\^?2|coverage|precision|recall|hit rate|match rate)\s+(?:of\s+)?"
-    rf"{NUMBER}[^.;()]{{0,60}}\(\s*(?:minimum required|minimum|min|target|required|at least)"
+    rf"{NUMBER}[^.;()]{{0,60}}\(\s*(?:minimum required|minimum|min|target|required|at least|"
+    rf"(?:acceptance )?(?:threshold|cutoff|bar)|acceptance|requirement|floor)"
     rf"\s*:?\s*{NUMBER}\s*\)",
     re.IGNORECASE,
 )
@@ -97,8 +116,9 @@ _PERFECT = re.compile(
 # "no leakage", "checked for leakage", "the file is not corrupt": a word denied or looked for
 # states nothing.
 _DENIED = re.compile(
-    r"\b(?:no|not|never|isn't|wasn't|without|zero|0|none|any|for|free of|ruled out)\s+"
-    r"(?:\w+\s+)?$",
+    r"\b(?:no|not|never|nothing|neither|nor|isn't|wasn't|without|zero|0|none|any|for|"
+    r"free of|ruled out)\s+"
+    r"(?!but\s)(?:\w+\s+)?$",
     re.IGNORECASE,
 )
 _LEAKAGE = re.compile(
@@ -174,18 +194,21 @@ def _parts_over_wholes(counts: dict[str, float]) -> Iterator[str]:
 
 
 def _metric_bars(numbers: dict[str, float]) -> Iterator[Claim]:
-    """A metric against the payload's own bar for it (target_auc, max_gap, baseline_rate);
-    a loss or an error under a floor or a baseline is no miss (lower is better)."""
+    """A metric against the payload's own bar for it (target_auc, max_gap, baseline_rate,
+    acceptance_threshold_cv_auc); a loss or an error under a floor or a baseline is no miss
+    (lower is better), and under a target or a threshold it is the good side."""
     for bar, b in numbers.items():
         bar_words = _words(bar)
         for words, finding, under_is_good in _BAR_KINDS:
-            if not bar_words & words:
-                continue
-            named = bar_words - _FLOOR - _CEILING - _CHANCE
+            if not bar_words & words or (bar_words & (_FLOOR | _CEILING) and words is _EITHER):
+                continue  # "max_error_threshold" is a ceiling, not a bar either way
+            named = bar_words - _BAR_WORDS
             kind, qualifiers = named - _QUALIFIERS, named & _QUALIFIERS
+            if not kind and bar_words & words <= _NAMED_ONLY:
+                continue
             for metric, v in numbers.items():
                 metric_words = _words(metric)
-                if metric == bar or metric_words & (_FLOOR | _CEILING | _CHANCE):
+                if metric == bar or metric_words & _BAR_WORDS or metric_words & _SPREAD - kind:
                     continue
                 if not kind <= metric_words or (
                     qualifiers and metric_words & _QUALIFIERS and not qualifiers & metric_words
@@ -193,11 +216,48 @@ def _metric_bars(numbers: dict[str, float]) -> Iterator[Claim]:
                     continue
                 if not kind and not _METRIC.search(metric):
                     continue  # a bare "target" is for a metric, not for a count
-                if not under_is_good and metric_words & _LOWER_IS_BETTER:
+                lower = bool(metric_words & _LOWER_IS_BETTER)
+                under = lower if under_is_good is None else under_is_good
+                if not under and lower:
                     continue
-                claim = versus(finding, v, b, under_is_good, f"{metric} {v:g} vs {bar} {b:g}")
+                claim = versus(finding, v, b, under, f"{metric} {v:g} vs {bar} {b:g}")
                 if claim is not None:
                     yield claim
+
+
+def _counterpart(name: str, word: str, other: str) -> str:
+    return "_".join(other if w == word else w for w in name.split("_"))
+
+
+def _relations(numbers: dict[str, float]) -> Iterator[str]:
+    """Relations between metrics on the same set that hold for any data: an RMSE is never
+    under the MAE (a root mean square is at least the mean), an F1 lies between its precision
+    and its recall (their harmonic mean), a top-k accuracy is never under the top-1. Only for
+    a metric the name qualifies by its set alone: an improvement, a spread or a macro average
+    of either need not keep the relation."""
+    for name, v in numbers.items():
+        words = name.split("_")
+        if not {w for w in words if not _TOP_K.fullmatch(w)} - _RELATED <= _QUALIFIERS:
+            continue
+        if "rmse" in words and (mae := _counterpart(name, "rmse", "mae")) in numbers:
+            if v < numbers[mae] * (1 - RELATION_SLACK):
+                yield f"{name} {v:g} < {mae} {numbers[mae]:g}: an RMSE is never under the MAE"
+        if "f1" in words and set(words) - {"f1"} <= _SPLITS:
+            # Not a best or a mean over trials or folds: its F1, precision and recall may
+            # each come from another one.
+            p = numbers.get(_counterpart(name, "f1", "precision"))
+            r = numbers.get(_counterpart(name, "f1", "recall"))
+            if p is not None and r is not None:
+                slack = RELATION_SLACK * max(p, r)
+                if not min(p, r) - slack <= v <= max(p, r) + slack:
+                    yield f"{name} {v:g} outside precision {p:g} .. recall {r:g}"
+        top = next((w for w in words if _TOP_K.fullmatch(w)), None)
+        if top is not None and top != "top1":
+            one = numbers.get(_counterpart(name, top, "top1"))
+            if one is None:
+                one = numbers.get("_".join(w for w in words if w != top))
+            if one is not None and v < one * (1 - RELATION_SLACK):
+                yield f"{name} {v:g} < top-1 {one:g}: a top-k accuracy is never under the top-1"
 
 
 def _payload(payload: Mapping[str, Any]) -> Iterator[str]:
@@ -207,6 +267,7 @@ def _payload(payload: Mapping[str, Any]) -> Iterator[str]:
         {n: v for n, v in numbers.items() if not _METRIC.search(n) and v >= 0}
     )
     yield from (c.text for c in _metric_bars(numbers) if not c.holds)
+    yield from _relations(numbers)
     for name, value in numbers.items():
         words = _words(name)
         if words & _ASIDE:
@@ -217,7 +278,7 @@ def _payload(payload: Mapping[str, Any]) -> Iterator[str]:
             yield f"{name} is {value:g}: an empty file"
         elif (words & _LEAK or "overlap" in words and words & _SPLITS) and value > 0:
             yield f"{name} {value:,.0f}: the same rows on both sides"
-        elif words & {"auc", "probability", "p"} and not 0 <= value <= 1:
+        elif words & {"auc", "probability", "prob", "p"} and not 0 <= value <= 1:
             yield f"{name} {value:g} is outside 0..1"
         elif _PERCENTAGE.search(name) and not 0 <= value <= 100:
             yield f"{name} {value:g} is outside 0..100 %"
