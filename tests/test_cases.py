@@ -99,7 +99,7 @@ def test_decide_from_the_cli_votes_with_the_ledgers_cases(
     code, out, _ = cli(capsys, ws, "decide", str(ws.results / "r.json"), "--json")
     decision = json.loads(out)
     assert code == 0 and decision["signals"]["cases"]["neighbours"][0]["run_id"] == rid
-    assert (decision["action"], decision["decided_by"]) == ("retry", "cases"), "the stronger"
+    assert (decision["action"], decision["decided_by"]) == ("escalate", "guardrail")
 
 
 def test_decide_from_the_cli_decides_without_cases_it_cannot_read(
@@ -160,7 +160,7 @@ def test_a_correction_to_a_running_daemon_steers_its_next_decision(
     assert signals["rules"] == {"action": "proceed", "settled": False}
     assert signals["cases"]["action"] == "escalate" and signals["cases"]["strength"] == 1.0
     assert [n["run_id"] for n in signals["cases"]["neighbours"]] == [first]
-    assert record["reasoning"].startswith("guardrail: the cases are the stronger: the model says")
+    assert record["reasoning"].startswith("guardrail: the model says proceed")
     assert "cases" not in record_of(ws, "a.json")["signals"], "no cases then"
 
 

@@ -88,7 +88,6 @@ def test_the_strength_is_the_winners_share_and_a_case_can_be_left_out() -> None:
 
 
 STRONGER = {"on_disagreement": "stronger"}
-ESCALATE = {"on_disagreement": "escalate"}
 
 
 def _vote(action: Action, strength: float) -> CaseVote:
@@ -104,14 +103,14 @@ def _vote(action: Action, strength: float) -> CaseVote:
         (Signals("proceed", False, "proceed", 0.9, _vote("proceed", 0.6)), {}, "proceed"),
         (Signals("proceed", False, "proceed", 0.7, _vote("retry", 0.8)), STRONGER, "retry"),
         (Signals("proceed", False, "proceed", 0.9, _vote("retry", 0.8)), STRONGER, "proceed"),
-        (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), ESCALATE, "escalate"),
-        (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), {}, "retry"),
+        (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), {}, "escalate"),
         (Signals("retry", False, "retry", 0.6, _vote("escalate", 0.9), "preempted"), {}, "retry"),
-        (Signals("retry", False, "escalate", 0.6, _vote("retry", 0.9), "preempted"), ESCALATE,
+        (Signals("retry", False, "escalate", 0.6, _vote("retry", 0.9), "preempted"), {},
          "escalate"),
-        # A clean success the model doubts and the cases do not: the stronger, by default.
-        (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), {}, "proceed"),
-        (Signals("proceed", False, "escalate", 0.9, _vote("proceed", 0.6)), {}, "escalate"),
+        # A clean success the model doubts and the cases do not: the stronger, where asked.
+        (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), STRONGER, "proceed"),
+        (Signals("proceed", False, "escalate", 0.9, _vote("proceed", 0.6)), STRONGER, "escalate"),
+        (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), {}, "escalate"),
     ],
 )  # fmt: skip
 def test_one_decision_from_three_signals(
@@ -159,10 +158,10 @@ def test_the_decision_names_each_signal_and_the_cases_can_overrule_the_model(
     assert d.signals["cases"]["action"] == "escalate"
     assert d.signals["cases"]["neighbours"][0]["file"] == "c1.json"
     assert d.reasoning.startswith("guardrail: the cases are the stronger: the model says proceed")
+    d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT, **STRONGER)
+    assert (d.action, d.decided_by) == ("retry", "cases")
     d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT)
-    assert (d.action, d.decided_by) == ("retry", "cases"), "by default"
-    d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT, **ESCALATE)
-    assert (d.action, d.decided_by) == ("escalate", "guardrail")
+    assert (d.action, d.decided_by) == ("escalate", "guardrail"), "by default"
     assert d.reasoning.startswith("guardrail: the model says proceed (p=0.89), the cases retry")
     d = _decide(fake, [case("proceed", SUSPECT, n=1)], SUSPECT)
     assert (d.action, d.decided_by) == ("proceed", "llm"), "they agree"
