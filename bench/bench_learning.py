@@ -2,18 +2,18 @@
 of the combined policy, calibration of `calibrated_confidence`, the autonomy-accuracy curve, and
 what the vote costs per decision.
 
-    .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh2] [--no-payload]
+    .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh3] [--no-payload]
         [--write-seed examples/seed-cases.jsonl]
 
 It replays the policy on the model's saved answers: run bench_quality once per labelled set
 first (`--name signals_blind --set bench/labelled/blind`, `signals_heldout`, `signals_main`,
-`signals_fresh`; the final blind set: `--name signals_fresh2 --set bench/labelled/fresh2`, then
-`--sets fresh2` here, once): the prompt does not depend on the cases, so the model's answer
-for a file is the same at every pool size, and only the rules, the vote and the combination
-are recomputed here. Every set is tested with a pool of the others (POOLS); a tested set is
-never in its own pool. The rules read the file's `result` too, as `Decider.take(meta, payload)`
-does; `--no-payload` replays them on agent_metadata alone. Writes bench/results/learning.json
-and learning_autonomy.png.
+`signals_fresh`, `signals_fresh2`; the blind set not yet used: `--name signals_fresh3 --set
+bench/labelled/fresh3`, then `--sets fresh3` here, once): the prompt does not depend on the
+cases, so the model's answer for a file is the same at every pool size, and only the rules,
+the vote and the combination are recomputed here. Every set is tested with a pool of the
+others (POOLS); a tested set is never in its own pool. The rules read the file's `result`
+too, as `Decider.take(meta, payload)` does; `--no-payload` replays them on agent_metadata
+alone. Writes bench/results/learning.json and learning_autonomy.png.
 """
 
 from __future__ import annotations
@@ -46,17 +46,19 @@ SETS = {
     "blind": LABELLED / "blind",
     "fresh": LABELLED / "fresh",
     "fresh2": LABELLED / "fresh2",
+    "fresh3": LABELLED / "fresh3",
 }
-NEVER_POOLED = frozenset({"fresh2"})
+NEVER_POOLED = frozenset({"fresh3"})
 """A blind set measured once: tested with a pool of every other set, never in one."""
 POOLS = {
     "main": ("heldout", "blind", "fresh"),
     "heldout": ("main", "blind", "fresh"),
     "blind": ("main", "heldout", "fresh"),
     "fresh": ("main", "heldout", "blind"),
+    "fresh2": ("main", "heldout", "blind", "fresh"),
 }
-"""The sets each set is tested with (all four are tuning data now; `fresh` keeps the pool it
-was measured with, the 151-case shipped seed). A set not named here (fresh2) gets all of them."""
+"""The sets each set is tested with (all five are tuning data now; `fresh` and `fresh2` keep the
+pools they were measured with). A set not named here (fresh3) gets all of them."""
 SIZES = (0, 25, 50, 100)
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 WHO = ("rules", "model", "cases", "policy")
