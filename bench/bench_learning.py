@@ -2,18 +2,18 @@
 of the combined policy, calibration of `calibrated_confidence`, the autonomy-accuracy curve, and
 what the vote costs per decision.
 
-    .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh3] [--no-payload]
+    .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh4] [--no-payload]
         [--write-seed examples/seed-cases.jsonl]
 
 It replays the policy on the model's saved answers: run bench_quality once per labelled set
 first (`--name signals_blind --set bench/labelled/blind`, `signals_heldout`, `signals_main`,
-`signals_fresh`, `signals_fresh2`; the blind set not yet used: `--name signals_fresh3 --set
-bench/labelled/fresh3`, then `--sets fresh3` here, once): the prompt does not depend on the
-cases, so the model's answer for a file is the same at every pool size, and only the rules,
-the vote and the combination are recomputed here. Every set is tested with a pool of the
-others (POOLS); a tested set is never in its own pool. The rules read the file's `result`
-too, as `Decider.take(meta, payload)` does; `--no-payload` replays them on agent_metadata
-alone. Writes bench/results/learning.json and learning_autonomy.png.
+`signals_fresh`, `signals_fresh2`, `signals_fresh3`; the blind set not yet used: `--name
+signals_fresh4 --set bench/labelled/fresh4`, then `--sets fresh4` here, once): the prompt does
+not depend on the cases, so the model's answer for a file is the same at every pool size, and
+only the rules, the vote and the combination are recomputed here. Every set is tested with a
+pool of the others (POOLS); a tested set is never in its own pool. The rules read the file's
+`result` too, as `Decider.take(meta, payload)` does; `--no-payload` replays them on
+agent_metadata alone. Writes bench/results/learning.json and learning_autonomy.png.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ SETS = {
     "fresh": LABELLED / "fresh",
     "fresh2": LABELLED / "fresh2",
     "fresh3": LABELLED / "fresh3",
+    "fresh4": LABELLED / "fresh4",
 }
-NEVER_POOLED = frozenset({"fresh3"})
+NEVER_POOLED = frozenset({"fresh4"})
 """A blind set measured once: tested with a pool of every other set, never in one."""
 POOLS = {
     "main": ("heldout", "blind", "fresh"),
@@ -56,9 +57,10 @@ POOLS = {
     "blind": ("main", "heldout", "fresh"),
     "fresh": ("main", "heldout", "blind"),
     "fresh2": ("main", "heldout", "blind", "fresh"),
+    "fresh3": ("main", "heldout", "blind", "fresh", "fresh2"),
 }
-"""The sets each set is tested with (all five are tuning data now; `fresh` and `fresh2` keep the
-pools they were measured with). A set not named here (fresh3) gets all of them."""
+"""The sets each set is tested with (all six are tuning data now; `fresh`, `fresh2` and `fresh3`
+keep the pools they were measured with). A set not named here (fresh4) gets all of them."""
 SIZES = (0, 25, 50, 100)
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 WHO = ("rules", "model", "cases", "policy")
@@ -269,7 +271,10 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5, help="pools drawn per pool size")
     parser.add_argument("--write-seed", type=Path, help="write every poolable case as JSONL")
     parser.add_argument(
-        "--sets", nargs="+", choices=list(SETS), help="test only these (default: every set there)"
+        "--sets",
+        nargs="+",
+        choices=list(SETS),
+        help="test only these (default: every set there but the blind one)",
     )
     parser.add_argument(
         "--no-payload", action="store_true", help="rules on agent_metadata alone (no `result`)"
@@ -277,7 +282,7 @@ def main() -> None:
     args = parser.parse_args()
     policy = PolicyConfig()
     present = [name for name, directory in SETS.items() if (directory / "labels.json").exists()]
-    tested = args.sets or present
+    tested = args.sets or [name for name in present if name not in NEVER_POOLED]
     needed = {*tested, *(p for name in tested for p in POOLS.get(name, POOLS))}
     if args.write_seed:
         needed |= POOLS.keys()

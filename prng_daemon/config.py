@@ -341,7 +341,7 @@ class PolicyConfig(_Section):
     """Decided cases needed to calibrate the confidence: per step, else pooled over steps."""
     min_calibrated_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
     """A decision whose calibrated confidence is lower escalates (0: never)."""
-    on_disagreement: Literal["escalate", "stronger"] = "escalate"
+    on_disagreement: Literal["escalate", "stronger", "majority"] = "escalate"
     """Where the model and the cases' vote disagree: escalate, or follow the stronger (the
     vote's strength against the model's probability). Escalate, because nobody watches: a
     split is mostly a clean success (11 of 14 on the labelled sets), and stronger is right on

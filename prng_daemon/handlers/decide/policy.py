@@ -337,7 +337,8 @@ class Decider:
             reasoning = f"guardrail: {why} (the model said {model.action}: {reasoning})"
         elif (combined := combine(signals, policy)) != (action, ""):
             action, why = combined
-            path = "guardrail" if action == "escalate" else "cases"
+            if action != model.action:  # else a majority the model is part of: its decision
+                path = "guardrail" if action == "escalate" else "cases"
             reasoning = f"{path}: {why} (the model said {model.action}: {reasoning})"
         return self._decision(
             meta, action, confidence, probability, reasoning, path, metrics, signals, calibration
