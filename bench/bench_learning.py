@@ -114,7 +114,7 @@ def replay(item: Item, index: CaseIndex | None, policy: PolicyConfig) -> dict[st
         action = combine(signals, policy)[0]
     calibration = index.calibration if index is not None else None
     support = signals.supports(action)
-    calibrated = calibration.calibrated(meta.pipeline_step, support) if calibration else None
+    calibrated = calibration.calibrated(support) if calibration else None
     return {
         "label": item.case.label,
         "rules": rules,

@@ -338,7 +338,7 @@ class PolicyConfig(_Section):
     """The cases vote once there are this many: with 25 or 50 the vote cost more right
     decisions than it saved (bench/RESULTS-cases.md)."""
     calibration_min_cases: Annotated[int, Field(ge=2)] = 30
-    """Decided cases needed to calibrate the confidence: per step, else pooled over steps."""
+    """Decided cases needed to calibrate the confidence (one curve, pooled over the steps)."""
     min_calibrated_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
     """A decision whose calibrated confidence is lower escalates (0: never)."""
     on_disagreement: Literal["escalate", "stronger", "majority"] = "escalate"
