@@ -29,7 +29,7 @@ from typing import Any
 
 from bench._common import REPO, RESULTS_DIR, command_line, save, table
 from bench.bench_quality import LABELLED, auroc, labelled, point_biserial
-from prng_daemon.config import PolicyConfig
+from prng_daemon.config import Disagreement, PolicyConfig
 from prng_daemon.document.case import Case, new_case
 from prng_daemon.document.decision import ACTIONS, Action, Decision
 from prng_daemon.handlers.decide.causes import failure_text, permanent_cause
@@ -64,6 +64,11 @@ keep the pools they were measured with). A set not named here (fresh4) gets all 
 SIZES = (0, 25, 50, 100)
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 WHO = ("rules", "model", "cases", "policy")
+OPTIONS: tuple[Disagreement, ...] = ("escalate", "stronger", "majority")
+MIN_R = 0.6
+"""The default `on_disagreement` is the option right most often over the tuning sets whose
+pooled r is at least this, else escalate: a confidence that means little cannot tell a person
+which decisions to look at (min_calibrated_confidence)."""
 
 
 class Item:
@@ -176,6 +181,83 @@ def rule_hits(test: list[Item]) -> list[list[Any]]:
         elif permanent_cause(failure_text(reasoning, item.payload)):
             families["permanent cause (causes)"].append(right)
     return [[name, sum(hits), len(hits) - sum(hits)] for name, hits in families.items()]
+
+
+def options(loaded: dict[str, list[Item]], tested: list[str]) -> tuple[dict[str, str], Any]:
+    """Each `on_disagreement` option at the full pool, per set and pooled: per class, escalate
+    recall on contradictory successes the rules miss (label escalate, rules proceed), r and
+    AUROC; the option MIN_R chooses, and the one it chooses on all sets but each (leave one
+    set out)."""
+    results = {
+        option: {name: full_pool(loaded, name, PolicyConfig(on_disagreement=option))
+                 for name in tested}
+        for option in OPTIONS
+    }  # fmt: skip
+    rows = [[name, option, *option_cells(results[option][name])]
+            for name in tested for option in OPTIONS]  # fmt: skip
+    rows += [["pooled", option, *option_cells(pooled(results[option], tested))]
+             for option in OPTIONS]  # fmt: skip
+    tables = {
+        "on_disagreement at the full pool, per set and pooled": table(
+            ["set", "option", *(f"label {a}" for a in ACTIONS), "all", "right",
+             "escalate recall, rules proceed", "r", "AUROC"], rows,
+        ),
+    }  # fmt: skip
+    chosen = choose({o: pooled(results[o], tested) for o in OPTIONS})
+    data: dict[str, Any] = {"min_r": MIN_R, "chosen": chosen, "leave_one_out": {}}
+    if len(tested) > 1:
+        body = []
+        for name in tested:
+            rest = [n for n in tested if n != name]
+            pick = choose({o: pooled(results[o], rest) for o in OPTIONS})
+            data["leave_one_out"][name] = pick
+            body.append([name, pick, *(_right(results[o][name]) for o in OPTIONS)])
+        total = [
+            sum(r["policy"] == r["label"] for n in tested for r in results[o][n]) for o in OPTIONS
+        ]
+        loo = sum(r["policy"] == r["label"] for n in tested
+                  for r in results[data["leave_one_out"][n]][n])  # fmt: skip
+        body.append(["all", f"right: {loo}", *total])
+        tables[
+            f"Leave one set out: the option chosen (r >= {MIN_R}) on the others, right on it"
+        ] = table(["set left out", "chosen on the others", *OPTIONS], body)
+    tables[f"The option chosen on every tested set pooled (r >= {MIN_R})"] = chosen
+    return tables, data
+
+
+def full_pool(loaded: dict[str, list[Item]], name: str, policy: PolicyConfig) -> list[Any]:
+    others = [i for pool in POOLS.get(name, POOLS) for i in loaded[pool]]
+    index = decided_pool(others, policy)
+    return [replay(item, index, policy) for item in loaded[name]]
+
+
+def pooled(results: dict[str, list[Any]], names: Sequence[str]) -> list[Any]:
+    return [r for name in names for r in results[name]]
+
+
+def option_cells(results: list[dict[str, Any]]) -> list[Any]:
+    s = score(results)
+    missed = [r["policy"] == "escalate" for r in results
+              if r["label"] == "escalate" and r["rules"] == "proceed"]  # fmt: skip
+    return [
+        *(pct(s["policy"][a]) for a in (*ACTIONS, "all")),
+        _right(results),
+        f"{sum(missed)}/{len(missed)}",
+        _num(s["calibration"]["r"]),
+        _num(s["calibration"]["auroc"]),
+    ]
+
+
+def _right(results: list[dict[str, Any]]) -> str:
+    return f"{sum(r['policy'] == r['label'] for r in results)}/{len(results)}"
+
+
+def choose(results: dict[Disagreement, list[dict[str, Any]]]) -> Disagreement:
+    """The option right most often whose r is at least MIN_R (the first in OPTIONS on a tie);
+    escalate when none has."""
+    fit = [o for o, rs in results.items() if (score(rs)["calibration"]["r"] or 0.0) >= MIN_R]
+    return max(fit, key=lambda o: sum(r["policy"] == r["label"] for r in results[o]),
+               default="escalate")  # fmt: skip
 
 
 def _share(hits: list[bool]) -> float | None:
@@ -332,6 +414,8 @@ def main() -> None:
             "autonomy": curve_rows,
             "timing": timing(others, test, policy),
         }
+    compared, data["on_disagreement"] = options(loaded, tested)
+    tables.update(compared)
     png = RESULTS_DIR / "learning_autonomy.png"
     plot(autonomy_curves, png)
     data["plot"] = str(png.relative_to(REPO))

@@ -28,6 +28,7 @@ __all__ = [
     "AgentConfig",
     "Config",
     "DaemonSettings",
+    "Disagreement",
     "HealthConfig",
     "PolicyConfig",
     "RoutingConfig",
@@ -305,6 +306,9 @@ class AgentConfig(_Section):
         return argv
 
 
+Disagreement = Literal["escalate", "stronger", "majority"]
+
+
 class PolicyConfig(_Section):
     """How a step result is decided: rules, the model, guardrails (docs/decisions.md)."""
 
@@ -341,7 +345,7 @@ class PolicyConfig(_Section):
     """Decided cases needed to calibrate the confidence (one curve, pooled over the steps)."""
     min_calibrated_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
     """A decision whose calibrated confidence is lower escalates (0: never)."""
-    on_disagreement: Literal["escalate", "stronger", "majority"] = "escalate"
+    on_disagreement: Disagreement = "escalate"
     """Where the model and the cases' vote disagree: escalate, or follow the stronger (the
     vote's strength against the model's probability). Escalate, because nobody watches: a
     split is mostly a clean success (11 of 14 on the labelled sets), and stronger is right on
