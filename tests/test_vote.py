@@ -88,6 +88,7 @@ def test_the_strength_is_the_winners_share_and_a_case_can_be_left_out() -> None:
 
 
 STRONGER = {"on_disagreement": "stronger"}
+ESCALATE = {"on_disagreement": "escalate"}
 
 
 def _vote(action: Action, strength: float) -> CaseVote:
@@ -103,14 +104,15 @@ def _vote(action: Action, strength: float) -> CaseVote:
         (Signals("proceed", False, "proceed", 0.9, _vote("proceed", 0.6)), {}, "proceed"),
         (Signals("proceed", False, "proceed", 0.7, _vote("retry", 0.8)), STRONGER, "retry"),
         (Signals("proceed", False, "proceed", 0.9, _vote("retry", 0.8)), STRONGER, "proceed"),
-        (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), {}, "escalate"),
+        (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), ESCALATE, "escalate"),
         (Signals("retry", False, "retry", 0.6, _vote("escalate", 0.9), "preempted"), {}, "retry"),
-        (Signals("retry", False, "escalate", 0.6, _vote("retry", 0.9), "preempted"), {},
+        (Signals("retry", False, "escalate", 0.6, _vote("retry", 0.9), "preempted"), ESCALATE,
          "escalate"),
         # A clean success the model doubts and the cases do not: the stronger, where asked.
         (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), STRONGER, "proceed"),
         (Signals("proceed", False, "escalate", 0.9, _vote("proceed", 0.6)), STRONGER, "escalate"),
-        (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), {}, "escalate"),
+        (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), ESCALATE,
+         "escalate"),
     ],
 )  # fmt: skip
 def test_one_decision_from_three_signals(
@@ -197,8 +199,8 @@ def test_the_decision_names_each_signal_and_the_cases_can_overrule_the_model(
     assert d.reasoning.startswith("guardrail: the cases are the stronger: the model says proceed")
     d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT, **STRONGER)
     assert (d.action, d.decided_by) == ("retry", "cases")
-    d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT)
-    assert (d.action, d.decided_by) == ("escalate", "guardrail"), "by default"
+    d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT, **ESCALATE)
+    assert (d.action, d.decided_by) == ("escalate", "guardrail")
     assert d.reasoning.startswith("guardrail: the model says proceed (p=0.89), the cases retry")
     d = _decide(fake, [case("proceed", SUSPECT, n=1)], SUSPECT)
     assert (d.action, d.decided_by) == ("proceed", "llm"), "they agree"
@@ -213,7 +215,7 @@ def test_a_majority_decision_records_which_two_agreed(fake: FakeLlama) -> None:
         "llm: majority: the rules and the model say proceed; the cases escalate"
     )
     assert (d.signals["rules"]["action"], d.signals["cases"]["action"]) == ("proceed", "escalate")
-    d = _decide(fake, [case("escalate", CLEAN, n=1)], CLEAN)
+    d = _decide(fake, [case("escalate", CLEAN, n=1)], CLEAN, **ESCALATE)
     assert (d.action, d.decided_by) == ("escalate", "guardrail"), "escalate: a split asks"
 
 
