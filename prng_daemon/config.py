@@ -346,18 +346,18 @@ class PolicyConfig(_Section):
     min_calibrated_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
     """A decision whose calibrated confidence is lower escalates (0: never)."""
     on_disagreement: Disagreement = "stronger"
-    """Where the signals disagree: `escalate` where the model and the cases' vote do; `stronger`:
-    the stronger of the two (the vote's strength against the model's probability); `majority`:
-    the action two of the rules' action, the model's and the vote back, escalate without two
-    (docs/learning.md). Chosen by bench_learning on all six labelled sets (295 files, each with
-    a pool of the others): the option right most often whose pooled r stays at least 0.6.
-    majority is right most often (287, r 0.34: four of its eight errors are contradictions every
-    signal calls a success, and the split decisions it gets right look like the ones it gets
-    wrong), then stronger (284, r 0.62), then escalate (272, r 0.81: it asks about 19 clean
-    successes a split). What stronger costs: of the 8 contradictory successes the rules miss,
-    it escalates 2, escalate 4, majority none; it lets through those where the stronger signal
-    says proceed (fresh2/34, fresh2/42). Left out in turn, fresh2 and fresh3 each choose
-    escalate on the other five: stronger is chosen by a margin (bench/RESULTS-cases.md)."""
+    """Where the signals disagree: `escalate` where the model and the cases' vote do;
+    `stronger`: the stronger of the two (the vote's strength against the model's probability);
+    `majority`: the action two of the rules' action, the model's and the vote back, escalate
+    without two (docs/learning.md). Chosen by bench_learning on all six labelled sets (295
+    files, each with a pool of the others): the option right most often whose pooled r stays at
+    least 0.6. majority is right most often (287, r 0.34: its eight errors are contradictions it
+    proceeds on at 0.91-0.98, four of them where every signal says proceed), then stronger (284,
+    r 0.62), then escalate (272, r 0.81: it asks about 18 clean successes a split). What
+    stronger costs: of the 8 contradictory successes the rules miss, it escalates 2, escalate 4,
+    majority none; it lets through those where the stronger signal says proceed (fresh2/34,
+    fresh2/42). Left out in turn, fresh2 and fresh3 each choose escalate on the other five:
+    stronger is chosen by a margin (bench/RESULTS-cases.md)."""
 
 
 class Config(_Section):
