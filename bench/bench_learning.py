@@ -1,6 +1,7 @@
 """Decisions that learn from their operator (issue 26): the learning curve of the cases' vote and
-of the combined policy, calibration of `calibrated_confidence`, the autonomy-accuracy curve, and
-what the vote costs per decision.
+of the combined policy, calibration of `calibrated_confidence`, the autonomy-accuracy curve, each
+`on_disagreement` option at the full pool (and the one MIN_R chooses), and what the vote costs
+per decision.
 
     .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh4] [--no-payload]
         [--write-seed examples/seed-cases.jsonl]
