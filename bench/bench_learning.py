@@ -1,19 +1,20 @@
 """Decisions that learn from their operator (issue 26): the learning curve of the cases' vote and
-of the combined policy, calibration of `calibrated_confidence`, the autonomy-accuracy curve, and
-what the vote costs per decision.
+of the combined policy, calibration of `calibrated_confidence`, the autonomy-accuracy curve, each
+`on_disagreement` option at the full pool (and the one MIN_R chooses), and what the vote costs
+per decision.
 
-    .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh3] [--no-payload]
+    .venv/bin/python -m bench.bench_learning [--draws 5] [--sets fresh4] [--no-payload]
         [--write-seed examples/seed-cases.jsonl]
 
 It replays the policy on the model's saved answers: run bench_quality once per labelled set
 first (`--name signals_blind --set bench/labelled/blind`, `signals_heldout`, `signals_main`,
-`signals_fresh`, `signals_fresh2`; the blind set not yet used: `--name signals_fresh3 --set
-bench/labelled/fresh3`, then `--sets fresh3` here, once): the prompt does not depend on the
-cases, so the model's answer for a file is the same at every pool size, and only the rules,
-the vote and the combination are recomputed here. Every set is tested with a pool of the
-others (POOLS); a tested set is never in its own pool. The rules read the file's `result`
-too, as `Decider.take(meta, payload)` does; `--no-payload` replays them on agent_metadata
-alone. Writes bench/results/learning.json and learning_autonomy.png.
+`signals_fresh`, `signals_fresh2`, `signals_fresh3`; the blind set not yet used: `--name
+signals_fresh4 --set bench/labelled/fresh4`, then `--sets fresh4` here, once): the prompt does
+not depend on the cases, so the model's answer for a file is the same at every pool size, and
+only the rules, the vote and the combination are recomputed here. Every set is tested with a
+pool of the others (POOLS); a tested set is never in its own pool. The rules read the file's
+`result` too, as `Decider.take(meta, payload)` does; `--no-payload` replays them on
+agent_metadata alone. Writes bench/results/learning.json and learning_autonomy.png.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 from bench._common import REPO, RESULTS_DIR, command_line, save, table
 from bench.bench_quality import LABELLED, auroc, labelled, point_biserial
-from prng_daemon.config import PolicyConfig
+from prng_daemon.config import Disagreement, PolicyConfig
 from prng_daemon.document.case import Case, new_case
 from prng_daemon.document.decision import ACTIONS, Action, Decision
 from prng_daemon.handlers.decide.causes import failure_text, permanent_cause
@@ -47,8 +48,9 @@ SETS = {
     "fresh": LABELLED / "fresh",
     "fresh2": LABELLED / "fresh2",
     "fresh3": LABELLED / "fresh3",
+    "fresh4": LABELLED / "fresh4",
 }
-NEVER_POOLED = frozenset({"fresh3"})
+NEVER_POOLED = frozenset({"fresh4"})
 """A blind set measured once: tested with a pool of every other set, never in one."""
 POOLS = {
     "main": ("heldout", "blind", "fresh"),
@@ -56,12 +58,18 @@ POOLS = {
     "blind": ("main", "heldout", "fresh"),
     "fresh": ("main", "heldout", "blind"),
     "fresh2": ("main", "heldout", "blind", "fresh"),
+    "fresh3": ("main", "heldout", "blind", "fresh", "fresh2"),
 }
-"""The sets each set is tested with (all five are tuning data now; `fresh` and `fresh2` keep the
-pools they were measured with). A set not named here (fresh3) gets all of them."""
+"""The sets each set is tested with (all six are tuning data now; `fresh`, `fresh2` and `fresh3`
+keep the pools they were measured with). A set not named here (fresh4) gets all of them."""
 SIZES = (0, 25, 50, 100)
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 WHO = ("rules", "model", "cases", "policy")
+OPTIONS: tuple[Disagreement, ...] = ("escalate", "stronger", "majority")
+MIN_R = 0.6
+"""The default `on_disagreement` is the option right most often over the tuning sets whose
+pooled r is at least this, else escalate: a confidence that means little cannot tell a person
+which decisions to look at (min_calibrated_confidence)."""
 
 
 class Item:
@@ -112,7 +120,7 @@ def replay(item: Item, index: CaseIndex | None, policy: PolicyConfig) -> dict[st
         action = combine(signals, policy)[0]
     calibration = index.calibration if index is not None else None
     support = signals.supports(action)
-    calibrated = calibration.calibrated(meta.pipeline_step, support) if calibration else None
+    calibrated = calibration.calibrated(support) if calibration else None
     return {
         "label": item.case.label,
         "rules": rules,
@@ -174,6 +182,83 @@ def rule_hits(test: list[Item]) -> list[list[Any]]:
         elif permanent_cause(failure_text(reasoning, item.payload)):
             families["permanent cause (causes)"].append(right)
     return [[name, sum(hits), len(hits) - sum(hits)] for name, hits in families.items()]
+
+
+def options(loaded: dict[str, list[Item]], tested: list[str]) -> tuple[dict[str, str], Any]:
+    """Each `on_disagreement` option at the full pool, per set and pooled: per class, escalate
+    recall on contradictory successes the rules miss (label escalate, rules proceed), r and
+    AUROC; the option MIN_R chooses, and the one it chooses on all sets but each (leave one
+    set out)."""
+    results = {
+        option: {name: full_pool(loaded, name, PolicyConfig(on_disagreement=option))
+                 for name in tested}
+        for option in OPTIONS
+    }  # fmt: skip
+    rows = [[name, option, *option_cells(results[option][name])]
+            for name in tested for option in OPTIONS]  # fmt: skip
+    rows += [["pooled", option, *option_cells(pooled(results[option], tested))]
+             for option in OPTIONS]  # fmt: skip
+    tables = {
+        "on_disagreement at the full pool, per set and pooled": table(
+            ["set", "option", *(f"label {a}" for a in ACTIONS), "all", "right",
+             "escalate recall, rules proceed", "r", "AUROC"], rows,
+        ),
+    }  # fmt: skip
+    chosen = choose({o: pooled(results[o], tested) for o in OPTIONS})
+    data: dict[str, Any] = {"min_r": MIN_R, "chosen": chosen, "leave_one_out": {}}
+    if len(tested) > 1:
+        body = []
+        for name in tested:
+            rest = [n for n in tested if n != name]
+            pick = choose({o: pooled(results[o], rest) for o in OPTIONS})
+            data["leave_one_out"][name] = pick
+            body.append([name, pick, *(_right(results[o][name]) for o in OPTIONS)])
+        total = [
+            sum(r["policy"] == r["label"] for n in tested for r in results[o][n]) for o in OPTIONS
+        ]
+        loo = sum(r["policy"] == r["label"] for n in tested
+                  for r in results[data["leave_one_out"][n]][n])  # fmt: skip
+        body.append(["all", f"right: {loo}", *total])
+        tables[
+            f"Leave one set out: the option chosen (r >= {MIN_R}) on the others, right on it"
+        ] = table(["set left out", "chosen on the others", *OPTIONS], body)
+    tables[f"The option chosen on every tested set pooled (r >= {MIN_R})"] = chosen
+    return tables, data
+
+
+def full_pool(loaded: dict[str, list[Item]], name: str, policy: PolicyConfig) -> list[Any]:
+    others = [i for pool in POOLS.get(name, POOLS) for i in loaded[pool]]
+    index = decided_pool(others, policy)
+    return [replay(item, index, policy) for item in loaded[name]]
+
+
+def pooled(results: dict[str, list[Any]], names: Sequence[str]) -> list[Any]:
+    return [r for name in names for r in results[name]]
+
+
+def option_cells(results: list[dict[str, Any]]) -> list[Any]:
+    s = score(results)
+    missed = [r["policy"] == "escalate" for r in results
+              if r["label"] == "escalate" and r["rules"] == "proceed"]  # fmt: skip
+    return [
+        *(pct(s["policy"][a]) for a in (*ACTIONS, "all")),
+        _right(results),
+        f"{sum(missed)}/{len(missed)}",
+        _num(s["calibration"]["r"]),
+        _num(s["calibration"]["auroc"]),
+    ]
+
+
+def _right(results: list[dict[str, Any]]) -> str:
+    return f"{sum(r['policy'] == r['label'] for r in results)}/{len(results)}"
+
+
+def choose(results: dict[Disagreement, list[dict[str, Any]]]) -> Disagreement:
+    """The option right most often whose r is at least MIN_R (the first in OPTIONS on a tie);
+    escalate when none has."""
+    fit = [o for o, rs in results.items() if (score(rs)["calibration"]["r"] or 0.0) >= MIN_R]
+    return max(fit, key=lambda o: sum(r["policy"] == r["label"] for r in results[o]),
+               default="escalate")  # fmt: skip
 
 
 def _share(hits: list[bool]) -> float | None:
@@ -269,7 +354,10 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5, help="pools drawn per pool size")
     parser.add_argument("--write-seed", type=Path, help="write every poolable case as JSONL")
     parser.add_argument(
-        "--sets", nargs="+", choices=list(SETS), help="test only these (default: every set there)"
+        "--sets",
+        nargs="+",
+        choices=list(SETS),
+        help="test only these (default: every set there but the blind one)",
     )
     parser.add_argument(
         "--no-payload", action="store_true", help="rules on agent_metadata alone (no `result`)"
@@ -277,7 +365,7 @@ def main() -> None:
     args = parser.parse_args()
     policy = PolicyConfig()
     present = [name for name, directory in SETS.items() if (directory / "labels.json").exists()]
-    tested = args.sets or present
+    tested = args.sets or [name for name in present if name not in NEVER_POOLED]
     needed = {*tested, *(p for name in tested for p in POOLS.get(name, POOLS))}
     if args.write_seed:
         needed |= POOLS.keys()
@@ -327,6 +415,8 @@ def main() -> None:
             "autonomy": curve_rows,
             "timing": timing(others, test, policy),
         }
+    compared, data["on_disagreement"] = options(loaded, tested)
+    tables.update(compared)
     png = RESULTS_DIR / "learning_autonomy.png"
     plot(autonomy_curves, png)
     data["plot"] = str(png.relative_to(REPO))

@@ -28,6 +28,7 @@ __all__ = [
     "AgentConfig",
     "Config",
     "DaemonSettings",
+    "Disagreement",
     "HealthConfig",
     "PolicyConfig",
     "RoutingConfig",
@@ -305,6 +306,9 @@ class AgentConfig(_Section):
         return argv
 
 
+Disagreement = Literal["escalate", "stronger", "majority"]
+
+
 class PolicyConfig(_Section):
     """How a step result is decided: rules, the model, guardrails (docs/decisions.md)."""
 
@@ -338,16 +342,22 @@ class PolicyConfig(_Section):
     """The cases vote once there are this many: with 25 or 50 the vote cost more right
     decisions than it saved (bench/RESULTS-cases.md)."""
     calibration_min_cases: Annotated[int, Field(ge=2)] = 30
-    """Decided cases needed to calibrate the confidence: per step, else pooled over steps."""
+    """Decided cases needed to calibrate the confidence (one curve, pooled over the steps)."""
     min_calibrated_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
     """A decision whose calibrated confidence is lower escalates (0: never)."""
-    on_disagreement: Literal["escalate", "stronger"] = "escalate"
-    """Where the model and the cases' vote disagree: escalate, or follow the stronger (the
-    vote's strength against the model's probability). Escalate, because nobody watches: a
-    split is mostly a clean success (11 of 14 on the labelled sets), and stronger is right on
-    more of them (242 of 247 against 234), but it proceeds on contradictions the rules miss
-    (fresh2's escalate recall 100 -> 88 %) and its confidence means less (pooled r 0.82 ->
-    0.55). A site that would rather not be asked sets stronger (bench/RESULTS-cases.md)."""
+    on_disagreement: Disagreement = "stronger"
+    """Where the signals disagree: `escalate` where the model and the cases' vote do;
+    `stronger`: the stronger of the two (the vote's strength against the model's probability);
+    `majority`: the action two of the rules' action, the model's and the vote back, escalate
+    without two (docs/learning.md). Chosen by bench_learning on all six labelled sets (295
+    files, each with a pool of the others): the option right most often whose pooled r stays at
+    least 0.6. majority is right most often (287, r 0.34: its eight errors are contradictions it
+    proceeds on at 0.91-0.98, four of them where every signal says proceed), then stronger (284,
+    r 0.62), then escalate (272, r 0.81: it asks about 18 clean successes a split). What
+    stronger costs: of the 8 contradictory successes the rules miss, it escalates 2, escalate 4,
+    majority none; it lets through those where the stronger signal says proceed (fresh2/34,
+    fresh2/42). Left out in turn, fresh2 and fresh3 each choose escalate on the other five:
+    stronger is chosen by a margin (bench/RESULTS-cases.md)."""
 
 
 class Config(_Section):

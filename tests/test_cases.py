@@ -99,7 +99,8 @@ def test_decide_from_the_cli_votes_with_the_ledgers_cases(
     code, out, _ = cli(capsys, ws, "decide", str(ws.results / "r.json"), "--json")
     decision = json.loads(out)
     assert code == 0 and decision["signals"]["cases"]["neighbours"][0]["run_id"] == rid
-    assert (decision["action"], decision["decided_by"]) == ("escalate", "guardrail")
+    # The one case's retry (strength 1.00) is stronger than the model's proceed (p=0.89).
+    assert (decision["action"], decision["decided_by"]) == ("retry", "cases")
 
 
 def test_decide_from_the_cli_decides_without_cases_it_cannot_read(
@@ -137,7 +138,7 @@ def test_a_correction_to_a_running_daemon_steers_its_next_decision(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
 ) -> None:
     """The model says proceed for both files; the operator's correction of the first is the
-    nearest case of the second, and disagrees with the model: the second escalates, and its
+    nearest case of the second, and stronger than the model: the second escalates, and its
     record names each signal. The first file's agent is neither stopped nor run again."""
     ws = make_workspace(tmp_path, fake.port, policy={"vote_min_cases": 1})
     first, second = run_id(2, 1), run_id(2, 2)
@@ -160,7 +161,9 @@ def test_a_correction_to_a_running_daemon_steers_its_next_decision(
     assert signals["rules"] == {"action": "proceed", "settled": False}
     assert signals["cases"]["action"] == "escalate" and signals["cases"]["strength"] == 1.0
     assert [n["run_id"] for n in signals["cases"]["neighbours"]] == [first]
-    assert record["reasoning"].startswith("guardrail: the model says proceed")
+    assert record["reasoning"].startswith(
+        "guardrail: the cases are the stronger: the model says proceed"
+    )
     assert "cases" not in record_of(ws, "a.json")["signals"], "no cases then"
 
 

@@ -88,6 +88,7 @@ def test_the_strength_is_the_winners_share_and_a_case_can_be_left_out() -> None:
 
 
 STRONGER = {"on_disagreement": "stronger"}
+ESCALATE = {"on_disagreement": "escalate"}
 
 
 def _vote(action: Action, strength: float) -> CaseVote:
@@ -103,14 +104,15 @@ def _vote(action: Action, strength: float) -> CaseVote:
         (Signals("proceed", False, "proceed", 0.9, _vote("proceed", 0.6)), {}, "proceed"),
         (Signals("proceed", False, "proceed", 0.7, _vote("retry", 0.8)), STRONGER, "retry"),
         (Signals("proceed", False, "proceed", 0.9, _vote("retry", 0.8)), STRONGER, "proceed"),
-        (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), {}, "escalate"),
+        (Signals("retry", False, "retry", 0.9, _vote("proceed", 0.6)), ESCALATE, "escalate"),
         (Signals("retry", False, "retry", 0.6, _vote("escalate", 0.9), "preempted"), {}, "retry"),
-        (Signals("retry", False, "escalate", 0.6, _vote("retry", 0.9), "preempted"), {},
+        (Signals("retry", False, "escalate", 0.6, _vote("retry", 0.9), "preempted"), ESCALATE,
          "escalate"),
         # A clean success the model doubts and the cases do not: the stronger, where asked.
         (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), STRONGER, "proceed"),
         (Signals("proceed", False, "escalate", 0.9, _vote("proceed", 0.6)), STRONGER, "escalate"),
-        (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), {}, "escalate"),
+        (Signals("proceed", False, "escalate", 0.6, _vote("proceed", 0.9)), ESCALATE,
+         "escalate"),
     ],
 )  # fmt: skip
 def test_one_decision_from_three_signals(
@@ -120,6 +122,43 @@ def test_one_decision_from_three_signals(
     the failure's stated transient cause too; a disagreement escalates or goes to the stronger
     signal."""
     assert combine(signals, PolicyConfig(**policy))[0] == action
+
+
+MAJORITY = PolicyConfig(on_disagreement="majority")
+
+
+@pytest.mark.parametrize(
+    ("signals", "action", "why"),
+    [
+        # A clean success one signal doubts: the rules and the other signal carry it.
+        (Signals("proceed", False, "escalate", 0.9, _vote("proceed", 0.8)), "proceed",
+         "majority: the rules and the cases say proceed; the model escalate (p=0.90)"),
+        (Signals("proceed", False, "proceed", 0.7, _vote("escalate", 1.0)), "proceed",
+         "majority: the rules and the model say proceed; the cases escalate"),
+        # The model and the cases against the rules' default.
+        (Signals("proceed", False, "escalate", 0.6, _vote("escalate", 0.6)), "escalate",
+         "majority: the model and the cases say escalate; the rules proceed"),
+        (Signals("proceed", False, "proceed", 0.9, _vote("proceed", 0.6)), "proceed", ""),
+        (Signals("proceed", False, "retry", 0.9, _vote("escalate", 0.9)), "escalate",
+         "no majority: the rules proceed; the model retry (p=0.90); the cases escalate"),
+        # No vote: the model and the rules agree, or it is two against none.
+        (Signals("retry", False, "retry", 0.9, None), "retry", ""),
+        (Signals("proceed", False, "escalate", 0.9, None), "escalate",
+         "no majority: the rules proceed; the model escalate (p=0.90)"),
+        (Signals("retry", False, "proceed", 0.9, None), "escalate", "no majority"),
+        # A guardrail, or no model answer: as under every option.
+        (Signals("escalate", True, "proceed", 0.99, _vote("proceed", 1.0)), "escalate", ""),
+        (Signals("proceed", False, None, None, _vote("escalate", 1.0)), "proceed", ""),
+    ],
+)  # fmt: skip
+def test_majority_takes_what_two_of_three_signals_say(
+    signals: Signals, action: Action, why: str
+) -> None:
+    """Two of the rules' action, the model's and the cases' vote decide, and the reason names
+    the two (and the dissent); without two that agree, escalate."""
+    got, said = combine(signals, MAJORITY)
+    assert got == action
+    assert said.startswith(why) and (why != "" or said == "")
 
 
 def test_support_is_what_the_signals_give_the_action() -> None:
@@ -160,11 +199,24 @@ def test_the_decision_names_each_signal_and_the_cases_can_overrule_the_model(
     assert d.reasoning.startswith("guardrail: the cases are the stronger: the model says proceed")
     d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT, **STRONGER)
     assert (d.action, d.decided_by) == ("retry", "cases")
-    d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT)
-    assert (d.action, d.decided_by) == ("escalate", "guardrail"), "by default"
+    d = _decide(fake, [case("retry", SUSPECT, n=1)], SUSPECT, **ESCALATE)
+    assert (d.action, d.decided_by) == ("escalate", "guardrail")
     assert d.reasoning.startswith("guardrail: the model says proceed (p=0.89), the cases retry")
     d = _decide(fake, [case("proceed", SUSPECT, n=1)], SUSPECT)
     assert (d.action, d.decided_by) == ("proceed", "llm"), "they agree"
+
+
+def test_a_majority_decision_records_which_two_agreed(fake: FakeLlama) -> None:
+    """The fake model says proceed (p=0.89) on a clean success: with the rules, it outvotes the
+    cases' escalate and stays the model's decision; the record names the two and the dissent."""
+    d = _decide(fake, [case("escalate", CLEAN, n=1)], CLEAN, on_disagreement="majority")
+    assert (d.action, d.decided_by) == ("proceed", "llm")
+    assert d.reasoning.startswith(
+        "llm: majority: the rules and the model say proceed; the cases escalate"
+    )
+    assert (d.signals["rules"]["action"], d.signals["cases"]["action"]) == ("proceed", "escalate")
+    d = _decide(fake, [case("escalate", CLEAN, n=1)], CLEAN, **ESCALATE)
+    assert (d.action, d.decided_by) == ("escalate", "guardrail"), "escalate: a split asks"
 
 
 def test_with_no_cases_the_decision_is_the_models(fake: FakeLlama) -> None:
@@ -198,11 +250,11 @@ def decided_case(label: Action, action: Action, support: float, step: int, n: in
     )  # fmt: skip
 
 
-def test_calibration_per_step_once_it_has_enough_cases_pooled_before() -> None:
-    """Step 2: right when the signals backed the action above 0.7; step 3 has too few cases
-    of its own and gets the pooled curve. Fewer than calibration_min_cases: none at all."""
+def test_calibration_is_one_curve_pooled_over_the_steps() -> None:
+    """Right when the signals backed the action above 0.7, in step 2 or 3 alike: one curve
+    fitted on every decided case. Fewer than calibration_min_cases: none at all."""
     cases = [
-        decided_case("proceed", "proceed" if s > 0.7 else "retry", s, 2, i)
+        decided_case("proceed", "proceed" if s > 0.7 else "retry", s, 2 + i % 2, i)
         for i, s in enumerate([0.55, 0.6, 0.65, 0.75, 0.8, 0.85, 0.9, 0.95])
     ]
     approved = decided_case("proceed", "proceed", 0.2, 2, 102)
@@ -210,15 +262,15 @@ def test_calibration_per_step_once_it_has_enough_cases_pooled_before() -> None:
     approved = approved.model_copy(
         update={"decision": approved.decision.model_copy(update={"decided_by": "operator"})}
     )
-    cases += [decided_case("retry", "proceed", 0.9, 3, 100), case("proceed", CLEAN, n=101)]
+    cases.append(case("proceed", CLEAN, n=101))
     calibration = Calibration([*cases, approved], PolicyConfig(calibration_min_cases=8))
-    assert calibration.size == 9, "neither a seed case nor an operator's decision counts"
-    step2 = platt([(c.decision.signals["support"], c.decision.action == c.label)
-                   for c in cases[:8] if c.decision])  # fmt: skip
-    own, pooled = calibration.calibrated(2, 0.9), calibration.calibrated(3, 0.9)
-    assert own == pytest.approx(step2(0.9), abs=1e-4)
-    assert pooled is not None and own is not None and pooled < own, "step 3's wrong one counts"
-    assert Calibration(cases, PolicyConfig(calibration_min_cases=10)).calibrated(2, 0.9) is None
+    assert calibration.size == 8, "neither a seed case nor an operator's decision counts"
+    pooled = platt([(c.decision.signals["support"], c.decision.action == c.label)
+                    for c in cases if c.decision])  # fmt: skip
+    assert calibration.calibrated(0.9) == pytest.approx(pooled(0.9), abs=1e-4)
+    low, high = calibration.calibrated(0.6), calibration.calibrated(0.9)
+    assert low is not None and high is not None and low < high
+    assert Calibration(cases, PolicyConfig(calibration_min_cases=9)).calibrated(0.9) is None
 
 
 def test_a_decision_under_the_calibrated_minimum_escalates(fake: FakeLlama) -> None:

@@ -80,12 +80,16 @@ class Signals:
 
 
 def combine(signals: Signals, policy: PolicyConfig) -> tuple[Action, str]:
-    """(action, why it overrides the model's, "" when it does not). A guardrail stands; with
-    no model answer the rules decide; where the model and the cases agree, that is the action,
-    and where the rules' stated cause (a transient failure's) agrees with the model, too; where
-    they disagree, policy.on_disagreement: escalate, or follow the stronger of the two."""
+    """(action, why it differs from the model's or which signals agreed, "" when the model's
+    answer stands alone or with the cases). A guardrail stands; with no model answer the rules
+    decide; under policy.on_disagreement `majority`, the action two of the three back (below);
+    else where the model and the cases agree, that is the action, and where the rules' stated
+    cause (a transient failure's) agrees with the model, too; where they disagree, escalate,
+    or follow the stronger of the two."""
     if signals.settled or signals.model is None:
         return signals.rules, ""
+    if policy.on_disagreement == "majority":
+        return _majority(signals, signals.model)
     vote, model = signals.cases, signals.model
     if vote is None or vote.action == model:
         return model, ""
@@ -97,3 +101,27 @@ def combine(signals: Signals, policy: PolicyConfig) -> tuple[Action, str]:
     if vote.strength > (signals.probability or 0.0):
         return vote.action, f"the cases are the stronger: {said}"
     return model, ""
+
+
+def _majority(signals: Signals, model: Action) -> tuple[Action, str]:
+    """The action at least two of the rules' (unsettled) action, the model's and the cases'
+    vote back; escalate when all three differ, or when the cases do not vote and the rules and
+    the model differ (two signals, no majority). The model's answer alone with the rules: it
+    stands when they agree ("" when every signal agrees)."""
+    vote = signals.cases
+    said = {"rules": signals.rules, "model": model}
+    if vote is not None:
+        said["cases"] = vote.action
+    words = {
+        "rules": f"the rules {signals.rules}",
+        "model": f"the model {model} (p={signals.probability or 0:.2f})",
+        "cases": f"the cases {vote.describe()}" if vote is not None else "",
+    }
+    for action in dict.fromkeys(said.values()):
+        backing = [who for who, a in said.items() if a == action]
+        if len(backing) == len(said):
+            return action, ""
+        if len(backing) >= 2:
+            dissent = "; ".join(words[who] for who in said if who not in backing)
+            return action, f"majority: the {' and the '.join(backing)} say {action}; {dissent}"
+    return "escalate", f"no majority: {'; '.join(words[who] for who in said)}"

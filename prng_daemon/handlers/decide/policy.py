@@ -337,7 +337,8 @@ class Decider:
             reasoning = f"guardrail: {why} (the model said {model.action}: {reasoning})"
         elif (combined := combine(signals, policy)) != (action, ""):
             action, why = combined
-            path = "guardrail" if action == "escalate" else "cases"
+            if action != model.action:  # else a majority the model is part of: its decision
+                path = "guardrail" if action == "escalate" else "cases"
             reasoning = f"{path}: {why} (the model said {model.action}: {reasoning})"
         return self._decision(
             meta, action, confidence, probability, reasoning, path, metrics, signals, calibration
@@ -358,7 +359,7 @@ class Decider:
         """The decision as recorded. Its calibrated confidence is the calibration's, once
         fitted (else `calibrated`: the model's probability, or None); one under
         policy.min_calibrated_confidence escalates."""
-        fitted = self._calibrated(meta, action, signals, calibration)
+        fitted = self._calibrated(action, signals, calibration)
         least = self.policy.min_calibrated_confidence
         if fitted is not None and fitted < least and action != "escalate":
             reasoning = (
@@ -366,7 +367,7 @@ class Decider:
                 f" (it would have been {action}: {reasoning})"
             )
             action, path = "escalate", "guardrail"
-            fitted = self._calibrated(meta, action, signals, calibration)
+            fitted = self._calibrated(action, signals, calibration)
         record = {**signals.record(), "support": round(signals.supports(action), 4)}
         if fitted is not None and calibration is not None:
             record["calibrated_on"] = calibration.size  # cases: the confidence is calibrated
@@ -386,8 +387,8 @@ class Decider:
 
     @staticmethod
     def _calibrated(
-        meta: AgentMetadata, action: Action, signals: Signals, calibration: Calibration | None
+        action: Action, signals: Signals, calibration: Calibration | None
     ) -> float | None:
         if calibration is None:
             return None
-        return calibration.calibrated(meta.pipeline_step, signals.supports(action))
+        return calibration.calibrated(signals.supports(action))
