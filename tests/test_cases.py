@@ -249,12 +249,12 @@ def test_status_shows_a_confidence_as_calibrated_only_once_fitted_on_cases(
 def test_the_shipped_seed_imports_whole(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake: FakeLlama
 ) -> None:
-    """examples/seed-cases.jsonl: the project's 151 labelled results, each with the decision
+    """examples/seed-cases.jsonl: the project's 295 labelled results, each with the decision
     the daemon made on it; enough for the vote and the calibration at once."""
     ws, _ = decided(tmp_path, fake)
     seed = Path(__file__).resolve().parents[1] / "examples" / "seed-cases.jsonl"
     assert cli(capsys, ws, "cases", "import", str(seed))[:2] == (
-        0, f"{seed}: 151 new cases, 0 replaced\n"
+        0, f"{seed}: 295 new cases, 0 replaced\n"
     )  # fmt: skip
     ledger = ledger_of(ws)
     try:
@@ -263,5 +263,5 @@ def test_the_shipped_seed_imports_whole(
         ledger.close()
     assert all(c.source == "seed" and c.decision is not None for c in cases)
     index = CaseIndex(cases, PolicyConfig())
-    assert index.calibration.size == 151
+    assert index.calibration.size == 295
     assert index.vote(cases[0].agent_metadata) is not None
