@@ -89,6 +89,11 @@ def rules_decision(
     settled = settled_by_rules(meta, policy, payload)
     if settled is not None:
         return "escalate", settled
+    return _unsettled_decision(meta, policy)
+
+
+def _unsettled_decision(meta: AgentMetadata, policy: PolicyConfig) -> tuple[Action, str]:
+    """The rules' action where no guardrail settled the result: its success flag decides."""
     if meta.success_criteria_met:
         return "proceed", "success criteria met with enough confidence"
     return "retry", f"success criteria not met; retry {meta.retries + 1} of {policy.max_retries}"
@@ -330,7 +335,8 @@ class Decider:
             why = "the math specialist and the orchestrator disagree"
         elif probability < policy.min_action_probability:
             why = f"the model gives {model.action} only p={probability:.2f}"
-        rules = rules_decision(meta, policy)[0]
+        # Only asked when no guardrail settled it (`take`): the rules' scan is not run again.
+        rules = _unsettled_decision(meta, policy)[0]
         signals = Signals(rules, False, model.action, probability, cases, cause)
         if why and action != "escalate":
             action, path = "escalate", "guardrail"
